@@ -1,0 +1,1 @@
+"""The GPT / MoE GPT model: config, attention, MLP, MoE, the decoder."""

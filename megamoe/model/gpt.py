@@ -1,0 +1,151 @@
+"""GPT decoder (dense or MoE) with tensor-parallel layers.
+
+Shapes: ``b`` micro-batch, ``s`` sequence, ``h`` hidden, ``V/TP`` this rank's padded vocabulary.
+
+    tokens [b, s] -> embedding [b, s, h] -> num_layers x TransformerLayer -> final norm
+    -> output layer (vocab-parallel logits [b, s, V/TP], never gathered)
+    -> vocab-parallel cross entropy -> lm_loss (mean over the tokens with loss_mask = 1)
+
+A layer whose index is in ``config.moe_layers`` uses an MoE block instead of the dense MLP; the
+MoE block returns its auxiliary (load-balancing and z) losses already multiplied by their
+coefficients, and the model adds their sum to ``GPTOutput.loss`` so that they enter the
+backward exactly once and are scaled like the main loss by whoever scales ``loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.attention import SelfAttention
+from megamoe.model.config import ModelConfig
+from megamoe.model.mlp import MLP
+from megamoe.model.norm import Norm
+from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megamoe.parallel.mappings import copy_to_tp_region
+from megamoe.parallel.params import initialize_module_, retag, tag_param
+from megamoe.parallel.state import get_parallel_state
+
+
+@dataclass
+class GPTOutput:
+    lm_loss: torch.Tensor | None  # scalar fp32, mean over masked tokens; None without labels
+    aux_loss: torch.Tensor  # scalar fp32: sum over MoE layers of coeff * (aux, z) losses
+    logits: torch.Tensor | None  # [b, s, V/TP] vocab-parallel; only when no labels were given
+    moe_stats: list = field(default_factory=list)  # one entry per MoE layer (see megamoe.model.moe)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """What the training step back-propagates: the LM loss plus the auxiliary losses."""
+        return self.lm_loss + self.aux_loss
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; returns (x, moe aux or None)."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, *, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.input_norm = Norm(config, device=device)
+        self.attention = SelfAttention(config, device=device)
+        self.post_attention_norm = Norm(config, device=device)
+        self.is_moe = config.is_moe_layer(layer_number)
+        if self.is_moe:
+            from megamoe.model.moe.layer import MoELayer
+
+            self.mlp = MoELayer(config, layer_number, device=device)
+        else:
+            self.mlp = MLP(config, device=device)
+        self.hidden_dropout = config.hidden_dropout
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout > 0 else x
+
+    def forward(self, x: torch.Tensor):
+        x = x + self._dropout(self.attention(self.input_norm(x)))
+        if self.is_moe:
+            out, aux = self.mlp(self.post_attention_norm(x))
+        else:
+            out, aux = self.mlp(self.post_attention_norm(x)), None
+        return x + self._dropout(out), aux
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: ModelConfig, *, device: torch.device | None = None) -> None:
+        super().__init__()
+        state = get_parallel_state()
+        config.check_parallel_layout(tensor_model_parallel_size=state.tp_size, data_parallel_size=state.dp_size)
+        self.config = config
+        dtype = config.params_dtype
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, init_std=config.init_method_std, dtype=dtype, device=device
+        )
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = tag_param(
+                nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size, dtype=dtype, device=device)),
+                init_std=config.init_method_std,
+            )
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, i, device=device) for i in range(config.num_layers)
+        )
+        self.final_norm = Norm(config, device=device)
+        self.output_layer = None
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                self.word_embeddings.padded_vocab_size,
+                bias=False,
+                init_std=config.init_method_std,
+                dtype=dtype,
+                device=device,
+            )
+            retag(self.output_layer.weight, unpadded_size=config.vocab_size)
+
+    def initialize(self, seed: int) -> "GPTModel":
+        """Layout-independent initialisation (see ``megamoe.parallel.params``)."""
+        initialize_module_(self, seed)
+        return self
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> GPTOutput:
+        """tokens, labels, loss_mask: ``[b, s]``.  Returns the losses, or the local logits when
+        ``labels`` is None."""
+        s = tokens.shape[1]
+        if s > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {s} exceeds --max-position-embeddings {self.config.max_position_embeddings}"
+            )
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings[:s]
+        if self.config.hidden_dropout > 0:
+            x = F.dropout(x, self.config.hidden_dropout, self.training)
+        aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
+        moe_stats = []
+        for layer in self.layers:
+            x, aux = layer(x)
+            if aux is not None:
+                aux_total = aux_total + aux.loss
+                moe_stats.append(aux.stats)
+        x = self.final_norm(x)
+        weight = self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
+        logits = F.linear(copy_to_tp_region(x), weight)
+        if labels is None:
+            return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
+        token_loss = vocab_parallel_cross_entropy(
+            logits, labels, vocab_start=self.word_embeddings.vocab_start, vocab_size=self.config.vocab_size
+        )
+        if loss_mask is None:
+            lm_loss = token_loss.mean()
+        else:
+            mask = loss_mask.to(token_loss.dtype)
+            lm_loss = (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)

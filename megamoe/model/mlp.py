@@ -1,0 +1,47 @@
+"""Dense MLP, tensor-parallel: column-parallel fc1 (SwiGLU: gate and up fused as ``[2, ffn/TP, h]``),
+row-parallel fc2.  x ``[..., h]`` -> ``[..., h]`` summed over TP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+def activation(fc1_out: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """SwiGLU on ``[..., 2 * f]`` laid out as (gate, up), or GeLU on ``[..., f]``."""
+    if swiglu:
+        gate, up = fc1_out.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(fc1_out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, *, ffn_hidden_size: int | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        self.swiglu = config.swiglu
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size,
+            (2, ffn) if config.swiglu else ffn,
+            bias=config.add_bias_linear,
+            init_std=config.init_method_std,
+            dtype=config.params_dtype,
+            device=device,
+        )
+        self.fc2 = RowParallelLinear(
+            ffn,
+            config.hidden_size,
+            bias=config.add_bias_linear,
+            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            dtype=config.params_dtype,
+            device=device,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(activation(self.fc1(x), self.swiglu))

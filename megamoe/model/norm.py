@@ -1,0 +1,48 @@
+"""RMSNorm / LayerNorm.  apex's fused kernels are used on CUDA when apex is importable;
+otherwise PyTorch's own ``F.rms_norm`` / ``F.layer_norm`` (the fallback CI tests)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.parallel.params import tag_param
+
+try:  # NVIDIA apex is optional and never installed from PyPI.
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+
+    HAVE_APEX = True
+except ImportError:
+    HAVE_APEX = False
+
+
+class Norm(nn.Module):
+    """Normalisation over the last dim of ``[..., hidden]``; weight (and LayerNorm bias) replicated over TP."""
+
+    def __init__(self, config: ModelConfig, *, device: torch.device | None = None, use_apex: bool = HAVE_APEX) -> None:
+        super().__init__()
+        self.kind = config.normalization
+        self.eps = config.norm_epsilon
+        self.use_apex = use_apex
+        hidden = config.hidden_size
+        dtype = config.params_dtype
+        self.weight = tag_param(
+            nn.Parameter(torch.empty(hidden, dtype=dtype, device=device)), weight_decay=False, init="ones"
+        )
+        self.bias = None
+        if self.kind == "LayerNorm":
+            self.bias = tag_param(
+                nn.Parameter(torch.empty(hidden, dtype=dtype, device=device)), weight_decay=False, init="zeros"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[-1],)
+        if self.use_apex and x.is_cuda:
+            if self.kind == "RMSNorm":
+                return fused_rms_norm_affine(x, self.weight, shape, self.eps)
+            return fused_layer_norm_affine(x, self.weight, self.bias, shape, self.eps)
+        if self.kind == "RMSNorm":
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        return F.layer_norm(x, shape, self.weight, self.bias, self.eps)

@@ -1,0 +1,1 @@
+"""Process groups, tensor-parallel layers and collectives.  Knows nothing of models."""

@@ -1,0 +1,49 @@
+"""Gather a sharded parameter (or its gradient) back to its full, layout-free tensor.
+
+Full form: TP shards concatenated along ``tensor_parallel_dim``, vocabulary padding removed,
+and for expert parameters the local experts of every EP rank concatenated in global order
+(``[num_experts, ...]``).  Used by the parity tests and by checkpoint consolidation; every rank
+of the groups involved must call it (it runs collectives).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.params import EXPERT_DIM, param_meta
+from megamoe.parallel.state import get_parallel_state
+
+
+def _all_gather_cat(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_full(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``tensor`` has ``param``'s local shape (the param itself or its gradient); returns the full tensor."""
+    meta = param_meta(param)
+    state = get_parallel_state()
+    full = tensor.detach()
+    if meta.tensor_parallel_dim is not None:
+        full = _all_gather_cat(full, meta.tensor_parallel_dim, state.tp_group, state.tp_size)
+        if meta.unpadded_size is not None:
+            full = full.narrow(meta.tensor_parallel_dim, 0, meta.unpadded_size)
+    if meta.is_expert:
+        groups = state.experts(meta.expert_parallel_size)
+        full = _all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
+    return full
+
+
+def gather_full_state(module: torch.nn.Module, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Full tensors of every parameter (or of its ``.grad`` when ``grads``), keyed by name."""
+    out = {}
+    for name, param in module.named_parameters():
+        source = param.grad if grads else param
+        if source is None:
+            source = torch.zeros_like(param)
+        out[name] = gather_full(source, param)
+    return out

@@ -1,0 +1,101 @@
+"""A model built at TP=2 or TP=4 computes the same logits, loss and gradients as at TP=1."""
+
+import pytest
+import torch
+
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.parallel import state as ps
+from megamoe.parallel.gather import gather_full, gather_full_state
+from megamoe.parallel.mappings import gather_from_tp_region
+from tests.harness import run_distributed
+
+VARIANTS = {
+    "rms-rope-swiglu-tied": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True),
+    "ln-learned-gelu-bias-untied": dict(
+        normalization="LayerNorm",
+        position_embedding_type="learned_absolute",
+        swiglu=False,
+        add_bias_linear=True,
+        untie_embeddings_and_output_weights=True,
+    ),
+}
+
+
+def _config(variant):
+    # vocab 300 pads to 384 at TP=1 and 512 at TP=2/4: the padding must not change the loss.
+    return ModelConfig(vocab_size=300, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                       max_position_embeddings=16, **VARIANTS[variant])
+
+
+def _run_layout(tp, variant, tokens, labels):
+    ps.initialize_model_parallel(tp, (1,))
+    model = GPTModel(_config(variant)).initialize(seed=1234)
+    out = model(tokens, labels)
+    out.loss.backward()
+    logits = gather_from_tp_region(model(tokens).logits)[..., : model.config.vocab_size]
+    result = {
+        "loss": out.loss.detach(),
+        "logits": logits.detach(),
+        "params": gather_full_state(model),
+        "grads": gather_full_state(model, grads=True),
+    }
+    ps.destroy_model_parallel()
+    return result
+
+
+def _parity_body(rank, world, variant):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 300, (2, 16))
+    labels = torch.randint(0, 300, (2, 16))
+    reference = _run_layout(1, variant, tokens, labels)
+    for tp in (2, 4):
+        got = _run_layout(tp, variant, tokens, labels)
+        torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got["logits"], reference["logits"], rtol=1e-5, atol=1e-6)
+        assert got["params"].keys() == reference["params"].keys()
+        for name in reference["params"]:
+            torch.testing.assert_close(got["params"][name], reference["params"][name], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(got["grads"][name], reference["grads"][name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name} tp={tp}: {m}")
+            assert reference["grads"][name].abs().sum() > 0, f"{name} got no gradient"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tensor_parallel_matches_single_rank(variant):
+    run_distributed(_parity_body, 4, variant)
+
+
+def _init_body(rank, world):
+    """Replicated params agree over TP; sharded ones are the TP=1 tensor's slices."""
+    ps.initialize_model_parallel(2, (1,))
+    model = GPTModel(_config("rms-rope-swiglu-tied")).initialize(seed=7)
+    for name, p in model.named_parameters():
+        full = gather_full(p, p)
+        assert torch.isfinite(full).all()
+    emb = model.word_embeddings.weight
+    if ps.get_tensor_model_parallel_rank() == 1:
+        # rows 256..511 of the padded vocabulary: ids 256..299 real, the rest zero padding
+        assert emb[44:].abs().sum() == 0 and emb[:44].abs().sum() > 0
+
+
+def test_vocab_padding_rows_are_zero():
+    run_distributed(_init_body, 2)
+
+
+def test_invalid_model_layouts_name_the_flags():
+    cfg = _config("rms-rope-swiglu-tied")
+    with pytest.raises(ValueError, match=r"--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"):
+        cfg.check_parallel_layout(tensor_model_parallel_size=8, data_parallel_size=1)
+    with pytest.raises(ValueError, match=r"--ffn-hidden-size 48 is not divisible by --tensor-model-parallel-size 32"):
+        ModelConfig(vocab_size=10, hidden_size=64, num_attention_heads=32, ffn_hidden_size=48).check_parallel_layout(
+            tensor_model_parallel_size=32, data_parallel_size=1)
+    with pytest.raises(ValueError, match=r"--hidden-size 30 is not divisible by --num-attention-heads 4"):
+        ModelConfig(vocab_size=10, hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"--num-experts 6 \(layer 0\) is not divisible by --expert-model-parallel-size 4"):
+        ModelConfig(vocab_size=10, num_experts=6, expert_model_parallel_size=4)
+    with pytest.raises(ValueError, match=r"--expert-model-parallel-size 4 does not divide the data-parallel size 2"):
+        ModelConfig(vocab_size=10, num_experts=4, expert_model_parallel_size=4).check_parallel_layout(
+            tensor_model_parallel_size=1, data_parallel_size=2)
+    with pytest.raises(ValueError, match=r"--expert-model-parallel-size got 3 values"):
+        ModelConfig(vocab_size=10, num_layers=2, num_experts=4, expert_model_parallel_size=(1, 2, 4))
