@@ -1,0 +1,1 @@
+"""Training stack: arguments, LR schedule, the loop, logging, checkpoints."""

@@ -1,0 +1,113 @@
+"""Per-interval training metrics, kept as device tensors until the log step.
+
+Between log steps nothing is copied to the host: losses and expert counts accumulate on the
+device, and ``finish_interval`` does one all-reduce over DP and one host copy.  Averages:
+``lm_loss``/``aux_loss``/``z_loss`` are means over the interval's micro-batches and DP ranks
+(the loss of the global batch); expert token counts are per step, summed over DP ranks, then
+min/max over the experts of every MoE layer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.state import get_parallel_state
+
+
+class IntervalMetrics:
+    def __init__(self, *, device: torch.device, flops_per_token: float, peak_tflops: float | None) -> None:
+        self.device = device
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.skipped_total = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses = torch.zeros(3, device=self.device)  # lm, aux (raw), z (raw)
+        self.micro_batches = 0
+        self.steps = 0
+        self.tokens = 0
+        self.expert_tokens: list[torch.Tensor] | None = None
+        self.dropped = torch.zeros((), device=self.device)
+        self.start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add_micro_batch(self, out) -> None:
+        """``out``: the model's GPTOutput for one micro-batch."""
+        self.losses[0] += out.lm_loss.detach()
+        self.micro_batches += 1
+        if not out.moe_stats:
+            return
+        aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
+        z = torch.stack([s.z_loss for s in out.moe_stats]).mean()
+        self.losses[1] += aux.detach()
+        self.losses[2] += z.detach()
+        self.dropped += torch.stack([s.dropped_fraction for s in out.moe_stats]).float().mean()
+        counts = [s.tokens_per_expert.detach().float() for s in out.moe_stats]
+        if self.expert_tokens is None:
+            self.expert_tokens = counts
+        else:
+            self.expert_tokens = [a + b for a, b in zip(self.expert_tokens, counts)]
+
+    def add_step(self, result, *, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.skipped_total = result.num_skipped_total
+
+    def finish_interval(self, iteration: int, consumed_samples: int, lr: float, result) -> dict:
+        """All-reduce the interval's sums over DP and return one log record (host sync here only)."""
+        state = get_parallel_state()
+        has_moe = self.expert_tokens is not None
+        packed = [self.losses, self.dropped.reshape(1)] + (self.expert_tokens if has_moe else [])
+        flat = torch.cat([t.reshape(-1).float() for t in packed])
+        if state.dp_size > 1:
+            dist.all_reduce(flat, group=state.dp_group)
+        flat = flat.cpu()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - self.start
+        denominator = max(1, self.micro_batches) * state.dp_size
+        lm, aux, z = (flat[:3] / denominator).tolist()
+        dropped = flat[3].item() / denominator
+        tokens_per_sec = self.tokens / elapsed
+        tflops = self.flops_per_token * tokens_per_sec / state.world_size / 1e12
+        record = {
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "lm_loss": lm,
+            "aux_loss": aux if has_moe else None,
+            "z_loss": z if has_moe else None,
+            "grad_norm": result.grad_norm,
+            "grad_norm_inf": result.grad_norm_inf,
+            "lr": lr,
+            "loss_scale": result.loss_scale,
+            "skipped_iters": self.skipped_total,
+            "tokens_per_sec": tokens_per_sec,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "max_memory_gib": (
+                torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            ),
+            "expert_tokens_min": None,
+            "expert_tokens_max": None,
+            "expert_load_imbalance": None,
+            "dropped_fraction": dropped if has_moe else None,
+            "elapsed_ms_per_iter": 1000.0 * elapsed / max(1, self.steps),
+        }
+        if has_moe:
+            per_step = flat[4:] / max(1, self.steps)
+            offset, mins, maxs, imbalance = 0, [], [], []
+            for counts in self.expert_tokens:
+                layer = per_step[offset : offset + counts.numel()]
+                offset += counts.numel()
+                mins.append(layer.min().item())
+                maxs.append(layer.max().item())
+                imbalance.append(layer.max().item() / max(layer.mean().item(), 1e-9))
+            record.update(expert_tokens_min=min(mins), expert_tokens_max=max(maxs),
+                          expert_load_imbalance=max(imbalance))
+        self._reset()
+        return record

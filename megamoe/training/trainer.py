@@ -1,0 +1,243 @@
+"""The training loop: set up groups, model, optimizer and data; step; log; evaluate; checkpoint.
+
+Reads top to bottom: ``pretrain(cfg)`` -> ``_setup`` -> per iteration ``train_step`` (micro-batch
+loop with gradient accumulation, one optimizer step) -> log every --log-interval -> eval every
+--eval-interval -> save every --save-interval, on SIGTERM (--exit-signal-handler) and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megamoe.data.build import build_train_valid_test_datasets, micro_batches
+from megamoe.model.gpt import GPTModel
+from megamoe.optim import MixedPrecisionOptimizer
+from megamoe.parallel.random import model_parallel_seed
+from megamoe.parallel.state import (
+    default_backend,
+    destroy_model_parallel,
+    device_from_environment,
+    get_parallel_state,
+    initialize_model_parallel,
+)
+from megamoe.training import checkpoint as ckpt
+from megamoe.training.arguments import RunConfig
+from megamoe.training.flops import flops_per_token
+from megamoe.training.logger import TrainingLogger
+from megamoe.training.metrics import IntervalMetrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> None:
+    """Bring up torch.distributed from torchrun's environment (or as a 1-rank job without it)."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = default_backend(device)
+    if backend == "nccl":
+        dist.init_process_group(backend, device_id=device)
+    else:
+        dist.init_process_group(backend)
+
+
+class SignalFlag:
+    """SIGTERM sets a flag; ``triggered()`` agrees on it over the world (a signal may reach one rank only)."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.device = device
+        self.received = False
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def triggered(self) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, device: torch.device):
+    """One optimizer step over this rank's micro-batches of one global batch.
+
+    Each micro-batch loss (LM + auxiliary) is divided by the number of micro-batches, so the
+    accumulated gradient is the mean over this rank's share; the optimizer then averages over DP.
+    """
+    model.train()
+    optimizer.zero_grad()
+    for batch in batches:
+        batch = _to_device(batch, device)
+        out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
+        optimizer.scale_loss(out.loss / len(batches)).backward()
+        metrics.add_micro_batch(out)
+    return optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(model, batches_iter, eval_iters: int, device: torch.device) -> float:
+    """Mean LM loss over ``eval_iters`` global batches, averaged over DP."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for _ in range(eval_iters):
+        for batch in next(batches_iter):
+            batch = _to_device(batch, device)
+            total += model(batch["tokens"], batch["labels"], batch["loss_mask"]).lm_loss
+            count += 1
+    state = get_parallel_state()
+    dist.all_reduce(total, group=state.dp_group)
+    model.train()
+    return total.item() / (count * state.dp_size)
+
+
+def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
+    state = get_parallel_state()
+    model_parallel_seed(cfg.train.seed, device)
+    model = GPTModel(cfg.model, device=device).initialize(cfg.train.seed)
+    train_state = TrainState()
+    payload = None
+    found = ckpt.read_metadata(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    if cfg.checkpoint.load and found is None:
+        log.info(f"no checkpoint found in --load {cfg.checkpoint.load}; starting from scratch")
+    load_optim = found is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
+    if found is not None:
+        directory, metadata = found
+        layout = ckpt.layout_of(cfg.model, cfg.parallel.use_distributed_optimizer)
+        ckpt.check_compatible(directory, metadata, layout, cfg.model, load_optim=load_optim)
+        payload = ckpt.load_rank_payload(directory, state.rank, device)
+        ckpt.load_model_state(model, payload)
+        if not cfg.checkpoint.finetune:
+            train_state = TrainState(metadata["iteration"], metadata["consumed_samples"])
+        log.info(f"loaded checkpoint {directory} (iteration {metadata['iteration']})")
+    optimizer = MixedPrecisionOptimizer(model, cfg.optimizer)
+    if load_optim:
+        optimizer.load_state_dict(payload["optimizer"])
+    if payload is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
+        ckpt.restore_rng(payload)
+    return model, optimizer, train_state
+
+
+def _datasets(cfg: RunConfig):
+    gbs = cfg.train.global_batch_size
+    evals = cfg.train.train_iters // cfg.train.eval_interval + 1 if cfg.train.eval_interval else 0
+    return build_train_valid_test_datasets(
+        cfg.data,
+        train_samples=cfg.train.train_iters * gbs,
+        valid_samples=evals * cfg.train.eval_iters * gbs,
+        test_samples=0,
+        seq_length=cfg.train.seq_length,
+        seed=cfg.train.seed,
+    )
+
+
+def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: TrainingLogger) -> None:
+    directory = ckpt.save_checkpoint(
+        cfg.checkpoint.save,
+        iteration=train_state.iteration,
+        consumed_samples=train_state.consumed_samples,
+        model=model,
+        optimizer=optimizer,
+        model_config=cfg.model,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        args=cfg.args,
+        keep_last=cfg.checkpoint.keep_last,
+    )
+    log.info(f"saved checkpoint {directory}")
+
+
+def pretrain(cfg: RunConfig) -> dict:
+    """Train as configured; returns the last log record.  Collective: call on every rank."""
+    device = device_from_environment(cfg.train.device)
+    init_distributed(device)
+    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, set(cfg.model.moe_ep_sizes()) or {1})
+    state = get_parallel_state()
+    log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
+    try:
+        return _train(cfg, device, log)
+    finally:
+        log.close()
+        destroy_model_parallel()
+
+
+def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
+    state = get_parallel_state()
+    model, optimizer, train_state = _setup(cfg, device, log)
+    train_ds, valid_ds, _ = _datasets(cfg)
+    t = cfg.train
+    batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                            dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
+    log.info(
+        f"training: world {state.world_size} (TP {state.tp_size} x DP {state.dp_size}), "
+        f"EP per MoE layer {list(cfg.model.moe_ep_sizes()) or '-'}, ZeRO-1 {'on' if cfg.parallel.use_distributed_optimizer else 'off'}, "
+        f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
+        f"params {str(cfg.model.params_dtype).replace('torch.', '')}, device {device.type}"
+    )
+    signals = SignalFlag(t.exit_signal_handler, device)
+    metrics = IntervalMetrics(device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
+                              peak_tflops=cfg.logging.peak_tflops)
+    record: dict = {}
+    saved_at = None
+    while train_state.iteration < t.train_iters:
+        lr = cfg.schedule.lr_at(train_state.iteration)
+        optimizer.set_lr(lr)
+        result = train_step(model, optimizer, next(batches), metrics, device)
+        train_state.iteration += 1
+        train_state.consumed_samples += t.global_batch_size
+        metrics.add_step(result, tokens=t.global_batch_size * t.seq_length)
+        if train_state.iteration % cfg.logging.log_interval == 0 or train_state.iteration == t.train_iters:
+            record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
+            log.log(record)
+        if t.eval_interval and train_state.iteration % t.eval_interval == 0:
+            _run_eval(cfg, model, valid_ds, train_state, device, log)
+        if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
+            _save(cfg, model, optimizer, train_state, log)
+            saved_at = train_state.iteration
+        if signals.triggered():
+            log.info(f"SIGTERM received: saving at iteration {train_state.iteration} and exiting")
+            if cfg.checkpoint.save and saved_at != train_state.iteration:
+                _save(cfg, model, optimizer, train_state, log)
+            return record
+    if cfg.checkpoint.save and saved_at != train_state.iteration:
+        _save(cfg, model, optimizer, train_state, log)
+    return record
+
+
+def _run_eval(cfg: RunConfig, model, valid_ds, train_state: TrainState, device, log: TrainingLogger) -> None:
+    t = cfg.train
+    state = get_parallel_state()
+    evals_before = train_state.iteration // t.eval_interval - 1
+    start = evals_before * t.eval_iters * t.global_batch_size
+    valid_iter = micro_batches(valid_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                               dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=start)
+    loss = evaluate(model, valid_iter, t.eval_iters, device)
+    log.log_eval({"iteration": train_state.iteration, "split": "valid", "lm_loss": loss,
+                  "ppl": math.exp(min(loss, 30.0))})
