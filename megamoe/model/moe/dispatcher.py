@@ -1,0 +1,157 @@
+"""All-to-all token dispatch over a layer's expert-parallel (EP) group, and the way back.
+
+Shapes: ``T`` tokens of this rank, ``K`` top-k, ``S = T * K`` token-slots, ``H`` hidden,
+``E`` experts, ``L = E / EP`` local experts, ``N`` rows this rank's experts receive.
+
+    plan     : sort the kept token-slots by global expert id (one argsort), count them per
+               expert, exchange the counts in the EP group, read the split sizes to the host
+               (the only host sync of the layer)
+    dispatch : x_TH -> x_send [kept slots, H] (expert-major) -> all_to_all -> [N, H] ordered
+               by (source rank, local expert) -> reorder to local-expert-major for the GEMMs
+    combine  : y_NH -> undo the reorder -> all_to_all back (swapped splits) -> scatter to the
+               slot positions (dropped slots stay zero) -> weighted sum over the K slots -> [T, H]
+
+Global expert ``e`` lives on EP rank ``e // L`` as local expert ``e % L``, so the chunk of
+the expert-sorted slots going to rank ``r`` is simply experts ``r*L .. r*L + L - 1``.
+
+With TP > 1 every TP rank runs this with the same tokens and the same routing, in its own EP
+group (EP groups are made of ranks with one TP rank), and gets its TP shard's partial expert
+outputs back; the caller sums them over TP once, after ``combine``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megamoe.model.moe.router import count_per_expert
+from megamoe.parallel.state import get_parallel_state
+
+
+def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(
+        out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group
+    )
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all along dim 0; the backward sends the gradients back with swapped splits."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _all_to_all(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """Rows ``x[sum(send_splits[:r]) : ...]`` go to rank r of ``group``; returns the
+    ``sum(recv_splits)`` rows received, ordered by source rank.  Differentiable."""
+    return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept token-slot goes; built by ``TokenDispatcher.plan`` for one forward."""
+
+    num_tokens: int
+    topk: int
+    order: torch.Tensor  # [kept] int64: slot indices (t * K + j) of the kept slots, expert-major
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    expert_counts: list[int]  # [L] rows each local expert computes (host copy)
+    expert_offsets: torch.Tensor  # [L] int32 cumulative ``expert_counts`` (torch._grouped_mm's offs)
+    to_expert_major: torch.Tensor | None  # [N] permutation (source-major -> expert-major), None if identity
+    from_expert_major: torch.Tensor | None  # its inverse
+
+
+class TokenDispatcher:
+    """Moves token-slots between this rank and the EP ranks holding their experts."""
+
+    def __init__(self, *, num_experts: int, ep_size: int) -> None:
+        assert num_experts % ep_size == 0, (num_experts, ep_size)
+        self.num_experts = num_experts
+        self.ep_size = ep_size
+        self.local_experts = num_experts // ep_size
+
+    def _group(self):
+        return get_parallel_state().experts(self.ep_size).ep_group
+
+    def plan(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> DispatchPlan:
+        """Sort the kept slots by expert and agree on the split sizes with the EP group.
+
+        ``keep_TK`` (capacity mode) marks the slots that are sent; None keeps all of them.
+        Collective over the EP group (all ranks of it must call), one host sync.
+        """
+        num_tokens, topk = expert_ids_TK.shape
+        ep, num_local, num_experts = self.ep_size, self.local_experts, self.num_experts
+        slot_expert_S = expert_ids_TK.reshape(-1)
+        if keep_TK is not None:
+            # Dropped slots get the sentinel id E: they sort after every kept slot and are cut off.
+            slot_expert_S = slot_expert_S.masked_fill(~keep_TK.reshape(-1), num_experts)
+        order_S = torch.argsort(slot_expert_S, stable=True)
+        send_counts_E = count_per_expert(slot_expert_S, num_experts + 1)[:num_experts]
+        recv_counts_E = send_counts_E
+        if ep > 1:
+            # Rank r receives counts [r*L, (r+1)*L) from each source: recv_counts viewed [EP, L].
+            recv_counts_E = torch.empty_like(send_counts_E)
+            dist.all_to_all_single(recv_counts_E, send_counts_E, group=self._group())
+        counts = torch.cat([send_counts_E, recv_counts_E]).tolist()  # the host sync
+        send, recv = counts[:num_experts], counts[num_experts:]
+        send_splits = [sum(send[r * num_local : (r + 1) * num_local]) for r in range(ep)]
+        recv_splits = [sum(recv[r * num_local : (r + 1) * num_local]) for r in range(ep)]
+        expert_counts = [sum(recv[r * num_local + e] for r in range(ep)) for e in range(num_local)]
+        recv_counts_RL = recv_counts_E.view(ep, num_local)
+        to_expert_major = from_expert_major = None
+        if ep > 1 and num_local > 1:
+            num_recv = sum(recv_splits)
+            local_ids = torch.arange(num_local, device=slot_expert_S.device).repeat(ep)
+            row_expert_N = torch.repeat_interleave(local_ids, recv_counts_RL.reshape(-1), output_size=num_recv)
+            to_expert_major = torch.argsort(row_expert_N, stable=True)
+            from_expert_major = torch.empty_like(to_expert_major)
+            from_expert_major[to_expert_major] = torch.arange(num_recv, device=slot_expert_S.device)
+        return DispatchPlan(
+            num_tokens=num_tokens,
+            topk=topk,
+            order=order_S[: sum(send_splits)],
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            expert_counts=expert_counts,
+            expert_offsets=recv_counts_RL.sum(dim=0).cumsum(dim=0).to(torch.int32),
+            to_expert_major=to_expert_major,
+            from_expert_major=from_expert_major,
+        )
+
+    def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
+        (``plan.expert_counts`` rows per local expert)."""
+        # A gather of token rows; its backward adds the K slots of a token back together.
+        x_send = x_TH.index_select(0, torch.div(plan.order, plan.topk, rounding_mode="floor"))
+        if self.ep_size == 1:
+            return x_send
+        x_recv = all_to_all(x_send, plan.send_splits, plan.recv_splits, self._group())
+        if plan.to_expert_major is not None:
+            x_recv = x_recv.index_select(0, plan.to_expert_major)
+        return x_recv
+
+    def combine(self, y_NH: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Expert outputs ``[N, H]`` (as ``dispatch`` laid them out) -> ``[T, H]``:
+        ``out_t = sum_j weights[t, j] * y(slot t*K + j)``, dropped slots counting zero.
+        The weighted sum runs in fp32; the result has ``y_NH``'s dtype."""
+        if self.ep_size > 1:
+            if plan.from_expert_major is not None:
+                y_NH = y_NH.index_select(0, plan.from_expert_major)
+            y_NH = all_to_all(y_NH, plan.recv_splits, plan.send_splits, self._group())
+        num_tokens, topk = plan.num_tokens, plan.topk
+        hidden = y_NH.shape[-1]
+        # index_copy, not index_add: each slot is written once, so the result is deterministic.
+        y_SH = y_NH.new_zeros(num_tokens * topk, hidden).index_copy(0, plan.order, y_NH)
+        out_TH = (y_SH.view(num_tokens, topk, hidden).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
+        return out_TH.to(y_NH.dtype)

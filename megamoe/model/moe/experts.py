@@ -1,0 +1,119 @@
+"""This rank's experts, stacked, computed with one grouped GEMM per projection.
+
+Shapes: ``N`` rows for the local experts (local-expert-major, ``counts[l]`` rows each), ``H``
+hidden, ``L`` local experts, ``F`` = ``--moe-ffn-hidden-size / TP``.
+
+Weights follow the dense MLP's layout (``[out, in]`` per expert) with the experts stacked on dim 0,
+so one expert's full tensor is exactly a dense ``MLP``'s:
+
+    fc1  [L, 2, F, H]  (SwiGLU: gate then up; TP-sharded on dim 2)   or  [L, F, H] (GeLU; dim 1)
+    fc2  [L, H, F]     (TP-sharded on dim 2)
+
+Each expert is tensor-parallel like the dense MLP (fc1 column-parallel, fc2 row-parallel): the
+output is this TP rank's partial sum, which the MoE layer reduces over TP once for all experts.
+``torch._grouped_mm(x [N, in], w.transpose(-2, -1) [L, in, out], offs)`` reads the stored
+weights through a transposed view, without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.model.mlp import activation
+from megamoe.parallel.params import tag_param
+from megamoe.parallel.state import get_parallel_state
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ALIGNMENT_BYTES = 16
+
+
+@lru_cache(maxsize=None)
+def _grouped_mm_runs(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    """Whether this build's ``torch._grouped_mm`` runs on the device for ``dtype`` (probed once)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    x = torch.zeros(8, 16, dtype=dtype, device=device)
+    w = torch.zeros(2, 16, 16, dtype=dtype, device=device)
+    offs = torch.tensor([4, 8], dtype=torch.int32, device=device)
+    try:
+        torch._grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def grouped_mm_supported(x_NI: torch.Tensor, w_LIO: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm(x_NI, w_LIO, offs=...)`` can run on these tensors: a supported
+    dtype and device, and every non-unit stride and base address 16-byte aligned."""
+    if x_NI.dtype not in _GROUPED_MM_DTYPES or w_LIO.dtype != x_NI.dtype:
+        return False
+    size = x_NI.element_size()
+    for t in (x_NI, w_LIO):
+        if t.data_ptr() % _ALIGNMENT_BYTES or any(s != 1 and (s * size) % _ALIGNMENT_BYTES for s in t.stride()):
+            return False
+    if (w_LIO.shape[-1] * size) % _ALIGNMENT_BYTES:  # the output's row stride
+        return False
+    return _grouped_mm_runs(x_NI.device.type, x_NI.device.index, x_NI.dtype)
+
+
+def expert_linear(
+    x_NI: torch.Tensor, w_LOI: torch.Tensor, counts: list[int], offsets: torch.Tensor, *, grouped: bool
+) -> torch.Tensor:
+    """Row block ``l`` of ``x_NI`` (``counts[l]`` rows) times ``w_LOI[l]^T`` -> ``[N, O]``.
+
+    ``grouped``: one ``torch._grouped_mm`` with ``offsets`` (int32 cumulative counts) when the
+    tensors allow it; otherwise (and when False) one ``torch.mm`` per local expert.
+    """
+    w_LIO = w_LOI.transpose(-2, -1)
+    if grouped and grouped_mm_supported(x_NI, w_LIO):
+        return torch._grouped_mm(x_NI, w_LIO, offs=offsets)
+    blocks = x_NI.split(counts)
+    return torch.cat([torch.mm(block, w_LIO[l]) for l, block in enumerate(blocks)])
+
+
+class GroupedExperts(nn.Module):
+    """The ``E / EP`` experts of this EP rank, tensor-parallel over TP.
+
+    forward(x_NH, counts, offsets) -> ``[N, H]``, this TP rank's partial output (sum over TP
+    for the full one).
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, num_experts: int, ep_size: int, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        tp = get_parallel_state().tp_size
+        ffn = config.moe_ffn_hidden_size
+        if ffn % tp != 0:
+            raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
+        if config.add_bias_linear:
+            raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts")
+        num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
+        self.swiglu = config.swiglu
+        self.grouped_gemm = config.moe_grouped_gemm
+        dtype = config.params_dtype
+        fc1_shape = (num_local, 2, local_ffn, hidden) if self.swiglu else (num_local, local_ffn, hidden)
+        self.fc1 = tag_param(
+            nn.Parameter(torch.empty(fc1_shape, dtype=dtype, device=device)),
+            tensor_parallel_dim=len(fc1_shape) - 2,
+            expert_parallel_size=ep_size,
+            init_std=config.init_method_std,
+        )
+        self.fc2 = tag_param(
+            nn.Parameter(torch.empty(num_local, hidden, local_ffn, dtype=dtype, device=device)),
+            tensor_parallel_dim=2,
+            expert_parallel_size=ep_size,
+            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+        )
+
+    def forward(self, x_NH: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+        num_local, hidden = self.fc2.shape[0], self.fc2.shape[1]
+        fc1_LOH = self.fc1.view(num_local, -1, hidden)  # SwiGLU: rows [gate F | up F], as the dense MLP
+        h_NO = expert_linear(x_NH, fc1_LOH, counts, offsets, grouped=self.grouped_gemm)
+        return expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)

@@ -1,0 +1,111 @@
+"""MoELayer: router -> (capacity) -> all-to-all dispatch -> grouped experts -> combine.
+
+    x [b, s, h] (replicated over TP)
+      -> router (fp32 logits, top-k, aux and z losses over this rank's b*s tokens)
+      -> keep mask (capacity mode only)
+      -> dispatch over the layer's EP group -> this rank's experts (partial over TP)
+      -> combine (weighted sum over the top-k slots) -> one all-reduce over TP
+      -> + shared expert (optional dense MLP on every token)
+    out [b, s, h] (replicated over TP), MoEAux
+
+TP: the expert input goes through ``copy_to_tp_region`` and so do the combine weights, because
+each TP rank only back-propagates its shard's partial contribution to them; the all-reduce in
+their backward makes the gradients of x and of the router full on every TP rank, as for a
+replicated parameter.  The forward sums the experts' partial outputs with one
+``reduce_from_tp_region`` after combining, instead of one per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megamoe.model.config import ModelConfig
+from megamoe.model.mlp import MLP
+from megamoe.model.moe.capacity import capacity_keep_mask, expert_capacity
+from megamoe.model.moe.dispatcher import TokenDispatcher
+from megamoe.model.moe.experts import GroupedExperts
+from megamoe.model.moe.router import TopKRouter
+from megamoe.parallel.mappings import copy_to_tp_region, reduce_from_tp_region
+
+
+@dataclass
+class MoEStats:
+    """Detached per-layer values for logging (tensors: the trainer moves them to the host)."""
+
+    tokens_per_expert: torch.Tensor  # [E] int64: token-slots of this rank routed to each global expert, before dropping
+    dropped_fraction: torch.Tensor  # scalar fp32: dropped token-slots / (T * K); 0 when dropless
+    aux_loss: torch.Tensor  # scalar fp32: load-balancing loss, un-weighted
+    z_loss: torch.Tensor  # scalar fp32: router z-loss, un-weighted
+
+
+@dataclass
+class MoEAux:
+    loss: torch.Tensor  # scalar fp32: moe_aux_loss_coeff * aux_loss + moe_z_loss_coeff * z_loss (in the graph)
+    stats: MoEStats
+
+
+class MoELayer(nn.Module):
+    """The MoE block of transformer layer ``layer_number`` (its expert count and EP size come
+    from ``config.num_experts_for_layer`` / ``config.ep_size_for_layer``)."""
+
+    def __init__(self, config: ModelConfig, layer_number: int, *, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts_for_layer(layer_number)
+        self.ep_size = config.ep_size_for_layer(layer_number)
+        self.topk = config.moe_router_topk
+        self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.z_loss_coeff = config.moe_z_loss_coeff
+        self.capacity_factor = config.moe_expert_capacity_factor
+        self.eval_capacity_factor = config.moe_eval_capacity_factor
+        self.drop_policy = config.moe_token_drop_policy
+        self.router = TopKRouter(config, self.num_experts, device=device)
+        self.experts = GroupedExperts(config, num_experts=self.num_experts, ep_size=self.ep_size, device=device)
+        self.dispatcher = TokenDispatcher(num_experts=self.num_experts, ep_size=self.ep_size)
+        self.shared_expert = None
+        if config.moe_shared_expert_intermediate_size:
+            self.shared_expert = MLP(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size, device=device)
+
+    def _active_capacity_factor(self) -> float | None:
+        """Training uses --moe-expert-capacity-factor; eval --moe-eval-capacity-factor when set."""
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        b, s, hidden = x.shape
+        x_TH = x.reshape(b * s, hidden)
+        routing = self.router(x_TH)
+
+        keep_TK = None
+        factor = self._active_capacity_factor()
+        if factor is not None:
+            capacity = expert_capacity(
+                num_tokens=b * s, topk=self.topk, num_experts=self.num_experts, capacity_factor=factor
+            )
+            keep_TK = capacity_keep_mask(
+                routing.expert_ids, routing.weights, num_experts=self.num_experts, capacity=capacity,
+                policy=self.drop_policy,
+            )
+
+        plan = self.dispatcher.plan(routing.expert_ids, keep_TK)
+        x_NH = self.dispatcher.dispatch(copy_to_tp_region(x_TH), plan)
+        y_NH = self.experts(x_NH, plan.expert_counts, plan.expert_offsets)
+        out_TH = reduce_from_tp_region(self.dispatcher.combine(y_NH, copy_to_tp_region(routing.weights), plan))
+        if self.shared_expert is not None:
+            out_TH = out_TH + self.shared_expert(x_TH)
+
+        loss = self.aux_loss_coeff * routing.load_balancing_loss + self.z_loss_coeff * routing.z_loss
+        if keep_TK is None:
+            dropped = torch.zeros((), dtype=torch.float32, device=x.device)
+        else:
+            dropped = 1.0 - keep_TK.float().mean()
+        stats = MoEStats(
+            tokens_per_expert=routing.tokens_per_expert.detach(),
+            dropped_fraction=dropped,
+            aux_loss=routing.load_balancing_loss.detach(),
+            z_loss=routing.z_loss.detach(),
+        )
+        return out_TH.view(b, s, hidden), MoEAux(loss=loss, stats=stats)
