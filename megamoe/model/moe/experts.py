@@ -9,6 +9,9 @@ so one expert's full tensor is exactly a dense ``MLP``'s:
     fc1  [L, 2, F, H]  (SwiGLU: gate then up; TP-sharded on dim 2)   or  [L, F, H] (GeLU; dim 1)
     fc2  [L, H, F]     (TP-sharded on dim 2)
 
+and, with biases (``add_bias_linear``), ``fc1_bias`` ``[L, 2, F]`` / ``[L, F]`` (TP-sharded like
+fc1) and ``fc2_bias`` ``[L, H]`` (replicated over TP, like a RowParallelLinear bias).
+
 Each expert is tensor-parallel like the dense MLP (fc1 column-parallel, fc2 row-parallel): the
 output is this TP rank's partial sum, which the MoE layer reduces over TP once for all experts.
 ``torch._grouped_mm(x [N, in], w.transpose(-2, -1) [L, in, out], offs)`` reads the stored
@@ -25,6 +28,7 @@ from torch import nn
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import activation
+from megamoe.parallel.mappings import copy_to_tp_region
 from megamoe.parallel.params import tag_param
 from megamoe.parallel.state import get_parallel_state
 
@@ -92,8 +96,6 @@ class GroupedExperts(nn.Module):
         ffn = config.moe_ffn_hidden_size
         if ffn % tp != 0:
             raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
-        if config.add_bias_linear:
-            raise ValueError("MoE experts have no biases: pass --disable-bias-linear with --num-experts")
         num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
         self.swiglu = config.swiglu
         self.grouped_gemm = config.moe_grouped_gemm
@@ -111,9 +113,37 @@ class GroupedExperts(nn.Module):
             expert_parallel_size=ep_size,
             init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
         )
+        self.fc1_bias = self.fc2_bias = None
+        if config.add_bias_linear:
+            self.fc1_bias = tag_param(
+                nn.Parameter(torch.empty(fc1_shape[:-1], dtype=dtype, device=device)),
+                tensor_parallel_dim=len(fc1_shape) - 2,
+                expert_parallel_size=ep_size,
+                weight_decay=False,
+                init="zeros",
+            )
+            self.fc2_bias = tag_param(
+                nn.Parameter(torch.empty(num_local, hidden, dtype=dtype, device=device)),
+                expert_parallel_size=ep_size,
+                weight_decay=False,
+                init="zeros",
+            )
 
     def forward(self, x_NH: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
         num_local, hidden = self.fc2.shape[0], self.fc2.shape[1]
         fc1_LOH = self.fc1.view(num_local, -1, hidden)  # SwiGLU: rows [gate F | up F], as the dense MLP
         h_NO = expert_linear(x_NH, fc1_LOH, counts, offsets, grouped=self.grouped_gemm)
-        return expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+        if self.fc1_bias is None:
+            return expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+        counts_L = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+        row_expert_N = torch.repeat_interleave(
+            torch.arange(num_local, device=x_NH.device), counts_L, output_size=x_NH.shape[0]
+        )
+        h_NO = h_NO + self.fc1_bias.view(num_local, -1)[row_expert_N]
+        y_NH = expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+        # The output is a partial sum over TP, so the replicated fc2 bias is added on TP rank 0
+        # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_tp_region
+        # all-reduces its gradient so that every TP rank holds the full one.
+        state = get_parallel_state()
+        only_first_rank = 1.0 if state.tp_rank == 0 else 0.0
+        return y_NH + only_first_rank * copy_to_tp_region(self.fc2_bias)[row_expert_N]

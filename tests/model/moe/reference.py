@@ -43,13 +43,17 @@ def reference_keep(ids, weights, *, num_experts, capacity, policy):
     return keep
 
 
-def expert_forward(x, fc1, fc2, *, swiglu):
-    """One expert (or a dense MLP): fc1 [2, F, H] (SwiGLU) or [F, H], fc2 [H, F]."""
+def expert_forward(x, fc1, fc2, *, swiglu, fc1_bias=None, fc2_bias=None):
+    """One expert (or a dense MLP): fc1 [2, F, H] (SwiGLU) or [F, H], fc2 [H, F]; optional biases
+    fc1_bias [2, F] / [F] and fc2_bias [H]."""
+    if fc1_bias is None:
+        fc1_bias = torch.zeros(fc1.shape[:-1], dtype=x.dtype)
     if swiglu:
-        hidden = F.silu(x @ fc1[0].t()) * (x @ fc1[1].t())
+        hidden = F.silu(x @ fc1[0].t() + fc1_bias[0]) * (x @ fc1[1].t() + fc1_bias[1])
     else:
-        hidden = F.gelu(x @ fc1.t())
-    return hidden @ fc2.t()
+        hidden = F.gelu(x @ fc1.t() + fc1_bias)
+    out = hidden @ fc2.t()
+    return out if fc2_bias is None else out + fc2_bias
 
 
 def reference_moe(x_TH, weights_by_name, *, prefix="", cfg, num_experts, capacity_factor=None):
@@ -74,15 +78,20 @@ def reference_moe(x_TH, weights_by_name, *, prefix="", cfg, num_experts, capacit
                               policy=cfg.moe_token_drop_policy)
     out = torch.zeros_like(x_TH)
     fc1, fc2 = w("experts.fc1"), w("experts.fc2")
+    fc1_bias = weights_by_name.get(prefix + "experts.fc1_bias")
+    fc2_bias = weights_by_name.get(prefix + "experts.fc2_bias")
     for e in range(num_experts):
+        biases = {} if fc1_bias is None else dict(fc1_bias=fc1_bias[e], fc2_bias=fc2_bias[e])
         for j in range(topk):
             rows = ((ids[:, j] == e) & keep[:, j]).nonzero().flatten()
-            y = expert_forward(x_TH[rows], fc1[e], fc2[e], swiglu=cfg.swiglu)
+            y = expert_forward(x_TH[rows], fc1[e], fc2[e], swiglu=cfg.swiglu, **biases)
             out = out.index_add(0, rows, weights[rows, j].unsqueeze(-1) * y)
     if cfg.moe_shared_expert_intermediate_size:
-        fc1_shared = w("shared_expert.fc1.weight")
-        fc2_shared = w("shared_expert.fc2.weight")
-        out = out + expert_forward(x_TH, fc1_shared, fc2_shared, swiglu=cfg.swiglu)
+        out = out + expert_forward(
+            x_TH, w("shared_expert.fc1.weight"), w("shared_expert.fc2.weight"), swiglu=cfg.swiglu,
+            fc1_bias=weights_by_name.get(prefix + "shared_expert.fc1.bias"),
+            fc2_bias=weights_by_name.get(prefix + "shared_expert.fc2.bias"),
+        )
     return SimpleNamespace(out=out, load_balancing=load_balancing, z=z, tokens_per_expert=counts,
                            dropped=int((~keep).sum()))
 

@@ -18,7 +18,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.moe.layer import MoELayer
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
-from megamoe.parallel.params import initialize_module_
+from megamoe.parallel.params import initialize_module_, retag
 from tests.harness import run_distributed
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
 from tests.model.moe.reference import reference_moe
@@ -62,11 +62,14 @@ def _force_uneven_routing(layer: MoELayer) -> None:
         layer.router.weight.copy_(preference * torch.ones(EXPERTS, HIDDEN))
 
 
-def _check_case(case: Case) -> None:
+def check_layer_case(case: Case) -> None:
     state = ps.get_parallel_state()
     dp, dp_rank, tokens = state.dp_size, state.dp_rank, BATCH * SEQ
     cfg = _config(case)
     layer = MoELayer(cfg, 0)
+    for name, param in layer.named_parameters():
+        if "bias" in name:  # drawn like a weight (layout-independently), so that a mistake shows
+            retag(param, init="normal", init_std=0.1)
     initialize_module_(layer, SEED)
     if case.uneven:
         _force_uneven_routing(layer)
@@ -121,6 +124,9 @@ DROPLESS = [
     Case(ep=2, overrides=dict(moe_router_pre_softmax=True, moe_router_renormalize=False, swiglu=False,
                               moe_grouped_gemm=False)),
     Case(ep=4, overrides=dict(moe_router_pre_softmax=True, moe_grouped_gemm=False)),
+    # biases (Megatron's default without --disable-bias-linear) on the experts and the shared expert
+    Case(ep=2, overrides=dict(add_bias_linear=True, moe_shared_expert_intermediate_size=16)),
+    Case(ep=4, overrides=dict(add_bias_linear=True, swiglu=False)),
 ]
 CAPACITY = [
     Case(ep=2, overrides=dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs"), expect_drops=True),
@@ -138,7 +144,7 @@ UNEVEN = [
 
 def _layer_body(rank, world, cases):
     for case in cases:
-        _check_case(case)
+        check_layer_case(case)
 
 
 def test_moe_layer_matches_reference_for_any_expert_parallel_size():
@@ -149,7 +155,7 @@ def test_moe_layer_matches_reference_for_any_expert_parallel_size():
 
 def _tp_body(rank, world, cases):
     for case in cases:
-        _check_case(case)
+        check_layer_case(case)
     _check_jitter_routes_alike_on_tp_ranks()
 
 
