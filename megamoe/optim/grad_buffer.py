@@ -1,0 +1,290 @@
+"""Flat parameter and fp32 main-gradient buffers, their buckets and ZeRO-1 shards, and THE rule
+deciding which group reduces which gradient (``grad_reduction``).
+
+Every trainable parameter lives in exactly one ``GradBuffer``, chosen by (parameter dtype,
+reduction group): one buffer for the dense parameters (reduced over DP) and one per EP size
+for the expert parameters (reduced over that EP size's EDP group).  Layout of one buffer::
+
+    data       [N] param dtype  every param.data is a view into it (so one bucket = one collective)
+    main_grad  [N] fp32         every param.main_grad is a view into it
+    params     reverse registration order (roughly backward order, so early buckets fill first),
+               each starting at a multiple of PARAM_ALIGNMENT elements
+    buckets    consecutive ranges of whole params, closed once they hold >= bucket_size elements;
+               with ZeRO-1 each is padded to a multiple of the group size S and rank r owns
+               [start + r * len / S, start + (r + 1) * len / S) of it (its "shard");
+               without ZeRO-1 a rank owns every bucket whole.
+
+A post-accumulate-grad hook adds each ``param.grad`` (param dtype) into ``param.main_grad``
+(fp32) and frees ``param.grad``, so micro-batches accumulate in fp32.  The hook does no
+collective and no host sync.  ``start_grad_sync`` launches one asynchronous collective per
+bucket and ``finish_grad_sync`` waits for them: today both run from ``step``; overlapping the
+reduction with backward only needs a hook that calls ``start_grad_sync`` per ready bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.parallel.params import ParamMeta, param_meta
+from megamoe.parallel.state import ParallelState
+
+# 64 elements keep every parameter's start 128-byte aligned in bf16 (256 in fp32): grouped GEMMs
+# and vectorised kernels need aligned base addresses, and params are views into one buffer.
+PARAM_ALIGNMENT = 64
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How one parameter's gradient is reduced: multiply by ``scale``, then sum over ``group``."""
+
+    name: str  # "dp" or "edp(ep=E)": names the buffer and the bench's collective groups
+    group: dist.ProcessGroup
+    size: int
+    rank: int  # this rank's index in ``group``
+    scale: float
+
+
+def grad_reduction(meta: ParamMeta, state: ParallelState) -> Reduction:
+    """THE gradient-reduction rule (see shared/reference/moe-gradient-math.md).
+
+    Dense parameter: summed over the DP group, divided by DP.
+    Expert parameter of EP size E: summed over its EDP group (the DP / E ranks holding the same
+    experts), divided by DP -- *not* by EDP.  Through the all-to-all backward an expert's local
+    gradient already sums the tokens of its whole EP group, so the EDP sum covers the tokens of
+    all DP ranks once, exactly like the dense DP sum; dividing by EDP would make expert gradients
+    E times too large (the bug DeepSpeed PR 5259 fixed).
+    The scale is applied before the sum; each rank's loss is already a mean over its tokens.
+    """
+    if not meta.is_expert:
+        return Reduction("dp", state.dp_group, state.dp_size, state.dp_rank, 1.0 / state.dp_size)
+    groups = state.experts(meta.expert_parallel_size)
+    return Reduction(
+        f"edp(ep={groups.ep_size})", groups.edp_group, groups.edp_size, groups.edp_rank, 1.0 / state.dp_size
+    )
+
+
+@dataclass
+class ParamRange:
+    name: str
+    param: nn.Parameter
+    start: int  # [start, end) in the buffer
+    end: int
+
+
+@dataclass
+class Bucket:
+    start: int  # [start, end) in the buffer; end - start is a multiple of the shard count
+    end: int
+    shard_start: int  # [shard_start, shard_end): this rank's shard (the whole bucket without ZeRO-1)
+    shard_end: int
+    local_start: int  # where this shard starts in the concatenation of this rank's shards
+    params: list[ParamRange]
+
+
+@dataclass
+class Piece:
+    """The part of one parameter inside this rank's shard of one bucket (the whole param without ZeRO-1)."""
+
+    name: str
+    param: nn.Parameter
+    param_start: int  # [param_start, param_end) of param.view(-1)
+    param_end: int
+    buffer_start: int  # the same elements in the buffer
+    buffer_end: int
+    local_start: int  # and in the concatenation of this rank's shards
+
+    @property
+    def numel(self) -> int:
+        return self.param_end - self.param_start
+
+
+def _accumulate_into_main_grad(param: torch.Tensor) -> None:
+    # fp32 accumulation over micro-batches; freeing .grad keeps at most one low-precision
+    # gradient per parameter alive.  No collective, no host sync: this is the backward hot path.
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+class GradBuffer:
+    """The parameters of one (dtype, reduction group), packed as described in the module docstring.
+
+    ``named_params`` in the order they are packed; all of one dtype and device, all reduced by
+    ``reduction``.  With ``sharded`` (ZeRO-1) each bucket is reduce-scattered over the group and
+    its updated parameters all-gathered; otherwise each bucket is all-reduced.
+    """
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        reduction: Reduction,
+        *,
+        bucket_size: int,
+        sharded: bool,
+        grad_reduce_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        assert named_params, "a buffer needs at least one parameter"
+        dtypes = {p.dtype for _, p in named_params}
+        devices = {p.device for _, p in named_params}
+        assert len(dtypes) == 1 and len(devices) == 1, (dtypes, devices)
+        self.reduction = reduction
+        self.sharded = sharded
+        self.grad_reduce_dtype = grad_reduce_dtype
+        self.shard_count = reduction.size if sharded else 1
+        self.buckets, numel = self._layout(named_params, bucket_size)
+        device = devices.pop()
+        self.data = torch.zeros(numel, dtype=dtypes.pop(), device=device)
+        self.main_grad = torch.zeros(numel, dtype=torch.float32, device=device)
+        for bucket in self.buckets:
+            for r in bucket.params:
+                p = r.param
+                self.data[r.start : r.end].copy_(p.detach().reshape(-1))
+                p.data = self.data[r.start : r.end].view(p.shape)
+                p.main_grad = self.main_grad[r.start : r.end].view(p.shape)
+                p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+        self._pending: list = []
+        self._synced = False  # main grads hold the reduced gradients (until zero_grad)
+
+    def _layout(self, named_params, bucket_size: int) -> tuple[list[Bucket], int]:
+        buckets: list[Bucket] = []
+        current: list[ParamRange] = []
+        bucket_start = offset = 0
+
+        def close() -> int:
+            length = _round_up(offset - bucket_start, self.shard_count)
+            shard = length // self.shard_count
+            shard_start = bucket_start + self.reduction.rank * shard if self.sharded else bucket_start
+            local_start = sum(b.shard_end - b.shard_start for b in buckets)
+            buckets.append(
+                Bucket(bucket_start, bucket_start + length, shard_start, shard_start + shard, local_start, current)
+            )
+            return bucket_start + length
+
+        for name, p in named_params:
+            start = _round_up(offset, PARAM_ALIGNMENT)
+            if not current:
+                bucket_start = start
+            current.append(ParamRange(name, p, start, start + p.numel()))
+            offset = start + p.numel()
+            if offset - bucket_start >= bucket_size:
+                offset = close()
+                current = []
+        if current:
+            offset = close()
+        return buckets, offset
+
+    # ------------------------------------------------------------------ ownership
+    def pieces(self) -> list[Piece]:
+        """Every (param, range) inside this rank's shards, in buffer order."""
+        out = []
+        for b in self.buckets:
+            for r in b.params:
+                lo, hi = max(r.start, b.shard_start), min(r.end, b.shard_end)
+                if lo < hi:
+                    out.append(Piece(r.name, r.param, lo - r.start, hi - r.start, lo, hi, b.local_start + lo - b.shard_start))
+        return out
+
+    @property
+    def local_numel(self) -> int:
+        """Elements of this rank's shards, padding included (the fp32 master's size)."""
+        return sum(b.shard_end - b.shard_start for b in self.buckets)
+
+    def shard_grads(self) -> list[torch.Tensor]:
+        """This rank's shard of the main grad of every bucket (valid after ``finish_grad_sync``)."""
+        return [self.main_grad[b.shard_start : b.shard_end] for b in self.buckets]
+
+    # ------------------------------------------------------------------ gradients
+    def zero_grad(self) -> None:
+        assert not self._pending, "zero_grad while a gradient reduction is in flight"
+        self.main_grad.zero_()
+        self._synced = False
+
+    def start_grad_sync(self) -> None:
+        """Launch the reduction of every bucket: scale, then all-reduce (or reduce-scatter into
+        this rank's shard with ZeRO-1) over the reduction group, in ``grad_reduce_dtype``."""
+        assert not self._pending and not self._synced, "gradients already reduced since the last zero_grad"
+        red = self.reduction
+        for b in self.buckets:
+            grad = self.main_grad[b.start : b.end]
+            if self.grad_reduce_dtype == torch.float32:
+                comm = grad.mul_(red.scale)
+            else:
+                comm = (grad * red.scale).to(self.grad_reduce_dtype)
+            handle = None
+            if red.size > 1:
+                if self.sharded:
+                    shard = comm[b.shard_start - b.start : b.shard_end - b.start]
+                    handle = dist.reduce_scatter_single(shard, comm, group=red.group, async_op=True)
+                else:
+                    handle = dist.all_reduce(comm, group=red.group, async_op=True)
+            self._pending.append((b, comm, handle))
+
+    def finish_grad_sync(self) -> None:
+        """Wait for the reductions (starting them if needed); afterwards every shard grad holds
+        the reduced gradient in fp32.  Idempotent until the next ``zero_grad``."""
+        if self._synced:
+            return
+        if not self._pending:
+            self.start_grad_sync()
+        for b, comm, handle in self._pending:
+            if handle is not None:
+                handle.wait()
+            if comm.dtype != torch.float32:
+                rel = slice(b.shard_start - b.start, b.shard_end - b.start)
+                self.main_grad[b.shard_start : b.shard_end].copy_(comm[rel])
+        self._pending = []
+        self._synced = True
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def copy_to_params(self, master: torch.Tensor) -> None:
+        """Write this rank's shards from ``master`` (fp32, ``local_numel``), then all-gather each
+        bucket's shards over the reduction group (ZeRO-1) so every rank holds the full params."""
+        assert master.numel() == self.local_numel
+        for b in self.buckets:
+            length = b.shard_end - b.shard_start
+            self.data[b.shard_start : b.shard_end].copy_(master[b.local_start : b.local_start + length])
+        if not self.sharded or self.reduction.size == 1:
+            return
+        handles = [
+            dist.all_gather_single(
+                self.data[b.start : b.end], self.data[b.shard_start : b.shard_end], group=self.reduction.group, async_op=True
+            )
+            for b in self.buckets
+        ]
+        for h in handles:
+            h.wait()
+
+    def shard_params(self) -> torch.Tensor:
+        """This rank's shards of the parameter data, concatenated, as fp32 (the master's initial value)."""
+        return torch.cat([self.data[b.shard_start : b.shard_end].float() for b in self.buckets])
+
+
+def build_grad_buffers(
+    model: nn.Module,
+    state: ParallelState,
+    *,
+    bucket_size: int,
+    sharded: bool,
+    grad_reduce_dtype: torch.dtype = torch.float32,
+) -> list[GradBuffer]:
+    """One buffer per (param dtype, reduction group) over the trainable params of ``model``,
+    params in reverse registration order.  Every rank of a reduction group builds the same
+    layout because it holds the same parameter shapes."""
+    groups: dict[tuple, tuple[Reduction, list]] = {}
+    for name, p in reversed(list(model.named_parameters())):
+        if not p.requires_grad:
+            continue
+        reduction = grad_reduction(param_meta(p), state)
+        groups.setdefault((p.dtype, reduction.name), (reduction, []))[1].append((name, p))
+    return [
+        GradBuffer(params, reduction, bucket_size=bucket_size, sharded=sharded, grad_reduce_dtype=grad_reduce_dtype)
+        for reduction, params in groups.values()
+    ]

@@ -1,0 +1,84 @@
+"""THE global gradient norm (L2 and inf), for clipping, logging and the overflow decision.
+
+The reference note's formula::
+
+    ||g||^2 = sum over dense params (each counted once)
+            + sum over EP sizes E (sum over the experts of size E, summed across the EP group)
+
+with TP-sharded parameters summed over TP, TP-replicated ones counted on TP rank 0 only, and
+ZeRO-1 shards summed over their shard group.  Whatever the layout, it equals the norm one process
+computes for the whole model.
+
+It is computed as "every element of the full model is counted on exactly one rank, then one
+collective over the world" (``counts_toward_norm`` is the ownership rule):
+
+* a TP-replicated parameter (norm weights, the router, replicated biases) counts on TP rank 0;
+* with ZeRO-1 the reduced gradient of each element lives only in its owner's shard, and counts
+  there (the shard sum over DP / EDP);
+* without ZeRO-1 every rank of the reduction group holds the same reduced gradient, so it counts
+  on the group's rank 0 only.  For experts of EP size E those ranks (EDP rank 0) form one EP
+  group per TP rank: summing them over the world *is* the sum over the EP group.  It is never an
+  average over DP (which would divide the expert part by E: DeepSpeed PR 5259).
+
+Each rank's sum of squares and max per part (dense, each EP size) go through one
+``all_gather`` over the world; every rank then adds the same table in rank order, so all ranks
+get bitwise-identical norms and the same skip decision from that single collective (it is also
+the step's only host sync).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megamoe.optim.grad_buffer import Reduction
+from megamoe.parallel.params import ParamMeta
+
+
+@dataclass(frozen=True)
+class GradNorm:
+    l2: float  # global L2 norm; non-finite when any gradient is
+    inf: float  # global max |g|
+    parts_l2: dict[str, float]  # L2 norm of each part ("dp": dense, "edp(ep=E)": experts of EP size E)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.l2) and math.isfinite(self.inf)
+
+
+def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, tp_rank: int) -> bool:
+    """Whether this rank's (shard of the) reduced gradient of a parameter enters the global norm."""
+    if meta.tensor_parallel_dim is None and tp_rank != 0:
+        return False
+    if not sharded and reduction.rank != 0:
+        return False
+    return True
+
+
+def global_grad_norm(parts: dict[str, list[torch.Tensor]], world_group: dist.ProcessGroup) -> GradNorm:
+    """Norms of the gradients this rank counts (``counts_toward_norm``), grouped by part.
+
+    ``parts`` must have the same keys in the same order on every rank (a rank may count no
+    tensor of a part).  One ``all_gather`` over ``world_group``; returns the same numbers on
+    every rank.
+    """
+    names = list(parts)
+    device = next((t.device for ts in parts.values() for t in ts), torch.device("cpu"))
+    local = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+    for i, name in enumerate(names):
+        if parts[name]:
+            local[i, 0] = torch.nn.utils.get_total_norm(parts[name], 2.0).double().square()
+            local[i, 1] = torch.nn.utils.get_total_norm(parts[name], math.inf).double()
+    world = dist.get_world_size(world_group)
+    table = torch.empty(world * len(names), 2, dtype=torch.float64, device=device)
+    dist.all_gather_single(table, local, group=world_group)
+    rows = table.view(world, len(names), 2).tolist()
+    parts_sq = {name: math.fsum(row[i][0] for row in rows) for i, name in enumerate(names)}
+    inf = max((row[i][1] for row in rows for i in range(len(names))), default=0.0)
+    if any(math.isnan(row[i][1]) for row in rows for i in range(len(names))):
+        inf = math.nan  # max() would silently skip a NaN that is not first
+    l2 = math.sqrt(math.fsum(parts_sq.values()))
+    return GradNorm(l2=l2, inf=inf, parts_l2={name: math.sqrt(sq) for name, sq in parts_sq.items()})

@@ -1,0 +1,161 @@
+"""Shared pieces of the optimizer tests: the small MoE GPT, its data, the plain-torch single-process
+reference, and one distributed training run at a given layout.
+
+The model: 3 layers (MoE, dense, MoE), 4 experts per MoE layer, top-2, aux and z losses on,
+tied embeddings, vocabulary 200 (padded to 256: padding rows exist at TP 1 and 2).
+The data: ``GLOBAL_BATCH`` sequences per step, micro-batch size 1, so every layout sees the
+same micro-batches; DP rank d takes micro-batches ``[d * n, (d + 1) * n)`` of each step.
+
+The reference is independent of megamoe.optim: one process, TP = EP = DP = 1, the full
+global-batch loss (mean of the micro-batch losses) back-propagated, then
+``torch.nn.utils.clip_grad_norm_`` and a plain ``torch.optim.AdamW`` in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.parallel import state as ps
+from megamoe.parallel.gather import gather_full_state
+from megamoe.parallel.params import param_meta
+
+SEED = 1234
+VOCAB = 200
+SEQ = 16
+GLOBAL_BATCH = 8
+HYPER = dict(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.3)
+
+
+def model_config(ep_sizes=(1, 1), dtype=torch.float32) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=VOCAB,
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        max_position_embeddings=SEQ,
+        num_experts=4,
+        moe_layer_freq=(1, 0, 1),
+        moe_ffn_hidden_size=32,
+        moe_router_topk=2,
+        moe_aux_loss_coeff=1e-2,
+        moe_z_loss_coeff=1e-3,
+        expert_model_parallel_size=tuple(ep_sizes),
+        params_dtype=dtype,
+    )
+
+
+def micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The step's global batch as micro-batches of one sequence: (tokens [1, SEQ], labels [1, SEQ])."""
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return [(data[i : i + 1, :-1], data[i : i + 1, 1:]) for i in range(GLOBAL_BATCH)]
+
+
+def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"]) -> dict:
+    """Single-process fp32 training; builds its own TP=1/EP=1 groups and tears them down."""
+    ps.initialize_model_parallel(1, (1,))
+    model = GPTModel(model_config((1, 1))).initialize(SEED)
+    params = list(model.parameters())
+    decay = [p for p in params if param_meta(p).weight_decay]
+    no_decay = [p for p in params if not param_meta(p).weight_decay]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": HYPER["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=HYPER["lr"],
+        betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
+        eps=HYPER["adam_eps"],
+    )
+    out = {"loss": [], "l2": [], "inf": [], "grads0": None}
+    for step in range(steps):
+        opt.zero_grad()
+        batches = micro_batches(step)
+        loss = sum(model(tokens, labels).loss for tokens, labels in batches) / len(batches)
+        loss.backward()
+        out["loss"].append(loss.item())
+        out["inf"].append(max(p.grad.abs().max().item() for p in params))
+        if step == 0:
+            out["grads0"] = gather_full_state(model, grads=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+        out["l2"].append(norm.item())
+        opt.step()
+    out["params"] = gather_full_state(model)
+    ps.destroy_model_parallel()
+    return out
+
+
+def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, **overrides):
+    """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after)."""
+    ps.initialize_model_parallel(tp, tuple(set(ep_sizes)))
+    model = GPTModel(model_config(ep_sizes, dtype)).initialize(SEED)
+    cfg = OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "params_dtype": dtype, **overrides})
+    return model, MixedPrecisionOptimizer(model, cfg)
+
+
+def local_micro_batches(step: int) -> list:
+    state = ps.get_parallel_state()
+    batches = micro_batches(step)
+    n = len(batches) // state.dp_size
+    return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
+
+
+def forward_backward(model, opt, step: int) -> float:
+    """This rank's micro-batches of ``step`` through forward and backward; returns the global
+    loss (mean over DP of this rank's mean micro-batch loss)."""
+    batches = local_micro_batches(step)
+    opt.zero_grad()
+    total = torch.zeros(())
+    for tokens, labels in batches:
+        loss = model(tokens, labels).loss / len(batches)
+        opt.scale_loss(loss).backward()
+        total += loss.detach().float()
+    state = ps.get_parallel_state()
+    dist.all_reduce(total, group=state.dp_group)
+    return total.item() / state.dp_size
+
+
+def train(model, opt, steps, first_step: int = 0) -> dict:
+    out = {"loss": [], "l2": [], "inf": [], "skipped": []}
+    for step in range(first_step, first_step + steps):
+        out["loss"].append(forward_backward(model, opt, step))
+        result = opt.step()
+        out["l2"].append(result.grad_norm)
+        out["inf"].append(result.grad_norm_inf)
+        out["skipped"].append(result.skipped)
+    return out
+
+
+def assert_params_close(got: dict, want: dict, where: str, *, rtol: float = 1e-5, atol: float = 1e-3 * HYPER["lr"]):
+    """Per tensor: ``||got - want|| <= rtol * ||want||`` and every element within ``atol``.
+
+    The element bound is not relative: Adam divides by sqrt(v), so an element whose gradient is
+    near ``adam_eps`` turns last-bit differences of the reduction order into a visible fraction of
+    one step.  ``atol`` allows a thousandth of one step (lr) per element.
+    """
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name].double()
+        rel = ((g - w.double()).norm() / w.double().norm()).item()
+        assert rel <= rtol, f"{where} {name}: relative error {rel:.2e} > {rtol:.0e}"
+        torch.testing.assert_close(g, w.double(), rtol=0, atol=atol, msg=lambda m: f"{where} {name}: {m}")
+
+
+def assert_replicas_identical(model) -> None:
+    """Dense params bitwise equal over DP, expert params over their EDP group."""
+    state = ps.get_parallel_state()
+    for name, p in model.named_parameters():
+        meta = param_meta(p)
+        if meta.is_expert:
+            groups = state.experts(meta.expert_parallel_size)
+            group, size = groups.edp_group, groups.edp_size
+        else:
+            group, size = state.dp_group, state.dp_size
+        copies = [torch.empty_like(p) for _ in range(size)]
+        dist.all_gather(copies, p.detach().contiguous(), group=group)
+        for c in copies:
+            assert torch.equal(c, copies[0]), f"{name}: replicas differ across {'EDP' if meta.is_expert else 'DP'}"
