@@ -182,6 +182,11 @@ def read_metadata(root: str) -> tuple[str, dict] | None:
     if not text.isdigit():
         raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
     directory = iteration_dir(root, int(text))
+    return directory, load_metadata(directory)
+
+
+def load_metadata(directory: str) -> dict:
+    """The validated ``metadata.json`` of one checkpoint directory (``iter_XXXXXXX``)."""
     meta_path = os.path.join(directory, "metadata.json")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {directory} is not a complete megamoe checkpoint")
@@ -196,7 +201,7 @@ def read_metadata(root: str) -> tuple[str, dict] | None:
             f"{meta_path}: checkpoint format version {metadata.get('version')} is not supported "
             f"(this megamoe reads version {FORMAT_VERSION})"
         )
-    return directory, metadata
+    return metadata
 
 
 def _describe(layout: dict) -> str:
@@ -229,12 +234,13 @@ def check_compatible(directory: str, metadata: dict, current_layout: dict, model
         )
 
 
-def load_rank_payload(directory: str, rank: int, device: torch.device) -> dict:
+def load_rank_payload(directory: str, rank: int, device: torch.device, *, mmap: bool = False) -> dict:
+    """One rank's file; ``mmap`` maps the tensors from the file instead of reading them (CPU only)."""
     path = rank_file(directory, rank)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path} cannot be read as a megamoe rank file ({type(err).__name__}: {err})") from None
 
