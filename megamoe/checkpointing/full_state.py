@@ -1,0 +1,59 @@
+"""The layout-free state every conversion passes through.
+
+A reader (sharded megamoe checkpoint, consolidated checkpoint, Hugging Face export) describes
+its checkpoint with a ``FullStateInfo`` and streams, group by group, the full tensors of each
+parameter as ``{name: {kind: tensor}}``:
+
+* ``param``: the model weight, in the model's dtype;
+* ``master``, ``exp_avg``, ``exp_avg_sq``: the fp32 master weight and Adam moments, same shape
+  (present only when the checkpoint carries optimizer state).
+
+Writers take the same dicts and lay them out for their format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from megamoe.checkpointing.accounting import Tally
+from megamoe.checkpointing.layout import Layout, ParamSpec
+
+PARAM = "param"
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+# The optimizer's scalar state (``megamoe.optim.state_dict``): equal on every rank.
+OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
+
+
+@dataclass
+class FullStateInfo:
+    model_config: dict  # ``checkpoint.model_config_dict`` form; its EP sizes are the source's
+    specs: dict[str, ParamSpec]  # every parameter, in ``model.named_parameters()`` order
+    iteration: int
+    consumed_samples: int
+    args: dict
+    # The optimizer's scalars (OPTIMIZER_SCALARS, plus "bucket_size": the ZeRO-1 bucketing the
+    # run used, or None) when the checkpoint has optimizer state, else None.
+    optimizer: dict | None
+    # RNG states (``checkpoint._rng_state`` form) of the source's DP-rank-0 ranks, indexed by TP
+    # rank; None when the source has none (Hugging Face).
+    rng: list[dict] | None
+    source_layout: Layout | None  # None for layout-free sources
+
+    def kinds(self) -> tuple[str, ...]:
+        return (PARAM, *OPTIMIZER_KINDS) if self.optimizer is not None else (PARAM,)
+
+
+class FullStateReader(Protocol):
+    info: FullStateInfo
+    tally: Tally
+
+    def read(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Full tensors of ``names`` (every kind of ``info.kinds()``), marking what was read in ``tally``."""
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,244 @@
+"""Hugging Face Mixtral export and import: tensor names and the safetensors files.
+
+Name mapping (``i`` a layer, ``j`` an expert; megamoe tensors are full, see ``layout``)::
+
+    word_embeddings.weight [V, h]                 model.embed_tokens.weight
+    layers.i.input_norm.weight                    model.layers.i.input_layernorm.weight
+    layers.i.attention.qkv.weight [3, n*d, h]     model.layers.i.self_attn.{q,k,v}_proj.weight
+    layers.i.attention.proj.weight                model.layers.i.self_attn.o_proj.weight
+    layers.i.post_attention_norm.weight           model.layers.i.post_attention_layernorm.weight
+    layers.i.mlp.router.weight [E, h]             model.layers.i.block_sparse_moe.gate.weight
+    layers.i.mlp.experts.fc1 [E, 2, F, h]         ...block_sparse_moe.experts.j.w1.weight (gate), w3 (up)
+    layers.i.mlp.experts.fc2 [E, h, F]            ...block_sparse_moe.experts.j.w2.weight
+    final_norm.weight                             model.norm.weight
+    output_layer.weight [V, h]                    lm_head.weight (absent with tied embeddings)
+
+This is the Hub's Mixtral layout (transformers >= 5 fuses the experts on load).  Export writes
+one ``model-XXXXX-of-NNNNN.safetensors`` per group plus ``model.safetensors.index.json``,
+``config.json`` (``hf_config``) and, with a sentencepiece model, the tokenizer files.  Import
+accepts that layout or a single ``model.safetensors``; every HF tensor must map onto a megamoe
+parameter, or the import stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megamoe.checkpointing.accounting import Tally
+from megamoe.checkpointing.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.hf_config import check_exportable, from_hf_config, to_hf_config
+from megamoe.checkpointing.layout import model_config_from_dict, model_specs, stream_groups
+from megamoe.model.config import ModelConfig
+from megamoe.training.checkpoint import CheckpointError, _write_atomic, model_config_dict
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_SIMPLE = {
+    "word_embeddings.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LAYER_SIMPLE = {
+    "input_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attention.proj.weight": "self_attn.o_proj.weight",
+    "mlp.router.weight": "block_sparse_moe.gate.weight",
+}
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def hf_names(name: str, config: ModelConfig) -> list[str]:
+    """The HF tensors that hold megamoe parameter ``name`` (``split`` yields them in this order)."""
+    if name in _SIMPLE:
+        return [_SIMPLE[name]]
+    match = _LAYER_NAME.match(name)
+    if match is None:
+        raise ValueError(f"parameter {name} has no Hugging Face Mixtral equivalent")
+    layer, rest = match.groups()
+    prefix = f"model.layers.{layer}."
+    if rest in _LAYER_SIMPLE:
+        return [prefix + _LAYER_SIMPLE[rest]]
+    if rest == "attention.qkv.weight":
+        return [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"]
+    experts = range(config.num_experts_for_layer(int(layer)))
+    if rest == "mlp.experts.fc1":
+        return [prefix + f"block_sparse_moe.experts.{j}.{w}.weight" for j in experts for w in ("w1", "w3")]
+    if rest == "mlp.experts.fc2":
+        return [prefix + f"block_sparse_moe.experts.{j}.w2.weight" for j in experts]
+    raise ValueError(f"parameter {name} has no Hugging Face Mixtral equivalent")
+
+
+def split(name: str, full: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """megamoe full tensor -> its HF tensors (contiguous copies)."""
+    names = hf_names(name, config)
+    if name.endswith("attention.qkv.weight"):
+        parts = list(full.unbind(0))  # [3, n*d, h]: q, k, v
+    elif name.endswith("mlp.experts.fc1"):
+        parts = [full[j, w] for j in range(full.shape[0]) for w in (0, 1)]  # [E, (gate, up), F, h]
+    elif name.endswith("mlp.experts.fc2"):
+        parts = list(full.unbind(0))
+    else:
+        parts = [full]
+    assert len(parts) == len(names), (name, len(parts), len(names))
+    return {n: p.contiguous() for n, p in zip(names, parts)}
+
+
+def join(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The HF tensors of ``hf_names(name)``, in that order -> megamoe's full tensor."""
+    if name.endswith("attention.qkv.weight") or name.endswith("mlp.experts.fc2"):
+        return torch.stack(tensors)
+    if name.endswith("mlp.experts.fc1"):
+        pairs = [torch.stack(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]  # (w1 gate, w3 up)
+        return torch.stack(pairs)
+    (tensor,) = tensors
+    return tensor
+
+
+def _tokenizer_files(root: str, tokenizer_model: str, max_length: int) -> dict[str, int]:
+    """Copy the sentencepiece model and describe it for ``AutoTokenizer``; return the special ids."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(tokenizer_model):
+        raise ValueError(f"--tokenizer-model {tokenizer_model} is not a file")
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    shutil.copyfile(tokenizer_model, os.path.join(root, "tokenizer.model"))
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    pieces = {key.replace("_id", ""): sp.id_to_piece(i) for key, i in ids.items() if i >= 0}
+    pieces["unk_token"] = sp.id_to_piece(sp.unk_id())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        # megamoe's data pipeline ends documents with EOS and never prepends BOS.
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        **pieces,
+    }
+    _write_atomic(os.path.join(root, "tokenizer_config.json"), json.dumps(config, indent=1))
+    _write_atomic(os.path.join(root, "special_tokens_map.json"), json.dumps(pieces, indent=1))
+    return {key: i for key, i in ids.items() if i >= 0}
+
+
+class HFWriter:
+    """Exports ``info``'s weights to ``root`` as a Hugging Face Mixtral model."""
+
+    def __init__(self, root: str, info: FullStateInfo, *, tokenizer_model: str | None) -> None:
+        self.root, self.info = root, info
+        self.config = model_config_from_dict(info.model_config)
+        check_exportable(self.config)
+        os.makedirs(root)
+        self.num_files = len(stream_groups(list(info.specs)))
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+        self.tokenizer_model = tokenizer_model
+
+    def write(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
+        filename = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.num_files:05d}.safetensors"
+        tensors = {}
+        for name, state in full.items():
+            tensors.update(split(name, state[PARAM], self.config))
+        save_file(tensors, os.path.join(self.root, filename), metadata={"format": "pt"})
+        for hf_name, tensor in tensors.items():
+            self.weight_map[hf_name] = filename
+            self.total_bytes += tensor.numel() * tensor.element_size()
+
+    def finish(self, progress=None) -> None:
+        special = None
+        if self.tokenizer_model is not None:
+            special = _tokenizer_files(self.root, self.tokenizer_model, self.config.max_position_embeddings)
+        elif progress is not None:
+            progress("no --tokenizer-model given: the export has no tokenizer files")
+        dtype = self.info.specs["word_embeddings.weight"].dtype
+        hf = to_hf_config(self.config, dtype=dtype, special_ids=special)
+        _write_atomic(os.path.join(self.root, "config.json"), json.dumps(hf, indent=1))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+        _write_atomic(os.path.join(self.root, INDEX), json.dumps(index, indent=1))
+
+
+def _open(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the Hugging Face checkpoint is incomplete")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path} cannot be read as safetensors ({type(err).__name__}: {err})") from None
+
+
+class HFReader:
+    """A ``FullStateReader`` over a Hugging Face Mixtral directory (weights only)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        config_path = os.path.join(root, "config.json")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{config_path} is missing: {root} is not a Hugging Face model directory")
+        hf = json.load(open(config_path))
+        index_path = os.path.join(root, INDEX)
+        if os.path.isfile(index_path):
+            weight_map = json.load(open(index_path))["weight_map"]
+        else:
+            handle = _open(os.path.join(root, SINGLE))
+            weight_map = {key: SINGLE for key in handle.keys()}
+        self.handles = {file: _open(os.path.join(root, file)) for file in sorted(set(weight_map.values()))}
+        self.tally = Tally()
+        self.file_of: dict[str, str] = {}
+        for file, handle in self.handles.items():
+            self.tally.expect(os.path.join(root, file), set(handle.keys()))
+            self.file_of.update({key: file for key in handle.keys()})
+        missing_in_files = sorted(set(weight_map) - set(self.file_of))
+        if missing_in_files:
+            raise CheckpointError(f"{index_path} lists tensors no file holds: {missing_in_files[:5]}")
+        dtypes = {self.handles[file].get_slice(key).get_dtype() for key, file in self.file_of.items()}
+        if len(dtypes) != 1:
+            raise CheckpointError(f"{root}: the weights mix dtypes {sorted(dtypes)}; megamoe models have one dtype")
+        params_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
+        if params_dtype is None:
+            raise CheckpointError(f"{root}: weight dtype is not fp32, bf16 or fp16")
+        try:
+            config = from_hf_config(hf, params_dtype=params_dtype)
+        except ValueError as err:
+            raise CheckpointError(f"{config_path}: {err}") from None
+        self.config = config
+        self.info = FullStateInfo(
+            model_config=model_config_dict(config),
+            specs=model_specs(config),
+            iteration=0,
+            consumed_samples=0,
+            args={},
+            optimizer=None,
+            rng=None,
+            source_layout=None,
+        )
+        for name in self.info.specs:
+            absent = [n for n in hf_names(name, config) if n not in self.file_of]
+            if absent:
+                raise CheckpointError(f"{root}: no tensor {absent[0]} for megamoe parameter {name}")
+
+    def read(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for name in names:
+            spec = self.info.specs[name]
+            parts = []
+            for hf_name in hf_names(name, self.config):
+                file = self.file_of[hf_name]
+                parts.append(self.handles[file].get_tensor(hf_name))
+                self.tally.use(os.path.join(self.root, file), hf_name)
+            full = join(name, parts)
+            if tuple(full.shape) != spec.shape or full.dtype != spec.dtype:
+                raise CheckpointError(
+                    f"{self.root}: {name} assembles to {full.dtype} {tuple(full.shape)} from "
+                    f"{hf_names(name, self.config)[0]}..., the model needs {spec.dtype} {spec.shape}"
+                )
+            out[name] = {PARAM: full}
+        return out
+
+    def close(self) -> None:
+        self.handles = {}

@@ -1,0 +1,304 @@
+"""Where every shard of a checkpoint lives: the parallel layout, and each parameter's full form.
+
+A megamoe checkpoint stores, per rank, the *local* shard of every parameter.  The layout-free
+("full") form of a parameter is the one ``megamoe.parallel.gather.gather_full`` produces:
+
+* TP shards concatenated along ``tensor_parallel_dim``, vocabulary padding removed;
+* for expert parameters, the local experts of the EP ranks concatenated along dim 0 in global
+  order, so the full tensor is ``[num_experts, ...]``.
+
+Which global rank holds a shard (``megamoe.parallel.state``): ``global = dp_rank * TP + tp_rank``;
+an expert parameter of EP size ``E`` at EP rank ``e`` lives on every DP rank with
+``dp_rank % E == e``.  The copy on the lowest such rank is the canonical one; the others are
+replicas that must be bitwise equal to it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from megamoe.model.config import ModelConfig
+from megamoe.parallel.layers import padded_vocab_size
+from megamoe.parallel.params import EXPERT_DIM
+from megamoe.parallel.state import validate_parallel_sizes
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout a sharded checkpoint is tied to (``checkpoint.layout_of``'s keys)."""
+
+    world_size: int
+    tensor_model_parallel_size: int
+    expert_model_parallel_size: tuple[int, ...]  # one per MoE layer, in layer order
+    use_distributed_optimizer: bool
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tensor_model_parallel_size
+
+    @classmethod
+    def from_metadata(cls, layout: dict) -> "Layout":
+        return cls(
+            world_size=int(layout["world_size"]),
+            tensor_model_parallel_size=int(layout["tensor_model_parallel_size"]),
+            expert_model_parallel_size=tuple(int(e) for e in layout["expert_model_parallel_size"]),
+            use_distributed_optimizer=bool(layout["use_distributed_optimizer"]),
+        )
+
+    def to_metadata(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "tensor_model_parallel_size": self.tp,
+            "data_parallel_size": self.dp,
+            "expert_model_parallel_size": list(self.expert_model_parallel_size),
+            "use_distributed_optimizer": self.use_distributed_optimizer,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"world {self.world_size}, TP {self.tp}, DP {self.dp}, EP {list(self.expert_model_parallel_size)}, "
+            f"ZeRO-1 {'on' if self.use_distributed_optimizer else 'off'}"
+        )
+
+    def rank(self, *, dp_rank: int, tp_rank: int) -> int:
+        return dp_rank * self.tp + tp_rank
+
+    def coordinates(self, rank: int) -> tuple[int, int]:
+        """``(dp_rank, tp_rank)`` of a global rank."""
+        return divmod(rank, self.tp)
+
+    def holders(self, *, tp_rank: int, ep_size: int | None, ep_rank: int = 0) -> list[int]:
+        """Global ranks holding one shard, canonical first: a dense shard (``ep_size`` None) is on
+        every DP rank, an expert shard on the DP ranks with ``dp_rank % ep_size == ep_rank``."""
+        step = ep_size or 1
+        return [self.rank(dp_rank=d, tp_rank=tp_rank) for d in range(ep_rank, self.dp, step)]
+
+
+def model_config_from_dict(saved: dict) -> ModelConfig:
+    """Rebuild the ``ModelConfig`` a checkpoint's ``metadata.json`` recorded (``model_config_dict``'s output)."""
+    fields = {k: v for k, v in saved.items() if not k.startswith("_")}
+    fields["params_dtype"] = getattr(torch, str(fields.get("params_dtype", "float32")))
+    try:
+        return ModelConfig(**fields)
+    except TypeError as err:
+        raise ValueError(f"the checkpoint's model_config does not match this megamoe's ModelConfig ({err})") from None
+
+
+def layer_of(name: str) -> int | None:
+    """Transformer layer index of a parameter name (``layers.3.mlp...`` -> 3), None outside the layers."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def target_layout(
+    config: ModelConfig,
+    *,
+    world_size: int,
+    tensor_model_parallel_size: int,
+    expert_model_parallel_size: tuple[int, ...],
+    use_distributed_optimizer: bool,
+) -> tuple[Layout, ModelConfig]:
+    """The target ``Layout`` and the model config with its EP sizes (one value, or one per MoE
+    layer; stored as one value when they are all equal, as the flag would give it).  Raises
+    ``ValueError`` naming the flags and the numbers if the layout cannot hold the model."""
+    eps = tuple(expert_model_parallel_size) or (1,)
+    if len(set(eps)) == 1:
+        eps = eps[:1]
+    where = (
+        f"world {world_size}, TP {tensor_model_parallel_size}, EP {list(expert_model_parallel_size)}, "
+        f"ZeRO-1 {'on' if use_distributed_optimizer else 'off'}"
+    )
+    try:
+        if not config.moe_layers and eps != (1,):
+            raise ValueError(f"--expert-model-parallel-size {list(eps)} was given but the model has no MoE layers")
+        fields = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+        fields["expert_model_parallel_size"] = eps
+        target = ModelConfig(**fields)
+        validate_parallel_sizes(
+            world_size=world_size,
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            expert_model_parallel_sizes=target.moe_ep_sizes(),
+        )
+        target.check_parallel_layout(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            data_parallel_size=world_size // tensor_model_parallel_size,
+        )
+    except ValueError as err:
+        message = (
+            str(err)
+            .replace("--tensor-model-parallel-size", "--target-tensor-parallel-size")
+            .replace("--expert-model-parallel-size", "--target-expert-parallel-size")
+            .replace("the world size", "--target-world-size")
+        )
+        raise ValueError(f"the target layout ({where}) does not fit the model: {message}") from None
+    layout = Layout(
+        world_size=world_size,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        expert_model_parallel_size=target.moe_ep_sizes(),
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return layout, target
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter's full (layout-free) form and how it is sharded.
+
+    ``shape`` is the full shape (experts first for expert parameters, vocabulary padding removed);
+    ``tensor_parallel_dim`` indexes the *local* tensor, which for expert parameters has the same
+    rank as the full one (the stacked local experts).  ``padded``: the TP dim carries the vocabulary
+    padding (``megamoe.parallel.layers.padded_vocab_size``) in the local tensors.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor_parallel_dim: int | None
+    is_expert: bool
+    padded: bool
+
+    @classmethod
+    def from_metadata(cls, name: str, entry: dict, layout: Layout) -> "ParamSpec":
+        """From ``metadata.json``'s ``params[name]`` of a checkpoint saved in ``layout``."""
+        shape = list(entry["local_shape"])
+        tp_dim = entry["tensor_parallel_dim"]
+        ep = entry["expert_parallel_size"]
+        if tp_dim is not None:
+            shape[tp_dim] = entry["unpadded_size"] if entry["unpadded_size"] is not None else shape[tp_dim] * layout.tp
+        if ep is not None:
+            shape[EXPERT_DIM] *= ep
+        return cls(
+            name=name,
+            shape=tuple(shape),
+            dtype=getattr(torch, entry["dtype"]),
+            tensor_parallel_dim=tp_dim,
+            is_expert=ep is not None,
+            padded=entry["unpadded_size"] is not None,
+        )
+
+    def to_metadata(self, layout: Layout, ep_size: int | None) -> dict:
+        """``params[name]`` as ``checkpoint._param_layout`` writes it, for a model in ``layout``."""
+        return {
+            "local_shape": list(self.local_shape(layout.tp, ep_size)),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "tensor_parallel_dim": self.tensor_parallel_dim,
+            "expert_parallel_size": ep_size,
+            "unpadded_size": self.shape[self.tensor_parallel_dim] if self.padded else None,
+        }
+
+    def _padded_size(self, tp: int) -> int:
+        return padded_vocab_size(self.shape[self.tensor_parallel_dim], tp)
+
+    def local_shape(self, tp: int, ep_size: int | None) -> tuple[int, ...]:
+        shape = list(self.shape)
+        if self.is_expert:
+            shape[EXPERT_DIM] //= ep_size
+        if self.tensor_parallel_dim is not None:
+            full = self._padded_size(tp) if self.padded else shape[self.tensor_parallel_dim]
+            shape[self.tensor_parallel_dim] = full // tp
+        return tuple(shape)
+
+    def shard(self, full: torch.Tensor, *, tp: int, tp_rank: int, ep_size: int | None, ep_rank: int) -> torch.Tensor:
+        """This (TP rank, EP rank)'s local tensor cut from the full one (a new, contiguous tensor)."""
+        assert tuple(full.shape) == self.shape, (self.name, tuple(full.shape), self.shape)
+        part = full
+        if self.is_expert:
+            local = self.shape[EXPERT_DIM] // ep_size
+            part = part.narrow(EXPERT_DIM, ep_rank * local, local)
+        dim = self.tensor_parallel_dim
+        if dim is not None:
+            if self.padded:
+                pad = self._padded_size(tp) - self.shape[dim]
+                part = torch.cat([part, part.new_zeros(*part.shape[:dim], pad, *part.shape[dim + 1 :])], dim=dim)
+            part = part.chunk(tp, dim=dim)[tp_rank]
+        return part.clone(memory_format=torch.contiguous_format)
+
+    def unshard(self, shards: list[list[torch.Tensor]], *, where: str) -> torch.Tensor:
+        """Full tensor from ``shards[ep_rank][tp_rank]`` (one EP rank for a dense parameter).
+
+        Raises ``ValueError`` (naming ``where``) if the vocabulary padding holds non-zero values:
+        dropping them would lose data silently.
+        """
+        dim = self.tensor_parallel_dim
+        per_ep = []
+        for row in shards:
+            part = torch.cat(row, dim=dim) if dim is not None and len(row) > 1 else row[0]
+            if self.padded:
+                real = self.shape[dim]
+                tail = part.narrow(dim, real, part.shape[dim] - real)
+                if tail.numel() and bool((tail != 0).any()):
+                    raise ValueError(
+                        f"{where}: {self.name} has non-zero values in its vocabulary padding "
+                        f"(rows {real}..{part.shape[dim] - 1}); they would be lost by the conversion"
+                    )
+                part = part.narrow(dim, 0, real)
+            per_ep.append(part)
+        full = torch.cat(per_ep, dim=EXPERT_DIM) if len(per_ep) > 1 else per_ep[0]
+        assert tuple(full.shape) == self.shape, (self.name, tuple(full.shape), self.shape)
+        return full
+
+
+def stream_groups(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Parameter names grouped by what the conversion streams at once: each transformer layer
+    (``layers.N``), and each top-level module (embeddings, final norm, output layer), in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        layer = layer_of(name)
+        key = f"layers.{layer}" if layer is not None else name.split(".")[0]
+        groups.setdefault(key, []).append(name)
+    return list(groups.items())
+
+
+def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
+    """``ParamSpec`` of every parameter of ``GPTModel(config)``, in ``named_parameters`` order.
+
+    The names and sharding tags come from the model code itself: the model is built on the meta
+    device at TP=1, EP=1 in a one-process group, which therefore must not exist yet (run
+    conversions outside a distributed job).
+    """
+    import torch.distributed as dist
+
+    from megamoe.model.gpt import GPTModel
+    from megamoe.parallel.params import param_meta
+    from megamoe.parallel.state import destroy_model_parallel, initialize_model_parallel
+
+    if dist.is_initialized():
+        raise RuntimeError("model_specs builds its own one-process group: call it outside torch.distributed")
+    fields = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    fields["expert_model_parallel_size"] = (1,)
+    excepthook = sys.excepthook  # init_process_group wraps it to prefix "[rank0]" to every traceback
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        initialize_model_parallel(1, (1,))
+        try:
+            model = GPTModel(ModelConfig(**fields), device=torch.device("meta"))
+        finally:
+            destroy_model_parallel()
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = excepthook
+    specs = {}
+    for name, param in model.named_parameters():
+        meta = param_meta(param)
+        shape = list(param.shape)
+        if meta.unpadded_size is not None:
+            shape[meta.tensor_parallel_dim] = meta.unpadded_size
+        specs[name] = ParamSpec(
+            name=name,
+            shape=tuple(shape),
+            dtype=param.dtype,
+            tensor_parallel_dim=meta.tensor_parallel_dim,
+            is_expert=meta.is_expert,
+            padded=meta.unpadded_size is not None,
+        )
+    return specs

@@ -1,0 +1,94 @@
+"""Which elements of which parameter each rank's optimizer owns, in a layout no process runs.
+
+The optimizer (``megamoe.optim``) keeps, per rank, the fp32 master and Adam moments of the
+ranges of each parameter's flattened local tensor that fall in this rank's ZeRO-1 shards of the
+gradient buffers (the whole tensor without ZeRO-1).  Those ranges depend on the buffer packing
+(parameter order, alignment, bucket size, group sizes), so rather than re-deriving it we build
+the very ``GradBuffer`` objects the optimizer builds, over parameters on the ``meta`` device and
+a ``ParallelState`` without process groups (``build_grad_buffers`` runs no collective).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megamoe.checkpointing.layout import Layout, ParamSpec
+from megamoe.optim.grad_buffer import build_grad_buffers
+from megamoe.parallel.params import tag_param
+from megamoe.parallel.state import (
+    ExpertGroups,
+    ParallelState,
+    dp_rank_lists,
+    edp_rank_lists,
+    ep_rank_lists,
+    tp_rank_lists,
+)
+
+
+def _mine(rank_lists: list[list[int]], rank: int) -> list[int]:
+    return next(ranks for ranks in rank_lists if rank in ranks)
+
+
+def groupless_state(layout: Layout, rank: int) -> ParallelState:
+    """The ``ParallelState`` rank ``rank`` of ``layout`` would have, with no process groups."""
+    w, tp = layout.world_size, layout.tp
+    tp_ranks, dp_ranks = _mine(tp_rank_lists(w, tp), rank), _mine(dp_rank_lists(w, tp), rank)
+    experts = {}
+    for ep in sorted(set(layout.expert_model_parallel_size) | {1}):
+        ep_ranks, edp_ranks = _mine(ep_rank_lists(w, tp, ep), rank), _mine(edp_rank_lists(w, tp, ep), rank)
+        experts[ep] = ExpertGroups(
+            ep_size=ep, ep_group=None, ep_rank=ep_ranks.index(rank), ep_ranks=ep_ranks,
+            edp_group=None, edp_rank=edp_ranks.index(rank), edp_size=len(edp_ranks), edp_ranks=edp_ranks,
+        )
+    return ParallelState(
+        world_size=w, rank=rank, tp_size=tp, tp_rank=tp_ranks.index(rank), tp_group=None, tp_ranks=tp_ranks,
+        dp_size=len(dp_ranks), dp_rank=dp_ranks.index(rank), dp_group=None, dp_ranks=dp_ranks,
+        world_group=None, expert=experts,
+    )
+
+
+class _MetaParams:
+    """Stands in for the model: ``build_grad_buffers`` only calls ``named_parameters``."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        self._named = named
+
+    def named_parameters(self):
+        return iter(self._named)
+
+
+def owned_ranges(
+    specs: dict[str, ParamSpec], ep_of: dict[str, int | None], layout: Layout, *, rank: int, bucket_size: int
+) -> dict[str, tuple[int, int]]:
+    """``{name: (start, end)}``: the range of each parameter's flattened local tensor whose
+    optimizer state rank ``rank`` of ``layout`` owns (parameters it owns none of are absent)."""
+    named = []
+    for name, spec in specs.items():
+        ep = ep_of[name]
+        param = nn.Parameter(torch.empty(spec.local_shape(layout.tp, ep), dtype=spec.dtype, device="meta"))
+        tag_param(
+            param,
+            tensor_parallel_dim=spec.tensor_parallel_dim,
+            expert_parallel_size=ep,
+            unpadded_size=spec.shape[spec.tensor_parallel_dim] if spec.padded else None,
+        )
+        named.append((name, param))
+    buffers = build_grad_buffers(
+        _MetaParams(named), groupless_state(layout, rank), bucket_size=bucket_size,
+        sharded=layout.use_distributed_optimizer,
+    )
+    return {piece.name: (piece.param_start, piece.param_end) for buf in buffers for piece in buf.pieces()}
+
+
+def optimizer_layout(ep_of: dict[str, int | None], layout: Layout, *, bucket_size: int) -> dict:
+    """``MixedPrecisionOptimizer.layout()`` of a run in ``layout``."""
+    return {
+        "world_size": layout.world_size,
+        "tensor_model_parallel_size": layout.tp,
+        "data_parallel_size": layout.dp,
+        "expert_model_parallel_sizes": sorted({ep for ep in ep_of.values() if ep is not None}),
+        "use_distributed_optimizer": layout.use_distributed_optimizer,
+        "bucket_size": bucket_size if layout.use_distributed_optimizer else None,
+    }
+
