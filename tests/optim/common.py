@@ -2,6 +2,7 @@
 reference, and one distributed training run at a given layout.
 
 The model: 3 layers (MoE, dense, MoE), 4 experts per MoE layer, top-2, aux and z losses on,
+biases (TP-sharded and TP-replicated, dense and expert),
 tied embeddings, vocabulary 200 (padded to 256: padding rows exist at TP 1 and 2).
 The data: ``GLOBAL_BATCH`` sequences per step, micro-batch size 1, so every layout sees the
 same micro-batches; DP rank d takes micro-batches ``[d * n, (d + 1) * n)`` of each step.
@@ -47,6 +48,7 @@ def model_config(ep_sizes=(1, 1), dtype=torch.float32) -> ModelConfig:
         moe_aux_loss_coeff=1e-2,
         moe_z_loss_coeff=1e-3,
         expert_model_parallel_size=tuple(ep_sizes),
+        add_bias_linear=True,
         params_dtype=dtype,
     )
 
