@@ -8,6 +8,7 @@ any process group exists, and raises ``ConfigError`` (one line, naming the flags
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -386,12 +387,12 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
             raise ConfigError(f"--log-json {args.log_json}: directory {parent} does not exist")
     if args.tensorboard_dir:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from None
     if args.wandb_project:
         try:
-            import wandb  # noqa: F401
+            importlib.import_module("wandb")
         except ImportError:
             raise ConfigError("--wandb-project needs the wandb package: pip install wandb") from None
 

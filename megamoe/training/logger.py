@@ -45,7 +45,7 @@ def format_line(record: dict, train_iters: int) -> str:
         f"skipped {r['skipped_iters']}",
         f"{_fmt(r['tokens_per_sec'], ',.0f')} tok/s",
         f"{_fmt(r['tflops_per_device'], '.2f')} TFLOP/s/dev",
-        f"MFU {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}%",
+        "MFU n/a" if r["mfu"] is None else f"MFU {100 * r['mfu']:.1f}%",
         f"mem {_fmt(r['max_memory_gib'], '.2f')} GiB",
     ]
     if r.get("expert_tokens_max") is not None:

@@ -1,0 +1,183 @@
+"""pretrain_moe.py end to end, on CPU ranks with gloo: layout invariance of the logged loss and
+grad norm, exact resume, crash-safe saves, SIGTERM, and the command line's error messages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pretrain_moe
+from tests.harness import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY_MOE = [
+    "--device", "cpu", "--mock-data", "--vocab-size", "200",
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
+    "--seq-length", "16", "--swiglu", "--disable-bias-linear",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+    "--micro-batch-size", "2", "--global-batch-size", "8",
+    "--lr", "1e-2", "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--log-interval", "1", "--seed", "7",
+]
+
+
+def read_json_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _run_main(rank, world, runs):
+    """Run pretrain_moe.main once per argv in ``runs`` inside one set of processes."""
+    os.environ["WORLD_SIZE"] = str(world)
+    for argv in runs:
+        code = pretrain_moe.main(argv)
+        assert code == 0, f"main exited with {code}"
+
+
+def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
+    layouts = {
+        "ep1": ["--expert-model-parallel-size", "1"],
+        "ep2": ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
+        "ep4": ["--expert-model-parallel-size", "4"],
+        "tp2ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
+    }
+    runs = [TINY_MOE + ["--train-iters", "4", "--log-json", str(tmp_path / f"{k}.jsonl")] + v for k, v in layouts.items()]
+    run_distributed(_run_main, 4, runs, timeout=600)
+    logs = {k: read_json_log(tmp_path / f"{k}.jsonl") for k in layouts}
+    reference = logs["ep1"]
+    assert len(reference) == 4
+    assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
+    for name, log in logs.items():
+        for ref, got in zip(reference, log, strict=True):
+            for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["iteration"], key)
+            assert got["expert_tokens_max"] == ref["expert_tokens_max"], name
+
+
+def _final_params(save_dir, world):
+    from megamoe.training.checkpoint import read_metadata, rank_file
+
+    directory, metadata = read_metadata(save_dir)
+    return metadata["iteration"], [
+        torch.load(rank_file(directory, r), weights_only=True)["model"] for r in range(world)
+    ]
+
+
+def test_resume_is_exact(tmp_path):
+    common = TINY_MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--train-iters", "6",
+                         "--lr-decay-style", "cosine"]
+    straight = common + ["--save", str(tmp_path / "straight"), "--log-json", str(tmp_path / "straight.jsonl")]
+    first_half = common + ["--save", str(tmp_path / "halves"), "--save-interval", "3",
+                           "--log-json", str(tmp_path / "halves.jsonl"), "--exit-signal-handler"]
+    # The first half stops at iteration 3 by being given 3 train iterations on the same schedule.
+    first_half = first_half + ["--lr-decay-iters", "6"]
+    first_half[first_half.index("--train-iters") + 1] = "3"
+    second_half = common + ["--load", str(tmp_path / "halves"), "--save", str(tmp_path / "halves"),
+                            "--log-json", str(tmp_path / "halves.jsonl")]
+    run_distributed(_run_main, 4, [straight, first_half, second_half], timeout=600)
+    a = read_json_log(tmp_path / "straight.jsonl")
+    b = read_json_log(tmp_path / "halves.jsonl")
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["lm_loss"] == rb["lm_loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+        assert ra["consumed_samples"] == rb["consumed_samples"]
+    it_a, params_a = _final_params(tmp_path / "straight", 4)
+    it_b, params_b = _final_params(tmp_path / "halves", 4)
+    assert it_a == it_b == 6
+    for pa, pb in zip(params_a, params_b):
+        for name in pa:
+            assert torch.equal(pa[name], pb[name]), name
+
+
+def _crash_during_second_save(rank, world, argv_first, argv_second):
+    os.environ["WORLD_SIZE"] = str(world)
+    assert pretrain_moe.main(argv_first) == 0
+    from megamoe.training import checkpoint
+
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise OSError("disk full (injected)")
+
+    checkpoint.torch.save = failing_save
+    try:
+        with pytest.raises(OSError, match="injected"):
+            pretrain_moe.main(argv_second)
+    finally:
+        checkpoint.torch.save = real_save
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    save = str(tmp_path / "ckpt")
+    base = TINY_MOE[:] + ["--save", save]
+    base[base.index("--global-batch-size") + 1] = "2"
+    first = base + ["--train-iters", "2"]
+    second = base + ["--train-iters", "4", "--load", save]
+    run_distributed(_crash_during_second_save, 1, first, second, timeout=300)
+    from megamoe.training.checkpoint import read_metadata
+
+    directory, metadata = read_metadata(save)
+    assert metadata["iteration"] == 2
+    assert os.path.isdir(os.path.join(save, "iter_0000004.partial"))
+    resumed = base + ["--train-iters", "3", "--load", save]
+    run_distributed(_run_main, 1, [resumed], timeout=300)
+    assert read_metadata(save)[1]["iteration"] == 3
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "pretrain_moe.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--global-batch-size", "7"], "--global-batch-size 7 is not divisible by --micro-batch-size 2"),
+        (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide the world size 1"),
+        (["--num-attention-heads", "5"], "--hidden-size 32 is not divisible by --num-attention-heads 5"),
+        (["--bf16", "--fp16"], "--bf16 and --fp16 are mutually exclusive"),
+        (["--lr-decay-style", "step"], "--lr-decay-style 'step'"),
+        (["--data-path", "/nonexistent/corpus", "--tokenizer-model", "x.model"], None),
+    ],
+)
+def test_bad_flags_give_one_line_errors(extra, message):
+    argv = [a for a in TINY_MOE if a != "--mock-data"] if "--data-path" in extra else TINY_MOE
+    if "--data-path" in extra:
+        i = argv.index("--vocab-size")
+        argv = argv[:i] + argv[i + 2:]
+    result = _cli(*argv, "--train-iters", "2", *extra)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pretrain_moe.py: error: "), result.stderr
+    assert message is None or message in lines[0], lines[0]
+    if message is None:
+        assert "/nonexistent/corpus" in lines[0]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    save = tmp_path / "ckpt"
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "pretrain_moe.py", *TINY_MOE, "--train-iters", "100000", "--save", str(save),
+         "--log-json", str(log), "--exit-signal-handler"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in out
+    from megamoe.training.checkpoint import read_metadata
+
+    directory, metadata = read_metadata(str(save))
+    assert metadata["iteration"] >= 2
