@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.moe.layer import MoELayer
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import initialize_module_, retag
+from megamoe.parallel.random import model_parallel_seed
 from tests.harness import run_distributed
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
 from tests.model.moe.reference import reference_moe
@@ -161,9 +163,6 @@ def _tp_body(rank, world, cases):
 
 def _check_jitter_routes_alike_on_tp_ranks() -> None:
     """With input jitter on, both TP ranks of a group must still pick the same experts."""
-    from megamoe.parallel.random import model_parallel_seed
-    import torch.distributed as dist
-
     state = ps.get_parallel_state()
     model_parallel_seed(7)
     layer = MoELayer(_config(Case(ep=1, overrides=dict(moe_input_jitter_eps=0.5))), 0)
