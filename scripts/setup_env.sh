@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q torch==2.13.0
+    .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 fi
 if [ -n "$extras" ]; then
     .venv/bin/python -m pip install -q -e ".[$extras]"

@@ -6,12 +6,13 @@ spawns ``world_size`` processes, brings up ``torch.distributed`` with gloo over 
 ``body(rank, world_size, *args)`` in each.  ``body`` must be a module-level function (spawn
 pickles it by name).  The first failing rank's traceback becomes the pytest failure; a rank
 that hangs past ``timeout`` kills the whole group and fails the test instead of stalling CI.
-Return values of ``body`` come back as a list indexed by rank.
+Return values of ``body`` (picklable, tensors included) come back as a list indexed by rank.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import traceback
 
@@ -35,7 +36,9 @@ def _worker(rank, world_size, store_path, body, args, groups, results):
 
             initialize_model_parallel(*groups)
         value = body(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle copies tensors into the message; the queue's own pickler would pass
+        # shared-memory handles that die with this process.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -94,4 +97,4 @@ def run_distributed(
                     p.join()
         if errors:
             raise AssertionError(errors[0])
-        return [outcomes[r][1] for r in range(world_size)]
+        return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -1,0 +1,114 @@
+"""Training throughput of megamoe on one GPU for the peer benchmark shape "moe-1b-4e".
+
+    python bench/bench_train_gpu.py                 # eager
+    python bench/bench_train_gpu.py --compile       # regional torch.compile (attention, norms)
+    python bench/bench_train_gpu.py --tiny          # CPU smoke test of the script itself
+
+Shape (../shared/bench/README.md): 16 layers, hidden 2048, 16 heads, SwiGLU experts ffn 5632,
+4 experts top-2 every layer, vocab 32000, seq 2048, micro batch 8, bf16 weights, aux loss 0.01,
+untied embeddings, no biases.  Unlike the peers, megamoe keeps fp32 master weights and fp32 main
+grads and clips the grad norm (more work per step).  3 warm-up steps, then --steps timed steps,
+each bracketed by synchronize; prints one JSON line with the median step time, tokens/s,
+TFLOP/s (the peers' FLOPs convention) and MFU against 989 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.model.config import ModelConfig  # noqa: E402
+from megamoe.model.gpt import GPTModel  # noqa: E402
+from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig  # noqa: E402
+from megamoe.parallel.random import model_parallel_seed  # noqa: E402
+from megamoe.parallel.state import initialize_model_parallel  # noqa: E402
+from megamoe.training.flops import flops_per_token  # noqa: E402
+
+PEAK_TFLOPS = 989.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--no-grouped-gemm", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    initialize_model_parallel(1, (1,))
+    model_parallel_seed(1234, device)
+    if args.tiny:
+        shape = dict(vocab_size=512, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq=64)
+    else:
+        shape = dict(vocab_size=32000, num_layers=16, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632, seq=2048)
+    seq = shape.pop("seq")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = ModelConfig(
+        **shape, max_position_embeddings=seq, swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
+        add_bias_linear=False, untie_embeddings_and_output_weights=True, params_dtype=dtype,
+        num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_grouped_gemm=not args.no_grouped_gemm,
+    )
+    model = GPTModel(config, device=device).initialize(1234)
+    if args.compile:
+        for layer in model.layers:
+            layer.attention = torch.compile(layer.attention)
+            layer.input_norm = torch.compile(layer.input_norm)
+            layer.post_attention_norm = torch.compile(layer.post_attention_norm)
+    optimizer = MixedPrecisionOptimizer(
+        model, OptimizerConfig(lr=1e-4, weight_decay=0.1, clip_grad=1.0, params_dtype=dtype)
+    )
+    mb = args.micro_batch
+    generator = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (mb, seq + 1), device=device, generator=generator)
+
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        optimizer.scale_loss(out.loss).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(args.steps)]
+    median = statistics.median(times)
+    tokens_per_s = mb * seq / median
+    tflops = flops_per_token(config, seq) * tokens_per_s / 1e12
+    print(json.dumps({
+        "framework": "megamoe" + (" + regional compile" if args.compile else ""),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "grouped_gemm": not args.no_grouped_gemm,
+        "micro_batch": mb,
+        "step_ms_median": round(1000 * median, 1),
+        "tokens_per_s": round(tokens_per_s),
+        "tflops_per_gpu": round(tflops, 1),
+        "mfu_vs_989": round(tflops / PEAK_TFLOPS, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+        "optimizer": optimizer.adam_kind,
+    }), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""One-off GPU check: a model at TP=1 on CUDA (NCCL) matches the same model at TP=2 on CPU (gloo).
+
+    python bench/gpu_parity_check.py
+
+Both in fp32 with TF32 off; prints the max relative difference of the loss, the logits and every
+gradient (gathered to full tensors), for a dense and an MoE GPT.  Not part of the test suite
+(CI has no GPU); the CPU-only TP parity tests live in tests/model/test_tp_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamoe.model.config import ModelConfig  # noqa: E402
+from megamoe.model.gpt import GPTModel  # noqa: E402
+from megamoe.parallel import state as ps  # noqa: E402
+from megamoe.parallel.gather import gather_full_state  # noqa: E402
+from megamoe.parallel.mappings import gather_from_tp_region  # noqa: E402
+from tests.harness import run_distributed  # noqa: E402
+
+CONFIGS = {
+    "dense": dict(num_experts=()),
+    "moe": dict(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01),
+}
+
+
+def _run(variant, tp, device):
+    cfg = ModelConfig(vocab_size=300, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      max_position_embeddings=32, swiglu=True, add_bias_linear=False, **CONFIGS[variant])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 300, (2, 32), generator=g).to(device)
+    labels = torch.randint(0, 300, (2, 32), generator=g).to(device)
+    model = GPTModel(cfg, device=device).initialize(seed=1234)
+    out = model(tokens, labels)
+    out.loss.backward()
+    logits = gather_from_tp_region(model(tokens).logits)[..., :300]
+    grads = {k: v.cpu() for k, v in gather_full_state(model, grads=True).items()}
+    return {"loss": out.loss.detach().cpu(), "logits": logits.detach().cpu(), "grads": grads}
+
+
+def _cpu_body(rank, world):
+    return {v: _run(v, 2, torch.device("cpu")) for v in CONFIGS}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cpu = run_distributed(_cpu_body, 2, tensor_model_parallel_size=2)[0]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, (1,))
+    for variant in CONFIGS:
+        gpu = _run(variant, 1, torch.device("cuda"))
+        ref = cpu[variant]
+        worst = max(_rel(gpu["grads"][k], ref["grads"][k]) for k in ref["grads"])
+        print(json.dumps({
+            "variant": variant, "gpu": torch.cuda.get_device_name(),
+            "loss_gpu_tp1": gpu["loss"].item(), "loss_cpu_tp2": ref["loss"].item(),
+            "loss_rel": _rel(gpu["loss"], ref["loss"]), "logits_rel": _rel(gpu["logits"], ref["logits"]),
+            "worst_grad_rel": worst,
+        }), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
