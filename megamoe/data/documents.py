@@ -91,7 +91,7 @@ def parse_record(raw: bytes, fmt: str, json_keys: tuple[str, ...], where: str) -
     for key in json_keys:
         value = record.get(key)
         if not isinstance(value, str):
-            problem = "missing" if key not in record else f"a {type(value).__name__}, not a string"
+            problem = "missing" if key not in record else f"of type {type(value).__name__}, not a string"
             raise ValueError(f"{where}: key {key!r} is {problem} (--json-keys)")
         texts.append(value)
     return texts

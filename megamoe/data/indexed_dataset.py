@@ -205,6 +205,3 @@ class IndexedDataset:
     def __setstate__(self, state):
         self.__init__(state["prefix"])
 
-
-def dataset_exists(prefix: str) -> bool:
-    return os.path.isfile(f"{prefix}.idx") and os.path.isfile(f"{prefix}.bin")
