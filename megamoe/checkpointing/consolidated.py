@@ -11,7 +11,8 @@ Layout (version 1)::
                              # "param/NAME" the weight, "master/NAME", "exp_avg/NAME",
                              # "exp_avg_sq/NAME" the fp32 optimizer state, all full tensors
                              # (experts in global order, vocabulary unpadded)
-      rng.pt                 # RNG states of the source's TP ranks (torch.save, tensors and ints)
+      rng.pt                 # RNG states of the source's ranks, [dp_rank][tp_rank] (torch.save:
+                             # tensors, ints and tuples, read with weights_only)
 
 Any layout can be produced from it again (``--to megamoe``).
 """

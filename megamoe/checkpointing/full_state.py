@@ -38,9 +38,9 @@ class FullStateInfo:
     # The optimizer's scalars (OPTIMIZER_SCALARS, plus "bucket_size": the ZeRO-1 bucketing the
     # run used, or None) when the checkpoint has optimizer state, else None.
     optimizer: dict | None
-    # RNG states (``checkpoint._rng_state`` form) of the source's DP-rank-0 ranks, indexed by TP
-    # rank; None when the source has none (Hugging Face).
-    rng: list[dict] | None
+    # RNG states (``checkpoint._rng_state`` form) of the source's ranks, ``rng[dp_rank][tp_rank]``;
+    # None when the source has none (Hugging Face).
+    rng: list[list[dict]] | None
     source_layout: Layout | None  # None for layout-free sources
 
     def kinds(self) -> tuple[str, ...]:

@@ -109,11 +109,9 @@ def target_layout(
     use_distributed_optimizer: bool,
 ) -> tuple[Layout, ModelConfig]:
     """The target ``Layout`` and the model config with its EP sizes (one value, or one per MoE
-    layer; stored as one value when they are all equal, as the flag would give it).  Raises
-    ``ValueError`` naming the flags and the numbers if the layout cannot hold the model."""
+    layer).  Raises ``ValueError`` naming the flags and the numbers if the layout cannot hold
+    the model."""
     eps = tuple(expert_model_parallel_size) or (1,)
-    if len(set(eps)) == 1:
-        eps = eps[:1]
     where = (
         f"world {world_size}, TP {tensor_model_parallel_size}, EP {list(expert_model_parallel_size)}, "
         f"ZeRO-1 {'on' if use_distributed_optimizer else 'off'}"

@@ -136,11 +136,12 @@ class ShardedReader:
         scalars["bucket_size"] = first["layout"].get("bucket_size")
         return scalars
 
-    def _rng(self) -> list[dict] | None:
-        """RNG states of the DP-rank-0 ranks by TP rank (None when the checkpoint has none)."""
+    def _rng(self) -> list[list[dict]] | None:
+        """RNG states by (DP rank, TP rank); None when the checkpoint has none."""
         if not all("rng" in p for p in self.payloads):
             return None
-        return [self.payloads[self.layout.rank(dp_rank=0, tp_rank=t)]["rng"] for t in range(self.layout.tp)]
+        lay = self.layout
+        return [[self.payloads[lay.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(lay.tp)] for d in range(lay.dp)]
 
     # ------------------------------------------------------------------ streaming
     def _model_shard(self, name: str, tp_rank: int, ep_rank: int) -> torch.Tensor:

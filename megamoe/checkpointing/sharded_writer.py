@@ -9,9 +9,10 @@ is the layout ``megamoe.training.checkpoint.save_checkpoint`` writes, loadable w
 * ``model``: every parameter's local shard (vocabulary padded for the target TP);
 * ``optimizer``: ``megamoe.optim.state_dict``'s format, with the ranges the target's optimizer
   will own (``optimizer_layout.owned_ranges``), or ``{}`` when the source has no optimizer state;
-* ``rng``: the source's state of the same TP rank (the default streams are identical on every
-  rank; the model-parallel stream belongs to a TP rank).  A TP rank the source did not have gets
-  a fresh model-parallel stream of its own.  Omitted when the source has none (Hugging Face).
+* ``rng``: the source's states of the rank at the same (DP rank, TP rank), or of the same TP
+  rank when the DP rank is new (the model-parallel stream belongs to a TP rank; the default
+  streams are seeded alike on every rank).  A TP rank the source did not have gets a fresh
+  model-parallel stream of its own.  Omitted when the source has none (Hugging Face).
 """
 
 from __future__ import annotations
@@ -47,13 +48,16 @@ def _fresh_stream(like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.Generator().manual_seed(seed).get_state()
 
 
-def target_rng(source: list[dict], tp_rank: int, seed: int) -> dict:
-    """RNG state for a target rank of TP rank ``tp_rank`` from the source's states by TP rank."""
-    if tp_rank < len(source):
-        return source[tp_rank]
-    state = dict(source[0])
+def target_rng(source: list[list[dict]], dp_rank: int, tp_rank: int, seed: int) -> dict:
+    """RNG state of the target rank at (``dp_rank``, ``tp_rank``) from the source's
+    ``source[dp][tp]``: the rank at the same coordinates when the source has it, else the same
+    TP rank of DP rank 0, else (a TP rank the source lacks) DP rank 0's states with a fresh
+    model-parallel stream of its own."""
+    if tp_rank < len(source[0]):
+        return source[dp_rank][tp_rank] if dp_rank < len(source) else source[0][tp_rank]
+    state = dict(source[0][0])
     stream_seed = (seed * 1_000_003 + 7919 * tp_rank) % (2**63 - 1)
-    state["tracker"] = {name: _fresh_stream(s, stream_seed) for name, s in source[0]["tracker"].items()}
+    state["tracker"] = {name: _fresh_stream(s, stream_seed) for name, s in state["tracker"].items()}
     return state
 
 
@@ -141,7 +145,7 @@ class ShardedWriter:
                 "shards": shards,
             }
         if self.info.rng is not None:
-            payload["rng"] = target_rng(self.info.rng, tp_rank, int(self.info.args.get("seed", 0)))
+            payload["rng"] = target_rng(self.info.rng, dp_rank, tp_rank, int(self.info.args.get("seed", 0)))
         return payload
 
     def _metadata(self) -> dict:
