@@ -18,6 +18,13 @@ import numpy as np
 
 # Bumped whenever the way an array is computed changes, so old caches are not reused.
 CACHE_FORMAT = 1
+# Smaller arrays are read into memory: a memory map holds a file descriptor open, and a small
+# dataset trained for thousands of epochs would otherwise hold thousands of them.
+MMAP_MIN_BYTES = 16 * 2**20
+
+
+def _open(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if os.path.getsize(path) >= MMAP_MIN_BYTES else None)
 
 
 def cache_key(*parts) -> str:
@@ -37,7 +44,7 @@ def cache_key(*parts) -> str:
 
 
 def load_or_build(cache_dir: str, name: str, key: str, expected_shape: tuple, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """The cached array ``name-key`` (memory-mapped, read-only), built and stored if absent.
+    """The cached array ``name-key`` (memory-mapped when large), built and stored if absent.
 
     A cached file whose shape is not ``expected_shape`` (e.g. a damaged copy) is rebuilt.
     Raises ValueError naming ``--data-cache-path`` if ``cache_dir`` cannot be written.
@@ -45,11 +52,11 @@ def load_or_build(cache_dir: str, name: str, key: str, expected_shape: tuple, bu
     path = os.path.join(cache_dir, f"{name}-{key}.npy")
     if os.path.isfile(path):
         try:
-            array = np.load(path, mmap_mode="r")
+            array = _open(path)
             if array.shape == expected_shape:
                 return array
-        except ValueError:
-            pass  # unreadable header: rebuilt below
+        except Exception:  # noqa: BLE001 - any unreadable cache file (numpy raises several kinds) is rebuilt
+            pass
     array = build()
     assert array.shape == expected_shape, (array.shape, expected_shape)
     try:
@@ -65,4 +72,4 @@ def load_or_build(cache_dir: str, name: str, key: str, expected_shape: tuple, bu
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return np.load(path, mmap_mode="r")
+    return _open(path)
