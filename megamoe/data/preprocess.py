@@ -26,7 +26,7 @@ from megamoe.data.indexed_dataset import IndexedDatasetWriter, best_dtype
 from megamoe.data.tokenizer import load_tokenizer
 
 BATCH_RECORDS = 1024
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 1 << 18
 IN_FLIGHT_PER_WORKER = 4
 
 
