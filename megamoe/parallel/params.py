@@ -87,19 +87,21 @@ def _draw_full(meta: ParamMeta, shape: list[int], seed: int, device, dtype) -> t
         return torch.zeros(shape, device=device, dtype=dtype)
     if meta.init == "ones":
         return torch.ones(shape, device=device, dtype=dtype)
-    generator = torch.Generator(device=device)
+    # Drawn on the CPU whatever the device: CPU and CUDA generators give different numbers, and
+    # a model must hold the same weights on every device, not only in every layout.
+    generator = torch.Generator()
     generator.manual_seed(seed)
     draw_shape = list(shape)
     tp_dim = meta.tensor_parallel_dim
     if meta.unpadded_size is not None:
         draw_shape[tp_dim - (1 if meta.is_expert else 0)] = meta.unpadded_size
-    full = torch.empty(draw_shape, device=device, dtype=torch.float32)
+    full = torch.empty(draw_shape, dtype=torch.float32)
     full.normal_(0.0, meta.init_std, generator=generator)
     if draw_shape != shape:
-        padded = torch.zeros(shape, device=device, dtype=torch.float32)
+        padded = torch.zeros(shape, dtype=torch.float32)
         padded[tuple(slice(0, n) for n in draw_shape)] = full
         full = padded
-    return full.to(dtype)
+    return full.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
