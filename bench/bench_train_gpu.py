@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--no-grouped-gemm", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print the top CUDA ops of 2 steps")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -75,24 +76,30 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (mb, seq + 1), device=device, generator=generator)
 
-    def step() -> float:
+    def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        return time.perf_counter()
+
+    def step() -> tuple[float, float, float]:
+        """(forward, backward, optimizer) seconds of one training step."""
+        t0 = sync()
         optimizer.zero_grad()
         out = model(tokens[:, :-1], tokens[:, 1:])
+        t1 = sync()
         optimizer.scale_loss(out.loss).backward()
+        t2 = sync()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        t3 = sync()
+        return t1 - t0, t2 - t1, t3 - t2
 
     for _ in range(3):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(args.steps)]
-    median = statistics.median(times)
+    phases = [step() for _ in range(args.steps)]
+    median = statistics.median(sum(p) for p in phases)
+    fwd, bwd, opt = (statistics.median(p[i] for p in phases) for i in range(3))
     tokens_per_s = mb * seq / median
     tflops = flops_per_token(config, seq) * tokens_per_s / 1e12
     print(json.dumps({
@@ -101,12 +108,24 @@ def main() -> None:
         "grouped_gemm": not args.no_grouped_gemm,
         "micro_batch": mb,
         "step_ms_median": round(1000 * median, 1),
+        "forward_ms": round(1000 * fwd, 1),
+        "backward_ms": round(1000 * bwd, 1),
+        "optimizer_ms": round(1000 * opt, 1),
         "tokens_per_s": round(tokens_per_s),
         "tflops_per_gpu": round(tflops, 1),
         "mfu_vs_989": round(tflops / PEAK_TFLOPS, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         "optimizer": optimizer.adam_kind,
     }), flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60), flush=True)
     dist.destroy_process_group()
 
 
