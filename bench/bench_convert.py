@@ -39,25 +39,51 @@ TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def build_source(root: str, config: ModelConfig) -> tuple[int, int]:
     """Write a synthetic world-2, EP-2, ZeRO-1 checkpoint; return (full-state bytes, largest group bytes)."""
     specs = model_specs(config)
-    rng = {"python": random.getstate(), "torch_cpu": torch.get_rng_state(),
-           "tracker": {"model-parallel": torch.get_rng_state()}}
+    rng = {
+        "python": random.getstate(),
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": {"model-parallel": torch.get_rng_state()},
+    }
     info = FullStateInfo(
-        model_config=model_config_dict(config), specs=specs, iteration=100, consumed_samples=800, args={"seed": 1},
-        optimizer={"adam_steps": 100, "num_skipped": 0, "lr": 1e-4,
-                   "loss_scaler": {"scale": 1.0, "clean_steps": 0, "overflows_left": 2}, "bucket_size": None},
-        rng=[[rng], [rng]], source_layout=None,
+        model_config=model_config_dict(config),
+        specs=specs,
+        iteration=100,
+        consumed_samples=800,
+        args={"seed": 1},
+        optimizer={
+            "adam_steps": 100,
+            "num_skipped": 0,
+            "lr": 1e-4,
+            "loss_scaler": {"scale": 1.0, "clean_steps": 0, "overflows_left": 2},
+            "bucket_size": None,
+        },
+        rng=[[rng], [rng]],
+        source_layout=None,
     )
-    layout, target_config = target_layout(config, world_size=2, tensor_model_parallel_size=1,
-                                          expert_model_parallel_size=(2,), use_distributed_optimizer=True)
+    layout, target_config = target_layout(
+        config,
+        world_size=2,
+        tensor_model_parallel_size=1,
+        expert_model_parallel_size=(2,),
+        use_distributed_optimizer=True,
+    )
     writer = ShardedWriter(root, info, layout, target_config)
     total = largest = 0
     for _, names in stream_groups(list(specs)):
         group = {}
         for name in names:
             param = torch.randn(specs[name].shape) * 0.02
-            group[name] = {PARAM: param, "master": param.clone(), "exp_avg": torch.randn_like(param) * 1e-3,
-                           "exp_avg_sq": torch.rand_like(param) * 1e-6}
-        size = sum(t.numel() * t.element_size() for state in group.values() for t in (state[PARAM], *[state[k] for k in OPTIMIZER_KINDS]))
+            group[name] = {
+                PARAM: param,
+                "master": param.clone(),
+                "exp_avg": torch.randn_like(param) * 1e-3,
+                "exp_avg_sq": torch.rand_like(param) * 1e-6,
+            }
+        size = sum(
+            t.numel() * t.element_size()
+            for state in group.values()
+            for t in (state[PARAM], *[state[k] for k in OPTIMIZER_KINDS])
+        )
         total, largest = total + size, max(largest, size)
         writer.write(group)
     writer.finish()
@@ -75,8 +101,10 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-BASELINE = ("import sys, time; sys.path.insert(0, sys.argv[1]); "
-            "import megamoe.checkpointing.convert, megamoe.model.gpt; time.sleep(1)")
+BASELINE = (
+    "import sys, time; sys.path.insert(0, sys.argv[1]); "
+    "import megamoe.checkpointing.convert, megamoe.model.gpt; time.sleep(1)"
+)
 
 
 def run_tool(args: list[str], command: list[str] | None = None) -> tuple[float, int, int]:
@@ -113,9 +141,16 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="directory to keep the checkpoints in (default: a temporary one)")
     args = p.parse_args()
     config = ModelConfig(
-        vocab_size=args.vocab, num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8,
-        ffn_hidden_size=args.moe_ffn, max_position_embeddings=2048, num_experts=args.experts,
-        moe_ffn_hidden_size=args.moe_ffn, expert_model_parallel_size=(2,), untie_embeddings_and_output_weights=True,
+        vocab_size=args.vocab,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=8,
+        ffn_hidden_size=args.moe_ffn,
+        max_position_embeddings=2048,
+        num_experts=args.experts,
+        moe_ffn_hidden_size=args.moe_ffn,
+        expert_model_parallel_size=(2,),
+        untie_embeddings_and_output_weights=True,
     )
     work = args.keep or tempfile.mkdtemp(prefix="bench_convert_")
     try:
@@ -124,19 +159,59 @@ def main() -> None:
         start = time.perf_counter()
         total, largest = build_source(src, config)
         params = total // 16  # four fp32 tensors per parameter element
-        print(f"model: {args.layers} MoE layers, hidden {args.hidden}, {args.experts} experts of ffn {args.moe_ffn}, "
-              f"vocab {args.vocab}: {params / 1e6:.1f}M parameters")
-        print(f"full state (fp32 weights + master + Adam m, v): {total / 2**20:.0f} MiB; largest group {largest / 2**20:.0f} MiB; "
-              f"source written in {time.perf_counter() - start:.1f} s (world 2, EP 2, ZeRO-1)")
+        print(
+            f"model: {args.layers} MoE layers, hidden {args.hidden}, {args.experts} experts of ffn {args.moe_ffn}, "
+            f"vocab {args.vocab}: {params / 1e6:.1f}M parameters"
+        )
+        print(
+            f"full state (fp32 weights + master + Adam m, v): {total / 2**20:.0f} MiB; "
+            f"largest group {largest / 2**20:.0f} MiB; "
+            f"source written in {time.perf_counter() - start:.1f} s (world 2, EP 2, ZeRO-1)"
+        )
         runs = [
-            ("reshard -> world 8, TP 2, EP 4, no ZeRO-1", ["--load-dir", src, "--save-dir", os.path.join(work, "resharded"),
-             "--target-world-size", "8", "--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "4",
-             "--no-target-use-distributed-optimizer"], total),
-            ("consolidate", ["--load-dir", src, "--save-dir", os.path.join(work, "full"), "--to", "consolidated"], total),
-            ("export to Hugging Face", ["--load-dir", src, "--save-dir", os.path.join(work, "hf"), "--to", "hf"], total),
-            ("import from Hugging Face (world 2, TP 2)", ["--from", "hf", "--load-dir", os.path.join(work, "hf"),
-             "--save-dir", os.path.join(work, "from_hf"), "--target-world-size", "2", "--target-tensor-parallel-size", "2"],
-             total // 4),
+            (
+                "reshard -> world 8, TP 2, EP 4, no ZeRO-1",
+                [
+                    "--load-dir",
+                    src,
+                    "--save-dir",
+                    os.path.join(work, "resharded"),
+                    "--target-world-size",
+                    "8",
+                    "--target-tensor-parallel-size",
+                    "2",
+                    "--target-expert-parallel-size",
+                    "4",
+                    "--no-target-use-distributed-optimizer",
+                ],
+                total,
+            ),
+            (
+                "consolidate",
+                ["--load-dir", src, "--save-dir", os.path.join(work, "full"), "--to", "consolidated"],
+                total,
+            ),
+            (
+                "export to Hugging Face",
+                ["--load-dir", src, "--save-dir", os.path.join(work, "hf"), "--to", "hf"],
+                total,
+            ),
+            (
+                "import from Hugging Face (world 2, TP 2)",
+                [
+                    "--from",
+                    "hf",
+                    "--load-dir",
+                    os.path.join(work, "hf"),
+                    "--save-dir",
+                    os.path.join(work, "from_hf"),
+                    "--target-world-size",
+                    "2",
+                    "--target-tensor-parallel-size",
+                    "2",
+                ],
+                total // 4,
+            ),
         ]
         print(f"{'conversion':44s} {'seconds':>8s} {'MiB/s':>7s} {'peak anon MiB':>14s} {'peak RSS MiB':>12s}")
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,8 +221,10 @@ def main() -> None:
             shutil.rmtree(tool_args[tool_args.index("--save-dir") + 1], ignore_errors=True)
             seconds, anon, maxrss = run_tool(tool_args + ["--force"])
             print(f"{label:44s} {seconds:8.1f} {size / 2**20 / seconds:7.0f} {anon:14d} {maxrss:12d}")
-        print("(each conversion reads the source, writes the target, then reads the target back to verify it; "
-              "the MiB/s count the full state once)")
+        print(
+            "(each conversion reads the source, writes the target, then reads the target back to verify it; "
+            "the MiB/s count the full state once)"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -43,20 +43,42 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load-dir", required=True, help="source: a megamoe save root (or one iter_ directory), "
-                   "a consolidated checkpoint, or a Hugging Face directory with --from hf")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--load-dir",
+        required=True,
+        help="source: a megamoe save root (or one iter_ directory), "
+        "a consolidated checkpoint, or a Hugging Face directory with --from hf",
+    )
     p.add_argument("--save-dir", required=True, help="target directory (must not exist or be empty, unless --force)")
     p.add_argument("--to", choices=TARGETS, default="megamoe", help="target format (default: megamoe)")
-    p.add_argument("--from", dest="from_format", choices=["hf"], default=None,
-                   help="source format when it is not megamoe's (detected otherwise)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=None, help="default: the source's (layout-free: 1)")
-    p.add_argument("--target-expert-parallel-size", type=_sizes, default=None,
-                   help="one value, or one per MoE layer, comma-separated (default: the source's)")
+    p.add_argument(
+        "--from",
+        dest="from_format",
+        choices=["hf"],
+        default=None,
+        help="source format when it is not megamoe's (detected otherwise)",
+    )
+    p.add_argument(
+        "--target-tensor-parallel-size", type=int, default=None, help="default: the source's (layout-free: 1)"
+    )
+    p.add_argument(
+        "--target-expert-parallel-size",
+        type=_sizes,
+        default=None,
+        help="one value, or one per MoE layer, comma-separated (default: the source's)",
+    )
     p.add_argument("--target-world-size", type=int, default=None, help="default: the source's (layout-free: 1)")
     zero = p.add_mutually_exclusive_group()
-    zero.add_argument("--target-use-distributed-optimizer", dest="zero", action="store_true", default=None,
-                      help="shard the optimizer state ZeRO-1 style (default: as the source)")
+    zero.add_argument(
+        "--target-use-distributed-optimizer",
+        dest="zero",
+        action="store_true",
+        default=None,
+        help="shard the optimizer state ZeRO-1 style (default: as the source)",
+    )
     zero.add_argument("--no-target-use-distributed-optimizer", dest="zero", action="store_false")
     p.add_argument("--tokenizer-model", default=None, help="with --to hf: sentencepiece .model copied into the export")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save-dir")
@@ -66,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag, value in (("--target-tensor-parallel-size", args.target_tensor_parallel_size),
-                        ("--target-world-size", args.target_world_size)):
+    for flag, value in (
+        ("--target-tensor-parallel-size", args.target_tensor_parallel_size),
+        ("--target-world-size", args.target_world_size),
+    ):
         if value is not None and value < 1:
             print(f"convert_checkpoint.py: error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2

@@ -79,8 +79,11 @@ def open_source(load_dir: str, from_format: str | None):
     elif os.path.isfile(os.path.join(load_dir, "metadata.json")):
         directory, metadata = load_dir, load_metadata(load_dir)
     else:
-        hint = " (it looks like a Hugging Face model: pass --from hf)" if os.path.isfile(
-            os.path.join(load_dir, "config.json")) else ""
+        hint = (
+            " (it looks like a Hugging Face model: pass --from hf)"
+            if os.path.isfile(os.path.join(load_dir, "config.json"))
+            else ""
+        )
         raise CheckpointError(
             f"{load_dir} is not a megamoe checkpoint: it has neither {MARKER} nor metadata.json{hint}"
         )
@@ -126,7 +129,10 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     if zero is None:
         zero = source.use_distributed_optimizer if source else False
     layout, target_config = target_layout(
-        config, world_size=world, tensor_model_parallel_size=tp, expert_model_parallel_size=eps,
+        config,
+        world_size=world,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=eps,
         use_distributed_optimizer=zero,
     )
     return ShardedWriter(tmp, info, layout, target_config), f"megamoe ({layout.describe()})"
@@ -170,9 +176,15 @@ def convert(
     ``ValueError`` for an impossible request, naming the flag or the file."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: valid values are {list(TARGETS)}")
-    if to != "megamoe" and any(v is not None for v in (
-        target_world_size, target_tensor_parallel_size, target_expert_parallel_size, target_use_distributed_optimizer
-    )):
+    if to != "megamoe" and any(
+        v is not None
+        for v in (
+            target_world_size,
+            target_tensor_parallel_size,
+            target_expert_parallel_size,
+            target_use_distributed_optimizer,
+        )
+    ):
         raise ValueError(f"--to {to} is layout-free: the --target-* layout flags only apply to --to megamoe")
     if tokenizer_model is not None and to != "hf":
         raise ValueError("--tokenizer-model only applies to --to hf")

@@ -132,8 +132,10 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     problems = []
     if hf.get("num_key_value_heads", heads) != heads:
-        problems.append(f"num_key_value_heads {hf['num_key_value_heads']} != num_attention_heads {heads} "
-                        "(grouped-query attention; megamoe has one KV head per query head)")
+        problems.append(
+            f"num_key_value_heads {hf['num_key_value_heads']} != num_attention_heads {heads} "
+            "(grouped-query attention; megamoe has one KV head per query head)"
+        )
     if head_dim * heads != hf["hidden_size"]:
         problems.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
     if hf.get("hidden_act", "silu") != "silu":

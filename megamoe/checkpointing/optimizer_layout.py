@@ -38,13 +38,28 @@ def groupless_state(layout: Layout, rank: int) -> ParallelState:
     for ep in sorted(set(layout.expert_model_parallel_size) | {1}):
         ep_ranks, edp_ranks = _mine(ep_rank_lists(w, tp, ep), rank), _mine(edp_rank_lists(w, tp, ep), rank)
         experts[ep] = ExpertGroups(
-            ep_size=ep, ep_group=None, ep_rank=ep_ranks.index(rank), ep_ranks=ep_ranks,
-            edp_group=None, edp_rank=edp_ranks.index(rank), edp_size=len(edp_ranks), edp_ranks=edp_ranks,
+            ep_size=ep,
+            ep_group=None,
+            ep_rank=ep_ranks.index(rank),
+            ep_ranks=ep_ranks,
+            edp_group=None,
+            edp_rank=edp_ranks.index(rank),
+            edp_size=len(edp_ranks),
+            edp_ranks=edp_ranks,
         )
     return ParallelState(
-        world_size=w, rank=rank, tp_size=tp, tp_rank=tp_ranks.index(rank), tp_group=None, tp_ranks=tp_ranks,
-        dp_size=len(dp_ranks), dp_rank=dp_ranks.index(rank), dp_group=None, dp_ranks=dp_ranks,
-        world_group=None, expert=experts,
+        world_size=w,
+        rank=rank,
+        tp_size=tp,
+        tp_rank=tp_ranks.index(rank),
+        tp_group=None,
+        tp_ranks=tp_ranks,
+        dp_size=len(dp_ranks),
+        dp_rank=dp_ranks.index(rank),
+        dp_group=None,
+        dp_ranks=dp_ranks,
+        world_group=None,
+        expert=experts,
     )
 
 
@@ -75,7 +90,9 @@ def owned_ranges(
         )
         named.append((name, param))
     buffers = build_grad_buffers(
-        _MetaParams(named), groupless_state(layout, rank), bucket_size=bucket_size,
+        _MetaParams(named),
+        groupless_state(layout, rank),
+        bucket_size=bucket_size,
         sharded=layout.use_distributed_optimizer,
     )
     return {piece.name: (piece.param_start, piece.param_end) for buf in buffers for piece in buf.pieces()}
@@ -91,4 +108,3 @@ def optimizer_layout(ep_of: dict[str, int | None], layout: Layout, *, bucket_siz
         "use_distributed_optimizer": layout.use_distributed_optimizer,
         "bucket_size": bucket_size if layout.use_distributed_optimizer else None,
     }
-

@@ -101,10 +101,14 @@ class ShardedReader:
             )
         saved = optimizer["layout"]
         if (saved["world_size"], saved["tensor_model_parallel_size"], saved["use_distributed_optimizer"]) != (
-            self.layout.world_size, self.layout.tp, self.layout.use_distributed_optimizer
+            self.layout.world_size,
+            self.layout.tp,
+            self.layout.use_distributed_optimizer,
         ) or optimizer["rank"] != rank:
-            raise CheckpointError(f"{path}: the optimizer state's layout {saved} (rank {optimizer['rank']}) "
-                                  f"contradicts metadata.json ({self.layout.describe()}, rank {rank})")
+            raise CheckpointError(
+                f"{path}: the optimizer state's layout {saved} (rank {optimizer['rank']}) "
+                f"contradicts metadata.json ({self.layout.describe()}, rank {rank})"
+            )
         for name, shard in optimizer["shards"].items():
             if name not in self.local_shapes:
                 raise CheckpointError(f"{path}: optimizer state for unknown parameter {name}")
@@ -193,7 +197,9 @@ class ShardedReader:
             spec, ep = self.info.specs[name], self.ep_of[name]
             ep_ranks, tp_ranks = range(ep or 1), range(self.layout.tp)
             where = f"{self.directory} ({self.layout.describe()})"
-            state = {PARAM: spec.unshard([[self._model_shard(name, t, e) for t in tp_ranks] for e in ep_ranks], where=where)}
+            state = {
+                PARAM: spec.unshard([[self._model_shard(name, t, e) for t in tp_ranks] for e in ep_ranks], where=where)
+            }
             if self.info.optimizer is not None:
                 shape = self.local_shapes[name]
                 for kind in OPTIMIZER_KINDS:

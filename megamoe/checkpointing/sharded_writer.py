@@ -29,7 +29,14 @@ from megamoe.checkpointing.optimizer_layout import optimizer_layout, owned_range
 from megamoe.model.config import ModelConfig
 from megamoe.optim.config import OptimizerConfig
 from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
-from megamoe.training.checkpoint import FORMAT_VERSION, MARKER, _write_atomic, iteration_dir, model_config_dict, rank_file
+from megamoe.training.checkpoint import (
+    FORMAT_VERSION,
+    MARKER,
+    _write_atomic,
+    iteration_dir,
+    model_config_dict,
+    rank_file,
+)
 
 # The layout flags of a run, as ``pretrain_moe.py`` saves them in ``args``.
 _LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use_distributed_optimizer")

@@ -136,8 +136,14 @@ def train_save_continue(rank, world, run: Run, save_root: str, steps: int, token
     for index in range(steps):
         step(model, opt, index)
     ckpt.save_checkpoint(
-        save_root, iteration=steps, consumed_samples=steps * GLOBAL_BATCH, model=model, optimizer=opt,
-        model_config=config, use_distributed_optimizer=run.zero, args={"seed": SEED},
+        save_root,
+        iteration=steps,
+        consumed_samples=steps * GLOBAL_BATCH,
+        model=model,
+        optimizer=opt,
+        model_config=config,
+        use_distributed_optimizer=run.zero,
+        args={"seed": SEED},
     )
     logits = full_logits(model, tokens)
     saved = full_params(model)

@@ -35,4 +35,6 @@ def trained(tmp_path_factory) -> Trained:
     root = str(tmp_path_factory.mktemp("trained") / "A")
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     out = unpack(run_distributed(train_save_continue, LAYOUT_A.world, LAYOUT_A, root, STEPS, tokens, timeout=600))
-    return Trained(root, LAYOUT_A, STEPS, tokens, out["logits"], out["saved_params"], out["next_loss"], out["next_params"])
+    return Trained(
+        root, LAYOUT_A, STEPS, tokens, out["logits"], out["saved_params"], out["next_loss"], out["next_params"]
+    )

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from megamoe.checkpointing import convert
-from megamoe.training.checkpoint import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
@@ -95,12 +94,19 @@ def test_unknown_version_is_refused(copy, tmp_path):
     "flags, match",
     [
         (dict(target_tensor_parallel_size=3), r"--target-tensor-parallel-size 3 does not divide --target-world-size 4"),
-        (dict(target_tensor_parallel_size=3, target_world_size=6),
-         "--num-attention-heads 4 is not divisible by --target-tensor-parallel-size 3"),
+        (
+            dict(target_tensor_parallel_size=3, target_world_size=6),
+            "--num-attention-heads 4 is not divisible by --target-tensor-parallel-size 3",
+        ),
         (dict(target_expert_parallel_size=(3,)), "--num-experts 4 .* not divisible by --target-expert-parallel-size 3"),
-        (dict(target_world_size=6, target_tensor_parallel_size=2, target_expert_parallel_size=(2,)),
-         "--target-expert-parallel-size 2 does not divide the data-parallel size 3"),
-        (dict(target_expert_parallel_size=(1, 2, 4)), r"--target-expert-parallel-size got 3 values \[1, 2, 4\]; give one value or one per MoE layer"),
+        (
+            dict(target_world_size=6, target_tensor_parallel_size=2, target_expert_parallel_size=(2,)),
+            "--target-expert-parallel-size 2 does not divide the data-parallel size 3",
+        ),
+        (
+            dict(target_expert_parallel_size=(1, 2, 4)),
+            r"--target-expert-parallel-size got 3 values \[1, 2, 4\]; give one value or one per MoE layer",
+        ),
     ],
     ids=["tp-3-world-4", "tp-3-heads-4", "ep-3", "ep-2-dp-3", "three-eps-two-layers"],
 )
@@ -123,7 +129,9 @@ def test_command_line(trained, tmp_path):
     target = str(tmp_path / "dst")
     ok = subprocess.run(
         [sys.executable, TOOL, "--load-dir", trained.root, "--save-dir", target, "--target-tensor-parallel-size", "1"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert ok.returncode == 0, ok.stderr
     assert "[3/5] layers.1" in ok.stderr  # progress, one line per group
@@ -132,7 +140,9 @@ def test_command_line(trained, tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1], ok.stdout
     again = subprocess.run(
         [sys.executable, TOOL, "--load-dir", trained.root, "--save-dir", target, "--to", "consolidated"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [

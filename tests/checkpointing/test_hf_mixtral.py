@@ -24,8 +24,9 @@ TEXTS = ["def f(x):\n    return x + 1", "the quick brown fox", "héllo wörld �
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory):
     docs = ["def f(x):\n    return x + 1\n" * 3, "the quick brown fox jumps over the lazy dog " * 5]
-    return train_sentencepiece(docs, model_prefix=str(tmp_path_factory.mktemp("tok") / "spm"), vocab_size=300,
-                               character_coverage=0.98)
+    return train_sentencepiece(
+        docs, model_prefix=str(tmp_path_factory.mktemp("tok") / "spm"), vocab_size=300, character_coverage=0.98
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def _consolidated_weights(root: str) -> dict[str, torch.Tensor]:
     out = {}
     for group in meta["groups"]:
         tensors = load_file(os.path.join(root, group["file"]))
-        out.update({k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")})
+        out.update({k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")})
     return out
 
 
@@ -76,14 +77,25 @@ def test_exported_tokenizer_encodes_like_sentencepiece(exported, tokenizer_model
     for text in TEXTS:
         assert tok.encode(text) == sp.encode(text), text
     config = json.load(open(os.path.join(root, "config.json")))
-    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        sp.pad_id(),
+    )
 
 
 def test_import_of_the_export_equals_the_original(trained, exported, tmp_path):
     root, _ = exported
     imported = str(tmp_path / "imported")
-    convert(root, imported, from_format="hf", target_world_size=2, target_tensor_parallel_size=2,
-            target_expert_parallel_size=(1,), progress=None)
+    convert(
+        root,
+        imported,
+        from_format="hf",
+        target_world_size=2,
+        target_tensor_parallel_size=2,
+        target_expert_parallel_size=(1,),
+        progress=None,
+    )
     original_full, imported_full = str(tmp_path / "original_full"), str(tmp_path / "imported_full")
     convert(trained.root, original_full, to="consolidated", progress=None)
     convert(imported, imported_full, to="consolidated", progress=None)
@@ -91,9 +103,14 @@ def test_import_of_the_export_equals_the_original(trained, exported, tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    meta = {p: json.load(open(os.path.join(p, "metadata.json")))["model_config"] for p in (original_full, imported_full)}
+    meta = {
+        p: json.load(open(os.path.join(p, "metadata.json")))["model_config"] for p in (original_full, imported_full)
+    }
     want_config, got_config = meta[original_full], meta[imported_full]
-    assert got_config.pop("expert_model_parallel_size") == [1] and want_config.pop("expert_model_parallel_size") == [2, 1]
+    assert got_config.pop("expert_model_parallel_size") == [1] and want_config.pop("expert_model_parallel_size") == [
+        2,
+        1,
+    ]
     assert got_config == want_config
 
 
@@ -117,25 +134,45 @@ def test_import_names_a_missing_weight_file(exported, tmp_path):
     for name in os.listdir(root):
         if name != "model-00002-of-00005.safetensors":
             os.symlink(os.path.join(root, name), copy / name)
-    with pytest.raises(CheckpointError, match=re.escape(str(copy / "model-00002-of-00005.safetensors")) + " is missing"):
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(copy / "model-00002-of-00005.safetensors")) + " is missing"
+    ):
         convert(str(copy), str(tmp_path / "dst"), from_format="hf", progress=None)
 
 
 def test_export_refuses_options_without_a_mixtral_equivalent():
     config = ModelConfig(
-        vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, normalization="LayerNorm",
-        position_embedding_type="learned_absolute", swiglu=False, add_bias_linear=True, num_experts=(4, 8),
-        moe_layer_freq=(1, 1), moe_shared_expert_intermediate_size=16, moe_expert_capacity_factor=1.25,
-        moe_router_pre_softmax=True, moe_router_renormalize=False,
+        vocab_size=64,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        normalization="LayerNorm",
+        position_embedding_type="learned_absolute",
+        swiglu=False,
+        add_bias_linear=True,
+        num_experts=(4, 8),
+        moe_layer_freq=(1, 1),
+        moe_shared_expert_intermediate_size=16,
+        moe_expert_capacity_factor=1.25,
+        moe_router_pre_softmax=True,
+        moe_router_renormalize=False,
     )
     with pytest.raises(ValueError) as err:
         check_exportable(config)
-    for flag in ("--normalization LayerNorm", "--position-embedding-type learned_absolute", "--swiglu",
-                 "--disable-bias-linear", "--num-experts [4, 8]", "--moe-shared-expert-intermediate-size",
-                 "--moe-expert-capacity-factor 1.25", "--no-moe-router-renormalize"):
+    for flag in (
+        "--normalization LayerNorm",
+        "--position-embedding-type learned_absolute",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--num-experts [4, 8]",
+        "--moe-shared-expert-intermediate-size",
+        "--moe-expert-capacity-factor 1.25",
+        "--no-moe-router-renormalize",
+    ):
         assert flag in str(err.value), flag
-    dense_every_other = ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4,
-                                    num_experts=4, moe_layer_freq=2)
+    dense_every_other = ModelConfig(
+        vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4, moe_layer_freq=2
+    )
     with pytest.raises(ValueError, match=r"--moe-layer-freq 2: MoE layers \[0\] of 2"):
         check_exportable(dense_every_other)
     with pytest.raises(ValueError, match="a dense model"):

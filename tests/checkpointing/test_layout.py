@@ -12,9 +12,12 @@ from megamoe.checkpointing.optimizer_layout import owned_ranges
 from megamoe.checkpointing.sharded_writer import target_ep_sizes
 from tests.checkpointing.common import model_config
 
-EMBEDDING = ParamSpec("word_embeddings.weight", (300, 8), torch.float32, tensor_parallel_dim=0, is_expert=False, padded=True)
-EXPERT_FC1 = ParamSpec("layers.0.mlp.experts.fc1", (4, 2, 8, 6), torch.float32, tensor_parallel_dim=2, is_expert=True,
-                       padded=False)
+EMBEDDING = ParamSpec(
+    "word_embeddings.weight", (300, 8), torch.float32, tensor_parallel_dim=0, is_expert=False, padded=True
+)
+EXPERT_FC1 = ParamSpec(
+    "layers.0.mlp.experts.fc1", (4, 2, 8, 6), torch.float32, tensor_parallel_dim=2, is_expert=True, padded=False
+)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -46,7 +49,11 @@ def test_model_specs_come_from_the_model():
     assert specs["word_embeddings.weight"].shape == (300, 32) and specs["word_embeddings.weight"].padded
     assert specs["layers.1.mlp.experts.fc1"].shape == (4, 2, 32, 32) and specs["layers.1.mlp.experts.fc1"].is_expert
     assert [key for key, _ in stream_groups(list(specs))] == [
-        "word_embeddings", "layers.0", "layers.1", "final_norm", "output_layer"
+        "word_embeddings",
+        "layers.0",
+        "layers.1",
+        "final_norm",
+        "output_layer",
     ]
 
 
@@ -62,5 +69,7 @@ def test_zero1_ranges_tile_every_tensor_over_its_reduction_group(world, tp, eps)
         numel = math.prod(spec.local_shape(tp, ep))
         for t in range(tp):
             for e in range(ep or 1):
-                ranges = sorted(owned[r][name] for r in layout.holders(tp_rank=t, ep_size=ep, ep_rank=e) if name in owned[r])
+                ranges = sorted(
+                    owned[r][name] for r in layout.holders(tp_rank=t, ep_size=ep, ep_rank=e) if name in owned[r]
+                )
                 assert [0] + [end for _, end in ranges] == [start for start, _ in ranges] + [numel], (name, ranges)
