@@ -37,6 +37,14 @@ from megamoe.parallel.state import ParallelState
 PARAM_ALIGNMENT = 64
 
 
+def flat_collective(new_name: str, old_name: str):
+    """``torch.distributed.<new_name>`` where this torch has it, else ``<old_name>``: torch 2.13
+    renamed the flat-tensor collectives (``reduce_scatter_tensor`` -> ``reduce_scatter_single``,
+    ``all_gather_into_tensor`` -> ``all_gather_single``; the old names warn) and pyproject allows
+    torch >= 2.4.  Looked up at call time so that wrappers (bench/) see every call."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -221,7 +229,8 @@ class GradBuffer:
             if red.size > 1:
                 if self.sharded:
                     shard = comm[b.shard_start - b.start : b.shard_end - b.start]
-                    handle = dist.reduce_scatter_single(shard, comm, group=red.group, async_op=True)
+                    reduce_scatter = flat_collective("reduce_scatter_single", "reduce_scatter_tensor")
+                    handle = reduce_scatter(shard, comm, group=red.group, async_op=True)
                 else:
                     handle = dist.all_reduce(comm, group=red.group, async_op=True)
             self._pending.append((b, comm, handle))
@@ -253,10 +262,9 @@ class GradBuffer:
             self.data[b.shard_start : b.shard_end].copy_(master[b.local_start : b.local_start + length])
         if not self.sharded or self.reduction.size == 1:
             return
+        all_gather = flat_collective("all_gather_single", "all_gather_into_tensor")
         handles = [
-            dist.all_gather_single(
-                self.data[b.start : b.end], self.data[b.shard_start : b.shard_end], group=self.reduction.group, async_op=True
-            )
+            all_gather(self.data[b.start : b.end], self.data[b.shard_start : b.shard_end], group=self.reduction.group, async_op=True)
             for b in self.buckets
         ]
         for h in handles:
@@ -277,7 +285,8 @@ def build_grad_buffers(
 ) -> list[GradBuffer]:
     """One buffer per (param dtype, reduction group) over the trainable params of ``model``,
     params in reverse registration order.  Every rank of a reduction group builds the same
-    layout because it holds the same parameter shapes."""
+    layout because it holds the same parameter shapes.  Runs no collective: the checkpoint tools
+    build it on the meta device with a group-less ``ParallelState`` to learn who owns what."""
     groups: dict[tuple, tuple[Reduction, list]] = {}
     for name, p in reversed(list(model.named_parameters())):
         if not p.requires_grad:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.optim.grad_buffer import Reduction
+from megamoe.optim.grad_buffer import Reduction, flat_collective
 from megamoe.parallel.params import ParamMeta
 
 
@@ -58,6 +58,12 @@ def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, 
     return True
 
 
+def _total_norm(tensors: list[torch.Tensor], order: float) -> torch.Tensor:
+    """Norm of the concatenation of ``tensors``: per-tensor norms, combined in fp64."""
+    norms = torch.stack([torch.linalg.vector_norm(t, order) for t in tensors]).double()
+    return torch.linalg.vector_norm(norms, order)
+
+
 def global_grad_norm(parts: dict[str, list[torch.Tensor]], world_group: dist.ProcessGroup) -> GradNorm:
     """Norms of the gradients this rank counts (``counts_toward_norm``), grouped by part.
 
@@ -70,11 +76,11 @@ def global_grad_norm(parts: dict[str, list[torch.Tensor]], world_group: dist.Pro
     local = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
     for i, name in enumerate(names):
         if parts[name]:
-            local[i, 0] = torch.nn.utils.get_total_norm(parts[name], 2.0).double().square()
-            local[i, 1] = torch.nn.utils.get_total_norm(parts[name], math.inf).double()
+            local[i, 0] = _total_norm(parts[name], 2.0).square()
+            local[i, 1] = _total_norm(parts[name], math.inf)
     world = dist.get_world_size(world_group)
     table = torch.empty(world * len(names), 2, dtype=torch.float64, device=device)
-    dist.all_gather_single(table, local, group=world_group)
+    flat_collective("all_gather_single", "all_gather_into_tensor")(table, local, group=world_group)
     rows = table.view(world, len(names), 2).tolist()
     parts_sq = {name: math.fsum(row[i][0] for row in rows) for i, name in enumerate(names)}
     inf = max((row[i][1] for row in rows for i in range(len(names))), default=0.0)
