@@ -4,10 +4,12 @@
     python bench/bench_optimizer.py --ep 4 --dtype fp32 --iters 20
 
 For each of ZeRO-1 off / on, every rank runs forward+backward on random tokens, then the timed
-part: ``opt.step()`` (gradient reduction + unscale + norm + clip + Adam + param all-gather).
+part: ``opt.finish_grad_sync()`` then ``opt.step()`` (unscale + norm + clip + Adam + param
+all-gather).
 Prints, from rank 0:
 
-* the median and min of ``opt.step()`` wall time over ``--iters`` steps;
+* the median and min over ``--iters`` steps of the wall time of the gradient reduction
+  (``opt.finish_grad_sync()``), of the rest of ``opt.step()``, and of both;
 * bytes sent per rank per step for each collective group, and their analytic minimum.  "Sent"
   is the ring-algorithm volume of each collective the optimizer launched, recorded by wrapping
   ``torch.distributed``: all-reduce 2(G-1)/G x payload, reduce-scatter and all-gather
@@ -125,11 +127,13 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
         dist.barrier()
         recorder.active = i == args.warmup  # record one step's traffic
         start = time.perf_counter()
+        opt.finish_grad_sync()
+        reduced = time.perf_counter()
         opt.step()
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         recorder.active = False
         if i >= args.warmup:
-            times.append(elapsed)
+            times.append((end - start, reduced - start, end - reduced))
     stats = opt.memory_stats()
     minimum = analytic_minimum(model, state, zero)
     numel = {}
@@ -166,7 +170,9 @@ def _bytes(n: float) -> str:
 
 def report(args, zero, times, sent, minimum, everyone):
     print(f"\n=== ZeRO-1 {'on' if zero else 'off'}: world {args.world_size}, TP={args.tp}, EP={args.ep}, {args.dtype} ===")
-    print(f"opt.step() (reduce + step): median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms")
+    for label, column in (("reduce + step", 0), ("  reduce (finish_grad_sync)", 1), ("  step (norm, clip, Adam, gather)", 2)):
+        values = [t[column] * 1e3 for t in times]
+        print(f"{label:<34} median {statistics.median(values):7.1f} ms   min {min(values):7.1f} ms")
     print("bytes sent per rank per step (rank 0):")
     for name in sorted(set(sent) | set(minimum)):
         got, best = sent.get(name, 0.0), minimum.get(name, 0.0)

@@ -70,6 +70,8 @@ class MixedPrecisionOptimizer:
         if not named:
             raise ValueError("the model has no trainable parameters")
         for name, p in named:
+            if hasattr(p, "main_grad"):
+                raise ValueError(f"parameter {name} already belongs to a MixedPrecisionOptimizer (one per model)")
             if p.dtype != cfg.params_dtype:
                 raise ValueError(
                     f"parameter {name} is {p.dtype} but the optimizer expects {cfg.params_dtype} "
