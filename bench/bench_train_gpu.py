@@ -1,7 +1,7 @@
 """Training throughput of megamoe on one GPU for the peer benchmark shape "moe-1b-4e".
 
     python bench/bench_train_gpu.py                 # eager
-    python bench/bench_train_gpu.py --compile       # regional torch.compile (attention, norms)
+    python bench/bench_train_gpu.py --compile       # regional torch.compile (megamoe.model.compile)
     python bench/bench_train_gpu.py --tiny          # CPU smoke test of the script itself
 
 Shape (../shared/bench/README.md): 16 layers, hidden 2048, 16 heads, SwiGLU experts ffn 5632,
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megamoe.model.compile import compile_regions  # noqa: E402
 from megamoe.model.config import ModelConfig  # noqa: E402
 from megamoe.model.gpt import GPTModel  # noqa: E402
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig  # noqa: E402
@@ -65,10 +66,7 @@ def main() -> None:
     )
     model = GPTModel(config, device=device).initialize(1234)
     if args.compile:
-        for layer in model.layers:
-            layer.attention = torch.compile(layer.attention)
-            layer.input_norm = torch.compile(layer.input_norm)
-            layer.post_attention_norm = torch.compile(layer.post_attention_norm)
+        compile_regions(model)
     optimizer = MixedPrecisionOptimizer(
         model, OptimizerConfig(lr=1e-4, weight_decay=0.1, clip_grad=1.0, params_dtype=dtype)
     )

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_iters: int = 10  # --eval-iters
     device: str = "cpu"  # --device
     exit_signal_handler: bool = False  # --exit-signal-handler
+    compile: bool = False  # --compile: regional torch.compile (megamoe.model.compile)
     num_microbatches: int = 1  # derived: GBS / (MBS x DP)
 
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    g.add_argument("--compile", action="store_true", help="regional torch.compile of attention, norms, MLPs")
     return p
 
 
@@ -282,6 +284,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         eval_iters=args.eval_iters,
         device=device,
         exit_signal_handler=args.exit_signal_handler,
+        compile=args.compile,
         num_microbatches=global_batch // (args.micro_batch_size * dp),
     )
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.data.build import build_train_valid_test_datasets, micro_batches
+from megamoe.model.compile import compile_regions
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.random import model_parallel_seed
@@ -139,6 +140,9 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
             train_state = TrainState(metadata["iteration"], metadata["consumed_samples"])
         log.info(f"loaded checkpoint {directory} (iteration {metadata['iteration']})")
     optimizer = MixedPrecisionOptimizer(model, cfg.optimizer)
+    if cfg.train.compile:
+        compile_regions(model)
+        log.info("torch.compile: attention, norms, MLPs and expert activations of every layer")
     if load_optim:
         optimizer.load_state_dict(payload["optimizer"])
     if payload is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
