@@ -72,12 +72,12 @@ def build_source(root: str, config: ModelConfig) -> tuple[int, int]:
     for _, names in stream_groups(list(specs)):
         group = {}
         for name in names:
-            param = torch.randn(specs[name].shape) * 0.02
+            master = torch.randn(specs[name].shape) * 0.02
             group[name] = {
-                PARAM: param,
-                "master": param.clone(),
-                "exp_avg": torch.randn_like(param) * 1e-3,
-                "exp_avg_sq": torch.rand_like(param) * 1e-6,
+                PARAM: master.to(specs[name].dtype),
+                "master": master,
+                "exp_avg": torch.randn_like(master) * 1e-3,
+                "exp_avg_sq": torch.rand_like(master) * 1e-6,
             }
         size = sum(
             t.numel() * t.element_size()

@@ -6,8 +6,9 @@ format in a temporary directory, check that nothing was lost, then move the resu
 Sources: a sharded megamoe checkpoint (the save root, or one ``iter_XXXXXXX`` directory), a
 consolidated one (detected by its ``metadata.json``), or a Hugging Face Mixtral export
 (``from_format="hf"``).  Targets (``to``): ``megamoe`` (sharded, any layout), ``consolidated``,
-``hf``.  The target layout defaults to the source's (a layout-free source: world 1, TP 1, EP 1,
-no ZeRO-1).
+``hf``.  The target layout defaults to the source's (consolidated: the layout it was
+consolidated from; Hugging Face: world 1, TP 1, EP 1, no ZeRO-1).  A Hugging Face import has no
+optimizer or RNG state: train from it with ``--load DIR --finetune``.
 
 Verification: every tensor of every source file must have been read (``Tally``); the full
 tensors are checksummed on the way in, and the finished target is read back by its own reader
@@ -146,13 +147,15 @@ def _stream(reader, writer, progress) -> tuple[FullChecksum, FullChecksum]:
     for index, (key, names) in enumerate(groups):
         full = reader.read(names)
         for name, state in full.items():
+            reader.info.check(name, state)
             for kind, tensor in state.items():
                 everything.add(f"{kind}/{name}", tensor)
             weights.add(f"{PARAM}/{name}", state[PARAM])
         if writer is not None:
             writer.write(full)
         if progress is not None:
-            progress(f"[{index + 1}/{len(groups)}] {key}: {len(names)} parameters")
+            size = sum(t.numel() * t.element_size() for state in full.values() for t in state.values())
+            progress(f"[{index + 1}/{len(groups)}] {key}: {len(names)} parameters, {size / 2**20:.1f} MiB")
     reader.tally.check_complete()
     return everything, weights
 
@@ -219,6 +222,11 @@ def convert(
                 not_exported.append(
                     f"the optimizer state ({source_full.count - source_weights.count} full tensors: fp32 master "
                     "and Adam moments); Hugging Face checkpoints hold weights only"
+                )
+            if reader.info.rng is not None:
+                not_exported.append(
+                    f"the training position (iteration {reader.info.iteration}, {reader.info.consumed_samples} "
+                    "consumed samples), RNG states and run flags"
                 )
         if (target_full.count, target_full.digest) != (expected.count, expected.digest):
             raise CheckpointError(

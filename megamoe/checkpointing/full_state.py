@@ -46,6 +46,15 @@ class FullStateInfo:
     def kinds(self) -> tuple[str, ...]:
         return (PARAM, *OPTIMIZER_KINDS) if self.optimizer is not None else (PARAM,)
 
+    def check(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Assert that a reader produced every kind of ``name`` with its full shape and dtype
+        (the weight in the model's dtype, the optimizer state in fp32)."""
+        spec = self.specs[name]
+        assert set(state) == set(self.kinds()), (name, sorted(state))
+        for kind, tensor in state.items():
+            dtype = spec.dtype if kind == PARAM else torch.float32
+            assert tuple(tensor.shape) == spec.shape and tensor.dtype == dtype, (name, kind, tensor.dtype, tensor.shape)
+
 
 class FullStateReader(Protocol):
     info: FullStateInfo

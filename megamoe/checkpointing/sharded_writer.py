@@ -92,9 +92,6 @@ class ShardedWriter:
         kind = "dense" if ep_rank is None else f"ep{ep_rank}"
         return os.path.join(self.staging, f"g{group:05d}_tp{tp_rank}_{kind}.pt")
 
-    def _ranks_of(self, tp_rank: int, ep_size: int | None, ep_rank: int) -> list[int]:
-        return self.layout.holders(tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank)
-
     def write(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
         """Stage one group's parameters (``{name: {kind: full tensor}}``)."""
         group = len(self.groups)
@@ -122,7 +119,9 @@ class ShardedWriter:
         out = {f"{name}|{PARAM}": shard(state[PARAM])}
         if self.info.optimizer is None:
             return out
-        ranges = {self.owned[r][name] for r in self._ranks_of(tp_rank, ep, ep_rank) if name in self.owned[r]}
+        # The ranks holding this shard own ZeRO-1 ranges of it (disjoint), or all of it (without).
+        holders = self.layout.holders(tp_rank=tp_rank, ep_size=ep, ep_rank=ep_rank)
+        ranges = {self.owned[r][name] for r in holders if name in self.owned[r]}
         for kind in OPTIMIZER_KINDS:
             flat = shard(state[kind]).reshape(-1)
             for start, end in ranges:
@@ -159,7 +158,7 @@ class ShardedWriter:
         args = dict(self.info.args)
         values = {
             "tensor_model_parallel_size": self.layout.tp,
-            "expert_model_parallel_size": list(self.layout.expert_model_parallel_size),
+            "expert_model_parallel_size": list(self.config.expert_model_parallel_size),
             "use_distributed_optimizer": self.layout.use_distributed_optimizer,
         }
         args.update({key: values[key] for key in _LAYOUT_ARGS if key in args})

@@ -9,7 +9,10 @@ import os
 import pytest
 import torch
 
+import pretrain_moe
 from megamoe.checkpointing import convert
+from megamoe.checkpointing.convert import open_source
+from megamoe.checkpointing.layout import stream_groups
 from tests.checkpointing.common import Run, load_and_step, unpack
 from tests.harness import run_distributed
 
@@ -114,3 +117,57 @@ def test_training_continues_in_the_new_layout_as_in_the_old(trained, tmp_path):
             diff = (got["params"][name].double() - want.double()).norm() / want.double().norm()
             assert diff <= 1e-6, f"{run}: {name} after the step differs by {diff:.1e} (relative)"
             assert not torch.equal(want, trained.saved_params[name]), f"{name} did not change in the step"
+
+
+# pretrain_moe.py flags of the conftest model (mock data: the same samples in every layout).
+PRETRAIN = [
+    "--device", "cpu", "--mock-data", "--vocab-size", "300", "--seed", "7",
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
+    "--seq-length", "16", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
+    "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+    "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "3",
+    "--lr", "1e-2", "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--log-interval", "1",
+]  # fmt: skip
+
+
+def _pretrain(rank, world, runs):
+    os.environ["WORLD_SIZE"] = str(world)
+    for argv in runs:
+        assert pretrain_moe.main(argv) == 0, argv
+
+
+def _weights(root: str) -> dict[str, torch.Tensor]:
+    reader, _ = open_source(root, None)
+    out = {}
+    for _, names in stream_groups(list(reader.info.specs)):
+        out.update({name: state["param"].clone() for name, state in reader.read(names).items()})
+    reader.close()
+    return out
+
+
+def test_pretrain_moe_resumes_a_resharded_checkpoint_as_the_original(tmp_path):
+    """Saved by pretrain_moe.py at iteration 2 in layout A, resumed with --load for iteration 3
+    in A and, after conversion, in B: the same loss, grad norm and parameters."""
+    a = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2,1", "--use-distributed-optimizer"]
+    b = ["--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "1,2"]
+    first, second = str(tmp_path / "a2"), str(tmp_path / "a3")
+    runs = [
+        PRETRAIN + a + ["--train-iters", "2", "--save", first],  # the later flag wins
+        PRETRAIN + a + ["--load", first, "--save", second, "--log-json", str(tmp_path / "a.jsonl")],
+    ]
+    run_distributed(_pretrain, 4, runs, timeout=600)
+    converted = str(tmp_path / "b2")
+    convert(first, converted, **_flags(B_WORLD2_TP1), progress=None)
+    b_runs = [
+        PRETRAIN + b + ["--load", converted, "--save", str(tmp_path / "b3"), "--log-json", str(tmp_path / "b.jsonl")]
+    ]
+    run_distributed(_pretrain, 2, b_runs, timeout=600)
+    want, got = (json.loads(open(tmp_path / f"{x}.jsonl").readlines()[-1]) for x in "ab")
+    assert got["iteration"] == want["iteration"] == 3
+    for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    want_params, got_params = _weights(second), _weights(str(tmp_path / "b3"))
+    for name, w in want_params.items():
+        diff = (got_params[name].double() - w.double()).norm() / w.double().norm()
+        assert diff <= 1e-6, f"{name}: {diff:.1e}"
