@@ -36,6 +36,8 @@ def _worker(rank, world_size, store_path, body, args, groups, results):
 
             initialize_model_parallel(*groups)
         value = body(rank, world_size, *args)
+        # No rank tears its sockets down while another is still connecting a group.
+        dist.barrier()
         # Plain pickle copies tensors into the message; the queue's own pickler would pass
         # shared-memory handles that die with this process.
         results.put((rank, "ok", pickle.dumps(value)))

@@ -135,6 +135,11 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
         layout = ckpt.layout_of(cfg.model, cfg.parallel.use_distributed_optimizer)
         ckpt.check_compatible(directory, metadata, layout, cfg.model, load_optim=load_optim)
         payload = ckpt.load_rank_payload(directory, state.rank, device)
+        if load_optim and not payload["optimizer"]:
+            raise ckpt.CheckpointError(
+                f"{directory} holds weights but no optimizer state (e.g. imported from Hugging Face): "
+                f"train from it with --finetune, or keep its iteration with --no-load-optim"
+            )
         ckpt.load_model_state(model, payload)
         if not cfg.checkpoint.finetune:
             train_state = TrainState(metadata["iteration"], metadata["consumed_samples"])
@@ -145,7 +150,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
         log.info("torch.compile: attention, norms, MLPs and expert activations of every layer")
     if load_optim:
         optimizer.load_state_dict(payload["optimizer"])
-    if payload is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
+    if payload is not None and "rng" in payload and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
         ckpt.restore_rng(payload)
     return model, optimizer, train_state
 

@@ -181,3 +181,22 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
     directory, metadata = read_metadata(str(save))
     assert metadata["iteration"] >= 2
+
+
+def _layout_change_body(rank, world, save_argv, load_argv):
+    os.environ["WORLD_SIZE"] = str(world)
+    assert pretrain_moe.main(save_argv) == 0
+    from megamoe.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"reshard it first: python tools/convert_checkpoint.py"):
+        from megamoe.training.arguments import parse_config
+        from megamoe.training.trainer import pretrain
+
+        pretrain(parse_config(load_argv))
+
+
+def test_loading_another_layout_names_the_conversion_tool(tmp_path):
+    save = str(tmp_path / "ckpt")
+    base = TINY_MOE + ["--train-iters", "2"]
+    run_distributed(_layout_change_body, 2, base + ["--expert-model-parallel-size", "2", "--save", save],
+                    base + ["--expert-model-parallel-size", "1", "--load", save], timeout=300)
