@@ -200,3 +200,26 @@ def test_loading_another_layout_names_the_conversion_tool(tmp_path):
     base = TINY_MOE + ["--train-iters", "2"]
     run_distributed(_layout_change_body, 2, base + ["--expert-model-parallel-size", "2", "--save", save],
                     base + ["--expert-model-parallel-size", "1", "--load", save], timeout=300)
+
+
+def _weights_only_body(rank, world, save, argv):
+    os.environ["WORLD_SIZE"] = str(world)
+    from megamoe.training.checkpoint import CheckpointError, rank_file, read_metadata
+
+    directory, _ = read_metadata(save)
+    payload = torch.load(rank_file(directory, 0), weights_only=True)
+    payload["optimizer"] = {}  # what an import from Hugging Face holds
+    torch.save(payload, rank_file(directory, 0))
+    from megamoe.training.arguments import parse_config
+    from megamoe.training.trainer import pretrain
+
+    with pytest.raises(CheckpointError, match="no optimizer state.*--finetune"):
+        pretrain(parse_config(argv))
+    assert pretrain_moe.main(argv + ["--finetune"]) == 0
+
+
+def test_checkpoint_without_optimizer_state_asks_for_finetune(tmp_path):
+    save = str(tmp_path / "ckpt")
+    base = TINY_MOE + ["--train-iters", "2"]
+    run_distributed(_run_main, 1, [base + ["--save", save]], timeout=300)
+    run_distributed(_weights_only_body, 1, save, base + ["--load", save], timeout=300)
