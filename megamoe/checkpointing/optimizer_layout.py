@@ -16,50 +16,17 @@ from torch import nn
 from megamoe.checkpointing.layout import Layout, ParamSpec
 from megamoe.optim.grad_buffer import build_grad_buffers
 from megamoe.parallel.params import tag_param
-from megamoe.parallel.state import (
-    ExpertGroups,
-    ParallelState,
-    dp_rank_lists,
-    edp_rank_lists,
-    ep_rank_lists,
-    tp_rank_lists,
-)
-
-
-def _mine(rank_lists: list[list[int]], rank: int) -> list[int]:
-    return next(ranks for ranks in rank_lists if rank in ranks)
+from megamoe.parallel.state import ParallelState, build_parallel_state
 
 
 def groupless_state(layout: Layout, rank: int) -> ParallelState:
     """The ``ParallelState`` rank ``rank`` of ``layout`` would have, with no process groups."""
-    w, tp = layout.world_size, layout.tp
-    tp_ranks, dp_ranks = _mine(tp_rank_lists(w, tp), rank), _mine(dp_rank_lists(w, tp), rank)
-    experts = {}
-    for ep in sorted(set(layout.expert_model_parallel_size) | {1}):
-        ep_ranks, edp_ranks = _mine(ep_rank_lists(w, tp, ep), rank), _mine(edp_rank_lists(w, tp, ep), rank)
-        experts[ep] = ExpertGroups(
-            ep_size=ep,
-            ep_group=None,
-            ep_rank=ep_ranks.index(rank),
-            ep_ranks=ep_ranks,
-            edp_group=None,
-            edp_rank=edp_ranks.index(rank),
-            edp_size=len(edp_ranks),
-            edp_ranks=edp_ranks,
-        )
-    return ParallelState(
-        world_size=w,
+    return build_parallel_state(
+        world_size=layout.world_size,
         rank=rank,
-        tp_size=tp,
-        tp_rank=tp_ranks.index(rank),
-        tp_group=None,
-        tp_ranks=tp_ranks,
-        dp_size=len(dp_ranks),
-        dp_rank=dp_ranks.index(rank),
-        dp_group=None,
-        dp_ranks=dp_ranks,
-        world_group=None,
-        expert=experts,
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_sizes=layout.expert_model_parallel_size,
+        create_groups=False,
     )
 
 

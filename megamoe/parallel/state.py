@@ -101,11 +101,12 @@ class ParallelState:
 _STATE: ParallelState | None = None
 
 
-def _new_groups(rank_lists: list[list[int]], my_rank: int) -> tuple[dist.ProcessGroup, list[int]]:
-    """Create every group (all ranks must call new_group for each) and return this rank's."""
+def _new_groups(rank_lists: list[list[int]], my_rank: int, create: bool) -> tuple[dist.ProcessGroup | None, list[int]]:
+    """This rank's group of ``rank_lists``.  With ``create``, every group is created (all ranks
+    must call ``new_group`` for each, in the same order); without it the group is None."""
     mine = None
     for ranks in rank_lists:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks) if create else None
         if my_rank in ranks:
             mine = (group, ranks)
     assert mine is not None, f"rank {my_rank} is in none of {rank_lists}"
@@ -136,9 +137,9 @@ def edp_rank_lists(world_size: int, tp: int, ep: int) -> list[list[int]]:
     return lists
 
 
-def _expert_groups(world_size: int, rank: int, tp: int, ep: int) -> ExpertGroups:
-    ep_group, ep_ranks = _new_groups(ep_rank_lists(world_size, tp, ep), rank)
-    edp_group, edp_ranks = _new_groups(edp_rank_lists(world_size, tp, ep), rank)
+def _expert_groups(world_size: int, rank: int, tp: int, ep: int, create: bool) -> ExpertGroups:
+    ep_group, ep_ranks = _new_groups(ep_rank_lists(world_size, tp, ep), rank, create)
+    edp_group, edp_ranks = _new_groups(edp_rank_lists(world_size, tp, ep), rank, create)
     return ExpertGroups(
         ep_size=ep,
         ep_group=ep_group,
@@ -151,27 +152,23 @@ def _expert_groups(world_size: int, rank: int, tp: int, ep: int) -> ExpertGroups
     )
 
 
-def initialize_model_parallel(
-    tensor_model_parallel_size: int = 1, expert_model_parallel_sizes: Iterable[int] = (1,)
+def build_parallel_state(
+    *, world_size: int, rank: int, tensor_model_parallel_size: int, expert_model_parallel_sizes: Iterable[int],
+    create_groups: bool,
 ) -> ParallelState:
-    """Build every group of the layout; call on all ranks after ``dist.init_process_group``.
+    """The layout of ``rank``: its ranks and coordinates in every group.
 
-    ``expert_model_parallel_sizes`` lists each distinct EP size used by the model's MoE layers
-    (e.g. ``(4, 2)`` for a model with layers at EP=4 and EP=2).  EP size 1 is always available.
+    ``create_groups=True`` (what ``initialize_model_parallel`` does) creates the process groups,
+    a collective over the world; ``False`` leaves every group None, for planning a layout that no
+    process runs (checkpoint conversion).  EP size 1 is always included.
     """
-    global _STATE
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed must be initialised before initialize_model_parallel")
-    if _STATE is not None:
-        raise RuntimeError("model parallel state is already initialised; call destroy_model_parallel first")
-    world_size, rank = dist.get_world_size(), dist.get_rank()
     tp = tensor_model_parallel_size
     ep_sizes = sorted(set(expert_model_parallel_sizes) | {1})
     validate_parallel_sizes(
         world_size=world_size, tensor_model_parallel_size=tp, expert_model_parallel_sizes=ep_sizes
     )
-    tp_group, tp_ranks = _new_groups(tp_rank_lists(world_size, tp), rank)
-    dp_group, dp_ranks = _new_groups(dp_rank_lists(world_size, tp), rank)
+    tp_group, tp_ranks = _new_groups(tp_rank_lists(world_size, tp), rank, create_groups)
+    dp_group, dp_ranks = _new_groups(dp_rank_lists(world_size, tp), rank, create_groups)
     state = ParallelState(
         world_size=world_size,
         rank=rank,
@@ -183,12 +180,35 @@ def initialize_model_parallel(
         dp_rank=dp_ranks.index(rank),
         dp_group=dp_group,
         dp_ranks=dp_ranks,
-        world_group=dist.group.WORLD,
+        world_group=dist.group.WORLD if create_groups else None,
     )
     for ep in ep_sizes:
-        state.expert[ep] = _expert_groups(world_size, rank, tp, ep)
-    _STATE = state
+        state.expert[ep] = _expert_groups(world_size, rank, tp, ep, create_groups)
     return state
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1, expert_model_parallel_sizes: Iterable[int] = (1,)
+) -> ParallelState:
+    """Build every group of the layout; call on all ranks after ``dist.init_process_group``.
+
+    ``expert_model_parallel_sizes`` lists each distinct EP size used by the model's MoE layers
+    (e.g. ``(4, 2)`` for a model with layers at EP=4 and EP=2).  EP size 1 is always available.
+    Sizes are validated before any group is created.
+    """
+    global _STATE
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised before initialize_model_parallel")
+    if _STATE is not None:
+        raise RuntimeError("model parallel state is already initialised; call destroy_model_parallel first")
+    _STATE = build_parallel_state(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        expert_model_parallel_sizes=expert_model_parallel_sizes,
+        create_groups=True,
+    )
+    return _STATE
 
 
 def is_initialized() -> bool:
