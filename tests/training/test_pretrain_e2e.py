@@ -223,3 +223,20 @@ def test_checkpoint_without_optimizer_state_asks_for_finetune(tmp_path):
     base = TINY_MOE + ["--train-iters", "2"]
     run_distributed(_run_main, 1, [base + ["--save", save]], timeout=300)
     run_distributed(_weights_only_body, 1, save, base + ["--load", save], timeout=300)
+
+
+def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
+    save = tmp_path / "ckpt"
+    argv = TINY_MOE + ["--train-iters", "4", "--save", str(save), "--save-interval", "1", "--keep-last", "2"]
+    run_distributed(_run_main, 1, [argv], timeout=300)
+    assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+
+
+def test_regional_compile_trains_like_eager(tmp_path):
+    argv = TINY_MOE + ["--train-iters", "2"]
+    eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
+    run_distributed(_run_main, 1, [argv + ["--log-json", str(eager)], argv + ["--compile", "--log-json", str(compiled)]],
+                    timeout=600)
+    for a, b in zip(read_json_log(eager), read_json_log(compiled), strict=True):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
