@@ -59,8 +59,9 @@ def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, 
 
 
 def _total_norm(tensors: list[torch.Tensor], order: float) -> torch.Tensor:
-    """Norm of the concatenation of ``tensors``: per-tensor norms, combined in fp64."""
-    norms = torch.stack([torch.linalg.vector_norm(t, order) for t in tensors]).double()
+    """Norm of the concatenation of ``tensors``: per-tensor norms (one multi-tensor kernel per
+    device and dtype rather than one launch per tensor), combined in fp64."""
+    norms = torch.stack(torch._foreach_norm(tensors, order)).double()
     return torch.linalg.vector_norm(norms, order)
 
 
