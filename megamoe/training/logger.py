@@ -1,7 +1,8 @@
 """Where the training metrics go: the console line, --log-json, wandb, tensorboard.
 
 One record per log step, a dict with these stable snake_case keys (``None`` where a value does
-not apply, e.g. ``mfu`` on CPU without --peak-tflops-per-device):
+not apply, e.g. ``mfu`` on CPU without --peak-tflops-per-device, or ``grad_norm`` of a step
+skipped for fp16 overflow):
 
     iteration, consumed_samples, lm_loss, aux_loss, z_loss, grad_norm, grad_norm_inf, lr,
     loss_scale, skipped_iters, tokens_per_sec, tflops_per_device, mfu, max_memory_gib,
@@ -111,7 +112,9 @@ class TrainingLogger:
 
     def _write(self, record: dict, *, prefix: str) -> None:
         if self.json_file is not None:
-            self.json_file.write(json.dumps(record) + "\n")
+            # A skipped (overflowed) step has a non-finite norm: strict JSON has no NaN/Infinity.
+            strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.json_file.write(json.dumps(strict, allow_nan=False) + "\n")
             self.json_file.flush()
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
         if self.wandb is not None:

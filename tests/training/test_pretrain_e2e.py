@@ -240,3 +240,17 @@ def test_regional_compile_trains_like_eager(tmp_path):
     for a, b in zip(read_json_log(eager), read_json_log(compiled), strict=True):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_fp16_overflow_steps_are_skipped_and_logged_as_strict_json(tmp_path):
+    log = tmp_path / "fp16.jsonl"
+    argv = TINY_MOE + ["--train-iters", "3", "--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "1",
+                       "--log-json", str(log)]
+    run_distributed(_run_main, 1, [argv], timeout=300)
+    records = [json.loads(line, parse_constant=_reject_constant) for line in log.read_text().splitlines()]
+    assert records[0]["grad_norm"] is None and records[0]["skipped_iters"] == 1
+    assert records[1]["loss_scale"] < records[0]["loss_scale"]
