@@ -2,16 +2,13 @@
 
 Compiled in place with ``nn.Module.compile`` (parameter names and checkpoints do not change):
 every attention block (QKV, RoPE, SDPA, output projection: the RoPE elementwise work fuses),
-every norm, the dense MLPs, and the experts' activation (SwiGLU's silu x up fuses into one
-kernel; compiled with dynamic shapes because the number of routed rows changes every step).
-The MoE dispatch (data-dependent split sizes) and the grouped GEMMs stay eager.
+every norm and the dense MLPs.  The MoE layer stays eager: its dispatch has data-dependent split
+sizes, and its expert activation, compiled with dynamic shapes (the routed row count changes
+every step), ran slower than eager on an H200 (SwiGLU backward 2.5 ms against ~1.6 ms eager
+per moe-1b-4e layer).
 """
 
 from __future__ import annotations
-
-import torch
-
-from megamoe.model.mlp import activation
 
 
 def compile_regions(model) -> list[str]:
@@ -21,10 +18,7 @@ def compile_regions(model) -> list[str]:
         for name in ("input_norm", "attention", "post_attention_norm"):
             getattr(layer, name).compile()
             compiled.append(f"layers.{i}.{name}")
-        if layer.is_moe:
-            layer.mlp.experts.activation_fn = torch.compile(activation, dynamic=True)
-            compiled.append(f"layers.{i}.mlp.experts.activation")
-        else:
+        if not layer.is_moe:
             layer.mlp.compile()
             compiled.append(f"layers.{i}.mlp")
     model.final_norm.compile()

@@ -147,7 +147,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     optimizer = MixedPrecisionOptimizer(model, cfg.optimizer)
     if cfg.train.compile:
         compile_regions(model)
-        log.info("torch.compile: attention, norms, MLPs and expert activations of every layer")
+        log.info("torch.compile: attention, norms and dense MLPs of every layer")
     if load_optim:
         optimizer.load_state_dict(payload["optimizer"])
     if payload is not None and "rng" in payload and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:

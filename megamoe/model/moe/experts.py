@@ -98,7 +98,6 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
         num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
         self.swiglu = config.swiglu
-        self.activation_fn = activation  # megamoe.model.compile swaps in a compiled copy
         self.grouped_gemm = config.moe_grouped_gemm
         dtype = config.params_dtype
         fc1_shape = (num_local, 2, local_ffn, hidden) if self.swiglu else (num_local, local_ffn, hidden)
@@ -135,13 +134,13 @@ class GroupedExperts(nn.Module):
         fc1_LOH = self.fc1.view(num_local, -1, hidden)  # SwiGLU: rows [gate F | up F], as the dense MLP
         h_NO = expert_linear(x_NH, fc1_LOH, counts, offsets, grouped=self.grouped_gemm)
         if self.fc1_bias is None:
-            return expert_linear(self.activation_fn(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+            return expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
         counts_L = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
         row_expert_N = torch.repeat_interleave(
             torch.arange(num_local, device=x_NH.device), counts_L, output_size=x_NH.shape[0]
         )
         h_NO = h_NO + self.fc1_bias.view(num_local, -1)[row_expert_N]
-        y_NH = expert_linear(self.activation_fn(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+        y_NH = expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
         # The output is a partial sum over TP, so the replicated fc2 bias is added on TP rank 0
         # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_tp_region
         # all-reduces its gradient so that every TP rank holds the full one.
