@@ -1,0 +1,41 @@
+"""The documented launch scripts: valid shell, and the flags they pass are a valid configuration
+for the layouts they advertise (checked with the real parser, without launching anything)."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from megamoe.training.arguments import parse_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = ["scripts/quickstart.sh", "scripts/run_tests.sh", "scripts/setup_env.sh",
+           "scripts/pretrain_1b_4exp.sh", "scripts/pretrain_slurm.sbatch", ".ci/run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_valid_bash(script):
+    done = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _pretrain_argv(tmp_path, **env):
+    """The pretrain_moe.py flags scripts/pretrain_1b_4exp.sh would pass, captured by a stand-in python."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    stub.chmod(0o755)
+    environment = dict(os.environ, PYTHON=str(stub), SAVE_DIR=str(tmp_path / "ckpt"), **env)
+    out = subprocess.run(["bash", "scripts/pretrain_1b_4exp.sh"], cwd=REPO, env=environment,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    return out[out.index("pretrain_moe.py") + 1:]
+
+
+@pytest.mark.parametrize("env,world", [({}, 8), ({"TP": "2", "EP": "2"}, 16), ({"EP": "4", "NNODES": "2"}, 16)])
+def test_1b_4exp_script_passes_a_valid_configuration(tmp_path, env, world):
+    argv = _pretrain_argv(tmp_path, **env) + ["--device", "cpu"]
+    cfg = parse_config(argv, world_size=world)
+    assert cfg.model.num_layers == 24 and cfg.model.hidden_size == 2048 and cfg.model.num_experts == (4,)
+    assert cfg.train.global_batch_size == 256 and cfg.parallel.use_distributed_optimizer
+    assert cfg.model.params_dtype.is_floating_point and str(cfg.model.params_dtype) == "torch.bfloat16"
+    assert cfg.train.exit_signal_handler, shlex.join(argv)
