@@ -32,6 +32,9 @@ class OptimizerConfig:
     hysteresis: int = 2  # --hysteresis: consecutive overflows before the dynamic scale halves
     grad_reduce_dtype: torch.dtype = torch.float32  # dtype of the gradient collectives (main grads stay fp32)
     bucket_size: int = 40_000_000  # elements per gradient bucket (one collective each)
+    # --overlap-grad-reduce: launch each bucket's reduction during the last micro-batch's backward,
+    # as soon as all its gradients are accumulated (megamoe.optim.grad_sync)
+    overlap_grad_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.params_dtype not in PARAMS_DTYPES:

@@ -15,10 +15,10 @@ for the expert parameters (reduced over that EP size's EDP group).  Layout of on
                without ZeRO-1 a rank owns every bucket whole.
 
 A post-accumulate-grad hook adds each ``param.grad`` (param dtype) into ``param.main_grad``
-(fp32) and frees ``param.grad``, so micro-batches accumulate in fp32.  The hook does no
-collective and no host sync.  ``start_grad_sync`` launches one asynchronous collective per
-bucket and ``finish_grad_sync`` waits for them: today both run from ``step``; overlapping the
-reduction with backward only needs a hook that calls ``start_grad_sync`` per ready bucket.
+(fp32) and frees ``param.grad``, so micro-batches accumulate in fp32; it does no host sync.
+``start_bucket_sync`` launches one asynchronous collective per bucket and ``finish_grad_sync``
+waits for them.  By default all run from ``step``; with --overlap-grad-reduce the hook reports
+each ready gradient to ``megamoe.optim.grad_sync``, which launches buckets during backward.
 """
 
 from __future__ import annotations
@@ -150,15 +150,27 @@ class GradBuffer:
         device = devices.pop()
         self.data = torch.zeros(numel, dtype=dtypes.pop(), device=device)
         self.main_grad = torch.zeros(numel, dtype=torch.float32, device=device)
-        for bucket in self.buckets:
+        # Called as on_param_ready(buffer, bucket_index) after each gradient is accumulated;
+        # megamoe.optim.grad_sync sets it to overlap the reduction with backward.
+        self.on_param_ready = None
+        for index, bucket in enumerate(self.buckets):
             for r in bucket.params:
                 p = r.param
                 self.data[r.start : r.end].copy_(p.detach().reshape(-1))
                 p.data = self.data[r.start : r.end].view(p.shape)
                 p.main_grad = self.main_grad[r.start : r.end].view(p.shape)
-                p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
-        self._pending: list = []
+                p.register_post_accumulate_grad_hook(self._grad_hook(index))
+        self._pending: list = []  # (bucket, comm, handle) in launch order
+        self._started: set[int] = set()  # bucket indices launched since the last zero_grad
         self._synced = False  # main grads hold the reduced gradients (until zero_grad)
+
+    def _grad_hook(self, bucket_index: int):
+        def hook(param: torch.Tensor) -> None:
+            _accumulate_into_main_grad(param)
+            if self.on_param_ready is not None:
+                self.on_param_ready(self, bucket_index)
+
+        return hook
 
     def _layout(self, named_params, bucket_size: int) -> tuple[list[Bucket], int]:
         buckets: list[Bucket] = []
@@ -212,36 +224,43 @@ class GradBuffer:
     def zero_grad(self) -> None:
         assert not self._pending, "zero_grad while a gradient reduction is in flight"
         self.main_grad.zero_()
+        self._started = set()
         self._synced = False
 
-    def start_grad_sync(self) -> None:
-        """Launch the reduction of every bucket: scale, then all-reduce (or reduce-scatter into
-        this rank's shard with ZeRO-1) over the reduction group, in ``grad_reduce_dtype``."""
-        assert not self._pending and not self._synced, "gradients already reduced since the last zero_grad"
+    def start_bucket_sync(self, index: int) -> None:
+        """Launch bucket ``index``'s reduction: scale, then all-reduce (or reduce-scatter into this
+        rank's shard with ZeRO-1) over the reduction group, in ``grad_reduce_dtype``."""
+        assert index not in self._started and not self._synced, "bucket reduced twice since zero_grad"
+        self._started.add(index)
+        b = self.buckets[index]
         red = self.reduction
-        for b in self.buckets:
-            grad = self.main_grad[b.start : b.end]
-            if self.grad_reduce_dtype == torch.float32:
-                comm = grad.mul_(red.scale)
+        grad = self.main_grad[b.start : b.end]
+        if self.grad_reduce_dtype == torch.float32:
+            comm = grad.mul_(red.scale)
+        else:
+            comm = (grad * red.scale).to(self.grad_reduce_dtype)
+        handle = None
+        if red.size > 1:
+            if self.sharded:
+                shard = comm[b.shard_start - b.start : b.shard_end - b.start]
+                reduce_scatter = flat_collective("reduce_scatter_single", "reduce_scatter_tensor")
+                handle = reduce_scatter(shard, comm, group=red.group, async_op=True)
             else:
-                comm = (grad * red.scale).to(self.grad_reduce_dtype)
-            handle = None
-            if red.size > 1:
-                if self.sharded:
-                    shard = comm[b.shard_start - b.start : b.shard_end - b.start]
-                    reduce_scatter = flat_collective("reduce_scatter_single", "reduce_scatter_tensor")
-                    handle = reduce_scatter(shard, comm, group=red.group, async_op=True)
-                else:
-                    handle = dist.all_reduce(comm, group=red.group, async_op=True)
-            self._pending.append((b, comm, handle))
+                handle = dist.all_reduce(comm, group=red.group, async_op=True)
+        self._pending.append((b, comm, handle))
+
+    def start_grad_sync(self) -> None:
+        """Launch every bucket not launched yet, in bucket order."""
+        for index in range(len(self.buckets)):
+            if index not in self._started:
+                self.start_bucket_sync(index)
 
     def finish_grad_sync(self) -> None:
-        """Wait for the reductions (starting them if needed); afterwards every shard grad holds
+        """Wait for the reductions (starting those not started); afterwards every shard grad holds
         the reduced gradient in fp32.  Idempotent until the next ``zero_grad``."""
         if self._synced:
             return
-        if not self._pending:
-            self.start_grad_sync()
+        self.start_grad_sync()
         for b, comm, handle in self._pending:
             if handle is not None:
                 handle.wait()

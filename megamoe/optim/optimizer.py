@@ -10,7 +10,9 @@ Usage (the trainer's step)::
 
 ``step``:
   1. ``finish_grad_sync``: reduce every bucket (``grad_buffer.grad_reduction`` decides the group
-     and the 1/DP scale); with ZeRO-1 a reduce-scatter leaves each rank its shard.
+     and the 1/DP scale); with ZeRO-1 a reduce-scatter leaves each rank its shard.  With
+     ``overlap_grad_reduce`` most buckets were already launched during the last backward
+     (``grad_sync``); earlier micro-batches run in ``no_sync()``.
   2. unscale this rank's shard of the fp32 main grads by ``1 / loss_scale`` (fp16).
   3. ``grad_norm.global_grad_norm``: L2 and inf norms with one world collective (the step's one
      host sync); a non-finite norm means every rank skips the step and the loss scaler backs off.
@@ -26,6 +28,7 @@ parameter element, + 4 B per padding element of the owned shards (padding has no
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,7 @@ from megamoe.optim.adam import build_adam
 from megamoe.optim.config import OptimizerConfig, PARAMS_DTYPES
 from megamoe.optim.grad_buffer import build_grad_buffers
 from megamoe.optim.grad_norm import GradNorm, counts_toward_norm, global_grad_norm
+from megamoe.optim.grad_sync import OverlappedGradSync
 from megamoe.optim.loss_scaler import LossScaler
 from megamoe.optim.state_dict import check_and_load, optimizer_state_dict
 from megamoe.parallel.params import param_meta
@@ -88,6 +92,7 @@ class MixedPrecisionOptimizer:
             grad_reduce_dtype=cfg.grad_reduce_dtype,
         )
         self.masters = [buf.shard_params() for buf in self.buffers]
+        self.grad_sync = OverlappedGradSync(self.buffers) if cfg.overlap_grad_reduce else None
         self.pieces: list[MasterPiece] = []
         groups: dict[tuple[bool, int], list[torch.Tensor]] = {}
         self._norm_parts: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
@@ -119,13 +124,32 @@ class MixedPrecisionOptimizer:
         """Zero the fp32 main grads (once per optimizer step, before the first micro-batch)."""
         for buf in self.buffers:
             buf.zero_grad()
+        if self.grad_sync is not None:
+            self.grad_sync.reset()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss * loss_scale`` with loss scaling (fp16, or a static --loss-scale), else ``loss``."""
         return loss * self.scaler.scale if self.scaler.scale != 1.0 else loss
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward inside this block only accumulates: wrap every micro-batch but the last.
+        Needed with ``overlap_grad_reduce`` (the last one's backward launches the reduction);
+        harmless without it."""
+        if self.grad_sync is None:
+            yield
+            return
+        self.grad_sync.enabled = False
+        try:
+            yield
+        finally:
+            self.grad_sync.enabled = True
+
     def finish_grad_sync(self) -> None:
-        """Reduce every bucket's main grads (see ``grad_buffer.grad_reduction``)."""
+        """Reduce every bucket's main grads (see ``grad_buffer.grad_reduction``), launching, in
+        the order every rank shares, the buckets backward has not launched."""
+        if self.grad_sync is not None:
+            self.grad_sync.launch_remaining()
         for buf in self.buffers:
             buf.finish_grad_sync()
 

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=_int_list, default=[1], help="one value, or one per MoE layer")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="launch each gradient bucket's reduction during the last micro-batch's backward")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
@@ -348,6 +350,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         params_dtype=params_dtype,
         loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale,

@@ -7,6 +7,7 @@ loop with gradient accumulation, one optimizer step) -> log every --log-interval
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -95,10 +96,13 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
     """
     model.train()
     optimizer.zero_grad()
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = _to_device(batch, device)
-        out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
-        optimizer.scale_loss(out.loss / len(batches)).backward()
+        # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else optimizer.no_sync():
+            out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
+            optimizer.scale_loss(out.loss / len(batches)).backward()
         metrics.add_micro_batch(out)
     return optimizer.step()
 

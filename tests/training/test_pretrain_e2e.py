@@ -42,7 +42,7 @@ def _run_main(rank, world, runs):
 def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
     layouts = {
         "ep1": ["--expert-model-parallel-size", "1"],
-        "ep2": ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
+        "ep2": ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"],
         "ep4": ["--expert-model-parallel-size", "4"],
         "tp2ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
     }
