@@ -37,3 +37,16 @@ def test_plot_logs_draws_a_png_and_rejects_bad_lines(tmp_path):
     done = subprocess.run([sys.executable, "tools/plot_logs.py", str(bad)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and f"{bad}:2 is not a JSON line" in done.stderr
+
+
+def test_tensorboard_receives_the_training_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = TINY_MOE + ["--train-iters", "3", "--tensorboard-dir", str(tmp_path / "tb")]
+    run_distributed(_run_main, 1, [argv], timeout=300)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/lm_loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+    assert "train/grad_norm" in events.Tags()["scalars"]
