@@ -187,6 +187,12 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self.sequence_lengths.sum(dtype=np.int64))
 
+    def sample_max_token(self, max_tokens: int = 1 << 24) -> int:
+        """Largest id among the first ``max_tokens`` tokens (-1 when empty): a cheap check that the
+        data was made with the tokenizer a run is given, without reading a huge .bin whole."""
+        n = min(self.num_tokens, max_tokens)
+        return int(np.frombuffer(self._bin, self.dtype, n, 0).max()) if n else -1
+
     def get(self, index: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``index`` (to its end when ``length`` is None)."""
         size = int(self.sequence_lengths[index])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megamoe.data.build import DataConfig
+from megamoe.data.build import DataConfig, parse_data_path
 from megamoe.model.config import ModelConfig
 from megamoe.optim import OptimizerConfig
 from megamoe.parallel.state import validate_parallel_sizes
@@ -430,7 +430,7 @@ def _resolve_data(args: argparse.Namespace) -> tuple[str | None, int, DataConfig
     if args.data_path:
         if not args.tokenizer_model:
             raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model the data was made with)")
-        _check_data_paths(args.data_path)
+        prefixes = _check_data_paths(args.data_path)
         tokenizer_model = args.tokenizer_model
     else:
         if args.tokenizer_model:
@@ -438,30 +438,37 @@ def _resolve_data(args: argparse.Namespace) -> tuple[str | None, int, DataConfig
         from megamoe.data.default_corpus import ensure_default_corpus
 
         prefix, tokenizer_model = ensure_default_corpus()
-        args.data_path = [prefix]
+        args.data_path, prefixes = [prefix], [prefix]
     if not os.path.isfile(tokenizer_model):
         raise ConfigError(f"--tokenizer-model {tokenizer_model}: no such file")
     from megamoe.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_model)
+    _check_token_ids(prefixes, tokenizer_model, tokenizer.vocab_size)
     data = DataConfig(data_path=list(args.data_path), split=args.split, mock_data=False, vocab_size=None,
                       cache_dir=args.data_cache_path)
     return tokenizer_model, tokenizer.vocab_size, data
 
 
-def _check_data_paths(data_path: list[str]) -> None:
-    prefixes = data_path
-    if len(data_path) > 1:
-        if len(data_path) % 2 != 0:
-            raise ConfigError("--data-path with several datasets takes pairs: weight prefix weight prefix ...")
-        try:
-            weights = [float(w) for w in data_path[0::2]]
-        except ValueError:
-            raise ConfigError("--data-path with several datasets takes pairs: weight prefix weight prefix ...") from None
-        if any(w <= 0 for w in weights):
-            raise ConfigError(f"--data-path weights must be > 0, got {weights}")
-        prefixes = data_path[1::2]
+def _check_token_ids(prefixes: list[str], tokenizer_model: str, vocab_size: int) -> None:
+    """Refuse data whose ids do not fit the tokenizer (made with another one): it would crash
+    the embedding lookup, on CUDA with an opaque device-side assert."""
+    from megamoe.data.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        largest = IndexedDataset(prefix).sample_max_token()
+        if largest >= vocab_size:
+            raise ConfigError(
+                f"--data-path {prefix} holds token id {largest} but --tokenizer-model {tokenizer_model} has "
+                f"{vocab_size} ids: the data was made with another tokenizer"
+            )
+
+
+def _check_data_paths(data_path: list[str]) -> list[str]:
+    """The dataset prefixes of --data-path, each with its .bin and .idx present."""
+    _, prefixes = parse_data_path(data_path)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 raise ConfigError(f"--data-path {prefix}: {prefix + suffix} does not exist")
+    return prefixes

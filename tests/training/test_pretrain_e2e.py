@@ -254,3 +254,23 @@ def test_fp16_overflow_steps_are_skipped_and_logged_as_strict_json(tmp_path):
     records = [json.loads(line, parse_constant=_reject_constant) for line in log.read_text().splitlines()]
     assert records[0]["grad_norm"] is None and records[0]["skipped_iters"] == 1
     assert records[1]["loss_scale"] < records[0]["loss_scale"]
+
+
+def test_data_made_with_another_tokenizer_is_refused(tmp_path):
+    import numpy as np
+
+    from megamoe.data.default_corpus import ensure_default_corpus
+    from megamoe.data.indexed_dataset import IndexedDatasetWriter
+    from megamoe.data.tokenizer import load_tokenizer
+    from megamoe.training.arguments import ConfigError, parse_config
+
+    _, tokenizer_model = ensure_default_corpus()
+    vocab = load_tokenizer(tokenizer_model).vocab_size
+    prefix = str(tmp_path / "foreign")
+    with IndexedDatasetWriter(prefix, np.int32) as writer:
+        writer.add_document(np.array([5, vocab + 7, 9], dtype=np.int32))
+    argv = [a for a in TINY_MOE if a not in ("--mock-data", "--vocab-size", "200")]
+    with pytest.raises(ConfigError, match=rf"--data-path {prefix} holds token id {vocab + 7} but --tokenizer-model"):
+        parse_config(argv + ["--data-path", prefix, "--tokenizer-model", tokenizer_model], world_size=1)
+    with pytest.raises(ConfigError, match=r"--data-path 0.5 a 0.5: expected weight prefix pairs"):
+        parse_config(argv + ["--data-path", "0.5", "a", "0.5", "--tokenizer-model", tokenizer_model], world_size=1)
