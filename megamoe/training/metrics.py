@@ -9,6 +9,7 @@ min/max over the experts of every MoE layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -33,8 +34,18 @@ class IntervalMetrics:
         self.expert_tokens: list[torch.Tensor] | None = None
         self.dropped = torch.zeros((), device=self.device)
         self.start = time.perf_counter()
+        self.excluded = 0.0  # seconds of evaluation and checkpointing inside this interval
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoint saves) does not count towards tokens/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def add_micro_batch(self, out) -> None:
         """``out``: the model's GPTOutput for one micro-batch."""
@@ -69,7 +80,7 @@ class IntervalMetrics:
         flat = flat.cpu()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.excluded
         denominator = max(1, self.micro_batches) * state.dp_size
         lm, aux, z = (flat[:3] / denominator).tolist()
         dropped = flat[3].item() / denominator

@@ -230,9 +230,11 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
             record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
             log.log(record)
         if t.eval_interval and train_state.iteration % t.eval_interval == 0:
-            _run_eval(cfg, model, valid_ds, train_state, device, log)
+            with metrics.paused():
+                _run_eval(cfg, model, valid_ds, train_state, device, log)
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
-            _save(cfg, model, optimizer, train_state, log)
+            with metrics.paused():
+                _save(cfg, model, optimizer, train_state, log)
             saved_at = train_state.iteration
         if signals.triggered():
             log.info(f"SIGTERM received: saving at iteration {train_state.iteration} and exiting")
