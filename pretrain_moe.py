@@ -5,7 +5,8 @@
 
 With no --data-path and no --mock-data it trains on the built-in default corpus (Python's own
 standard-library sources, tokenised on first use into cache/default_corpus).  Every flag is
-validated before any process group is created; a bad combination prints one line
+validated before any process group is created (the data splits and checkpoints as soon as they
+are opened, before the model is built); a bad combination prints one line
 ``pretrain_moe.py: error: ...`` and exits with status 2.
 """
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pretrain(cfg)
-    except CheckpointError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"pretrain_moe.py: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,7 +31,7 @@ from megamoe.parallel.state import (
     initialize_model_parallel,
 )
 from megamoe.training import checkpoint as ckpt
-from megamoe.training.arguments import RunConfig
+from megamoe.training.arguments import ConfigError, RunConfig
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.metrics import IntervalMetrics
@@ -203,8 +203,11 @@ def pretrain(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
     state = get_parallel_state()
+    try:  # before the model: a data problem is the user's, and should cost nothing
+        train_ds, valid_ds, _ = _datasets(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     model, optimizer, train_state = _setup(cfg, device, log)
-    train_ds, valid_ds, _ = _datasets(cfg)
     t = cfg.train
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)

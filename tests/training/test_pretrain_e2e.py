@@ -145,13 +145,13 @@ def _cli(*args, env_extra=None):
         (["--bf16", "--fp16"], "--bf16 and --fp16 are mutually exclusive"),
         (["--lr-decay-style", "step"], "--lr-decay-style 'step'"),
         (["--data-path", "/nonexistent/corpus", "--tokenizer-model", "x.model"], None),
+        (["--split", "100,0,0", "--eval-interval", "2"], "--split 100,0,0: the valid split of"),
     ],
 )
 def test_bad_flags_give_one_line_errors(extra, message):
-    argv = [a for a in TINY_MOE if a != "--mock-data"] if "--data-path" in extra else TINY_MOE
-    if "--data-path" in extra:
-        i = argv.index("--vocab-size")
-        argv = argv[:i] + argv[i + 2:]
+    argv = TINY_MOE
+    if "--data-path" in extra or "--split" in extra:  # real data (the built-in corpus, or none)
+        argv = [a for a in TINY_MOE if a not in ("--mock-data", "--vocab-size", "200")]
     result = _cli(*argv, "--train-iters", "2", *extra)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
