@@ -13,11 +13,36 @@ from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` on ``h = [..., gate f | up f]``, saving only ``h`` for backward.
+
+    Autograd of the composed ops would also keep ``silu(gate)`` alive (half of ``h`` again: 5.9 GB
+    over the 16 MoE layers of moe-1b-4e) and concatenate the two input gradients in an extra pass;
+    here both are written straight into one ``[..., 2f]`` gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_out, F.silu(gate), out=grad_up)
+        torch.mul(grad_out, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_h
+
+
 def activation(fc1_out: torch.Tensor, swiglu: bool) -> torch.Tensor:
     """SwiGLU on ``[..., 2 * f]`` laid out as (gate, up), or GeLU on ``[..., f]``."""
     if swiglu:
-        gate, up = fc1_out.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _SwiGLU.apply(fc1_out)
     return F.gelu(fc1_out)
 
 
