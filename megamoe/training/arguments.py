@@ -8,6 +8,7 @@ any process group exists, and raises ``ConfigError`` (one line, naming the flags
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -200,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _from_flags(cls, args: argparse.Namespace, **derived):
+    """A ``cls`` dataclass whose fields take the flag of the same name (``--hidden-size`` ->
+    ``hidden_size``), then ``derived`` for the fields a flag does not give as is."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return cls(**{**values, **derived})
+
+
 def _positive(flags: dict[str, int | float | None]) -> None:
     for flag, value in flags.items():
         if value is not None and value <= 0:
@@ -276,17 +285,8 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
             f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size "
             f"{parallel.tensor_model_parallel_size}); use a multiple of {args.micro_batch_size * dp}"
         )
-    train = TrainConfig(
-        micro_batch_size=args.micro_batch_size,
-        global_batch_size=global_batch,
-        train_iters=args.train_iters,
-        seq_length=args.seq_length,
-        seed=args.seed,
-        eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters,
-        device=device,
-        exit_signal_handler=args.exit_signal_handler,
-        compile=args.compile,
+    train = _from_flags(
+        TrainConfig, args, global_batch_size=global_batch, device=device,
         num_microbatches=global_batch // (args.micro_batch_size * dp),
     )
 
@@ -294,37 +294,16 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     max_pos = args.max_position_embeddings or args.seq_length
     if args.seq_length > max_pos:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_pos}")
-    model = ModelConfig(
+    model = _from_flags(
+        ModelConfig,
+        args,
         vocab_size=vocab_size,
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
         max_position_embeddings=max_pos,
-        normalization=args.normalization,
-        norm_epsilon=args.norm_epsilon,
-        swiglu=args.swiglu,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
         add_bias_linear=not args.disable_bias_linear,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        init_method_std=args.init_method_std,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
         params_dtype=params_dtype,
         num_experts=tuple(args.num_experts or ()),
         moe_layer_freq=_moe_layer_freq(args.moe_layer_freq),
-        moe_router_topk=args.moe_router_topk,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_z_loss_coeff=args.moe_z_loss_coeff,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_renormalize=not args.no_moe_router_renormalize,
-        moe_input_jitter_eps=args.moe_input_jitter_eps,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_eval_capacity_factor=args.moe_eval_capacity_factor,
-        moe_token_drop_policy=args.moe_token_drop_policy,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
         moe_grouped_gemm=not args.no_moe_grouped_gemm,
         expert_model_parallel_size=tuple(args.expert_model_parallel_size),
     )
@@ -341,33 +320,9 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         decay_iters=decay_iters,
         wsd_decay_iters=args.lr_wsd_decay_iters or max(1, decay_iters // 10),
     )
-    optimizer = OptimizerConfig(
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_grad_reduce=args.overlap_grad_reduce,
-        params_dtype=params_dtype,
-        loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale,
-        min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis,
-    )
+    optimizer = _from_flags(OptimizerConfig, args, params_dtype=params_dtype)
 
-    checkpoint = CheckpointConfig(
-        save=args.save,
-        load=args.load,
-        save_interval=args.save_interval,
-        keep_last=args.keep_last,
-        finetune=args.finetune,
-        no_load_optim=args.no_load_optim,
-        no_load_rng=args.no_load_rng,
-    )
+    checkpoint = _from_flags(CheckpointConfig, args)
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
     if args.keep_last and not args.save:
@@ -377,15 +332,8 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ConfigError(f"--save {args.save} exists and is not a directory")
 
-    logging = LoggingConfig(
-        log_interval=args.log_interval,
-        log_json=args.log_json,
-        wandb_project=args.wandb_project,
-        wandb_exp_name=args.wandb_exp_name,
-        wandb_mode=args.wandb_mode,
-        wandb_save_dir=args.wandb_save_dir,
-        tensorboard_dir=args.tensorboard_dir,
-        peak_tflops=args.peak_tflops_per_device or (989.0 if device == "cuda" else None),
+    logging = _from_flags(
+        LoggingConfig, args, peak_tflops=args.peak_tflops_per_device or (989.0 if device == "cuda" else None)
     )
     if args.log_json:
         parent = os.path.dirname(os.path.abspath(args.log_json))
