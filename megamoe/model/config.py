@@ -44,6 +44,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0  # --hidden-dropout
     attention_dropout: float = 0.0  # --attention-dropout
     params_dtype: torch.dtype = torch.float32  # --bf16 / --fp16
+    # --recompute-granularity full: recompute each layer's activations in backward (None: store them)
+    recompute_granularity: str | None = None
+    recompute_num_layers: int | None = None  # --recompute-num-layers: the first N layers (default: all)
 
     # --- mixture of experts ---
     # --num-experts: one value for every MoE layer, or one per MoE layer (pyramid models).
@@ -106,6 +109,12 @@ class ModelConfig:
             raise ValueError(
                 f"--position-embedding-type {self.position_embedding_type!r}: "
                 f"valid values are {list(POSITION_EMBEDDINGS)}"
+            )
+        if self.recompute_granularity not in (None, "full"):
+            raise ValueError(f"--recompute-granularity {self.recompute_granularity!r}: valid values are ['full']")
+        if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= self.num_layers:
+            raise ValueError(
+                f"--recompute-num-layers {self.recompute_num_layers} must be in [1, --num-layers {self.num_layers}]"
             )
         for flag, value in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= value < 1.0:
@@ -198,6 +207,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def recomputes_layer(self, layer: int) -> bool:
+        if self.recompute_granularity is None:
+            return False
+        return self.recompute_num_layers is None or layer < self.recompute_num_layers
 
     @property
     def moe_layers(self) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from megamoe.model.attention import SelfAttention
 from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import MLP
 from megamoe.model.norm import Norm
+from megamoe.model.recompute import recomputed
 from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megamoe.parallel.mappings import copy_to_tp_region
@@ -130,8 +131,11 @@ class GPTModel(nn.Module):
             x = F.dropout(x, self.config.hidden_dropout, self.training)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
-        for layer in self.layers:
-            x, aux = layer(x)
+        for index, layer in enumerate(self.layers):
+            if self.training and self.config.recomputes_layer(index):
+                x, aux = recomputed(layer, x)
+            else:
+                x, aux = layer(x)
             if aux is not None:
                 aux_total = aux_total + aux.loss
                 moe_stats.append(aux.stats)

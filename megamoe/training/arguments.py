@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--vocab-size", type=int, default=None, help="with --mock-data only (else: the tokenizer's)")
+    g.add_argument("--recompute-granularity", default=None, help="full: recompute each layer's activations in backward")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="with --recompute-granularity: the first N layers")
 
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=_int_list, default=None, help="one value, or one per MoE layer (comma-separated)")

@@ -216,9 +216,11 @@ def check_compatible(directory: str, metadata: dict, current_layout: dict, model
     saved_model = metadata["model_config"]
     current_model = model_config_dict(model_config)
     # The EP sizes are part of the layout (compared below, one per MoE layer), not of the model:
-    # "--expert-model-parallel-size 2" and "2,2" are the same layout.
-    layout_fields = ("params_dtype", "expert_model_parallel_size")
-    differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in layout_fields]
+    # "--expert-model-parallel-size 2" and "2,2" are the same layout.  How activations are kept
+    # and which GEMM path runs do not change the weights either.
+    not_model = ("params_dtype", "expert_model_parallel_size", "moe_grouped_gemm", "recompute_granularity",
+                 "recompute_num_layers")
+    differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in not_model]
     if differ:
         details = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current_model[k]!r}" for k in differ)
         raise CheckpointError(f"{directory} holds a different model ({details})")

@@ -77,8 +77,9 @@ def test_resume_is_exact(tmp_path):
     # The first half stops at iteration 3 by being given 3 train iterations on the same schedule.
     first_half = first_half + ["--lr-decay-iters", "6"]
     first_half[first_half.index("--train-iters") + 1] = "3"
+    # Resumed with activation recomputation: an execution choice, not a different model.
     second_half = common + ["--load", str(tmp_path / "halves"), "--save", str(tmp_path / "halves"),
-                            "--log-json", str(tmp_path / "halves.jsonl")]
+                            "--log-json", str(tmp_path / "halves.jsonl"), "--recompute-granularity", "full"]
     run_distributed(_run_main, 4, [straight, first_half, second_half], timeout=600)
     a = read_json_log(tmp_path / "straight.jsonl")
     b = read_json_log(tmp_path / "halves.jsonl")

@@ -1,0 +1,40 @@
+"""Activation recomputation (--recompute-granularity full): a transformer layer keeps only its
+input for backward and runs its forward again when backward reaches it.
+
+Uses ``torch.utils.checkpoint`` (non-reentrant), which restores the default RNG streams for the
+second forward; the context below also restores the model-parallel stream of
+``megamoe.parallel.random``, so dropout draws the same masks twice.  Inside an MoE layer the
+recomputation repeats the all-to-all: every rank of the EP group reaches the same layer's
+backward, so the collectives still pair up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch.utils.checkpoint import checkpoint
+
+from megamoe.parallel.random import get_rng_tracker
+
+
+def _tracker_contexts():
+    """(forward context, recomputation context): the second puts back the tracker's streams as
+    they were when the first forward ran."""
+    tracker = get_rng_tracker()
+    states = tracker.get_states()
+
+    @contextlib.contextmanager
+    def replay():
+        current = tracker.get_states()
+        tracker.set_states(states)
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return contextlib.nullcontext(), replay()
+
+
+def recomputed(layer, *inputs):
+    """``layer(*inputs)``, its activations recomputed in backward instead of stored."""
+    return checkpoint(layer, *inputs, use_reentrant=False, context_fn=_tracker_contexts)
