@@ -47,6 +47,7 @@ exec "$PYTHON" -m torch.distributed.run \
     --untie-embeddings-and-output-weights \
     --num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 \
     --tensor-model-parallel-size "$TP" --expert-model-parallel-size "$EP" --use-distributed-optimizer \
+    --overlap-grad-reduce --compile \
     --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS" \
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000 \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0 \
