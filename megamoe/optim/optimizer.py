@@ -16,7 +16,8 @@ Usage (the trainer's step)::
   2. unscale this rank's shard of the fp32 main grads by ``1 / loss_scale`` (fp16).
   3. ``grad_norm.global_grad_norm``: L2 and inf norms with one world collective (the step's one
      host sync); a non-finite norm means every rank skips the step and the loss scaler backs off.
-  4. clip the shard grads by ``clip_grad / (norm + 1e-6)`` when that is below 1.
+  4. clip by ``clip_grad / (norm + 1e-6)`` when that is below 1 (inside torch's fused AdamW,
+     through its ``grad_scale``; a pass over the shard grads with the other Adam kernels).
   5. AdamW on the fp32 master shards (params grouped by (weight decay, EP size)).
   6. copy the master shards into the model params (cast to their dtype) and, with ZeRO-1,
      all-gather each bucket in the group that reduced it.
@@ -113,6 +114,7 @@ class MixedPrecisionOptimizer:
         self.optimizer, self.adam_kind = (
             build_adam(param_groups, cfg, named[0][1].device) if param_groups else (None, "none (no owned elements)")
         )
+        self._adam_scales_grads = self.adam_kind == "torch.optim.AdamW (fused)"
         self.scaler = LossScaler.from_config(cfg)
         self.lr = cfg.lr
         self.adam_steps = 0
@@ -166,13 +168,17 @@ class MixedPrecisionOptimizer:
         if skipped:
             self.num_skipped += 1
         else:
-            if self.cfg.clip_grad > 0:
-                coeff = self.cfg.clip_grad / (norm.l2 + 1e-6)
-                if coeff < 1.0:
-                    for g in shard_grads:
-                        g.mul_(coeff)
+            coeff = self.cfg.clip_grad / (norm.l2 + 1e-6) if self.cfg.clip_grad > 0 else 1.0
+            if coeff < 1.0 and not self._adam_scales_grads:
+                for g in shard_grads:
+                    g.mul_(coeff)
             if self.optimizer is not None:
+                if coeff < 1.0 and self._adam_scales_grads:
+                    # torch's fused AdamW divides each gradient by grad_scale as it reads it: the
+                    # clipping costs no pass of its own over the main grads (which stay unclipped).
+                    self.optimizer.grad_scale = torch.tensor(1.0 / coeff, device=shard_grads[0].device)
                 self.optimizer.step()
+                self.optimizer.grad_scale = None
             self.adam_steps += 1
             self._copy_masters_to_params()
         return StepResult(
