@@ -262,6 +262,11 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     })
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if args.compile and args.recompute_granularity:
+        raise ConfigError(
+            "--compile and --recompute-granularity cannot be combined yet (the recomputation re-enters the "
+            "compiled regions with a different graph, which torch.utils.checkpoint refuses); use one of them"
+        )
     params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -145,6 +145,8 @@ def _cli(*args, env_extra=None):
         (["--num-attention-heads", "5"], "--hidden-size 32 is not divisible by --num-attention-heads 5"),
         (["--bf16", "--fp16"], "--bf16 and --fp16 are mutually exclusive"),
         (["--lr-decay-style", "step"], "--lr-decay-style 'step'"),
+        (["--compile", "--recompute-granularity", "full"], "--compile and --recompute-granularity cannot be combined"),
+        (["--recompute-granularity", "selective"], "--recompute-granularity 'selective': valid values are ['full']"),
         (["--data-path", "/nonexistent/corpus", "--tokenizer-model", "x.model"], None),
         (["--split", "100,0,0", "--eval-interval", "2"], "--split 100,0,0: the valid split of"),
     ],
