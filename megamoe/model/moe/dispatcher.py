@@ -72,6 +72,30 @@ class DispatchPlan:
     from_expert_major: torch.Tensor | None  # its inverse
 
 
+class _GatherSlots(torch.autograd.Function):
+    """``x_TH`` rows of the token of each slot in ``order`` (slot = t * K + j).
+
+    The backward of a plain ``index_select`` adds a token's K slot gradients with atomics, whose
+    order (so whose rounding) varies from run to run on CUDA once K > 2.  Here each slot's gradient
+    is written to its own row (slots are unique) and the K rows of a token are summed in slot
+    order: the same bits every run, for any K.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, topk: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.topk = topk
+        ctx.num_tokens = x_TH.shape[0]
+        return x_TH.index_select(0, torch.div(order, topk, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_NH: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        num_tokens, topk, hidden = ctx.num_tokens, ctx.topk, grad_NH.shape[-1]
+        grad_SH = grad_NH.new_zeros(num_tokens * topk, hidden).index_copy_(0, order, grad_NH)
+        return grad_SH.view(num_tokens, topk, hidden).sum(dim=1), None, None
+
+
 class TokenDispatcher:
     """Moves token-slots between this rank and the EP ranks holding their experts."""
 
@@ -132,8 +156,7 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
         (``plan.expert_counts`` rows per local expert)."""
-        # A gather of token rows; its backward adds the K slots of a token back together.
-        x_send = x_TH.index_select(0, torch.div(plan.order, plan.topk, rounding_mode="floor"))
+        x_send = _GatherSlots.apply(x_TH, plan.order, plan.topk)
         if self.ep_size == 1:
             return x_send
         x_recv = all_to_all(x_send, plan.send_splits, plan.recv_splits, self._group())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megamoe.model.moe.dispatcher import TokenDispatcher
+from megamoe.model.moe.dispatcher import TokenDispatcher, _GatherSlots
 
 TOKENS, TOPK, EXPERTS, HIDDEN = 10, 2, 4, 3
 
@@ -45,3 +45,14 @@ def test_dropped_slots_are_not_sent_and_combine_weights_the_kept_ones():
     out = dispatcher.combine(rows * scale[expert_of_row].unsqueeze(-1), weights, plan)
     want = ((weights * keep * scale[ids]).sum(dim=1, keepdim=True)) * x
     torch.testing.assert_close(out, want)
+
+
+def test_slot_gather_backward_sums_each_tokens_slots_for_any_topk():
+    tokens, topk, hidden = 6, 4, 3
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(tokens * topk)[: tokens * topk - 5]  # some slots dropped, the rest shuffled
+    torch.autograd.gradcheck(lambda t: _GatherSlots.apply(t, order, topk), (x,))
+    grad = torch.randn(len(order), hidden, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(_GatherSlots.apply(x, order, topk), x, grad)
+    (plain,) = torch.autograd.grad(x.index_select(0, order // topk), x, grad)
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
