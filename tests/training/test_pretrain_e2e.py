@@ -277,3 +277,17 @@ def test_data_made_with_another_tokenizer_is_refused(tmp_path):
         parse_config(argv + ["--data-path", prefix, "--tokenizer-model", tokenizer_model], world_size=1)
     with pytest.raises(ConfigError, match=r"--data-path 0.5 a 0.5: expected weight prefix pairs"):
         parse_config(argv + ["--data-path", "0.5", "a", "0.5", "--tokenizer-model", tokenizer_model], world_size=1)
+
+
+def test_no_load_optim_keeps_the_position_and_finetune_restarts_it(tmp_path):
+    save = str(tmp_path / "ckpt")
+    base = TINY_MOE + ["--train-iters", "4"]
+    no_optim, finetune = tmp_path / "no_optim.jsonl", tmp_path / "finetune.jsonl"
+    run_distributed(_run_main, 1, [
+        base[:-1] + ["2", "--save", save],
+        base + ["--load", save, "--no-load-optim", "--no-load-rng", "--log-json", str(no_optim)],
+        base[:-1] + ["2", "--load", save, "--finetune", "--log-json", str(finetune)],
+    ], timeout=300)
+    assert [r["iteration"] for r in read_json_log(no_optim)] == [3, 4]
+    assert read_json_log(no_optim)[0]["consumed_samples"] == 3 * 8
+    assert [r["iteration"] for r in read_json_log(finetune)] == [1, 2]
