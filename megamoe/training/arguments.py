@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "cpu"  # --device
     exit_signal_handler: bool = False  # --exit-signal-handler
     compile: bool = False  # --compile: regional torch.compile (megamoe.model.compile)
+    eod_mask_loss: bool = False  # --eod-mask-loss: no loss on positions whose input token is EOD
     num_microbatches: int = 1  # derived: GBS / (MBS x DP)
 
 
@@ -86,7 +87,13 @@ class RunConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     tokenizer_model: str | None = None
+    eod_token_id: int | None = None  # the tokenizer's end-of-document id (None with --mock-data)
     args: dict = field(default_factory=dict)  # the parsed flags, saved with checkpoints
+
+    @property
+    def eod_mask_token(self) -> int | None:
+        """The id whose positions get no loss (--eod-mask-loss), else None."""
+        return self.eod_token_id if self.train.eod_mask_loss else None
 
 
 def _int_list(text: str) -> list[int]:
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on positions whose input token is EOD")
     g.add_argument("--eval-interval", type=int, default=0)
     g.add_argument("--eval-iters", type=int, default=10)
 
@@ -297,7 +305,9 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         num_microbatches=global_batch // (args.micro_batch_size * dp),
     )
 
-    tokenizer_model, vocab_size, data = _resolve_data(args)
+    tokenizer_model, vocab_size, eod_token_id, data = _resolve_data(args)
+    if args.eod_mask_loss and eod_token_id is None:
+        raise ConfigError("--eod-mask-loss needs real data and its tokenizer, not --mock-data")
     max_pos = args.max_position_embeddings or args.seq_length
     if args.seq_length > max_pos:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_pos}")
@@ -367,19 +377,21 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         checkpoint=checkpoint,
         logging=logging,
         tokenizer_model=tokenizer_model,
+        eod_token_id=eod_token_id,
         args=vars(args),
     )
 
 
-def _resolve_data(args: argparse.Namespace) -> tuple[str | None, int, DataConfig]:
-    """Pick the data source: --mock-data, --data-path with --tokenizer-model, or the built-in corpus."""
+def _resolve_data(args: argparse.Namespace) -> tuple[str | None, int, int | None, DataConfig]:
+    """Pick the data source: --mock-data, --data-path with --tokenizer-model, or the built-in corpus.
+    Returns the tokenizer model, the vocabulary size, the EOD id and the data config."""
     if args.mock_data:
         if args.data_path:
             raise ConfigError("--mock-data and --data-path are mutually exclusive")
         vocab = args.vocab_size or 32000
         _positive({"--vocab-size": vocab})
-        return None, vocab, DataConfig(data_path=[], split=args.split, mock_data=True, vocab_size=vocab,
-                                       cache_dir=args.data_cache_path)
+        return None, vocab, None, DataConfig(data_path=[], split=args.split, mock_data=True, vocab_size=vocab,
+                                             cache_dir=args.data_cache_path)
     if args.vocab_size is not None:
         raise ConfigError("--vocab-size is only for --mock-data; otherwise the tokenizer sets it")
     if args.data_path:
@@ -402,7 +414,7 @@ def _resolve_data(args: argparse.Namespace) -> tuple[str | None, int, DataConfig
     _check_token_ids(prefixes, tokenizer_model, tokenizer.vocab_size)
     data = DataConfig(data_path=list(args.data_path), split=args.split, mock_data=False, vocab_size=None,
                       cache_dir=args.data_cache_path)
-    return tokenizer_model, tokenizer.vocab_size, data
+    return tokenizer_model, tokenizer.vocab_size, tokenizer.eod_id, data
 
 
 def _check_token_ids(prefixes: list[str], tokenizer_model: str, vocab_size: int) -> None:

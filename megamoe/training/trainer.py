@@ -84,11 +84,17 @@ class TrainState:
     consumed_samples: int = 0
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def prepare_batch(batch: dict, device: torch.device, eod_mask_token: int | None = None) -> dict:
+    """The micro-batch on ``device``; with ``eod_mask_token`` (--eod-mask-loss), no loss where the
+    input token is that end-of-document id (Megatron's rule)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if eod_mask_token is not None:
+        batch["loss_mask"] = batch["loss_mask"] * (batch["tokens"] != eod_mask_token)
+    return batch
 
 
-def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, device: torch.device):
+def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, device: torch.device,
+               eod_mask_token: int | None = None):
     """One optimizer step over this rank's micro-batches of one global batch.
 
     Each micro-batch loss (LM + auxiliary) is divided by the number of micro-batches, so the
@@ -97,7 +103,7 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
     model.train()
     optimizer.zero_grad()
     for index, batch in enumerate(batches):
-        batch = _to_device(batch, device)
+        batch = prepare_batch(batch, device, eod_mask_token)
         # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else optimizer.no_sync():
@@ -108,14 +114,14 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
 
 
 @torch.no_grad()
-def evaluate(model, batches_iter, eval_iters: int, device: torch.device) -> float:
+def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mask_token: int | None = None) -> float:
     """Mean LM loss over ``eval_iters`` global batches, averaged over DP."""
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
     for _ in range(eval_iters):
         for batch in next(batches_iter):
-            batch = _to_device(batch, device)
+            batch = prepare_batch(batch, device, eod_mask_token)
             total += model(batch["tokens"], batch["labels"], batch["loss_mask"]).lm_loss
             count += 1
     state = get_parallel_state()
@@ -225,7 +231,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
     while train_state.iteration < t.train_iters:
         lr = cfg.schedule.lr_at(train_state.iteration)
         optimizer.set_lr(lr)
-        result = train_step(model, optimizer, next(batches), metrics, device)
+        result = train_step(model, optimizer, next(batches), metrics, device, cfg.eod_mask_token)
         train_state.iteration += 1
         train_state.consumed_samples += t.global_batch_size
         metrics.add_step(result, tokens=t.global_batch_size * t.seq_length)
@@ -256,6 +262,6 @@ def _run_eval(cfg: RunConfig, model, valid_ds, train_state: TrainState, device, 
     start = evals_before * t.eval_iters * t.global_batch_size
     valid_iter = micro_batches(valid_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=start)
-    loss = evaluate(model, valid_iter, t.eval_iters, device)
+    loss = evaluate(model, valid_iter, t.eval_iters, device, cfg.eod_mask_token)
     log.log_eval({"iteration": train_state.iteration, "split": "valid", "lm_loss": loss,
                   "ppl": math.exp(min(loss, 30.0))})

@@ -291,3 +291,20 @@ def test_no_load_optim_keeps_the_position_and_finetune_restarts_it(tmp_path):
     assert [r["iteration"] for r in read_json_log(no_optim)] == [3, 4]
     assert read_json_log(no_optim)[0]["consumed_samples"] == 3 * 8
     assert [r["iteration"] for r in read_json_log(finetune)] == [1, 2]
+
+
+def test_eod_mask_loss_zeroes_the_loss_after_each_document_end():
+    from megamoe.training.arguments import ConfigError, parse_config
+    from megamoe.training.trainer import prepare_batch
+
+    batch = {"tokens": torch.tensor([[5, 2, 7, 2]]), "labels": torch.tensor([[2, 7, 2, 9]]),
+             "loss_mask": torch.ones(1, 4)}
+    masked = prepare_batch(batch, torch.device("cpu"), eod_mask_token=2)
+    assert masked["loss_mask"].tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    assert prepare_batch(batch, torch.device("cpu"))["loss_mask"].tolist() == [[1.0] * 4]
+    real_data = [a for a in TINY_MOE if a not in ("--mock-data", "--vocab-size", "200")]
+    cfg = parse_config(real_data + ["--eod-mask-loss"], world_size=1)
+    assert cfg.eod_mask_token is not None and cfg.eod_mask_token == cfg.eod_token_id
+    assert parse_config(real_data, world_size=1).eod_mask_token is None
+    with pytest.raises(ConfigError, match="--eod-mask-loss needs real data"):
+        parse_config(TINY_MOE + ["--eod-mask-loss"], world_size=1)
