@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import socket
-import time
 from dataclasses import dataclass
 
 import torch
