@@ -13,13 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.state import get_parallel_state
-
-
-def _tp_all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
-    state = get_parallel_state()
-    if state.tp_size > 1:
-        dist.all_reduce(x, op=op, group=state.tp_group)
+from megamoe.parallel.mappings import all_reduce_tp
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -32,7 +26,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits = logits.clone()
             logits[..., max(valid_local, 0):] = float("-inf")
         logits_max = logits.max(dim=-1).values
-        _tp_all_reduce(logits_max, dist.ReduceOp.MAX)
+        all_reduce_tp(logits_max, dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
 
         local_target = target - vocab_start
@@ -40,11 +34,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = local_target.masked_fill(outside, 0)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_logit = target_logit.masked_fill(outside, 0.0)
-        _tp_all_reduce(target_logit)
+        all_reduce_tp(target_logit)
 
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
-        _tp_all_reduce(sum_exp)
+        all_reduce_tp(sum_exp)
         loss = sum_exp.log() - target_logit
 
         softmax = exp.div_(sum_exp.unsqueeze(-1))

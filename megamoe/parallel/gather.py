@@ -9,18 +9,10 @@ of the groups involved must call it (it runs collectives).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from megamoe.parallel.mappings import all_gather_cat
 from megamoe.parallel.params import EXPERT_DIM, param_meta
 from megamoe.parallel.state import get_parallel_state
-
-
-def _all_gather_cat(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
-    if size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
 
 
 def gather_full(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -29,12 +21,12 @@ def gather_full(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     state = get_parallel_state()
     full = tensor.detach()
     if meta.tensor_parallel_dim is not None:
-        full = _all_gather_cat(full, meta.tensor_parallel_dim, state.tp_group, state.tp_size)
+        full = all_gather_cat(full, meta.tensor_parallel_dim, state.tp_group, state.tp_size)
         if meta.unpadded_size is not None:
             full = full.narrow(meta.tensor_parallel_dim, 0, meta.unpadded_size)
     if meta.is_expert:
         groups = state.experts(meta.expert_parallel_size)
-        full = _all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
+        full = all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
     return full
 
 

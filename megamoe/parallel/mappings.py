@@ -20,22 +20,28 @@ import torch.distributed as dist
 from megamoe.parallel.state import get_parallel_state
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_tp(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of ``x`` over the TP group (nothing at TP size 1); returns it."""
     state = get_parallel_state()
     if state.tp_size == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=state.tp_group)
+    dist.all_reduce(x, op=op, group=state.tp_group)
     return x
+
+
+def all_gather_cat(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
+    """The ``size`` ranks' ``x`` of ``group`` concatenated along ``dim`` (``x`` itself at size 1)."""
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
 
 def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     state = get_parallel_state()
-    if state.tp_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(state.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=state.tp_group)
-    return torch.cat(parts, dim=-1)
+    return all_gather_cat(x, -1, state.tp_group, state.tp_size)
 
 
 def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +58,13 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone())
+        return all_reduce_tp(grad.clone())
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        return _all_reduce(x.clone())
+        return all_reduce_tp(x.clone())
 
     @staticmethod
     def backward(ctx, grad):
