@@ -196,7 +196,7 @@ def pretrain(cfg: RunConfig) -> dict:
     """Train as configured; returns the last log record.  Collective: call on every rank."""
     device = device_from_environment(cfg.train.device)
     init_distributed(device)
-    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, set(cfg.model.moe_ep_sizes()) or {1})
+    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, set(cfg.model.moe_ep_sizes()))
     state = get_parallel_state()
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
     try:
@@ -246,9 +246,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
             saved_at = train_state.iteration
         if signals.triggered():
             log.info(f"SIGTERM received: saving at iteration {train_state.iteration} and exiting")
-            if cfg.checkpoint.save and saved_at != train_state.iteration:
-                _save(cfg, model, optimizer, train_state, log)
-            return record
+            break
     if cfg.checkpoint.save and saved_at != train_state.iteration:
         _save(cfg, model, optimizer, train_state, log)
     return record
