@@ -65,15 +65,18 @@ def _total_norm(tensors: list[torch.Tensor], order: float) -> torch.Tensor:
     return torch.linalg.vector_norm(norms, order)
 
 
-def global_grad_norm(parts: dict[str, list[torch.Tensor]], world_group: dist.ProcessGroup) -> GradNorm:
+def global_grad_norm(
+    parts: dict[str, list[torch.Tensor]], world_group: dist.ProcessGroup, *, device: torch.device
+) -> GradNorm:
     """Norms of the gradients this rank counts (``counts_toward_norm``), grouped by part.
 
     ``parts`` must have the same keys in the same order on every rank (a rank may count no
-    tensor of a part).  One ``all_gather`` over ``world_group``; returns the same numbers on
-    every rank.
+    tensor of a part, or none at all).  ``device`` is the model's: the collective's tensors live
+    there on every rank, whatever it counts (NCCL refuses CPU tensors, so a rank owning no
+    gradient must not fall back to the CPU).  One ``all_gather`` over ``world_group``; returns
+    the same numbers on every rank.
     """
     names = list(parts)
-    device = next((t.device for ts in parts.values() for t in ts), torch.device("cpu"))
     local = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
     for i, name in enumerate(names):
         if parts[name]:

@@ -16,8 +16,9 @@ Usage (the trainer's step)::
   2. unscale this rank's shard of the fp32 main grads by ``1 / loss_scale`` (fp16).
   3. ``grad_norm.global_grad_norm``: L2 and inf norms with one world collective (the step's one
      host sync); a non-finite norm means every rank skips the step and the loss scaler backs off.
-  4. clip by ``clip_grad / (norm + 1e-6)`` when that is below 1 (inside torch's fused AdamW,
-     through its ``grad_scale``; a pass over the shard grads with the other Adam kernels).
+  4. clip by ``clip_grad / (norm + 1e-6)`` when that is below 1: inside torch's fused AdamW,
+     through its ``grad_scale``, where ``adam.fused_adamw_support`` found that this works on the
+     device; else a pass over the shard grads.
   5. AdamW on the fp32 master shards (params grouped by (weight decay, EP size)).
   6. copy the master shards into the model params (cast to their dtype) and, with ZeRO-1,
      all-gather each bucket in the group that reduced it.
@@ -74,6 +75,10 @@ class MixedPrecisionOptimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
+        devices = {p.device for _, p in named}
+        if len(devices) != 1:
+            raise ValueError(f"the model's parameters are on several devices {sorted(map(str, devices))}: use one")
+        self.device = devices.pop()  # every collective of the step runs on it, on every rank
         for name, p in named:
             if hasattr(p, "main_grad"):
                 raise ValueError(f"parameter {name} already belongs to a MixedPrecisionOptimizer (one per model)")
@@ -111,10 +116,11 @@ class MixedPrecisionOptimizer:
             {"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0} for key in self.group_keys
         ]
         # A ZeRO-1 rank may own only padding (tiny models, large groups): it then runs no Adam.
-        self.optimizer, self.adam_kind = (
-            build_adam(param_groups, cfg, named[0][1].device) if param_groups else (None, "none (no owned elements)")
-        )
-        self._adam_scales_grads = self.adam_kind == "torch.optim.AdamW (fused)"
+        adam = build_adam(param_groups, cfg, self.device) if param_groups else None
+        self.optimizer = adam.optimizer if adam else None
+        self.adam_kind = adam.kind if adam else "none (no owned elements)"
+        # Clip inside Adam (no pass of its own over the main grads) where the probe showed it works.
+        self.clip_in_adam = adam is not None and adam.applies_grad_scale
         self.scaler = LossScaler.from_config(cfg)
         self.lr = cfg.lr
         self.adam_steps = 0
@@ -162,21 +168,21 @@ class MixedPrecisionOptimizer:
         if self.scaler.scale != 1.0:
             for g in shard_grads:
                 g.mul_(1.0 / self.scaler.scale)
-        norm = self.last_norm = global_grad_norm(self._norm_parts, self.state.world_group)
+        norm = self.last_norm = global_grad_norm(self._norm_parts, self.state.world_group, device=self.device)
         skipped = not norm.finite
         self.scaler.update(skipped)
         if skipped:
             self.num_skipped += 1
         else:
             coeff = self.cfg.clip_grad / (norm.l2 + 1e-6) if self.cfg.clip_grad > 0 else 1.0
-            if coeff < 1.0 and not self._adam_scales_grads:
+            if coeff < 1.0 and not self.clip_in_adam:
                 for g in shard_grads:
                     g.mul_(coeff)
             if self.optimizer is not None:
-                if coeff < 1.0 and self._adam_scales_grads:
+                if coeff < 1.0 and self.clip_in_adam:
                     # torch's fused AdamW divides each gradient by grad_scale as it reads it: the
                     # clipping costs no pass of its own over the main grads (which stay unclipped).
-                    self.optimizer.grad_scale = torch.tensor(1.0 / coeff, device=shard_grads[0].device)
+                    self.optimizer.grad_scale = torch.tensor(1.0 / coeff, device=self.device)
                 self.optimizer.step()
                 self.optimizer.grad_scale = None
             self.adam_steps += 1

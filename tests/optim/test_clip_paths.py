@@ -1,18 +1,39 @@
-"""Clipping inside torch's fused AdamW (its grad_scale) and as a pass over the main grads (the
-other Adam kernels) give the same training, and clipping really is active in the comparison."""
+"""Clipping inside torch's fused AdamW (its grad_scale) and as a pass over the main grads give the
+same training, clipping really is active in the comparison, and the inside path is chosen only
+where a probe shows fused AdamW applies grad_scale."""
 
+import torch
+
+from megamoe.optim.adam import FusedSupport, fused_adamw_support
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.optim.common import HYPER, assert_params_close, build, train
 
 
+class _IgnoresGradScale(torch.optim.AdamW):
+    """A fused AdamW that drops ``grad_scale`` (as a future torch could)."""
+
+    def step(self, closure=None):
+        self.grad_scale = None
+        return super().step(closure)
+
+
+def test_probe_finds_grad_scale_in_fused_adamw_on_cpu():
+    assert fused_adamw_support(torch.device("cpu")) == FusedSupport(runs=True, applies_grad_scale=True)
+
+
+def test_probe_refuses_a_fused_adamw_that_ignores_grad_scale_and_a_device_without_fused_kernels():
+    assert fused_adamw_support(torch.device("cpu"), _IgnoresGradScale) == FusedSupport(True, False)
+    assert fused_adamw_support(torch.device("meta")) == FusedSupport(False, False)
+
+
 def _body(rank, world):
     runs = []
     for in_adam in (True, False):
         model, opt = build(1, (2, 2), zero=True)
-        assert opt._adam_scales_grads, "this CPU build has torch's fused AdamW"
-        opt._adam_scales_grads = in_adam
+        assert opt.clip_in_adam, "on CPU torch's fused AdamW applies grad_scale (probe)"
+        opt.clip_in_adam = in_adam
         out = train(model, opt, 3)
         runs.append((out, gather_full_state(model)))
         ps.destroy_model_parallel()
