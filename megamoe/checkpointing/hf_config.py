@@ -58,6 +58,14 @@ def export_problems(config: ModelConfig) -> list[str]:
         problems.append(
             "--moe-router-pre-softmax with --no-moe-router-renormalize (Mixtral renormalises the top-k probabilities)"
         )
+    if config.moe_router_score_function != "softmax":
+        problems.append(f"--moe-router-score-function {config.moe_router_score_function} (Mixtral's router is a softmax)")
+    if config.moe_router_enable_expert_bias:
+        problems.append("--moe-router-enable-expert-bias (Mixtral's router has no expert bias)")
+    if config.moe_router_topk_scaling_factor is not None:
+        problems.append("--moe-router-topk-scaling-factor (Mixtral does not scale the top-k weights)")
+    if config.moe_router_num_groups is not None:
+        problems.append("--moe-router-num-groups (Mixtral routes over all experts)")
     for flag, value in (
         ("--moe-expert-capacity-factor", config.moe_expert_capacity_factor),
         ("--moe-eval-capacity-factor", config.moe_eval_capacity_factor),

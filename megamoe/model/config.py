@@ -14,6 +14,8 @@ import torch
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 TOKEN_DROP_POLICIES = ("probs", "position")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DEFAULT_BIAS_UPDATE_RATE = 1e-3
 
 
 def _as_tuple(value) -> tuple[int, ...]:
@@ -59,6 +61,14 @@ class ModelConfig:
     moe_z_loss_coeff: float = 0.0  # --moe-z-loss-coeff
     moe_router_pre_softmax: bool = False  # --moe-router-pre-softmax: softmax before top-k
     moe_router_renormalize: bool = True  # --no-moe-router-renormalize turns off top-k renormalisation
+    moe_router_score_function: str = "softmax"  # --moe-router-score-function: softmax or sigmoid
+    # --moe-router-enable-expert-bias: aux-loss-free balancing, a per-expert bias in the top-k choice only
+    moe_router_enable_expert_bias: bool = False
+    # --moe-router-bias-update-rate: the bias step per optimizer step (None: DEFAULT_BIAS_UPDATE_RATE)
+    moe_router_bias_update_rate: float | None = None
+    moe_router_topk_scaling_factor: float | None = None  # --moe-router-topk-scaling-factor (None: 1)
+    moe_router_num_groups: int | None = None  # --moe-router-num-groups: expert groups for group-limited routing
+    moe_router_group_topk: int | None = None  # --moe-router-group-topk: groups each token may use
     moe_input_jitter_eps: float = 0.0  # --moe-input-jitter-eps (0: off)
     moe_expert_capacity_factor: float | None = None  # --moe-expert-capacity-factor (None: dropless)
     moe_eval_capacity_factor: float | None = None  # --moe-eval-capacity-factor (default: training's)
@@ -82,6 +92,7 @@ class ModelConfig:
         self._validate()
         self._moe_layers = self._compute_moe_layers()
         self._validate_moe()
+        self._validate_router()
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -176,6 +187,46 @@ class ModelConfig:
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
 
+    def _validate_router(self) -> None:
+        if self.moe_router_score_function not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"--moe-router-score-function {self.moe_router_score_function!r}: valid values are {list(SCORE_FUNCTIONS)}"
+            )
+        sigmoid = self.moe_router_score_function == "sigmoid"
+        if sigmoid and self.moe_router_pre_softmax:
+            raise ValueError("--moe-router-pre-softmax applies to softmax scores, not --moe-router-score-function sigmoid")
+        if self.moe_router_enable_expert_bias and not sigmoid:
+            raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
+        if self.moe_router_bias_update_rate is not None:
+            if not self.moe_router_enable_expert_bias:
+                raise ValueError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
+            if self.moe_router_bias_update_rate <= 0:
+                raise ValueError(f"--moe-router-bias-update-rate must be > 0, got {self.moe_router_bias_update_rate}")
+        factor = self.moe_router_topk_scaling_factor
+        if factor is not None and factor <= 0:
+            raise ValueError(f"--moe-router-topk-scaling-factor must be > 0, got {factor}")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ValueError("--moe-router-num-groups and --moe-router-group-topk go together: give both or neither")
+        if groups is None:
+            return
+        k = self.moe_router_topk
+        if groups < 1:
+            raise ValueError(f"--moe-router-num-groups must be >= 1, got {groups}")
+        if not 1 <= group_topk <= min(groups, k):
+            raise ValueError(
+                f"--moe-router-group-topk {group_topk} must be in [1, min(--moe-router-num-groups {groups}, "
+                f"--moe-router-topk {k})] (each group is scored by its top k / group-topk experts)"
+            )
+        for e in sorted(set(self.num_experts)):
+            if e % groups != 0:
+                raise ValueError(f"--moe-router-num-groups {groups} does not divide --num-experts {e}")
+            if group_topk * (e // groups) < k:
+                raise ValueError(
+                    f"--moe-router-group-topk {group_topk} groups of {e // groups} experts (--num-experts {e} / "
+                    f"--moe-router-num-groups {groups}) hold fewer than --moe-router-topk {k} experts"
+                )
+
     def check_parallel_layout(self, *, tensor_model_parallel_size: int, data_parallel_size: int) -> None:
         """Raise ``ValueError`` if this model cannot be laid out at (TP, DP)."""
         tp = tensor_model_parallel_size
@@ -207,6 +258,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_bias_update_rate(self) -> float:
+        """The expert-bias step of --moe-router-bias-update-rate, with its default."""
+        rate = self.moe_router_bias_update_rate
+        return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
 
     def recomputes_layer(self, layer: int) -> bool:
         if self.recompute_granularity is None:

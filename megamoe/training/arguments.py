@@ -135,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-router-pre-softmax", action="store_true")
     g.add_argument("--no-moe-router-renormalize", action="store_true")
+    g.add_argument("--moe-router-score-function", default="softmax", choices=["softmax", "sigmoid"])
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing: a per-expert bias in the top-k choice (sigmoid scores)")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=None,
+                   help="expert-bias step per optimizer step (default 1e-3)")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+                   help="multiply the top-k weights by this")
+    g.add_argument("--moe-router-num-groups", type=int, default=None, help="expert groups for group-limited routing")
+    g.add_argument("--moe-router-group-topk", type=int, default=None, help="groups each token may route to")
     g.add_argument("--moe-input-jitter-eps", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="unset: dropless")
     g.add_argument("--moe-eval-capacity-factor", type=float, default=None)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megamoe.data.build import build_train_valid_test_datasets, micro_batches
 from megamoe.model.compile import compile_regions
 from megamoe.model.gpt import GPTModel
+from megamoe.model.moe.balancing import update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import (
@@ -98,9 +99,11 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
 
     Each micro-batch loss (LM + auxiliary) is divided by the number of micro-batches, so the
     accumulated gradient is the mean over this rank's share; the optimizer then averages over DP.
+    A step that was not skipped then updates the routers' expert biases from the step's loads.
     """
     model.train()
     optimizer.zero_grad()
+    step_moe_stats = []
     for index, batch in enumerate(batches):
         batch = prepare_batch(batch, device, eod_mask_token)
         # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
@@ -109,7 +112,11 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
             out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
             optimizer.scale_loss(out.loss / len(batches)).backward()
         metrics.add_micro_batch(out)
-    return optimizer.step()
+        step_moe_stats.append(out.moe_stats)
+    result = optimizer.step()
+    if not result.skipped:
+        update_expert_biases(model, step_moe_stats)
+    return result
 
 
 @torch.no_grad()

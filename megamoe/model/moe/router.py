@@ -1,14 +1,30 @@
-"""Top-k softmax router with the load-balancing and z auxiliary losses.
+"""Top-k router: score functions, group-limited choice, expert bias, and the auxiliary losses.
 
 Shapes: ``T`` tokens of this rank's micro-batch (``b * s``), ``H`` hidden, ``E`` experts of the
-layer, ``K`` = ``--moe-router-topk``.
+layer, ``K`` = ``--moe-router-topk``, ``G`` = ``--moe-router-num-groups``.
 
     x_TH -> (input jitter, training only) -> logits_TE = x W^T in fp32
-         -> top-k: expert_ids_TK, weights_TK (fp32, the combine weights)
+         -> choice scores -> (group limit) -> top-k: expert_ids_TK
+         -> weights_TK (fp32, the combine weights) -> x --moe-router-topk-scaling-factor
 
-Softmax before top-k (``--moe-router-pre-softmax``): ``weights = topk(softmax(logits))``,
-optionally renormalised to sum to 1 over the K choices (``moe_router_renormalize``).
-Softmax after top-k (the default): ``weights = softmax(topk(logits))``, which already sums to 1.
+``route`` holds the whole rule; by score function:
+
+* softmax, the default (softmax after top-k): choose on the logits, ``weights = softmax(chosen
+  logits)``, which already sums to 1.
+* softmax with ``--moe-router-pre-softmax``: ``scores = softmax(logits)`` over all E, choose on
+  them, ``weights = chosen scores``, renormalised to sum to 1 unless --no-moe-router-renormalize.
+* sigmoid: ``scores = sigmoid(logits)``, choose on them, ``weights = chosen scores``, divided by
+  their sum when K > 1 unless --no-moe-router-renormalize.  With --moe-router-enable-expert-bias
+  the choice is made on ``scores + expert_bias`` while the weights keep the unbiased scores
+  (aux-loss-free balancing: the bias steers the choice and never enters the gradient).
+
+Group-limited routing (``--moe-router-num-groups G --moe-router-group-topk g``): the E experts
+form G consecutive groups; each group is scored by the sum of its top ``K // g`` choice scores,
+each token keeps its g best groups and takes its K experts from those only.
+
+The expert bias ``[E]`` (fp32, a persistent buffer, saved with the model) moves after every
+optimizer step by ``rate * sign(mean load - load)`` (``bias_step``), from the loads of the whole
+global batch, so it is the same on every rank and in every layout (the trainer sums the loads).
 
 The router weight ``[E, H]`` is a dense parameter replicated over TP: every TP rank sees the
 same tokens and must route them identically, so everything here is computed redundantly on
@@ -64,14 +80,105 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
+@dataclass(frozen=True)
+class RoutingRule:
+    """The routing options of ``ModelConfig`` (see the module docstring)."""
+
+    topk: int
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+    renormalize: bool = True
+    scaling_factor: float | None = None
+    num_groups: int | None = None
+    group_topk: int | None = None
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "RoutingRule":
+        return cls(
+            topk=config.moe_router_topk,
+            score_function=config.moe_router_score_function,
+            pre_softmax=config.moe_router_pre_softmax,
+            renormalize=config.moe_router_renormalize,
+            scaling_factor=config.moe_router_topk_scaling_factor,
+            num_groups=config.moe_router_num_groups,
+            group_topk=config.moe_router_group_topk,
+        )
+
+
+def _choose(choice_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """``[T, K]`` indices of the K largest choice scores, inside each token's best groups when
+    group-limited."""
+    if rule.num_groups is None:
+        return torch.topk(choice_TE, rule.topk, dim=-1).indices
+    num_tokens, num_experts = choice_TE.shape
+    per_group = num_experts // rule.num_groups
+    grouped_TGP = choice_TE.view(num_tokens, rule.num_groups, per_group)
+    group_scores_TG = grouped_TGP.topk(rule.topk // rule.group_topk, dim=-1).values.sum(dim=-1)
+    best_groups = torch.topk(group_scores_TG, rule.group_topk, dim=-1).indices
+    allowed_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+    allowed_TE = allowed_TG.repeat_interleave(per_group, dim=1)
+    return torch.topk(choice_TE.masked_fill(~allowed_TE, float("-inf")), rule.topk, dim=-1).indices
+
+
+def _normalised(weights_TK: torch.Tensor) -> torch.Tensor:
+    return weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+
+def route(
+    logits_TE: torch.Tensor, rule: RoutingRule, expert_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply ``rule`` to router logits (any float dtype; computed in it).
+
+    Returns ``(expert_ids_TK, weights_TK, probs_TE)``: ``probs_TE`` are the per-expert
+    probabilities of the load-balancing loss (softmax, or the sigmoid scores normalised over E).
+    ``expert_bias`` ``[E]`` (sigmoid only) shifts the choice, not the weights.
+    """
+    if rule.score_function == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        choice_TE = scores_TE if expert_bias is None else scores_TE + expert_bias.to(scores_TE.dtype)
+        expert_ids_TK = _choose(choice_TE, rule)
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if rule.renormalize and rule.topk > 1:
+            weights_TK = _normalised(weights_TK)
+    else:
+        assert expert_bias is None, "the expert bias is for sigmoid scores"
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        if rule.pre_softmax:
+            expert_ids_TK = _choose(probs_TE, rule)
+            weights_TK = probs_TE.gather(1, expert_ids_TK)
+            if rule.renormalize:
+                weights_TK = _normalised(weights_TK)
+        else:
+            expert_ids_TK = _choose(logits_TE, rule)
+            weights_TK = torch.softmax(logits_TE.gather(1, expert_ids_TK), dim=-1)
+    if rule.scaling_factor is not None:
+        weights_TK = weights_TK * rule.scaling_factor
+    return expert_ids_TK, weights_TK, probs_TE
+
+
+def bias_step(tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """The expert-bias change for one step's loads ``[E]``: ``rate * sign(mean - load)`` (fp32).
+
+    Under-loaded experts move up, over-loaded ones down, balanced ones stay.  Only signs
+    matter, so loads counted once per TP rank (each TP rank routes the same tokens) give the
+    same step as loads counted once.
+    """
+    loads = tokens_per_expert.double()
+    return (rate * torch.sign(loads.mean() - loads)).float()
+
+
 class TopKRouter(nn.Module):
     def __init__(self, config: ModelConfig, num_experts: int, *, device: torch.device | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.topk = config.moe_router_topk
-        self.pre_softmax = config.moe_router_pre_softmax
-        self.renormalize = config.moe_router_renormalize
+        self.rule = RoutingRule.from_config(config)
         self.jitter_eps = config.moe_input_jitter_eps
+        self.bias_update_rate = config.expert_bias_update_rate
+        expert_bias = None
+        if config.moe_router_enable_expert_bias:
+            expert_bias = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.register_buffer("expert_bias", expert_bias, persistent=True)
         self.weight = tag_param(
             nn.Parameter(torch.empty(num_experts, config.hidden_size, dtype=config.params_dtype, device=device)),
             tensor_parallel_dim=None,
@@ -94,19 +201,18 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         logits_TE = F.linear(self._jitter(x_TH).float(), self.weight.float())
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        if self.pre_softmax:
-            weights_TK, expert_ids_TK = torch.topk(probs_TE, self.topk, dim=-1)
-            if self.renormalize:
-                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        else:
-            top_logits_TK, expert_ids_TK = torch.topk(logits_TE, self.topk, dim=-1)
-            weights_TK = torch.softmax(top_logits_TK, dim=-1)
+        expert_ids_TK, weights_TK, probs_TE = route(logits_TE, self.rule, self.expert_bias)
         tokens_per_expert = count_per_expert(expert_ids_TK, self.num_experts)
         return Routing(
             expert_ids=expert_ids_TK,
             weights=weights_TK,
             tokens_per_expert=tokens_per_expert,
-            load_balancing_loss=load_balancing_loss(probs_TE, tokens_per_expert, self.topk),
+            load_balancing_loss=load_balancing_loss(probs_TE, tokens_per_expert, self.rule.topk),
             z_loss=z_loss(logits_TE),
         )
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """One step of aux-loss-free balancing from the step's global loads ``[E]``."""
+        assert self.expert_bias is not None, "--moe-router-enable-expert-bias is off"
+        self.expert_bias += bias_step(tokens_per_expert.to(self.expert_bias.device), self.bias_update_rate)

@@ -1,0 +1,42 @@
+"""Aux-loss-free load balancing (--moe-router-enable-expert-bias): the per-step bias update.
+
+After each optimizer step that was not skipped, every router with an expert bias moves it by
+``rate * sign(mean load - load)`` (``router.bias_step``), where the loads are the token-slots
+routed to each expert during the whole step: summed over the step's micro-batches here and over
+every rank of the world by one all-reduce, so every rank applies the same update whatever the
+layout.  (TP ranks route the same tokens and so count them TP times; only the signs of the
+load errors matter, and those do not change.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megamoe.model.moe.router import TopKRouter
+
+
+def biased_routers(model: nn.Module) -> list[TopKRouter]:
+    """The routers of ``model`` that carry an expert bias, in MoE-layer order."""
+    return [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+
+
+@torch.no_grad()
+def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
+    """Collective over the world when ``model`` has biased routers (else a no-op, no collective).
+
+    ``step_moe_stats``: one ``GPTOutput.moe_stats`` per micro-batch of the step (each a list with
+    one ``MoEStats`` per MoE layer).  Every MoE layer has a router with a bias when the option
+    is on, so the stats and the routers pair up in layer order.
+    """
+    routers = biased_routers(model)
+    if not routers:
+        return
+    per_layer = [torch.stack([stats[i].tokens_per_expert for stats in step_moe_stats]).sum(0)
+                 for i in range(len(routers))]
+    flat = torch.cat(per_layer)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    for router, loads in zip(routers, flat.split([r.num_experts for r in routers])):
+        router.update_expert_bias(loads)
