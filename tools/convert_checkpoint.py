@@ -30,16 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamoe.checkpointing.convert import TARGETS, convert  # noqa: E402
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
-    return values
+from megamoe.int_list import IntListAction  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target-expert-parallel-size",
-        type=_sizes,
+        action=IntListAction,
+        minimum=1,
         default=None,
-        help="one value, or one per MoE layer, comma-separated (default: the source's)",
+        help="one value, or one per MoE layer, space- or comma-separated (default: the source's)",
     )
     p.add_argument("--target-world-size", type=int, default=None, help="default: the source's (layout-free: 1)")
     zero = p.add_mutually_exclusive_group()
@@ -103,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             from_format=args.from_format,
             target_world_size=args.target_world_size,
             target_tensor_parallel_size=args.target_tensor_parallel_size,
-            target_expert_parallel_size=args.target_expert_parallel_size,
+            target_expert_parallel_size=(
+                None if args.target_expert_parallel_size is None else tuple(args.target_expert_parallel_size)
+            ),
             target_use_distributed_optimizer=args.zero,
             tokenizer_model=args.tokenizer_model,
             force=args.force,

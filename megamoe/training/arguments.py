@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megamoe.data.build import DataConfig, parse_data_path
+from megamoe.int_list import IntListAction, parse_int_list
 from megamoe.model.config import ModelConfig
 from megamoe.optim import OptimizerConfig
 from megamoe.parallel.state import validate_parallel_sizes
@@ -96,10 +97,6 @@ class RunConfig:
         return self.eod_token_id if self.train.eod_mask_loss else None
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")] if "," in text else [int(text)]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_moe.py",
@@ -127,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None, help="with --recompute-granularity: the first N layers")
 
     g = p.add_argument_group("mixture of experts")
-    g.add_argument("--num-experts", type=_int_list, default=None, help="one value, or one per MoE layer (comma-separated)")
+    g.add_argument("--num-experts", action=IntListAction, default=None,
+                   help="one value, or one per MoE layer (space- or comma-separated)")
     g.add_argument("--moe-layer-freq", default="1", help="every N-th layer is MoE, or a 0/1 pattern per layer: 1,0,1,0")
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
@@ -153,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=_int_list, default=[1], help="one value, or one per MoE layer")
+    g.add_argument("--expert-model-parallel-size", action=IntListAction, default=[1],
+                   help="one value, or one per MoE layer (space- or comma-separated)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO-1")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="launch each gradient bucket's reduction during the last micro-batch's backward")
@@ -242,7 +241,7 @@ def _non_negative(flags: dict[str, int | float]) -> None:
 
 def _moe_layer_freq(text: str) -> int | tuple[int, ...]:
     try:
-        values = [int(v) for v in text.replace("[", "").replace("]", "").split(",")]
+        values = parse_int_list(text)
     except ValueError:
         raise ConfigError(f"--moe-layer-freq {text!r}: give an integer N or a 0/1 pattern like 1,0,1,0") from None
     return values[0] if len(values) == 1 else tuple(values)
