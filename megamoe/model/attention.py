@@ -1,8 +1,19 @@
-"""Causal self-attention with heads split over the TP group.
+"""Causal self-attention (multi-head or grouped-query) with heads split over the TP group.
 
-x ``[b, s, h]`` (replicated over TP) -> fused QKV (column-parallel, weight ``[3, heads*d / TP, h]``)
--> SDPA (flash attention on CUDA) on this rank's ``heads / TP`` heads -> output projection
-(row-parallel, summed over TP) -> ``[b, s, h]``.
+``n`` query heads, ``G`` key/value heads (``--num-query-groups``; ``G = n`` without
+``--group-query-attention``), ``r = n / G`` query heads per group, ``d`` the head dim:
+
+    x [b, s, h] (replicated over TP)
+      -> fused QKV, column-parallel: weight [r + 2, G*d / TP, h]
+         (rows 0..r-1: query head ``g*r + i`` of group g in row i; row r: key; row r+1: value)
+      -> (--qk-layernorm: a norm over d of each query and key head)
+      -> RoPE -> SDPA (flash attention on CUDA) on this rank's G/TP groups (n/TP query heads)
+      -> output projection (row-parallel, summed over TP) -> [b, s, h]
+
+The fused weight's TP split falls on the group dim, so each rank holds whole groups: their
+query heads and their key/value head.  With ``r = 1`` the weight is ``[3, n*d, h]`` (plain
+multi-head attention).  Query head ``g*r + i`` attends with key/value head ``g`` (SDPA's
+``enable_gqa`` convention, and Hugging Face's).
 """
 
 from __future__ import annotations
@@ -14,52 +25,87 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.norm import Norm
 from megamoe.model.rope import RotaryEmbedding, apply_rotary
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megamoe.parallel.mappings import copy_to_tp_region
 from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import get_parallel_state
+
+
+class HeadNorm(Norm):
+    """``--normalization`` over the head dim of ``[..., d]``; one weight shared by all heads.
+
+    The weight is replicated over TP but each TP rank normalises only its own heads, so its
+    gradient is summed over TP in backward (``copy_to_tp_region``): every rank then holds the
+    full gradient, as for the other replicated norm weights.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else copy_to_tp_region(self.bias)
+        return self.normalize(x, copy_to_tp_region(self.weight), bias)
 
 
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, *, device: torch.device | None = None) -> None:
         super().__init__()
         tp = get_parallel_state().tp_size
-        self.local_heads = config.num_attention_heads // tp
+        self.local_groups = config.num_kv_heads // tp
+        self.heads_per_group = config.num_attention_heads // config.num_kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        proj_size = config.num_attention_heads * config.head_dim
         self.qkv = ColumnParallelLinear(
             config.hidden_size,
-            (3, proj_size),
+            (self.heads_per_group + 2, config.num_kv_heads * config.head_dim),
             bias=config.add_bias_linear,
             init_std=config.init_method_std,
             dtype=config.params_dtype,
             device=device,
         )
         self.proj = RowParallelLinear(
-            proj_size,
+            config.num_attention_heads * config.head_dim,
             config.hidden_size,
             bias=config.add_bias_linear,
             init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
             dtype=config.params_dtype,
             device=device,
         )
+        self.q_norm = self.k_norm = None
+        if config.qk_layernorm:
+            self.q_norm = HeadNorm(config, size=config.head_dim, device=device)
+            self.k_norm = HeadNorm(config, size=config.head_dim, device=device)
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
         )
 
+    def _split_heads(self, x: torch.Tensor):
+        """Fused projection ``[b, s, (r+2) * G_local * d]`` -> q ``[b, n_local, s, d]``, k and v
+        ``[b, G_local, s, d]`` (views where possible)."""
+        b, s, _ = x.shape
+        r = self.heads_per_group
+        qkv = x.view(b, s, r + 2, self.local_groups, self.head_dim)
+        if r == 1:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        q = qkv[:, :, :r].permute(0, 3, 2, 1, 4).reshape(b, self.local_groups * r, s, self.head_dim)
+        k = qkv[:, :, r].transpose(1, 2)
+        v = qkv[:, :, r + 1].transpose(1, 2)
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, s, d]
+        q, k, v = self._split_heads(self.qkv(x))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(s, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
+        gqa = {"enable_gqa": True} if self.heads_per_group > 1 else {}
         if dropout > 0.0:
             with get_rng_tracker().fork():  # heads differ per TP rank: draw from the sharded stream
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out = out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        out = out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim)
         return self.proj(out)

@@ -33,6 +33,10 @@ class ModelConfig:
     num_layers: int = 2  # --num-layers
     hidden_size: int = 64  # --hidden-size
     num_attention_heads: int = 4  # --num-attention-heads
+    kv_channels: int | None = None  # --kv-channels: the head dim (default --hidden-size / --num-attention-heads)
+    group_query_attention: bool = False  # --group-query-attention: fewer key/value heads than query heads
+    num_query_groups: int | None = None  # --num-query-groups: KV heads with GQA (Megatron's default there: 1)
+    qk_layernorm: bool = False  # --qk-layernorm: a --normalization over each head's query and key, before RoPE
     ffn_hidden_size: int | None = None  # --ffn-hidden-size (default 4 x hidden)
     max_position_embeddings: int = 128  # --max-position-embeddings
     normalization: str = "RMSNorm"  # --normalization
@@ -107,13 +111,22 @@ class ModelConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value}")
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.kv_channels is not None and self.kv_channels < 1:
+            raise ValueError(f"--kv-channels must be a positive integer, got {self.kv_channels}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by "
                 f"--num-attention-heads {self.num_attention_heads}"
             )
+        if self.num_query_groups is not None and not self.group_query_attention:
+            raise ValueError("--num-query-groups needs --group-query-attention")
+        groups = self.num_kv_heads
+        if groups < 1 or self.num_attention_heads % groups != 0:
+            raise ValueError(
+                f"--num-query-groups {groups} must divide --num-attention-heads {self.num_attention_heads}"
+            )
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"rope needs an even head dim; --hidden-size / --num-attention-heads = {self.head_dim}")
+            raise ValueError(f"rope needs an even head dim (--kv-channels, default --hidden-size / --num-attention-heads), got {self.head_dim}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"--normalization {self.normalization!r}: valid values are {list(NORMALIZATIONS)}")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
@@ -230,7 +243,8 @@ class ModelConfig:
     def check_parallel_layout(self, *, tensor_model_parallel_size: int, data_parallel_size: int) -> None:
         """Raise ``ValueError`` if this model cannot be laid out at (TP, DP)."""
         tp = tensor_model_parallel_size
-        checks = {
+        checks = {"--num-query-groups": self.num_kv_heads} if self.group_query_attention else {}
+        checks |= {
             "--num-attention-heads": self.num_attention_heads,
             "--hidden-size": self.hidden_size,
             "--ffn-hidden-size": self.ffn_hidden_size,
@@ -257,7 +271,16 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
+        if self.kv_channels is not None:
+            return self.kv_channels
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: --num-query-groups with --group-query-attention (default 1), else one per query head."""
+        if not self.group_query_attention:
+            return self.num_attention_heads
+        return 1 if self.num_query_groups is None else self.num_query_groups
 
     @property
     def expert_bias_update_rate(self) -> float:

@@ -19,14 +19,22 @@ except ImportError:
 
 
 class Norm(nn.Module):
-    """Normalisation over the last dim of ``[..., hidden]``; weight (and LayerNorm bias) replicated over TP."""
+    """Normalisation over the last dim of ``[..., size]`` (default size: the hidden size);
+    weight (and LayerNorm bias) replicated over TP."""
 
-    def __init__(self, config: ModelConfig, *, device: torch.device | None = None, use_apex: bool = HAVE_APEX) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        size: int | None = None,
+        device: torch.device | None = None,
+        use_apex: bool = HAVE_APEX,
+    ) -> None:
         super().__init__()
         self.kind = config.normalization
         self.eps = config.norm_epsilon
         self.use_apex = use_apex
-        hidden = config.hidden_size
+        hidden = config.hidden_size if size is None else size
         dtype = config.params_dtype
         self.weight = tag_param(
             nn.Parameter(torch.empty(hidden, dtype=dtype, device=device)), weight_decay=False, init="ones"
@@ -38,11 +46,15 @@ class Norm(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The norm of ``x`` with the affine ``weight`` (and LayerNorm ``bias``) given."""
         shape = (x.shape[-1],)
         if self.use_apex and x.is_cuda:
             if self.kind == "RMSNorm":
-                return fused_rms_norm_affine(x, self.weight, shape, self.eps)
-            return fused_layer_norm_affine(x, self.weight, self.bias, shape, self.eps)
+                return fused_rms_norm_affine(x, weight, shape, self.eps)
+            return fused_layer_norm_affine(x, weight, bias, shape, self.eps)
         if self.kind == "RMSNorm":
-            return F.rms_norm(x, shape, self.weight, self.eps)
-        return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
+            return F.rms_norm(x, shape, weight, self.eps)
+        return F.layer_norm(x, shape, weight, bias, self.eps)

@@ -19,13 +19,19 @@ VARIANTS = {
         add_bias_linear=True,
         untie_embeddings_and_output_weights=True,
     ),
+    # 8 query heads in 4 groups (2 per TP rank at TP 2, 1 at TP 4), head dim 6 (8 x 6 != hidden 32)
+    "gqa-qk-layernorm-kv-channels": dict(
+        normalization="LayerNorm", num_attention_heads=8, kv_channels=6, group_query_attention=True,
+        num_query_groups=4, qk_layernorm=True,
+    ),
 }
 
 
 def _config(variant):
     # vocab 300 pads to 384 at TP=1 and 512 at TP=2/4: the padding must not change the loss.
-    return ModelConfig(vocab_size=300, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-                       max_position_embeddings=16, **VARIANTS[variant])
+    fields = dict(vocab_size=300, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                  max_position_embeddings=16)
+    return ModelConfig(**{**fields, **VARIANTS[variant]})
 
 
 def _run_layout(tp, variant, tokens, labels):
@@ -90,6 +96,13 @@ def test_invalid_model_layouts_name_the_flags():
     with pytest.raises(ValueError, match=r"--ffn-hidden-size 48 is not divisible by --tensor-model-parallel-size 32"):
         ModelConfig(vocab_size=10, hidden_size=64, num_attention_heads=32, ffn_hidden_size=48).check_parallel_layout(
             tensor_model_parallel_size=32, data_parallel_size=1)
+    gqa = ModelConfig(vocab_size=10, num_attention_heads=4, group_query_attention=True, num_query_groups=2)
+    with pytest.raises(ValueError, match=r"--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"):
+        gqa.check_parallel_layout(tensor_model_parallel_size=4, data_parallel_size=1)
+    with pytest.raises(ValueError, match=r"--num-query-groups 3 must divide --num-attention-heads 4"):
+        ModelConfig(vocab_size=10, num_attention_heads=4, group_query_attention=True, num_query_groups=3)
+    with pytest.raises(ValueError, match=r"--num-query-groups needs --group-query-attention"):
+        ModelConfig(vocab_size=10, num_attention_heads=4, num_query_groups=2)
     with pytest.raises(ValueError, match=r"--hidden-size 30 is not divisible by --num-attention-heads 4"):
         ModelConfig(vocab_size=10, hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match=r"--num-experts 6 \(layer 0\) is not divisible by --expert-model-parallel-size 4"):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
+from megamoe.model.moe.balancing import biased_routers, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
@@ -33,8 +34,9 @@ GLOBAL_BATCH = 8
 HYPER = dict(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.3)
 
 
-def model_config(ep_sizes=(1, 1), dtype=torch.float32) -> ModelConfig:
-    return ModelConfig(
+def model_config(ep_sizes=(1, 1), dtype=torch.float32, **arch) -> ModelConfig:
+    """The test model; ``arch`` overrides its fields (attention and routing variants)."""
+    return ModelConfig(**{**dict(
         vocab_size=VOCAB,
         num_layers=3,
         hidden_size=32,
@@ -50,7 +52,7 @@ def model_config(ep_sizes=(1, 1), dtype=torch.float32) -> ModelConfig:
         expert_model_parallel_size=tuple(ep_sizes),
         add_bias_linear=True,
         params_dtype=dtype,
-    )
+    ), **arch})
 
 
 def micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -60,10 +62,17 @@ def micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(data[i : i + 1, :-1], data[i : i + 1, 1:]) for i in range(GLOBAL_BATCH)]
 
 
-def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"]) -> dict:
-    """Single-process fp32 training; builds its own TP=1/EP=1 groups and tears them down."""
+def expert_biases(model) -> torch.Tensor:
+    """Every router's expert bias, concatenated in layer order (empty without them)."""
+    biases = [router.expert_bias for router in biased_routers(model)]
+    return torch.cat(biases).clone() if biases else torch.zeros(0)
+
+
+def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: dict | None = None) -> dict:
+    """Single-process fp32 training; builds its own TP=1/EP=1 groups and tears them down.
+    ``arch``: model field overrides; expert biases, if any, are updated after every step."""
     ps.initialize_model_parallel(1, (1,))
-    model = GPTModel(model_config((1, 1))).initialize(SEED)
+    model = GPTModel(model_config((1, 1), **(arch or {}))).initialize(SEED)
     params = list(model.parameters())
     decay = [p for p in params if param_meta(p).weight_decay]
     no_decay = [p for p in params if not param_meta(p).weight_decay]
@@ -73,11 +82,11 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"]) -> dict:
         betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
         eps=HYPER["adam_eps"],
     )
-    out = {"loss": [], "l2": [], "inf": [], "grads0": None}
+    out = {"loss": [], "l2": [], "inf": [], "bias": [], "grads0": None}
     for step in range(steps):
         opt.zero_grad()
-        batches = micro_batches(step)
-        loss = sum(model(tokens, labels).loss for tokens, labels in batches) / len(batches)
+        outputs = [model(tokens, labels) for tokens, labels in micro_batches(step)]
+        loss = sum(o.loss for o in outputs) / len(outputs)
         loss.backward()
         out["loss"].append(loss.item())
         out["inf"].append(max(p.grad.abs().max().item() for p in params))
@@ -86,15 +95,18 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"]) -> dict:
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
         out["l2"].append(norm.item())
         opt.step()
+        update_expert_biases(model, [o.moe_stats for o in outputs])
+        out["bias"].append(expert_biases(model))
     out["params"] = gather_full_state(model)
     ps.destroy_model_parallel()
     return out
 
 
-def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, **overrides):
-    """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after)."""
+def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None, **overrides):
+    """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after);
+    ``arch`` overrides model fields, ``overrides`` optimizer ones."""
     ps.initialize_model_parallel(tp, tuple(set(ep_sizes)))
-    model = GPTModel(model_config(ep_sizes, dtype)).initialize(SEED)
+    model = GPTModel(model_config(ep_sizes, dtype, **(arch or {}))).initialize(SEED)
     cfg = OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "params_dtype": dtype, **overrides})
     return model, MixedPrecisionOptimizer(model, cfg)
 
@@ -106,29 +118,38 @@ def local_micro_batches(step: int) -> list:
     return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
 
 
-def forward_backward(model, opt, step: int) -> float:
+def forward_backward(model, opt, step: int, moe_stats: list | None = None) -> float:
     """This rank's micro-batches of ``step`` through forward and backward; returns the global
-    loss (mean over DP of this rank's mean micro-batch loss)."""
+    loss (mean over DP of this rank's mean micro-batch loss).  Appends each micro-batch's MoE
+    stats to ``moe_stats`` when given."""
     batches = local_micro_batches(step)
     opt.zero_grad()
     total = torch.zeros(())
     for tokens, labels in batches:
-        loss = model(tokens, labels).loss / len(batches)
+        out = model(tokens, labels)
+        loss = out.loss / len(batches)
         opt.scale_loss(loss).backward()
         total += loss.detach().float()
+        if moe_stats is not None:
+            moe_stats.append(out.moe_stats)
     state = ps.get_parallel_state()
     dist.all_reduce(total, group=state.dp_group)
     return total.item() / state.dp_size
 
 
 def train(model, opt, steps, first_step: int = 0) -> dict:
-    out = {"loss": [], "l2": [], "inf": [], "skipped": []}
+    """``steps`` training steps, as the trainer's ``train_step`` takes them (expert biases included)."""
+    out = {"loss": [], "l2": [], "inf": [], "skipped": [], "bias": []}
     for step in range(first_step, first_step + steps):
-        out["loss"].append(forward_backward(model, opt, step))
+        moe_stats = []
+        out["loss"].append(forward_backward(model, opt, step, moe_stats))
         result = opt.step()
+        if not result.skipped:
+            update_expert_biases(model, moe_stats)
         out["l2"].append(result.grad_norm)
         out["inf"].append(result.grad_norm_inf)
         out["skipped"].append(result.skipped)
+        out["bias"].append(expert_biases(model))
     return out
 
 

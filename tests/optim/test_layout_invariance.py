@@ -57,3 +57,43 @@ def _layouts_body(rank, world):
 @pytest.mark.timeout(300)
 def test_loss_norm_and_params_match_single_process_reference_in_every_layout():
     run_distributed(_layouts_body, 4, timeout=280)
+
+
+# Grouped-query attention (2 KV heads for 4 query heads), QK-norm, sigmoid scores with an expert
+# bias that moves every step: the same training in every layout, bias included.
+ARCH = dict(group_query_attention=True, num_query_groups=2, qk_layernorm=True, moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.05)
+ARCH_STEPS = 8
+ARCH_LAYOUTS = {  # world size -> (TP, EP per MoE layer, ZeRO-1)
+    4: [(1, (1, 1), False), (2, (2, 2), True), (1, (4, 2), True)],
+    8: [(2, (4, 4), False), (1, (4, 2), True)],
+}
+
+
+def _reference_body(rank, world):
+    return reference_run(ARCH_STEPS, arch=ARCH)
+
+
+def _arch_layouts_body(rank, world, ref):
+    for tp, eps, zero in ARCH_LAYOUTS[world]:
+        where = f"world={world} TP={tp} EP={eps} ZeRO={zero}"
+        model, opt = build(tp, eps, zero=zero, arch=ARCH)
+        got = train(model, opt, ARCH_STEPS)
+        _close(got["loss"], ref["loss"], f"{where} loss")
+        _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
+        for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
+            torch.testing.assert_close(g, w, rtol=RTOL, atol=0, msg=lambda m: f"{where} expert bias, step {step}: {m}")
+        ps.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def arch_reference():
+    (ref,) = run_distributed(_reference_body, 1)
+    assert ref["bias"][-1].abs().sum() > 0, "the expert bias must move"
+    return ref
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_gqa_qk_norm_sigmoid_expert_bias_train_alike_in_every_layout(world, arch_reference):
+    run_distributed(_arch_layouts_body, world, arch_reference, timeout=280)

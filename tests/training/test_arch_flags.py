@@ -28,6 +28,19 @@ def test_bad_routing_flags_are_one_line_errors(extra, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--group-query-attention", "--num-query-groups", "3"], "--num-query-groups 3 must divide --num-attention-heads 4"),
+    (["--num-query-groups", "2"], "--num-query-groups needs --group-query-attention"),
+    (["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size", "4"],
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"),
+    (["--kv-channels", "7"], "rope needs an even head dim"),
+])
+def test_bad_attention_flags_are_one_line_errors(extra, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(BASE + extra, world_size=4)
+    assert "\n" not in str(info.value)
+
+
 def test_good_routing_flags_reach_the_model_config():
     cfg = parse_config(BASE + ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
                                "--moe-router-bias-update-rate", "0.01", "--moe-router-topk-scaling-factor", "2.5",
@@ -35,3 +48,7 @@ def test_good_routing_flags_reach_the_model_config():
     m = cfg.model
     assert (m.moe_router_score_function, m.moe_router_enable_expert_bias, m.expert_bias_update_rate) == ("sigmoid", True, 0.01)
     assert (m.moe_router_topk_scaling_factor, m.moe_router_num_groups, m.moe_router_group_topk) == (2.5, 4, 2)
+    gqa = parse_config(BASE + ["--group-query-attention", "--num-query-groups", "2", "--qk-layernorm",
+                               "--kv-channels", "16"], world_size=1).model
+    assert (gqa.num_kv_heads, gqa.qk_layernorm, gqa.head_dim) == (2, True, 16)
+    assert parse_config(BASE + ["--group-query-attention"], world_size=1).model.num_kv_heads == 1  # Megatron's default
