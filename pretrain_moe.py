@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from megamoe.training.arguments import ConfigError, parse_config
-from megamoe.training.checkpoint import CheckpointError
+from megamoe.checkpointing.format import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

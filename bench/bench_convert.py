@@ -31,7 +31,7 @@ from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateIn
 from megamoe.checkpointing.layout import model_specs, stream_groups, target_layout  # noqa: E402
 from megamoe.checkpointing.sharded_writer import ShardedWriter  # noqa: E402
 from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.training.checkpoint import model_config_dict  # noqa: E402
+from megamoe.checkpointing.format import model_config_dict  # noqa: E402
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
 

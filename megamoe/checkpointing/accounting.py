@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megamoe.training.checkpoint import CheckpointError
+from megamoe.checkpointing.format import CheckpointError
 
 
 @dataclass

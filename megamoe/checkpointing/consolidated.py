@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 
 from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.full_state import FullStateInfo
-from megamoe.checkpointing.layout import Layout, ParamSpec
-from megamoe.training.checkpoint import CheckpointError, _write_atomic
+from megamoe.checkpointing.format import CheckpointError, Layout, dtype_name, write_atomic
+from megamoe.checkpointing.layout import ParamSpec
 
 FORMAT = "megamoe-consolidated"
 VERSION = 1
@@ -50,7 +50,7 @@ def is_consolidated(directory: str) -> bool:
 def _spec_entry(spec: ParamSpec) -> dict:
     return {
         "shape": list(spec.shape),
-        "dtype": str(spec.dtype).replace("torch.", ""),
+        "dtype": dtype_name(spec.dtype),
         "tensor_parallel_dim": spec.tensor_parallel_dim,
         "is_expert": spec.is_expert,
         "padded": spec.padded,
@@ -96,7 +96,7 @@ class ConsolidatedWriter:
             "groups": self.groups,
             "source_layout": info.source_layout.to_metadata() if info.source_layout else None,
         }
-        _write_atomic(os.path.join(self.root, METADATA), json.dumps(metadata, indent=1))
+        write_atomic(os.path.join(self.root, METADATA), json.dumps(metadata, indent=1))
 
 
 class ConsolidatedReader:

@@ -28,10 +28,10 @@ from megamoe.checkpointing import consolidated, hf_mixtral
 from megamoe.checkpointing.accounting import FullChecksum
 from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.hf_config import check_exportable
-from megamoe.checkpointing.layout import model_config_from_dict, stream_groups, target_layout
+from megamoe.checkpointing.format import MARKER, CheckpointError, load_metadata, model_config_from_dict, read_metadata
+from megamoe.checkpointing.layout import stream_groups, target_layout
 from megamoe.checkpointing.sharded_reader import ShardedReader
 from megamoe.checkpointing.sharded_writer import ShardedWriter
-from megamoe.training.checkpoint import MARKER, CheckpointError, load_metadata, read_metadata
 
 TARGETS = ("megamoe", "consolidated", "hf")
 

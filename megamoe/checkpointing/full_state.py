@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 
 from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.layout import Layout, ParamSpec
+from megamoe.checkpointing.format import Layout
+from megamoe.checkpointing.layout import ParamSpec
 
 PARAM = "param"
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")

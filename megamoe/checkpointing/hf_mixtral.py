@@ -34,9 +34,9 @@ from safetensors.torch import save_file
 from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.hf_config import check_exportable, from_hf_config, to_hf_config
-from megamoe.checkpointing.layout import model_config_from_dict, model_specs, stream_groups
+from megamoe.checkpointing.format import CheckpointError, model_config_dict, model_config_from_dict, write_atomic
+from megamoe.checkpointing.layout import model_specs, stream_groups
 from megamoe.model.config import ModelConfig
-from megamoe.training.checkpoint import CheckpointError, _write_atomic, model_config_dict
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -122,8 +122,8 @@ def _tokenizer_files(root: str, tokenizer_model: str, max_length: int) -> dict[s
         "clean_up_tokenization_spaces": False,
         **pieces,
     }
-    _write_atomic(os.path.join(root, "tokenizer_config.json"), json.dumps(config, indent=1))
-    _write_atomic(os.path.join(root, "special_tokens_map.json"), json.dumps(pieces, indent=1))
+    write_atomic(os.path.join(root, "tokenizer_config.json"), json.dumps(config, indent=1))
+    write_atomic(os.path.join(root, "special_tokens_map.json"), json.dumps(pieces, indent=1))
     return {key: i for key, i in ids.items() if i >= 0}
 
 
@@ -158,9 +158,9 @@ class HFWriter:
             progress("no --tokenizer-model given: the export has no tokenizer files")
         dtype = self.info.specs["word_embeddings.weight"].dtype
         hf = to_hf_config(self.config, dtype=dtype, special_ids=special)
-        _write_atomic(os.path.join(self.root, "config.json"), json.dumps(hf, indent=1))
+        write_atomic(os.path.join(self.root, "config.json"), json.dumps(hf, indent=1))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-        _write_atomic(os.path.join(self.root, INDEX), json.dumps(index, indent=1))
+        write_atomic(os.path.join(self.root, INDEX), json.dumps(index, indent=1))
 
 
 def _open(path: str):

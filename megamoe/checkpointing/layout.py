@@ -21,77 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from megamoe.checkpointing.format import Layout, param_entry
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import padded_vocab_size
 from megamoe.parallel.params import EXPERT_DIM
 from megamoe.parallel.state import validate_parallel_sizes
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The parallel layout a sharded checkpoint is tied to (``checkpoint.layout_of``'s keys)."""
-
-    world_size: int
-    tensor_model_parallel_size: int
-    expert_model_parallel_size: tuple[int, ...]  # one per MoE layer, in layer order
-    use_distributed_optimizer: bool
-
-    @property
-    def tp(self) -> int:
-        return self.tensor_model_parallel_size
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // self.tensor_model_parallel_size
-
-    @classmethod
-    def from_metadata(cls, layout: dict) -> "Layout":
-        return cls(
-            world_size=int(layout["world_size"]),
-            tensor_model_parallel_size=int(layout["tensor_model_parallel_size"]),
-            expert_model_parallel_size=tuple(int(e) for e in layout["expert_model_parallel_size"]),
-            use_distributed_optimizer=bool(layout["use_distributed_optimizer"]),
-        )
-
-    def to_metadata(self) -> dict:
-        return {
-            "world_size": self.world_size,
-            "tensor_model_parallel_size": self.tp,
-            "data_parallel_size": self.dp,
-            "expert_model_parallel_size": list(self.expert_model_parallel_size),
-            "use_distributed_optimizer": self.use_distributed_optimizer,
-        }
-
-    def describe(self) -> str:
-        return (
-            f"world {self.world_size}, TP {self.tp}, DP {self.dp}, EP {list(self.expert_model_parallel_size)}, "
-            f"ZeRO-1 {'on' if self.use_distributed_optimizer else 'off'}"
-        )
-
-    def rank(self, *, dp_rank: int, tp_rank: int) -> int:
-        return dp_rank * self.tp + tp_rank
-
-    def coordinates(self, rank: int) -> tuple[int, int]:
-        """``(dp_rank, tp_rank)`` of a global rank."""
-        return divmod(rank, self.tp)
-
-    def holders(self, *, tp_rank: int, ep_size: int | None, ep_rank: int = 0) -> list[int]:
-        """Global ranks holding one shard, canonical first: a dense shard (``ep_size`` None) is on
-        every DP rank, an expert shard on the DP ranks with ``dp_rank % ep_size == ep_rank``."""
-        step = ep_size or 1
-        return [self.rank(dp_rank=d, tp_rank=tp_rank) for d in range(ep_rank, self.dp, step)]
-
-
-def model_config_from_dict(saved: dict) -> ModelConfig:
-    """Rebuild the ``ModelConfig`` a checkpoint's ``metadata.json`` recorded (``model_config_dict``'s output)."""
-    fields = {k: v for k, v in saved.items() if not k.startswith("_")}
-    fields["params_dtype"] = getattr(torch, str(fields.get("params_dtype", "float32")))
-    try:
-        return ModelConfig(**fields)
-    except TypeError as err:
-        raise ValueError(f"the checkpoint's model_config does not match this megamoe's ModelConfig ({err})") from None
 
 
 def layer_of(name: str) -> int | None:
@@ -185,14 +121,14 @@ class ParamSpec:
         )
 
     def to_metadata(self, layout: Layout, ep_size: int | None) -> dict:
-        """``params[name]`` as ``checkpoint._param_layout`` writes it, for a model in ``layout``."""
-        return {
-            "local_shape": list(self.local_shape(layout.tp, ep_size)),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "tensor_parallel_dim": self.tensor_parallel_dim,
-            "expert_parallel_size": ep_size,
-            "unpadded_size": self.shape[self.tensor_parallel_dim] if self.padded else None,
-        }
+        """``params[name]`` (``format.param_entry``) of this parameter in a model laid out in ``layout``."""
+        return param_entry(
+            local_shape=self.local_shape(layout.tp, ep_size),
+            dtype=self.dtype,
+            tensor_parallel_dim=self.tensor_parallel_dim,
+            expert_parallel_size=ep_size,
+            unpadded_size=self.shape[self.tensor_parallel_dim] if self.padded else None,
+        )
 
     def _padded_size(self, tp: int) -> int:
         return padded_vocab_size(self.shape[self.tensor_parallel_dim], tp)

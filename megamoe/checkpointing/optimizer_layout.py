@@ -13,21 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamoe.checkpointing.layout import Layout, ParamSpec
+from megamoe.checkpointing.format import Layout
+from megamoe.checkpointing.layout import ParamSpec
 from megamoe.optim.grad_buffer import build_grad_buffers
 from megamoe.parallel.params import tag_param
-from megamoe.parallel.state import ParallelState, build_parallel_state
-
-
-def groupless_state(layout: Layout, rank: int) -> ParallelState:
-    """The ``ParallelState`` rank ``rank`` of ``layout`` would have, with no process groups."""
-    return build_parallel_state(
-        world_size=layout.world_size,
-        rank=rank,
-        tensor_model_parallel_size=layout.tp,
-        expert_model_parallel_sizes=layout.expert_model_parallel_size,
-        create_groups=False,
-    )
 
 
 class _MetaParams:
@@ -58,7 +47,7 @@ def owned_ranges(
         named.append((name, param))
     buffers = build_grad_buffers(
         _MetaParams(named),
-        groupless_state(layout, rank),
+        layout.state(rank),
         bucket_size=bucket_size,
         sharded=layout.use_distributed_optimizer,
     )

@@ -23,11 +23,9 @@ import torch
 
 from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, PARAM, FullStateInfo
-from megamoe.checkpointing.layout import Layout, ParamSpec
+from megamoe.checkpointing.format import CheckpointError, Layout, load_rank_payload, rank_file
+from megamoe.checkpointing.layout import ParamSpec
 from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
-from megamoe.training.checkpoint import CheckpointError, load_rank_payload, rank_file
-
-PAYLOAD_KEYS = {"model", "optimizer", "rank"}  # and "rng", except in Hugging Face imports
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -72,8 +70,6 @@ class ShardedReader:
     def _open(self, rank: int, specs: dict[str, ParamSpec]) -> dict:
         path = self._path(rank)
         payload = load_rank_payload(self.directory, rank, torch.device("cpu"), mmap=True)
-        if not isinstance(payload, dict) or not PAYLOAD_KEYS <= set(payload) or payload["rank"] != rank:
-            raise CheckpointError(f"{path} is not the megamoe rank file of rank {rank}")
         model = payload["model"]
         if set(model) != set(specs):
             missing, extra = sorted(set(specs) - set(model)), sorted(set(model) - set(specs))

@@ -4,7 +4,7 @@ Each group's full tensors are cut into the target's shards at once and staged on
 per (group, TP rank, EP rank) holding the local model tensors and the distinct optimizer ranges
 of that shard; ``finish`` then assembles each rank file from the memory-mapped staged tensors,
 so resident memory stays near one layer even when one rank holds the whole model.  The result
-is the layout ``megamoe.training.checkpoint.save_checkpoint`` writes, loadable with ``--load``:
+is the format of ``megamoe.checkpointing.format`` that training writes, loadable with ``--load``:
 
 * ``model``: every parameter's local shard (vocabulary padded for the target TP);
 * ``optimizer``: ``megamoe.optim.state_dict``'s format, with the ranges the target's optimizer
@@ -17,26 +17,28 @@ is the layout ``megamoe.training.checkpoint.save_checkpoint`` writes, loadable w
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import torch
 
+from megamoe.checkpointing.format import (
+    Layout,
+    build_metadata,
+    iteration_dir,
+    model_config_dict,
+    rank_file,
+    rank_payload,
+    write_marker,
+    write_metadata,
+)
 from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, PARAM, FullStateInfo
-from megamoe.checkpointing.layout import Layout, ParamSpec, layer_of
+from megamoe.checkpointing.layout import ParamSpec, layer_of
 from megamoe.checkpointing.optimizer_layout import optimizer_layout, owned_ranges
 from megamoe.model.config import ModelConfig
 from megamoe.optim.config import OptimizerConfig
 from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
-from megamoe.training.checkpoint import (
-    FORMAT_VERSION,
-    MARKER,
-    _write_atomic,
-    iteration_dir,
-    model_config_dict,
-    rank_file,
-)
+from megamoe.parallel.random import model_parallel_stream_seed
 
 # The layout flags of a run, as ``pretrain_moe.py`` saves them in ``args``.
 _LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use_distributed_optimizer")
@@ -63,7 +65,7 @@ def target_rng(source: list[list[dict]], dp_rank: int, tp_rank: int, seed: int) 
     if tp_rank < len(source[0]):
         return source[dp_rank][tp_rank] if dp_rank < len(source) else source[0][tp_rank]
     state = dict(source[0][0])
-    stream_seed = (seed * 1_000_003 + 7919 * tp_rank) % (2**63 - 1)
+    stream_seed = model_parallel_stream_seed(seed, tp_rank)
     state["tracker"] = {name: _fresh_stream(s, stream_seed) for name, s in state["tracker"].items()}
     return state
 
@@ -133,26 +135,27 @@ class ShardedWriter:
         staged: dict[str, torch.Tensor] = {}
         for group in range(len(self.groups)):
             for ep_size in {self.ep_of[name] for name in self.groups[group]}:
-                ep_rank = None if ep_size is None else dp_rank % ep_size
+                ep_rank = None if ep_size is None else self.layout.ep_rank(rank, ep_size)
                 path = self._stage_path(group, tp_rank, ep_rank)
                 staged.update(torch.load(path, mmap=True, weights_only=True))
         model = {name: staged[f"{name}|{PARAM}"] for name in self.info.specs}
-        payload = {"model": model, "optimizer": {}, "rank": rank}
+        optimizer = {}
         if self.info.optimizer is not None:
             shards = {}
             for name, (start, end) in self.owned[rank].items():
                 shards[name] = {"start": start, "end": end}
                 shards[name].update({kind: staged[f"{name}|{kind}|{start}|{end}"] for kind in OPTIMIZER_KINDS})
-            payload["optimizer"] = {
+            optimizer = {
                 "format": OPTIMIZER_FORMAT,
                 "layout": optimizer_layout(self.ep_of, self.layout, bucket_size=self.bucket_size),
                 "rank": rank,
                 **{key: self.info.optimizer[key] for key in OPTIMIZER_SCALARS},
                 "shards": shards,
             }
+        rng = None
         if self.info.rng is not None:
-            payload["rng"] = target_rng(self.info.rng, dp_rank, tp_rank, int(self.info.args.get("seed", 0)))
-        return payload
+            rng = target_rng(self.info.rng, dp_rank, tp_rank, int(self.info.args.get("seed", 0)))
+        return rank_payload(model=model, optimizer=optimizer, rng=rng, rank=rank)
 
     def _metadata(self) -> dict:
         args = dict(self.info.args)
@@ -162,16 +165,14 @@ class ShardedWriter:
             "use_distributed_optimizer": self.layout.use_distributed_optimizer,
         }
         args.update({key: values[key] for key in _LAYOUT_ARGS if key in args})
-        return {
-            "format": "megamoe",
-            "version": FORMAT_VERSION,
-            "iteration": self.info.iteration,
-            "consumed_samples": self.info.consumed_samples,
-            "layout": self.layout.to_metadata(),
-            "model_config": model_config_dict(self.config),
-            "params": {name: spec.to_metadata(self.layout, self.ep_of[name]) for name, spec in self.info.specs.items()},
-            "args": args,
-        }
+        return build_metadata(
+            iteration=self.info.iteration,
+            consumed_samples=self.info.consumed_samples,
+            layout=self.layout,
+            model_config=model_config_dict(self.config),
+            params={name: spec.to_metadata(self.layout, self.ep_of[name]) for name, spec in self.info.specs.items()},
+            args=args,
+        )
 
     def finish(self, progress=None) -> None:
         """Assemble every rank file, then ``metadata.json`` and the 'latest' marker; drop the staging."""
@@ -180,6 +181,6 @@ class ShardedWriter:
             torch.save(self._rank_payload(rank), rank_file(self.directory, rank))
             if progress is not None:
                 progress(f"wrote {rank_file(self.directory, rank)}")
-        _write_atomic(os.path.join(self.directory, "metadata.json"), json.dumps(self._metadata(), indent=1))
-        _write_atomic(os.path.join(self.root, MARKER), str(self.info.iteration))
+        write_metadata(self.directory, self._metadata())
+        write_marker(self.root, self.info.iteration)
         shutil.rmtree(self.staging)

@@ -83,6 +83,11 @@ def get_rng_tracker() -> RNGStatesTracker:
     return _TRACKER
 
 
+def model_parallel_stream_seed(seed: int, tp_rank: int) -> int:
+    """Seed of the model-parallel stream of TP rank ``tp_rank`` in a run seeded with ``seed``."""
+    return seed + _OFFSET + tp_rank
+
+
 def model_parallel_seed(seed: int, device: torch.device | None = None) -> None:
     """Seed the default and model-parallel streams of this rank (call after the groups exist)."""
     state = get_parallel_state()
@@ -91,4 +96,4 @@ def model_parallel_seed(seed: int, device: torch.device | None = None) -> None:
     torch.manual_seed(seed)
     if _TRACKER.device.type == "cuda":
         torch.cuda.manual_seed(seed)
-    _TRACKER.add(MODEL_PARALLEL_RNG, seed + _OFFSET + state.tp_rank)
+    _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel_stream_seed(seed, state.tp_rank))

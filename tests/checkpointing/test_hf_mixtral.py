@@ -14,7 +14,7 @@ from megamoe.checkpointing import convert
 from megamoe.checkpointing.hf_config import check_exportable
 from megamoe.data.tokenizer_training import train_sentencepiece
 from megamoe.model.config import ModelConfig
-from megamoe.training.checkpoint import CheckpointError
+from megamoe.checkpointing.format import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from megamoe.checkpointing.layout import Layout, ParamSpec, model_specs, stream_groups
+from megamoe.checkpointing.format import Layout
+from megamoe.checkpointing.layout import ParamSpec, model_specs, stream_groups
 from megamoe.checkpointing.optimizer_layout import owned_ranges
 from megamoe.checkpointing.sharded_writer import target_ep_sizes
 from tests.checkpointing.common import model_config

@@ -60,7 +60,7 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
 
 
 def _final_params(save_dir, world):
-    from megamoe.training.checkpoint import read_metadata, rank_file
+    from megamoe.checkpointing.format import rank_file, read_metadata
 
     directory, metadata = read_metadata(save_dir)
     return metadata["iteration"], [
@@ -121,7 +121,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     first = base + ["--train-iters", "2"]
     second = base + ["--train-iters", "4", "--load", save]
     run_distributed(_crash_during_second_save, 1, first, second, timeout=300)
-    from megamoe.training.checkpoint import read_metadata
+    from megamoe.checkpointing.format import read_metadata
 
     directory, metadata = read_metadata(save)
     assert metadata["iteration"] == 2
@@ -180,7 +180,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM received" in out
-    from megamoe.training.checkpoint import read_metadata
+    from megamoe.checkpointing.format import read_metadata
 
     directory, metadata = read_metadata(str(save))
     assert metadata["iteration"] >= 2
@@ -189,7 +189,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def _layout_change_body(rank, world, save_argv, load_argv):
     os.environ["WORLD_SIZE"] = str(world)
     assert pretrain_moe.main(save_argv) == 0
-    from megamoe.training.checkpoint import CheckpointError
+    from megamoe.checkpointing.format import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"reshard it first: python tools/convert_checkpoint.py"):
         from megamoe.training.arguments import parse_config
@@ -207,7 +207,7 @@ def test_loading_another_layout_names_the_conversion_tool(tmp_path):
 
 def _weights_only_body(rank, world, save, argv):
     os.environ["WORLD_SIZE"] = str(world)
-    from megamoe.training.checkpoint import CheckpointError, rank_file, read_metadata
+    from megamoe.checkpointing.format import CheckpointError, rank_file, read_metadata
 
     directory, _ = read_metadata(save)
     payload = torch.load(rank_file(directory, 0), weights_only=True)
