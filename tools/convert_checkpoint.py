@@ -1,5 +1,5 @@
 """Convert megamoe checkpoints: reshard to another layout, consolidate, export to / import from
-Hugging Face Mixtral.  Runs on CPU, one layer at a time.
+Hugging Face Mixtral or Qwen3-MoE.  Runs on CPU, one layer at a time.
 
     # reshard (TP, EP per MoE layer, world size, ZeRO-1; optimizer state included)
     python tools/convert_checkpoint.py --load-dir ckpt/run1 --save-dir ckpt/run1_tp2_ep4 \

@@ -4,7 +4,7 @@ format in a temporary directory, check that nothing was lost, then move the resu
     summary = convert("ckpt/run1", "ckpt/run1_tp2", to="megamoe", target_tensor_parallel_size=2)
 
 Sources: a sharded megamoe checkpoint (the save root, or one ``iter_XXXXXXX`` directory), a
-consolidated one (detected by its ``metadata.json``), or a Hugging Face Mixtral export
+consolidated one (detected by its ``metadata.json``), or a Hugging Face Mixtral / Qwen3-MoE export
 (``from_format="hf"``).  Targets (``to``): ``megamoe`` (sharded, any layout), ``consolidated``,
 ``hf``.  The target layout defaults to the source's (consolidated: the layout it was
 consolidated from; Hugging Face: world 1, TP 1, EP 1, no ZeRO-1).  A Hugging Face import has no
@@ -24,10 +24,10 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from megamoe.checkpointing import consolidated, hf_mixtral
+from megamoe.checkpointing import consolidated, hf_checkpoint
 from megamoe.checkpointing.accounting import FullChecksum
 from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.hf_config import check_exportable
+from megamoe.checkpointing.hf_config import check_exportable, export_family
 from megamoe.checkpointing.format import MARKER, CheckpointError, load_metadata, model_config_from_dict, read_metadata
 from megamoe.checkpointing.layout import stream_groups, target_layout
 from megamoe.checkpointing.sharded_reader import ShardedReader
@@ -70,7 +70,8 @@ def open_source(load_dir: str, from_format: str | None):
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load-dir {load_dir} is not a directory")
     if from_format == "hf":
-        return hf_mixtral.HFReader(load_dir), f"{load_dir} (Hugging Face Mixtral)"
+        reader = hf_checkpoint.HFReader(load_dir)
+        return reader, f"{load_dir} (Hugging Face {reader.family})"
     if from_format is not None:
         raise ValueError(f"--from {from_format!r}: valid values are ['hf'] (megamoe formats are detected)")
     if consolidated.is_consolidated(load_dir):
@@ -120,7 +121,8 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     if to == "consolidated":
         return consolidated.ConsolidatedWriter(tmp, info), "consolidated (layout-free)"
     if to == "hf":
-        return hf_mixtral.HFWriter(tmp, info, tokenizer_model=tokenizer_model), "Hugging Face Mixtral"
+        writer = hf_checkpoint.HFWriter(tmp, info, tokenizer_model=tokenizer_model)
+        return writer, f"Hugging Face {export_family(writer.config)}"
     source = info.source_layout
     config = model_config_from_dict(info.model_config)
     world = layout_flags["world_size"] or (source.world_size if source else 1)

@@ -1,6 +1,7 @@
-"""Hugging Face Mixtral export and import: transformers' MixtralForCausalLM on the export
-computes megamoe's logits, the import gives back the original weights and configuration, and
-options without a Mixtral equivalent are refused by name."""
+"""Hugging Face export and import of a trained megamoe checkpoint (Mixtral-shaped):
+transformers' MixtralForCausalLM on the export computes megamoe's logits, the import gives back
+the original weights and configuration, and options without a Mixtral equivalent are refused by
+name."""
 
 import json
 import os
@@ -116,14 +117,14 @@ def test_import_of_the_export_equals_the_original(trained, exported, tmp_path):
 
 def test_import_refuses_what_megamoe_cannot_express(exported, tmp_path):
     root, _ = exported
-    copy = tmp_path / "gqa"
+    copy = tmp_path / "sliding"
     copy.mkdir()
     for name in os.listdir(root):
         os.symlink(os.path.join(root, name), copy / name)
     config = json.load(open(os.path.join(root, "config.json")))
     os.remove(copy / "config.json")
-    json.dump(dict(config, num_key_value_heads=2), open(copy / "config.json", "w"))
-    with pytest.raises(CheckpointError, match=re.escape(str(copy / "config.json")) + ".*grouped-query attention"):
+    json.dump(dict(config, sliding_window=8), open(copy / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=re.escape(str(copy / "config.json")) + ".*sliding-window attention"):
         convert(str(copy), str(tmp_path / "dst"), from_format="hf", progress=None)
 
 

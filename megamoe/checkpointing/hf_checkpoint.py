@@ -1,30 +1,17 @@
-"""Hugging Face Mixtral export and import: tensor names and the safetensors files.
+"""Hugging Face export and import: the safetensors files, ``config.json`` and the tokenizer.
 
-Name mapping (``i`` a layer, ``j`` an expert; megamoe tensors are full, see ``layout``)::
-
-    word_embeddings.weight [V, h]                 model.embed_tokens.weight
-    layers.i.input_norm.weight                    model.layers.i.input_layernorm.weight
-    layers.i.attention.qkv.weight [3, n*d, h]     model.layers.i.self_attn.{q,k,v}_proj.weight
-    layers.i.attention.proj.weight                model.layers.i.self_attn.o_proj.weight
-    layers.i.post_attention_norm.weight           model.layers.i.post_attention_layernorm.weight
-    layers.i.mlp.router.weight [E, h]             model.layers.i.block_sparse_moe.gate.weight
-    layers.i.mlp.experts.fc1 [E, 2, F, h]         ...block_sparse_moe.experts.j.w1.weight (gate), w3 (up)
-    layers.i.mlp.experts.fc2 [E, h, F]            ...block_sparse_moe.experts.j.w2.weight
-    final_norm.weight                             model.norm.weight
-    output_layer.weight [V, h]                    lm_head.weight (absent with tied embeddings)
-
-This is the Hub's Mixtral layout (transformers >= 5 fuses the experts on load).  Export writes
-one ``model-XXXXX-of-NNNNN.safetensors`` per group plus ``model.safetensors.index.json``,
-``config.json`` (``hf_config``) and, with a sentencepiece model, the tokenizer files.  Import
+Export writes one ``model-XXXXX-of-NNNNN.safetensors`` per group plus
+``model.safetensors.index.json``, ``config.json`` (``hf_config``: Mixtral or Qwen3-MoE) and,
+with a sentencepiece model, the tokenizer files; tensor names come from ``hf_names``.  Import
 accepts that layout or a single ``model.safetensors``; every HF tensor must map onto a megamoe
 parameter, or the import stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
 import shutil
 
 import torch
@@ -35,71 +22,11 @@ from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.hf_config import check_exportable, from_hf_config, to_hf_config
 from megamoe.checkpointing.format import CheckpointError, model_config_dict, model_config_from_dict, write_atomic
+from megamoe.checkpointing.hf_names import hf_names, join, split
 from megamoe.checkpointing.layout import model_specs, stream_groups
-from megamoe.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-
-_SIMPLE = {
-    "word_embeddings.weight": "model.embed_tokens.weight",
-    "final_norm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
-}
-_LAYER_SIMPLE = {
-    "input_norm.weight": "input_layernorm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "attention.proj.weight": "self_attn.o_proj.weight",
-    "mlp.router.weight": "block_sparse_moe.gate.weight",
-}
-_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def hf_names(name: str, config: ModelConfig) -> list[str]:
-    """The HF tensors that hold megamoe parameter ``name`` (``split`` yields them in this order)."""
-    if name in _SIMPLE:
-        return [_SIMPLE[name]]
-    match = _LAYER_NAME.match(name)
-    if match is None:
-        raise ValueError(f"parameter {name} has no Hugging Face Mixtral equivalent")
-    layer, rest = match.groups()
-    prefix = f"model.layers.{layer}."
-    if rest in _LAYER_SIMPLE:
-        return [prefix + _LAYER_SIMPLE[rest]]
-    if rest == "attention.qkv.weight":
-        return [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"]
-    experts = range(config.num_experts_for_layer(int(layer)))
-    if rest == "mlp.experts.fc1":
-        return [prefix + f"block_sparse_moe.experts.{j}.{w}.weight" for j in experts for w in ("w1", "w3")]
-    if rest == "mlp.experts.fc2":
-        return [prefix + f"block_sparse_moe.experts.{j}.w2.weight" for j in experts]
-    raise ValueError(f"parameter {name} has no Hugging Face Mixtral equivalent")
-
-
-def split(name: str, full: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """megamoe full tensor -> its HF tensors (contiguous copies)."""
-    names = hf_names(name, config)
-    if name.endswith("attention.qkv.weight"):
-        parts = list(full.unbind(0))  # [3, n*d, h]: q, k, v
-    elif name.endswith("mlp.experts.fc1"):
-        parts = [full[j, w] for j in range(full.shape[0]) for w in (0, 1)]  # [E, (gate, up), F, h]
-    elif name.endswith("mlp.experts.fc2"):
-        parts = list(full.unbind(0))
-    else:
-        parts = [full]
-    assert len(parts) == len(names), (name, len(parts), len(names))
-    return {n: p.contiguous() for n, p in zip(names, parts)}
-
-
-def join(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The HF tensors of ``hf_names(name)``, in that order -> megamoe's full tensor."""
-    if name.endswith("attention.qkv.weight") or name.endswith("mlp.experts.fc2"):
-        return torch.stack(tensors)
-    if name.endswith("mlp.experts.fc1"):
-        pairs = [torch.stack(tensors[i : i + 2]) for i in range(0, len(tensors), 2)]  # (w1 gate, w3 up)
-        return torch.stack(pairs)
-    (tensor,) = tensors
-    return tensor
 
 
 def _tokenizer_files(root: str, tokenizer_model: str, max_length: int) -> dict[str, int]:
@@ -128,7 +55,7 @@ def _tokenizer_files(root: str, tokenizer_model: str, max_length: int) -> dict[s
 
 
 class HFWriter:
-    """Exports ``info``'s weights to ``root`` as a Hugging Face Mixtral model."""
+    """Exports ``info``'s weights to ``root`` as a Hugging Face model (``hf_config.export_family``)."""
 
     def __init__(self, root: str, info: FullStateInfo, *, tokenizer_model: str | None) -> None:
         self.root, self.info = root, info
@@ -173,7 +100,7 @@ def _open(path: str):
 
 
 class HFReader:
-    """A ``FullStateReader`` over a Hugging Face Mixtral directory (weights only)."""
+    """A ``FullStateReader`` over a Hugging Face Mixtral or Qwen3-MoE directory (weights only)."""
 
     def __init__(self, root: str) -> None:
         self.root = root
@@ -181,6 +108,10 @@ class HFReader:
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{config_path} is missing: {root} is not a Hugging Face model directory")
         hf = json.load(open(config_path))
+        try:  # the configuration first: refusing a model should not need its weights
+            config = from_hf_config(hf, params_dtype=torch.float32)
+        except ValueError as err:
+            raise CheckpointError(f"{config_path}: {err}") from None
         index_path = os.path.join(root, INDEX)
         if os.path.isfile(index_path):
             weight_map = json.load(open(index_path))["weight_map"]
@@ -202,11 +133,9 @@ class HFReader:
         params_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
         if params_dtype is None:
             raise CheckpointError(f"{root}: weight dtype is not fp32, bf16 or fp16")
-        try:
-            config = from_hf_config(hf, params_dtype=params_dtype)
-        except ValueError as err:
-            raise CheckpointError(f"{config_path}: {err}") from None
+        config = dataclasses.replace(config, params_dtype=params_dtype)
         self.config = config
+        self.family = hf["model_type"]
         self.info = FullStateInfo(
             model_config=model_config_dict(config),
             specs=model_specs(config),
@@ -231,7 +160,7 @@ class HFReader:
                 file = self.file_of[hf_name]
                 parts.append(self.handles[file].get_tensor(hf_name))
                 self.tally.use(os.path.join(self.root, file), hf_name)
-            full = join(name, parts)
+            full = join(name, parts, self.config)
             if tuple(full.shape) != spec.shape or full.dtype != spec.dtype:
                 raise CheckpointError(
                     f"{self.root}: {name} assembles to {full.dtype} {tuple(full.shape)} from "
