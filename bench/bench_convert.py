@@ -151,6 +151,8 @@ def main() -> None:
         moe_ffn_hidden_size=args.moe_ffn,
         expert_model_parallel_size=(2,),
         untie_embeddings_and_output_weights=True,
+        swiglu=True,
+        add_bias_linear=False,
     )
     work = args.keep or tempfile.mkdtemp(prefix="bench_convert_")
     try:

@@ -62,7 +62,7 @@ def synchronize(device: torch.device) -> None:
 
 def build(args, device, dtype, grouped: bool):
     config = ModelConfig(
-        vocab_size=128, hidden_size=args.hidden, num_attention_heads=1, num_experts=args.experts,
+        vocab_size=128, num_layers=2, hidden_size=args.hidden, swiglu=True, add_bias_linear=False, num_attention_heads=1, num_experts=args.experts,
         moe_router_topk=args.topk, moe_ffn_hidden_size=args.ffn, moe_aux_loss_coeff=0.01,
         moe_z_loss_coeff=0.001, moe_grouped_gemm=grouped, expert_model_parallel_size=args.ep, params_dtype=dtype,
     )

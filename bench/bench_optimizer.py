@@ -113,6 +113,7 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
         vocab_size=4096, num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8,
         max_position_embeddings=128, num_experts=args.experts, moe_router_topk=2,
         moe_ffn_hidden_size=args.hidden * 2, expert_model_parallel_size=args.ep, params_dtype=dtype,
+        swiglu=True, add_bias_linear=False,
     )
     model = GPTModel(config).initialize(seed=1)
     opt = MixedPrecisionOptimizer(

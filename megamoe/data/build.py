@@ -24,33 +24,41 @@ import torch
 from megamoe.data.blending import BlendedDataset, load_blend_schedule, normalize_weights
 from megamoe.data.gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir
 from megamoe.data.indexed_dataset import IndexedDataset
+from megamoe.flags import flag
 
 SPLIT_NAMES = ("train", "valid", "test")
+
+
+MOCK_VOCAB_SIZE = 32000
 
 
 @dataclass
 class DataConfig:
     """Where samples come from.  ``__post_init__`` validates; errors name the flag."""
 
-    data_path: list[str]
-    """--data-path: ``["prefix"]`` or weighted ``["0.7", "prefA", "0.3", "prefB"]`` (prefixes
-    without .bin/.idx)."""
-    split: str = "969,30,1"
-    """--split: relative sizes of train, valid, test, by documents (comma or slash separated)."""
-    mock_data: bool = False
-    """--mock-data: random tokens instead of files (data_path is ignored)."""
-    vocab_size: int | None = None
-    """Token ids of mock data are drawn from ``[0, vocab_size)``; required with mock_data."""
-    cache_dir: str | None = None
-    """--data-cache-path: where index arrays are cached (default: ``index_cache`` beside each
-    dataset)."""
+    data_path: list[str] | None = flag(
+        help="dataset prefix (without .bin/.idx), or weight prefix weight prefix ...", nargs="+",
+        default_text="the built-in corpus")
+    split: str = flag("969,30,1", help="relative sizes of train, valid, test, by documents (comma or slash "
+                                       "separated)")
+    mock_data: bool = flag(False, help="random tokens instead of files")
+    vocab_size: int | None = flag(None, help="with --mock-data: ids are drawn from [0, N) (else: the tokenizer's)",
+                                  default_text=f"{MOCK_VOCAB_SIZE} with --mock-data")
+    cache_dir: str | None = flag(None, name="--data-cache-path", help="where index arrays are cached",
+                                 default_text="index_cache beside each dataset")
+    tokenizer_model: str | None = flag(None, help="the sentencepiece .model the data was made with",
+                                       default_text="the built-in corpus's")
 
     def __post_init__(self) -> None:
         self.split_fractions = parse_split(self.split)
         if self.mock_data:
+            if self.data_path:
+                raise ValueError("--mock-data and --data-path are mutually exclusive")
             if self.vocab_size is None or self.vocab_size < 1:
                 raise ValueError(f"--mock-data needs a positive vocabulary size, got {self.vocab_size}")
         else:
+            if self.vocab_size is not None:
+                raise ValueError("--vocab-size is only for --mock-data; otherwise the tokenizer sets it")
             self.weights, self.prefixes = parse_data_path(self.data_path)
 
 

@@ -1,21 +1,35 @@
 """ModelConfig: the architecture of a GPT / MoE GPT, validated in one place.
 
-Each field names the Megatron flag that sets it.  ``__post_init__`` checks what the
-architecture alone must satisfy; ``check_parallel_layout`` checks what a (TP, DP) layout adds.
-Both raise ``ValueError`` with the flags and the valid values.
+Each field declares the Megatron flag that sets it (``megamoe.flags``).  ``__post_init__``
+checks what the architecture alone must satisfy; ``check_parallel_layout`` checks what a (TP, DP)
+layout adds.  Both raise ``ValueError`` with the flags and the valid values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass
 
 import torch
+
+from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability
+from megamoe.int_list import IntListAction, parse_int_list
+from megamoe.parallel.state import validate_parallel_sizes
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 TOKEN_DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DEFAULT_BIAS_UPDATE_RATE = 1e-3
+
+
+def layer_pattern(text: str) -> int | tuple[int, ...]:
+    """--moe-layer-freq: ``"2"`` -> 2 (every 2nd layer), ``"1,0,1,0"`` -> (1, 0, 1, 0)."""
+    try:
+        values = parse_int_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer N or a 0/1 pattern like 1,0,1,0") from None
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def _as_tuple(value) -> tuple[int, ...]:
@@ -28,61 +42,84 @@ def _as_tuple(value) -> tuple[int, ...]:
 
 @dataclass
 class ModelConfig:
+    """The architecture.  Defaults are the command line's: ``ModelConfig(vocab_size=V)`` is the
+    model ``pretrain_moe.py`` builds without model flags."""
+
     # --- dense transformer ---
-    vocab_size: int  # from the tokenizer; padded to a multiple of 128 x TP inside the model
-    num_layers: int = 2  # --num-layers
-    hidden_size: int = 64  # --hidden-size
-    num_attention_heads: int = 4  # --num-attention-heads
-    kv_channels: int | None = None  # --kv-channels: the head dim (default --hidden-size / --num-attention-heads)
-    group_query_attention: bool = False  # --group-query-attention: fewer key/value heads than query heads
-    num_query_groups: int | None = None  # --num-query-groups: KV heads with GQA (Megatron's default there: 1)
-    qk_layernorm: bool = False  # --qk-layernorm: a --normalization over each head's query and key, before RoPE
-    ffn_hidden_size: int | None = None  # --ffn-hidden-size (default 4 x hidden)
-    max_position_embeddings: int = 128  # --max-position-embeddings
-    normalization: str = "RMSNorm"  # --normalization
-    norm_epsilon: float = 1e-5  # --norm-epsilon
-    swiglu: bool = True  # --swiglu (else GeLU)
-    position_embedding_type: str = "rope"  # --position-embedding-type
-    rotary_base: float = 10000.0  # --rotary-base
-    add_bias_linear: bool = False  # --disable-bias-linear turns it off (Megatron default: on)
-    untie_embeddings_and_output_weights: bool = False  # --untie-embeddings-and-output-weights
-    init_method_std: float = 0.02  # --init-method-std
-    hidden_dropout: float = 0.0  # --hidden-dropout
-    attention_dropout: float = 0.0  # --attention-dropout
-    params_dtype: torch.dtype = torch.float32  # --bf16 / --fp16
-    # --recompute-granularity full: recompute each layer's activations in backward (None: store them)
-    recompute_granularity: str | None = None
-    recompute_num_layers: int | None = None  # --recompute-num-layers: the first N layers (default: all)
+    vocab_size: int = derived(help="from the tokenizer (or --vocab-size with --mock-data); padded to a "
+                                   "multiple of 128 x TP inside the model")
+    num_layers: int = flag(4, help="transformer layers", check=positive)
+    hidden_size: int = flag(128, help="model width", check=positive)
+    num_attention_heads: int = flag(4, help="attention heads", check=positive)
+    kv_channels: int | None = flag(None, help="the head dim", check=positive,
+                                   default_text="--hidden-size / --num-attention-heads")
+    group_query_attention: bool = flag(False, help="fewer key/value heads than query heads")
+    num_query_groups: int | None = flag(None, help="key/value heads with --group-query-attention", default_text="1")
+    qk_layernorm: bool = flag(False, help="a --normalization norm over each query and key head, before RoPE")
+    ffn_hidden_size: int | None = flag(None, help="hidden size of the dense MLPs", check=positive,
+                                       default_text="4 x --hidden-size")
+    max_position_embeddings: int | None = flag(
+        None, help="longest sequence the model accepts; sizes the learned_absolute table", check=positive,
+        default_text="--seq-length")
+    normalization: str = flag("RMSNorm", help="norm of each block and the final norm", choices=NORMALIZATIONS)
+    norm_epsilon: float = flag(1e-5, help="epsilon of the norms", check=positive)
+    swiglu: bool = flag(False, help="SwiGLU MLPs and experts (else GeLU)")
+    position_embedding_type: str = flag("rope", help="position encoding", choices=POSITION_EMBEDDINGS)
+    rotary_base: float = flag(10000.0, help="RoPE base (theta)", check=positive)
+    add_bias_linear: bool = flag(True, name="--disable-bias-linear", help="no biases in the linear layers")
+    untie_embeddings_and_output_weights: bool = flag(False, help="an output layer of its own (else the "
+                                                                 "input embedding's transpose)")
+    init_method_std: float = flag(0.02, help="std of the normal weight init", check=positive)
+    hidden_dropout: float = flag(0.0, help="dropout after attention and MLP", check=probability)
+    attention_dropout: float = flag(0.0, help="dropout of the attention probabilities", check=probability)
+    params_dtype: torch.dtype = derived(torch.float32, help="--bf16 / --fp16")
+    recompute_granularity: str | None = flag(None, help="full: recompute each layer's activations in backward",
+                                             choices=("full",))
+    recompute_num_layers: int | None = flag(None, help="with --recompute-granularity: the first N layers",
+                                            default_text="all")
 
     # --- mixture of experts ---
-    # --num-experts: one value for every MoE layer, or one per MoE layer (pyramid models).
-    num_experts: tuple[int, ...] = ()
-    # --moe-layer-freq: every N-th layer is MoE (int), or an explicit 0/1 pattern per layer.
-    moe_layer_freq: int | tuple[int, ...] = 1
-    moe_router_topk: int = 2  # --moe-router-topk
-    moe_ffn_hidden_size: int | None = None  # --moe-ffn-hidden-size (default: ffn_hidden_size)
-    moe_aux_loss_coeff: float = 0.0  # --moe-aux-loss-coeff
-    moe_z_loss_coeff: float = 0.0  # --moe-z-loss-coeff
-    moe_router_pre_softmax: bool = False  # --moe-router-pre-softmax: softmax before top-k
-    moe_router_renormalize: bool = True  # --no-moe-router-renormalize turns off top-k renormalisation
-    moe_router_score_function: str = "softmax"  # --moe-router-score-function: softmax or sigmoid
-    # --moe-router-enable-expert-bias: aux-loss-free balancing, a per-expert bias in the top-k choice only
-    moe_router_enable_expert_bias: bool = False
-    # --moe-router-bias-update-rate: the bias step per optimizer step (None: DEFAULT_BIAS_UPDATE_RATE)
-    moe_router_bias_update_rate: float | None = None
-    moe_router_topk_scaling_factor: float | None = None  # --moe-router-topk-scaling-factor (None: 1)
-    moe_router_num_groups: int | None = None  # --moe-router-num-groups: expert groups for group-limited routing
-    moe_router_group_topk: int | None = None  # --moe-router-group-topk: groups each token may use
-    moe_input_jitter_eps: float = 0.0  # --moe-input-jitter-eps (0: off)
-    moe_expert_capacity_factor: float | None = None  # --moe-expert-capacity-factor (None: dropless)
-    moe_eval_capacity_factor: float | None = None  # --moe-eval-capacity-factor (default: training's)
-    moe_token_drop_policy: str = "probs"  # --moe-token-drop-policy
-    moe_shared_expert_intermediate_size: int | None = None  # --moe-shared-expert-intermediate-size
-    moe_grouped_gemm: bool = True  # --no-moe-grouped-gemm: use the batched fallback
-    # --expert-model-parallel-size: one value, or one per MoE layer.
-    expert_model_parallel_size: tuple[int, ...] = (1,)
+    num_experts: tuple[int, ...] = flag(
+        (), action=IntListAction, help="experts per MoE layer: one value, or one per MoE layer (space- or "
+                                       "comma-separated); none: a dense model")
+    moe_layer_freq: int | tuple[int, ...] = flag(
+        1, type=layer_pattern, help="every N-th layer is MoE, or a 0/1 pattern per layer: 1,0,1,0")
+    moe_router_topk: int = flag(2, help="experts per token, k")
+    moe_ffn_hidden_size: int | None = flag(None, help="hidden size of each expert", check=positive,
+                                           default_text="--ffn-hidden-size")
+    moe_aux_loss_coeff: float = flag(0.0, help="weight of the load-balancing loss", check=non_negative)
+    moe_z_loss_coeff: float = flag(0.0, help="weight of the router z-loss", check=non_negative)
+    moe_router_pre_softmax: bool = flag(False, help="softmax over all experts before top-k")
+    moe_router_renormalize: bool = flag(True, name="--no-moe-router-renormalize",
+                                        help="with --moe-router-pre-softmax, keep the raw top-k probabilities")
+    moe_router_score_function: str = flag("softmax", help="router scores", choices=SCORE_FUNCTIONS)
+    moe_router_enable_expert_bias: bool = flag(False, help="aux-loss-free balancing: a per-expert bias in the "
+                                                           "top-k choice only (sigmoid scores)")
+    moe_router_bias_update_rate: float | None = flag(None, help="expert-bias step per optimizer step",
+                                                     check=positive, default_text=str(DEFAULT_BIAS_UPDATE_RATE))
+    moe_router_topk_scaling_factor: float | None = flag(None, help="multiply the top-k weights by this",
+                                                        check=positive, default_text="1")
+    moe_router_num_groups: int | None = flag(None, help="expert groups for group-limited routing",
+                                             check=at_least_one)
+    moe_router_group_topk: int | None = flag(None, help="groups each token may route to (with "
+                                                        "--moe-router-num-groups)", check=at_least_one)
+    moe_input_jitter_eps: float = flag(0.0, help="multiply the router input by U(1-eps, 1+eps) in training",
+                                       check=non_negative)
+    moe_expert_capacity_factor: float | None = flag(None, help="token-slots per expert, in units of the even "
+                                                    "share", check=positive, default_text="unset: dropless")
+    moe_eval_capacity_factor: float | None = flag(None, help="capacity factor in evaluation", check=positive,
+                                                  default_text="--moe-expert-capacity-factor")
+    moe_token_drop_policy: str = flag("probs", help="which slots an over-capacity expert keeps",
+                                      choices=TOKEN_DROP_POLICIES)
+    moe_shared_expert_intermediate_size: int | None = flag(None, help="hidden size of a dense shared expert "
+                                                           "applied to every token", check=positive)
+    moe_grouped_gemm: bool = flag(True, name="--no-moe-grouped-gemm", help="one matmul per expert instead of "
+                                                                           "torch._grouped_mm")
+    expert_model_parallel_size: tuple[int, ...] = flag(
+        (1,), action=IntListAction, help="EP: ranks that split each MoE layer's experts; one value, or one per "
+                                         "MoE layer (space- or comma-separated)")
 
-    _moe_layers: tuple[int, ...] = field(init=False, repr=False, default=())
+    _moe_layers: tuple[int, ...] = derived((), help="indices of the MoE layers", init=False)
 
     def __post_init__(self) -> None:
         self.num_experts = _as_tuple(self.num_experts)
@@ -100,19 +137,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        positive = {
-            "--num-layers": self.num_layers,
-            "--hidden-size": self.hidden_size,
-            "--num-attention-heads": self.num_attention_heads,
-            "--ffn-hidden-size": self.ffn_hidden_size,
-            "--max-position-embeddings": self.max_position_embeddings,
-            "vocabulary size": self.vocab_size,
-        }
-        for flag, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value}")
-        if self.kv_channels is not None and self.kv_channels < 1:
-            raise ValueError(f"--kv-channels must be a positive integer, got {self.kv_channels}")
+        check_fields(self)
+        if self.vocab_size < 1:
+            raise ValueError(f"vocabulary size must be >= 1, got {self.vocab_size}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by "
@@ -127,22 +154,12 @@ class ModelConfig:
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"rope needs an even head dim (--kv-channels, default --hidden-size / --num-attention-heads), got {self.head_dim}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"--normalization {self.normalization!r}: valid values are {list(NORMALIZATIONS)}")
-        if self.position_embedding_type not in POSITION_EMBEDDINGS:
-            raise ValueError(
-                f"--position-embedding-type {self.position_embedding_type!r}: "
-                f"valid values are {list(POSITION_EMBEDDINGS)}"
-            )
-        if self.recompute_granularity not in (None, "full"):
-            raise ValueError(f"--recompute-granularity {self.recompute_granularity!r}: valid values are ['full']")
+        if self.position_embedding_type == "learned_absolute" and self.max_position_embeddings is None:
+            raise ValueError("--position-embedding-type learned_absolute needs --max-position-embeddings")
         if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= self.num_layers:
             raise ValueError(
                 f"--recompute-num-layers {self.recompute_num_layers} must be in [1, --num-layers {self.num_layers}]"
             )
-        for flag, value in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{flag} must be in [0, 1), got {value}")
 
     def _compute_moe_layers(self) -> tuple[int, ...]:
         if not self.num_experts:
@@ -159,13 +176,13 @@ class ModelConfig:
             raise ValueError(f"--moe-layer-freq must be >= 1 or a 0/1 pattern, got {freq}")
         return tuple(i for i in range(self.num_layers) if i % freq == 0)
 
-    def _per_moe_layer(self, values: tuple[int, ...], flag: str) -> tuple[int, ...]:
+    def _per_moe_layer(self, values: tuple[int, ...], option: str) -> tuple[int, ...]:
         n = len(self._moe_layers)
         if len(values) == 1:
             return values * n
         if len(values) != n:
             raise ValueError(
-                f"{flag} got {len(values)} values {list(values)}; give one value or one per MoE layer "
+                f"{option} got {len(values)} values {list(values)}; give one value or one per MoE layer "
                 f"({n} MoE layers: {list(self._moe_layers)})"
             )
         return values
@@ -186,46 +203,21 @@ class ModelConfig:
                 )
             if not 1 <= self.moe_router_topk <= e:
                 raise ValueError(f"--moe-router-topk {self.moe_router_topk} must be in [1, {e}] (--num-experts {e})")
-        if self.moe_token_drop_policy not in TOKEN_DROP_POLICIES:
-            raise ValueError(
-                f"--moe-token-drop-policy {self.moe_token_drop_policy!r}: valid values are {list(TOKEN_DROP_POLICIES)}"
-            )
-        for flag, value in (
-            ("--moe-expert-capacity-factor", self.moe_expert_capacity_factor),
-            ("--moe-eval-capacity-factor", self.moe_eval_capacity_factor),
-        ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{flag} must be > 0, got {value}")
-        for flag, value in (("--moe-aux-loss-coeff", self.moe_aux_loss_coeff), ("--moe-z-loss-coeff", self.moe_z_loss_coeff)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
 
     def _validate_router(self) -> None:
-        if self.moe_router_score_function not in SCORE_FUNCTIONS:
-            raise ValueError(
-                f"--moe-router-score-function {self.moe_router_score_function!r}: valid values are {list(SCORE_FUNCTIONS)}"
-            )
         sigmoid = self.moe_router_score_function == "sigmoid"
         if sigmoid and self.moe_router_pre_softmax:
             raise ValueError("--moe-router-pre-softmax applies to softmax scores, not --moe-router-score-function sigmoid")
         if self.moe_router_enable_expert_bias and not sigmoid:
             raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid")
-        if self.moe_router_bias_update_rate is not None:
-            if not self.moe_router_enable_expert_bias:
-                raise ValueError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
-            if self.moe_router_bias_update_rate <= 0:
-                raise ValueError(f"--moe-router-bias-update-rate must be > 0, got {self.moe_router_bias_update_rate}")
-        factor = self.moe_router_topk_scaling_factor
-        if factor is not None and factor <= 0:
-            raise ValueError(f"--moe-router-topk-scaling-factor must be > 0, got {factor}")
+        if self.moe_router_bias_update_rate is not None and not self.moe_router_enable_expert_bias:
+            raise ValueError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
         groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
         if (groups is None) != (group_topk is None):
             raise ValueError("--moe-router-num-groups and --moe-router-group-topk go together: give both or neither")
         if groups is None:
             return
         k = self.moe_router_topk
-        if groups < 1:
-            raise ValueError(f"--moe-router-num-groups must be >= 1, got {groups}")
         if not 1 <= group_topk <= min(groups, k):
             raise ValueError(
                 f"--moe-router-group-topk {group_topk} must be in [1, min(--moe-router-num-groups {groups}, "
@@ -253,20 +245,15 @@ class ModelConfig:
             checks["--moe-ffn-hidden-size"] = self.moe_ffn_hidden_size
         if self.moe_shared_expert_intermediate_size:
             checks["--moe-shared-expert-intermediate-size"] = self.moe_shared_expert_intermediate_size
-        for flag, value in checks.items():
+        for name, value in checks.items():
             if value % tp != 0:
                 valid = [d for d in range(1, value + 1) if value % d == 0]
                 raise ValueError(
-                    f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}; "
+                    f"{name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
                     f"valid tensor-parallel sizes for it: {valid}"
                 )
-        for ep in set(self.moe_ep_sizes()):
-            if data_parallel_size % ep != 0:
-                valid = [d for d in range(1, data_parallel_size + 1) if data_parallel_size % d == 0]
-                raise ValueError(
-                    f"--expert-model-parallel-size {ep} does not divide the data-parallel size "
-                    f"{data_parallel_size}; valid values: {valid}"
-                )
+        validate_parallel_sizes(world_size=tp * data_parallel_size, tensor_model_parallel_size=tp,
+                                expert_model_parallel_sizes=sorted(set(self.moe_ep_sizes())))
 
     # ------------------------------------------------------------------ derived
     @property

@@ -120,10 +120,8 @@ class GPTModel(nn.Module):
         """tokens, labels, loss_mask: ``[b, s]``.  Returns the losses, or the local logits when
         ``labels`` is None."""
         s = tokens.shape[1]
-        if s > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {s} exceeds --max-position-embeddings {self.config.max_position_embeddings}"
-            )
+        max_positions = self.config.max_position_embeddings  # parse_config checks --seq-length against it
+        assert max_positions is None or s <= max_positions, f"sequence length {s} > {max_positions} positions"
         x = self.word_embeddings(tokens)
         if self.position_embeddings is not None:
             x = x + self.position_embeddings[:s]

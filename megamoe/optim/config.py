@@ -1,7 +1,7 @@
 """OptimizerConfig: Adam hyper-parameters, precision, loss scaling, ZeRO-1 and bucketing.
 
-Each field names the Megatron flag that sets it; ``__post_init__`` raises ``ValueError`` naming
-the flag when a value cannot work.
+Each field declares the Megatron flag that sets it (``megamoe.flags``); ``__post_init__`` raises
+``ValueError`` naming the flag when a value cannot work.
 """
 
 from __future__ import annotations
@@ -10,31 +10,47 @@ from dataclasses import dataclass
 
 import torch
 
+from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability
+
 PARAMS_DTYPES = {torch.float32: "fp32", torch.bfloat16: "--bf16", torch.float16: "--fp16"}
 GRAD_REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_lr(lr: float, min_lr: float) -> None:
+    """--lr and --min-lr: both >= 0 and the floor not above the peak (the optimizer and the
+    schedule both hold them)."""
+    for name, value in (("--lr", lr), ("--min-lr", min_lr)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if min_lr > lr:
+        raise ValueError(f"--min-lr {min_lr} is larger than --lr {lr}: --min-lr {min_lr} must be in [0, --lr {lr}]")
+
+
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-4  # --lr: peak learning rate (the trainer's schedule calls set_lr every step)
-    min_lr: float = 0.0  # --min-lr: floor of the schedule (read by the schedule, stored here for it)
-    weight_decay: float = 0.01  # --weight-decay: decoupled (AdamW), only on params tagged weight_decay
-    adam_beta1: float = 0.9  # --adam-beta1
-    adam_beta2: float = 0.999  # --adam-beta2
-    adam_eps: float = 1e-8  # --adam-eps
-    clip_grad: float = 1.0  # --clip-grad: max global L2 norm; 0 turns clipping off
-    use_distributed_optimizer: bool = False  # --use-distributed-optimizer: ZeRO-1
-    params_dtype: torch.dtype = torch.float32  # --bf16 / --fp16: dtype of the model's parameters
-    loss_scale: float | None = None  # --loss-scale: static loss scale (fp16/bf16); None: dynamic for fp16
-    initial_loss_scale: float = 2.0**32  # --initial-loss-scale: first dynamic scale (fp16)
-    min_loss_scale: float = 1.0  # --min-loss-scale: the dynamic scale never halves below this
-    loss_scale_window: int = 1000  # --loss-scale-window: clean steps before the dynamic scale doubles
-    hysteresis: int = 2  # --hysteresis: consecutive overflows before the dynamic scale halves
-    grad_reduce_dtype: torch.dtype = torch.float32  # dtype of the gradient collectives (main grads stay fp32)
-    bucket_size: int = 40_000_000  # elements per gradient bucket (one collective each)
-    # --overlap-grad-reduce: launch each bucket's reduction during the last micro-batch's backward,
-    # as soon as all its gradients are accumulated (megamoe.optim.grad_sync)
-    overlap_grad_reduce: bool = False
+    """Defaults are the command line's."""
+
+    lr: float = flag(3e-4, help="peak learning rate (the schedule sets the step's lr)")
+    min_lr: float = flag(0.0, help="floor of the learning-rate schedule")
+    weight_decay: float = flag(0.01, help="decoupled (AdamW) weight decay, on params tagged weight_decay",
+                               check=non_negative)
+    adam_beta1: float = flag(0.9, help="Adam beta1", check=probability)
+    adam_beta2: float = flag(0.999, help="Adam beta2", check=probability)
+    adam_eps: float = flag(1e-8, help="Adam epsilon", check=positive)
+    clip_grad: float = flag(1.0, help="max global L2 grad norm; 0 turns clipping off", check=non_negative)
+    use_distributed_optimizer: bool = flag(False, help="ZeRO-1: shard the optimizer state over DP (experts: EDP)")
+    overlap_grad_reduce: bool = flag(False, help="launch each gradient bucket's reduction during the last "
+                                                 "micro-batch's backward (megamoe.optim.grad_sync)")
+    params_dtype: torch.dtype = derived(torch.float32, help="--bf16 / --fp16: dtype of the model's parameters")
+    loss_scale: float | None = flag(None, help="static loss scale (fp16/bf16)", check=positive,
+                                    default_text="dynamic with --fp16")
+    initial_loss_scale: float = flag(2.0**32, help="first dynamic loss scale (fp16)", check=positive)
+    min_loss_scale: float = flag(1.0, help="the dynamic scale never halves below this", check=positive)
+    loss_scale_window: int = flag(1000, help="clean steps before the dynamic scale doubles", check=at_least_one)
+    hysteresis: int = flag(2, help="consecutive overflows before the dynamic scale halves", check=at_least_one)
+    grad_reduce_dtype: torch.dtype = derived(torch.float32, help="set in code: dtype of the gradient collectives "
+                                                                 "(main grads stay fp32)")
+    bucket_size: int = derived(40_000_000, help="set in code: elements per gradient bucket (one collective each)")
 
     def __post_init__(self) -> None:
         if self.params_dtype not in PARAMS_DTYPES:
@@ -43,35 +59,14 @@ class OptimizerConfig:
             )
         if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
             raise ValueError(f"grad reduce dtype {self.grad_reduce_dtype}: valid values are {list(GRAD_REDUCE_DTYPES)}")
-        for flag, value in (("--lr", self.lr), ("--min-lr", self.min_lr), ("--weight-decay", self.weight_decay)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
-        for flag, value in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{flag} must be in [0, 1), got {value}")
-        if self.adam_eps <= 0:
-            raise ValueError(f"--adam-eps must be > 0, got {self.adam_eps}")
-        if self.clip_grad < 0:
-            raise ValueError(f"--clip-grad must be >= 0 (0 turns clipping off), got {self.clip_grad}")
-        if self.loss_scale is not None:
-            if self.loss_scale <= 0:
-                raise ValueError(f"--loss-scale must be > 0, got {self.loss_scale}")
-            if self.params_dtype == torch.float32:
-                raise ValueError("--loss-scale needs --fp16 or --bf16 (fp32 training does not scale the loss)")
-        if self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
-            raise ValueError(
-                f"--initial-loss-scale ({self.initial_loss_scale}) and --min-loss-scale ({self.min_loss_scale}) must be > 0"
-            )
+        check_lr(self.lr, self.min_lr)
+        check_fields(self)
+        if self.loss_scale is not None and self.params_dtype == torch.float32:
+            raise ValueError("--loss-scale needs --fp16 or --bf16 (fp32 training does not scale the loss)")
         if self.min_loss_scale > self.initial_loss_scale:
             raise ValueError(
                 f"--min-loss-scale {self.min_loss_scale} is larger than --initial-loss-scale {self.initial_loss_scale}"
             )
-        if self.loss_scale_window < 1:
-            raise ValueError(f"--loss-scale-window must be >= 1, got {self.loss_scale_window}")
-        if self.hysteresis < 1:
-            raise ValueError(f"--hysteresis must be >= 1, got {self.hysteresis}")
         if self.bucket_size < 1:
             raise ValueError(f"bucket size must be >= 1 element, got {self.bucket_size}")
 

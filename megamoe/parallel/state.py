@@ -277,16 +277,20 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def resolve_device(requested: str | None) -> str:
+    """--device (``"cpu"`` or ``"cuda"``, checked by TrainConfig); unset means CUDA when
+    available.  Raises ``ValueError`` for CUDA without CUDA."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but CUDA is not available; use --device cpu")
+    return requested
+
+
 def device_from_environment(requested: str | None = None) -> torch.device:
     """Pick the device for this process: CUDA device LOCAL_RANK when CUDA is used, else CPU."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if requested != "cpu":
-        raise ValueError(f"--device {requested!r} is not supported; valid values: cpu, cuda")
-    return torch.device("cpu")
+    if resolve_device(requested) == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)

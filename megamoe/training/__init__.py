@@ -1,1 +1,1 @@
-"""Training stack: arguments, LR schedule, the loop, logging, checkpoints."""
+"""Training stack: the run's config dataclasses and flags, LR schedule, the loop, logging, checkpoints."""

@@ -1,4 +1,5 @@
-"""Model FLOPs per token, in the convention of ../shared/bench/peer_gpu.py, so that MFU compares.
+"""Model FLOPs per token and MFU, in the convention the peer frameworks' benchmarks use, so
+that MFU compares across frameworks:
 
     N_active = sum over layers of
                  2 h n d + 2 h G d                (q and output, k and v projections: n query heads,
@@ -11,6 +12,7 @@
                                                    and attention x V over the full s x s square)
 
 Not counted: norms, softmax, activations, router top-k, the optimizer, biases.
+MFU = achieved TFLOP/s per device / peak TFLOP/s per device (dense bf16; H100/H200 SXM: 989).
 """
 
 from __future__ import annotations
@@ -38,3 +40,16 @@ def active_parameters(config: ModelConfig) -> int:
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     query_width = config.num_attention_heads * config.head_dim
     return 6.0 * active_parameters(config) + 12.0 * config.num_layers * query_width * seq_length
+
+
+CUDA_PEAK_TFLOPS = 989.0  # dense bf16 of an H100/H200 SXM: the default --peak-tflops-per-device on CUDA
+
+
+def default_peak_tflops(device: str) -> float | None:
+    """--peak-tflops-per-device when not given: the H100/H200 peak on CUDA, none (no MFU) on CPU."""
+    return CUDA_PEAK_TFLOPS if device == "cuda" else None
+
+
+def mfu(tflops_per_device: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation, or None without a peak."""
+    return tflops_per_device / peak_tflops if peak_tflops else None

@@ -8,27 +8,30 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megamoe.flags import check_fields, derived, flag, non_negative
+from megamoe.optim.config import check_lr
+
 DECAY_STYLES = ("constant", "linear", "cosine", "wsd")
 
 
 @dataclass
 class LRSchedule:
-    lr: float  # --lr: peak learning rate
-    min_lr: float = 0.0  # --min-lr
-    decay_style: str = "cosine"  # --lr-decay-style
-    warmup_iters: int = 0  # --lr-warmup-iters
-    decay_iters: int = 0  # --lr-decay-iters (default: --train-iters)
-    wsd_decay_iters: int = 0  # --lr-wsd-decay-iters: length of the final decay phase of wsd
+    lr: float = derived(help="--lr (OptimizerConfig): peak learning rate")
+    min_lr: float = derived(0.0, help="--min-lr (OptimizerConfig)")
+    decay_style: str = flag("cosine", name="--lr-decay-style", help="decay after warmup", choices=DECAY_STYLES)
+    warmup_iters: int = flag(0, name="--lr-warmup-iters", help="linear warmup from 0", check=non_negative)
+    decay_iters: int | None = flag(None, name="--lr-decay-iters", help="iterations until --min-lr",
+                                   check=non_negative, default_text="--train-iters")
+    wsd_decay_iters: int | None = flag(None, name="--lr-wsd-decay-iters", help="length of wsd's final decay phase",
+                                       default_text="10% of --lr-decay-iters")
 
     def __post_init__(self) -> None:
-        if self.decay_style not in DECAY_STYLES:
-            raise ValueError(f"--lr-decay-style {self.decay_style!r}: valid values are {list(DECAY_STYLES)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
-        if self.warmup_iters < 0 or self.decay_iters < 0:
-            raise ValueError("--lr-warmup-iters and --lr-decay-iters must be >= 0")
+        check_fields(self)
+        check_lr(self.lr, self.min_lr)
+        if self.decay_iters is None:
+            raise ValueError("--lr-decay-iters is unset (the command line defaults it to --train-iters)")
+        if self.wsd_decay_iters is None:
+            self.wsd_decay_iters = max(1, self.decay_iters // 10)
         if self.decay_style != "constant" and self.warmup_iters > self.decay_iters:
             raise ValueError(
                 f"--lr-warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.decay_iters}"

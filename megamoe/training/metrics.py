@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel.state import get_parallel_state
+from megamoe.training.flops import mfu
 
 
 class IntervalMetrics:
@@ -99,7 +100,7 @@ class IntervalMetrics:
             "skipped_iters": self.skipped_total,
             "tokens_per_sec": tokens_per_sec,
             "tflops_per_device": tflops,
-            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "mfu": mfu(tflops, self.peak_tflops),
             "max_memory_gib": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             ),

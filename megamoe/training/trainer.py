@@ -31,7 +31,8 @@ from megamoe.parallel.state import (
     initialize_model_parallel,
 )
 from megamoe.training import checkpoint as ckpt
-from megamoe.training.arguments import ConfigError, RunConfig
+from megamoe.training.arguments import ConfigError
+from megamoe.training.config import RunConfig
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.metrics import IntervalMetrics
@@ -148,7 +149,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     load_optim = found is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
     if found is not None:
         directory, metadata = found
-        layout = ckpt.layout_of(cfg.model, cfg.parallel.use_distributed_optimizer)
+        layout = ckpt.layout_of(cfg.model, cfg.optimizer.use_distributed_optimizer)
         ckpt.check_compatible(directory, metadata, layout, cfg.model, load_optim=load_optim)
         payload = ckpt.load_rank_payload(directory, state.rank, device)
         if load_optim and not payload["optimizer"]:
@@ -192,7 +193,7 @@ def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: Traini
         model=model,
         optimizer=optimizer,
         model_config=cfg.model,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         args=cfg.args,
         keep_last=cfg.checkpoint.keep_last,
     )
@@ -225,7 +226,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
     log.info(
         f"training: world {state.world_size} (TP {state.tp_size} x DP {state.dp_size}), "
-        f"EP per MoE layer {list(cfg.model.moe_ep_sizes()) or '-'}, ZeRO-1 {'on' if cfg.parallel.use_distributed_optimizer else 'off'}, "
+        f"EP per MoE layer {list(cfg.model.moe_ep_sizes()) or '-'}, ZeRO-1 {'on' if cfg.optimizer.use_distributed_optimizer else 'off'}, "
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
         f"params {str(cfg.model.params_dtype).replace('torch.', '')}, device {device.type}"
     )

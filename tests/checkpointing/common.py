@@ -58,6 +58,8 @@ def model_config(eps) -> ModelConfig:
         moe_z_loss_coeff=1e-3,
         expert_model_parallel_size=tuple(eps),
         untie_embeddings_and_output_weights=True,
+        swiglu=True,
+        add_bias_linear=False,
     )
 
 

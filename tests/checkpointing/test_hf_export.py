@@ -149,6 +149,7 @@ def test_export_refuses_options_without_a_mixtral_equivalent():
         num_attention_heads=4,
         normalization="LayerNorm",
         position_embedding_type="learned_absolute",
+        max_position_embeddings=128,
         swiglu=False,
         add_bias_linear=True,
         num_experts=(4, 8),
@@ -172,7 +173,8 @@ def test_export_refuses_options_without_a_mixtral_equivalent():
     ):
         assert flag in str(err.value), flag
     dense_every_other = ModelConfig(
-        vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4, moe_layer_freq=2
+        vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4, moe_layer_freq=2,
+        swiglu=True, add_bias_linear=False,
     )
     with pytest.raises(ValueError, match=r"--moe-layer-freq 2: MoE layers \[0\] of 2"):
         check_exportable(dense_every_other)

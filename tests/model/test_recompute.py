@@ -14,7 +14,8 @@ from tests.harness import run_distributed
 
 BASE = ModelConfig(vocab_size=200, num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                    max_position_embeddings=16, num_experts=4, moe_layer_freq=(1, 0, 1), moe_router_topk=2,
-                   moe_aux_loss_coeff=1e-2, hidden_dropout=0.1, attention_dropout=0.1)
+                   moe_aux_loss_coeff=1e-2, hidden_dropout=0.1, attention_dropout=0.1, swiglu=True,
+                   add_bias_linear=False)
 
 
 def _run(config, tokens, labels):

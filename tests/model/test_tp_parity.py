@@ -11,7 +11,8 @@ from megamoe.parallel.mappings import gather_from_tp_region
 from tests.harness import run_distributed
 
 VARIANTS = {
-    "rms-rope-swiglu-tied": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True),
+    "rms-rope-swiglu-tied": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
+                                 add_bias_linear=False),
     "ln-learned-gelu-bias-untied": dict(
         normalization="LayerNorm",
         position_embedding_type="learned_absolute",

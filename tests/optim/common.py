@@ -50,6 +50,7 @@ def model_config(ep_sizes=(1, 1), dtype=torch.float32, **arch) -> ModelConfig:
         moe_aux_loss_coeff=1e-2,
         moe_z_loss_coeff=1e-3,
         expert_model_parallel_size=tuple(ep_sizes),
+        swiglu=True,
         add_bias_linear=True,
         params_dtype=dtype,
     ), **arch})

@@ -93,9 +93,7 @@ class GroupedExperts(nn.Module):
     ) -> None:
         super().__init__()
         tp = get_parallel_state().tp_size
-        ffn = config.moe_ffn_hidden_size
-        if ffn % tp != 0:
-            raise ValueError(f"--moe-ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
+        ffn = config.moe_ffn_hidden_size  # divisible by tp: ModelConfig.check_parallel_layout
         num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
         self.swiglu = config.swiglu
         self.grouped_gemm = config.moe_grouped_gemm

@@ -29,7 +29,8 @@ def _config(num_experts, ep, **overrides) -> ModelConfig:
     return ModelConfig(
         vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
         max_position_embeddings=16, moe_ffn_hidden_size=16, num_experts=num_experts, moe_router_topk=2,
-        moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, expert_model_parallel_size=ep, **overrides,
+        moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, expert_model_parallel_size=ep,
+        **{"swiglu": True, "add_bias_linear": False, **overrides},
     )
 
 

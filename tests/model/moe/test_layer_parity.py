@@ -42,7 +42,7 @@ def _config(case: Case) -> ModelConfig:
     fields = dict(
         vocab_size=64, num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, moe_ffn_hidden_size=16,
         num_experts=EXPERTS, moe_router_topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
-        expert_model_parallel_size=case.ep,
+        expert_model_parallel_size=case.ep, swiglu=True, add_bias_linear=False,
     )
     fields.update(case.overrides)
     return ModelConfig(**fields)

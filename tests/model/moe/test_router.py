@@ -15,7 +15,8 @@ HIDDEN, EXPERTS, TOKENS = 16, 8, 32
 
 
 def _router(**overrides) -> TopKRouter:
-    fields = dict(vocab_size=16, hidden_size=HIDDEN, num_attention_heads=2, num_experts=EXPERTS, moe_router_topk=2)
+    fields = dict(vocab_size=16, num_layers=2, hidden_size=HIDDEN, num_attention_heads=2, num_experts=EXPERTS,
+                  moe_router_topk=2, swiglu=True, add_bias_linear=False)
     fields.update(overrides)
     router = TopKRouter(ModelConfig(**fields), EXPERTS)
     with torch.no_grad():

@@ -1,0 +1,125 @@
+"""The training run's config dataclasses; each field declares its flag (``megamoe.flags``).
+
+The model, optimizer, schedule and data configs live with their packages; these hold what only
+the trainer reads.  ``RunConfig`` gathers them all; ``megamoe.training.arguments`` builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megamoe.data.build import DataConfig
+from megamoe.flags import check_fields, derived, flag, non_negative, positive
+from megamoe.model.config import ModelConfig
+from megamoe.optim import OptimizerConfig
+from megamoe.training.lr_schedule import LRSchedule
+
+
+@dataclass
+class ParallelConfig:
+    world_size: int = derived(help="WORLD_SIZE from torchrun")
+    tensor_model_parallel_size: int = flag(1, help="TP: ranks that split each layer's matrices", check=positive)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.tensor_model_parallel_size
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = flag(4, help="samples per rank per forward/backward", check=positive)
+    global_batch_size: int | None = flag(None, help="samples per optimizer step", check=positive,
+                                         default_text="micro batch x data parallel")
+    train_iters: int = flag(100, help="optimizer steps", check=positive)
+    seq_length: int = flag(128, help="tokens per sample", check=positive)
+    seed: int = flag(1234, help="seed of the init, the data order and dropout")
+    eval_interval: int = flag(0, help="evaluate every N iterations (0: never)", check=non_negative)
+    eval_iters: int = flag(10, help="global batches per evaluation", check=positive)
+    device: str | None = flag(None, help="where to train", choices=("cpu", "cuda"),
+                              default_text="cuda when available")
+    exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM")
+    compile: bool = flag(False, help="regional torch.compile of attention, norms and dense MLPs")
+    eod_mask_loss: bool = flag(False, help="no loss on positions whose input token is EOD")
+    bf16: bool = flag(False, help="bf16 parameters with fp32 main grads and master weights")
+    fp16: bool = flag(False, help="fp16 parameters with loss scaling, fp32 main grads and master weights")
+    num_microbatches: int = derived(1, help="global batch / (micro batch x DP)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are mutually exclusive")
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = flag(None, help="directory to save checkpoints to")
+    load: str | None = flag(None, help="directory to resume (or --finetune) from")
+    save_interval: int = flag(0, help="save every N iterations (0: only at the end, with --save)",
+                              check=non_negative)
+    keep_last: int = flag(0, help="keep the newest N checkpoints (0: all)", check=non_negative)
+    finetune: bool = flag(False, help="load weights only: reset iteration, optimizer and data position")
+    no_load_optim: bool = flag(False, help="do not load the optimizer state")
+    no_load_rng: bool = flag(False, help="do not load the RNG states")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for given, needs in ((self.save_interval, "--save-interval"), (self.keep_last, "--keep-last")):
+            if given and not self.save:
+                raise ValueError(f"{needs} needs --save DIR")
+        if self.finetune and not self.load:
+            raise ValueError("--finetune needs --load DIR")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = flag(1, help="a log line every N iterations", check=positive)
+    log_json: str | None = flag(None, help="also write each log record as a JSON line to this file")
+    wandb_project: str | None = flag(None, help="log to this wandb project")
+    wandb_exp_name: str | None = flag(None, help="wandb run name")
+    wandb_mode: str | None = flag(None, help="wandb mode", choices=("online", "offline", "disabled"),
+                                  default_text="offline without WANDB_API_KEY")
+    wandb_save_dir: str | None = flag(None, help="wandb's local directory")
+    tensorboard_dir: str | None = flag(None, help="write tensorboard scalars here")
+    peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak for the MFU",
+                                     check=positive, default_text="989 on CUDA, none on CPU")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    schedule: LRSchedule
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    eod_token_id: int | None = None  # the tokenizer's end-of-document id (None with --mock-data)
+    args: dict = field(default_factory=dict)  # the parsed flags, saved with checkpoints
+
+    @property
+    def eod_mask_token(self) -> int | None:
+        """The id whose positions get no loss (--eod-mask-loss), else None."""
+        return self.eod_token_id if self.train.eod_mask_loss else None
+
+
+# The flag groups of --help, in order: (title, dataclass).
+FLAG_GROUPS = (
+    ("model", ModelConfig),
+    ("parallelism", ParallelConfig),
+    ("optimizer and precision", OptimizerConfig),
+    ("learning-rate schedule", LRSchedule),
+    ("batch, run and evaluation", TrainConfig),
+    ("data", DataConfig),
+    ("checkpoints", CheckpointConfig),
+    ("logging", LoggingConfig),
+)

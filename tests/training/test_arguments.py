@@ -1,0 +1,120 @@
+"""The flags are derived from the config dataclasses: every field has a flag or is marked derived,
+--help shows every default and the choices, the dataclass defaults are the command line's, and
+each mistake is one ConfigError naming the flag (checked in this process, no spawn)."""
+
+import dataclasses
+import io
+from contextlib import redirect_stdout
+
+import pytest
+
+from megamoe.flags import flag_fields, flag_of, flag_name, is_derived
+from megamoe.model.config import ModelConfig
+from megamoe.optim import OptimizerConfig
+from megamoe.training.arguments import ConfigError, build_parser, parse_config
+from megamoe.training.config import FLAG_GROUPS
+
+MOCK = ["--device", "cpu", "--mock-data", "--vocab-size", "200", "--train-iters", "2"]
+
+
+def _help() -> str:
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    return " ".join(out.getvalue().split())  # argparse wraps lines
+
+
+def test_every_config_field_is_a_flag_or_marked_derived():
+    for _, cls in FLAG_GROUPS:
+        for f in dataclasses.fields(cls):
+            assert (flag_of(f) is not None) != is_derived(f), f"{cls.__name__}.{f.name}"
+    flags = flag_fields([cls for _, cls in FLAG_GROUPS])
+    parser_flags = {o for a in build_parser()._actions for o in a.option_strings} - {"-h", "--help"}
+    assert parser_flags == set(flags)
+
+
+def test_a_plain_field_cannot_be_added():
+    from megamoe.flags import add_flags
+
+    @dataclasses.dataclass
+    class Forgotten:
+        size: int = 3
+
+    with pytest.raises(TypeError, match="Forgotten.size is neither flag"):
+        add_flags(build_parser(), Forgotten, "x")
+
+
+def test_help_shows_each_default_and_the_choices():
+    text = _help()
+    for _, cls in FLAG_GROUPS:
+        for f in dataclasses.fields(cls):
+            if flag_of(f) is not None:
+                assert flag_name(f) in text
+    assert text.count("(default:") == len(flag_fields([cls for _, cls in FLAG_GROUPS]))
+    for choices in ("{RMSNorm,LayerNorm}", "{rope,learned_absolute}", "{constant,linear,cosine,wsd}",
+                    "{probs,position}", "{cpu,cuda}", "{online,offline,disabled}", "{full}"):
+        assert choices in text, choices
+    assert "--num-layers NUM_LAYERS transformer layers (default: 4)" in text
+    assert "--lr LR peak learning rate (the schedule sets the step's lr) (default: 0.0003)" in text
+
+
+def test_dataclass_defaults_are_the_command_line_model():
+    cfg = parse_config(MOCK, world_size=1)
+    assert cfg.model == ModelConfig(vocab_size=200, max_position_embeddings=128)
+    assert cfg.optimizer == OptimizerConfig()
+    assert not cfg.model.swiglu and cfg.model.add_bias_linear
+    assert cfg.model.moe_router_renormalize and cfg.model.moe_grouped_gemm
+    negated = parse_config(MOCK + ["--disable-bias-linear", "--no-moe-router-renormalize", "--no-moe-grouped-gemm"],
+                           world_size=1).model
+    assert not negated.add_bias_linear and not negated.moe_router_renormalize and not negated.moe_grouped_gemm
+
+
+def test_derived_values():
+    cfg = parse_config(MOCK + ["--num-experts", "4", "--expert-model-parallel-size", "2", "--micro-batch-size", "2",
+                               "--global-batch-size", "16", "--tensor-model-parallel-size", "2", "--bf16",
+                               "--lr", "1e-3", "--min-lr", "1e-4", "--seq-length", "32"], world_size=8)
+    assert cfg.parallel.data_parallel_size == 4 and cfg.train.num_microbatches == 2
+    assert cfg.model.params_dtype == cfg.optimizer.params_dtype == cfg.train.params_dtype
+    assert (cfg.schedule.lr, cfg.schedule.min_lr, cfg.schedule.decay_iters) == (1e-3, 1e-4, 2)
+    assert cfg.model.max_position_embeddings == 32 and cfg.model.expert_model_parallel_size == (2,)
+    assert cfg.logging.peak_tflops is None  # no peak on CPU
+
+
+@pytest.mark.parametrize(
+    "extra,world,message",
+    [
+        (["--normalization", "BatchNorm"], 1, "--normalization 'BatchNorm': valid values are ['RMSNorm', 'LayerNorm']"),
+        (["--moe-token-drop-policy", "random"], 1, "--moe-token-drop-policy 'random'"),
+        (["--device", "tpu"], 1, "--device 'tpu': valid values are ['cpu', 'cuda']"),
+        (["--num-layers", "0"], 1, "--num-layers must be > 0, got 0"),
+        (["--weight-decay", "-1"], 1, "--weight-decay must be >= 0, got -1.0"),
+        (["--clip-grad", "-1"], 1, "--clip-grad must be >= 0, got -1.0"),
+        (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr 1.0 is larger than --lr 0.1"),
+        (["--seq-length", "64", "--max-position-embeddings", "32"], 1, "--seq-length 64 exceeds --max-position-embeddings 32"),
+        (["--num-experts", "4", "--expert-model-parallel-size", "4"], 2, "--expert-model-parallel-size 4 does not divide the data-parallel size 2"),
+        (["--ffn-hidden-size", "50", "--tensor-model-parallel-size", "4"], 4, "--ffn-hidden-size 50 is not divisible by --tensor-model-parallel-size 4"),
+        (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size needs --num-experts"),
+        (["--save-interval", "5"], 1, "--save-interval needs --save DIR"),
+        (["--finetune"], 1, "--finetune needs --load DIR"),
+    ],
+)
+def test_a_mistake_is_one_config_error_naming_the_flag(extra, world, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(MOCK + extra, world_size=world)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num-layers", "four"], "argument --num-layers: invalid int value: 'four'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--moe-layer-freq", "1,x"], "argument --moe-layer-freq: '1,x': give an integer N or a 0/1 pattern"),
+    ],
+)
+def test_argparse_errors_are_one_line_with_exit_status_2(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(MOCK + extra, world_size=1)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"pretrain_moe.py: error: {message}\n"
