@@ -61,7 +61,7 @@ class Reduction:
 
 
 def grad_reduction(meta: ParamMeta, state: ParallelState) -> Reduction:
-    """THE gradient-reduction rule (see shared/reference/moe-gradient-math.md).
+    """THE gradient-reduction rule (derived in docs/gradient-rules.md).
 
     Dense parameter: summed over the DP group, divided by DP.
     Expert parameter of EP size E: summed over its EDP group (the DP / E ranks holding the same
