@@ -23,15 +23,13 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
+import torch
 
-import torch  # noqa: E402
-
-from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateInfo  # noqa: E402
-from megamoe.checkpointing.layout import model_specs, stream_groups, target_layout  # noqa: E402
-from megamoe.checkpointing.sharded_writer import ShardedWriter  # noqa: E402
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.checkpointing.format import model_config_dict  # noqa: E402
+from megamoe.checkpointing.format import model_config_dict
+from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateInfo
+from megamoe.checkpointing.layout import model_specs, stream_groups, target_layout
+from megamoe.checkpointing.sharded_writer import ShardedWriter
+from megamoe.model.config import ModelConfig
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
 
@@ -102,8 +100,7 @@ def _status_kib(pid: int, key: str) -> int:
 
 
 BASELINE = (
-    "import sys, time; sys.path.insert(0, sys.argv[1]); "
-    "import megamoe.checkpointing.convert, megamoe.model.gpt; time.sleep(1)"
+    "import time; import megamoe.checkpointing.convert, megamoe.model.gpt; time.sleep(1)"
 )
 
 
@@ -216,8 +213,7 @@ def main() -> None:
             ),
         ]
         print(f"{'conversion':44s} {'seconds':>8s} {'MiB/s':>7s} {'peak anon MiB':>14s} {'peak RSS MiB':>12s}")
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        _, anon, maxrss = run_tool([], [sys.executable, "-c", BASELINE, repo])
+        _, anon, maxrss = run_tool([], [sys.executable, "-c", BASELINE])
         print(f"{'(baseline: python + torch + megamoe imports)':44s} {'':8s} {'':7s} {anon:14d} {maxrss:12d}")
         for label, tool_args, size in runs:
             shutil.rmtree(tool_args[tool_args.index("--save-dir") + 1], ignore_errors=True)

@@ -20,12 +20,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.data.default_corpus import ensure_default_corpus  # noqa: E402
-from megamoe.data.documents import expand_inputs, iter_documents  # noqa: E402
-from megamoe.data.preprocess import preprocess  # noqa: E402
-from megamoe.data.tokenizer import load_tokenizer  # noqa: E402
+from megamoe.data.default_corpus import ensure_default_corpus
+from megamoe.data.documents import expand_inputs, iter_documents
+from megamoe.data.preprocess import preprocess
+from megamoe.data.tokenizer import load_tokenizer
 
 
 def parse_args():

@@ -14,20 +14,17 @@ each expert path and whether ``torch._grouped_mm`` was really used.
 import argparse
 import os
 import statistics
-import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.model.moe.experts import grouped_mm_supported  # noqa: E402
-from megamoe.model.moe.layer import MoELayer  # noqa: E402
-from megamoe.parallel.params import initialize_module_  # noqa: E402
-from megamoe.parallel.state import default_backend, initialize_model_parallel  # noqa: E402
+from megamoe.model.config import ModelConfig
+from megamoe.model.moe.experts import grouped_mm_supported
+from megamoe.model.moe.layer import MoELayer
+from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.params import initialize_module_
+from megamoe.parallel.state import initialize_model_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,14 +42,6 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     return p.parse_args()
-
-
-def init_distributed(device: torch.device) -> None:
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(default_backend(device))
-    else:
-        store = os.path.join(tempfile.mkdtemp(), "store")
-        dist.init_process_group(default_backend(device), init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def synchronize(device: torch.device) -> None:

@@ -25,7 +25,6 @@ Prints, from rank 0:
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -33,13 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.model.gpt import GPTModel  # noqa: E402
-from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig  # noqa: E402
-from megamoe.parallel.params import param_meta  # noqa: E402
-from megamoe.parallel.state import destroy_model_parallel, get_parallel_state, initialize_model_parallel  # noqa: E402
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.params import param_meta
+from megamoe.parallel.state import destroy_model_parallel, get_parallel_state, initialize_model_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -150,7 +148,7 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
 
 def worker(rank, args, store):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=args.world_size)
+    init_distributed(torch.device("cpu"), rank=rank, world_size=args.world_size, store_path=store)
     initialize_model_parallel(args.tp, (args.ep,))
     state = get_parallel_state()
     recorder = CommRecorder(group_names(state))

@@ -4,37 +4,32 @@
     python bench/bench_train_gpu.py --compile       # regional torch.compile (megamoe.model.compile)
     python bench/bench_train_gpu.py --tiny          # CPU smoke test of the script itself
 
-Shape (../shared/bench/README.md): 16 layers, hidden 2048, 16 heads, SwiGLU experts ffn 5632,
+Shape (the peer benchmarks' "moe-1b-4e"): 16 layers, hidden 2048, 16 heads, SwiGLU experts ffn 5632,
 4 experts top-2 every layer, vocab 32000, seq 2048, micro batch 8, bf16 weights, aux loss 0.01,
 untied embeddings, no biases.  Unlike the peers, megamoe keeps fp32 master weights and fp32 main
 grads and clips the grad norm (more work per step).  3 warm-up steps, then --steps timed steps,
 each bracketed by synchronize; prints one JSON line with the median step time, tokens/s,
-TFLOP/s (the peers' FLOPs convention) and MFU against 989 TFLOP/s.
+TFLOP/s (the peers' FLOPs convention) and MFU against 989 TFLOP/s (megamoe.training.flops).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megamoe.model.compile import compile_regions  # noqa: E402
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.model.gpt import GPTModel  # noqa: E402
-from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig  # noqa: E402
-from megamoe.parallel.random import model_parallel_seed  # noqa: E402
-from megamoe.parallel.state import initialize_model_parallel  # noqa: E402
-from megamoe.training.flops import flops_per_token  # noqa: E402
-
-PEAK_TFLOPS = 989.0
+from megamoe.model.compile import compile_regions
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.random import model_parallel_seed
+from megamoe.parallel.state import initialize_model_parallel
+from megamoe.training.flops import CUDA_PEAK_TFLOPS, flops_per_token, mfu
 
 
 def main() -> None:
@@ -48,9 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    init_distributed(device)
     initialize_model_parallel(1, (1,))
     model_parallel_seed(1234, device)
     if args.tiny:
@@ -111,7 +104,7 @@ def main() -> None:
         "optimizer_ms": round(1000 * opt, 1),
         "tokens_per_s": round(tokens_per_s),
         "tflops_per_gpu": round(tflops, 1),
-        "mfu_vs_989": round(tflops / PEAK_TFLOPS, 4),
+        "mfu_vs_989": round(mfu(tflops, CUDA_PEAK_TFLOPS), 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         "optimizer": optimizer.adam_kind,
     }), flush=True)

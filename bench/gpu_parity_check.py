@@ -1,6 +1,6 @@
 """One-off GPU check: a model at TP=1 on CUDA (NCCL) matches the same model at TP=2 on CPU (gloo).
 
-    python bench/gpu_parity_check.py
+    python -m bench.gpu_parity_check     # from the repository root (it uses tests/harness.py)
 
 Both in fp32 with TF32 off; prints the max relative difference of the loss, the logits and every
 gradient (gathered to full tensors), for a dense and an MoE GPT.  Not part of the test suite
@@ -10,20 +10,17 @@ gradient (gathered to full tensors), for a dense and an MoE GPT.  Not part of th
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.model.gpt import GPTModel  # noqa: E402
-from megamoe.parallel import state as ps  # noqa: E402
-from megamoe.parallel.gather import gather_full_state  # noqa: E402
-from megamoe.parallel.mappings import gather_from_tp_region  # noqa: E402
-from tests.harness import run_distributed  # noqa: E402
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.parallel import state as ps
+from megamoe.parallel.gather import gather_full_state
+from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.mappings import gather_from_tp_region
+from tests.harness import run_distributed
 
 CONFIGS = {
     "dense": dict(num_experts=()),
@@ -57,9 +54,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cpu = run_distributed(_cpu_body, 2, tensor_model_parallel_size=2)[0]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    init_distributed(torch.device("cuda"))
     ps.initialize_model_parallel(1, (1,))
     for variant in CONFIGS:
         gpu = _run(variant, 1, torch.device("cuda"))

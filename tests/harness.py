@@ -28,9 +28,9 @@ def _worker(rank, world_size, store_path, body, args, groups, results):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size
-        )
+        from megamoe.parallel.launch import init_distributed
+
+        init_distributed(torch.device("cpu"), rank=rank, world_size=world_size, store_path=store_path)
         if groups is not None:
             from megamoe.parallel.state import initialize_model_parallel
 

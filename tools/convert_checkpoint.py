@@ -24,13 +24,10 @@ Exit status 1 with a one-line error for a broken source or an impossible request
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megamoe.checkpointing.convert import TARGETS, convert  # noqa: E402
-from megamoe.int_list import IntListAction  # noqa: E402
+from megamoe.checkpointing.convert import TARGETS, convert
+from megamoe.int_list import IntListAction
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,10 @@ any --workers.  See megamoe/data/documents.py for the input formats.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.data.documents import INPUT_FORMATS  # noqa: E402
-from megamoe.data.preprocess import format_summary, preprocess  # noqa: E402
+from megamoe.data.documents import INPUT_FORMATS
+from megamoe.data.preprocess import format_summary, preprocess
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,13 +10,10 @@ corpus size is safe, but the whole input is read once: pass a subset of the file
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.data.documents import INPUT_FORMATS, expand_inputs, iter_documents  # noqa: E402
-from megamoe.data.tokenizer_training import MODEL_TYPES, train_sentencepiece  # noqa: E402
+from megamoe.data.documents import INPUT_FORMATS, expand_inputs, iter_documents
+from megamoe.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
 
 
 def parse_args(argv=None) -> argparse.Namespace:

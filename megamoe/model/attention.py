@@ -18,8 +18,6 @@ multi-head attention).  Query head ``g*r + i`` attends with key/value head ``g``
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +64,7 @@ class SelfAttention(nn.Module):
             config.num_attention_heads * config.head_dim,
             config.hidden_size,
             bias=config.add_bias_linear,
-            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            init_std=config.output_layer_init_std,
             dtype=config.params_dtype,
             device=device,
         )

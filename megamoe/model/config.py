@@ -8,6 +8,7 @@ layout adds.  Both raise ``ValueError`` with the flags and the valid values.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -268,6 +269,13 @@ class ModelConfig:
         if not self.group_query_attention:
             return self.num_attention_heads
         return 1 if self.num_query_groups is None else self.num_query_groups
+
+    @property
+    def output_layer_init_std(self) -> float:
+        """Init std of the layers that write into the residual stream (attention output, MLP and
+        expert fc2): --init-method-std / sqrt(2 x layers), so the residual's variance does not
+        grow with depth (GPT-2's scaled init, as Megatron)."""
+        return self.init_method_std / math.sqrt(2.0 * self.num_layers)
 
     @property
     def expert_bias_update_rate(self) -> float:

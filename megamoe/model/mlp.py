@@ -3,8 +3,6 @@ row-parallel fc2.  x ``[..., h]`` -> ``[..., h]`` summed over TP."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +61,7 @@ class MLP(nn.Module):
             ffn,
             config.hidden_size,
             bias=config.add_bias_linear,
-            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            init_std=config.output_layer_init_std,
             dtype=config.params_dtype,
             device=device,
         )

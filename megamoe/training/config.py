@@ -14,6 +14,7 @@ from megamoe.data.build import DataConfig
 from megamoe.flags import check_fields, derived, flag, non_negative, positive
 from megamoe.model.config import ModelConfig
 from megamoe.optim import OptimizerConfig
+from megamoe.training.flops import CUDA_PEAK_TFLOPS
 from megamoe.training.lr_schedule import LRSchedule
 
 
@@ -87,7 +88,7 @@ class LoggingConfig:
     wandb_save_dir: str | None = flag(None, help="wandb's local directory")
     tensorboard_dir: str | None = flag(None, help="write tensorboard scalars here")
     peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak for the MFU",
-                                     check=positive, default_text="989 on CUDA, none on CPU")
+                                     check=positive, default_text=f"{CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +20,9 @@ from megamoe.model.compile import compile_regions
 from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.balancing import update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
+from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import (
-    default_backend,
     destroy_model_parallel,
     device_from_environment,
     get_parallel_state,
@@ -36,26 +34,6 @@ from megamoe.training.config import RunConfig
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.metrics import IntervalMetrics
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(device: torch.device) -> None:
-    """Bring up torch.distributed from torchrun's environment (or as a 1-rank job without it)."""
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    backend = default_backend(device)
-    if backend == "nccl":
-        dist.init_process_group(backend, device_id=device)
-    else:
-        dist.init_process_group(backend)
 
 
 class SignalFlag:

@@ -20,7 +20,6 @@ weights through a transposed view, without a copy.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -109,7 +108,7 @@ class GroupedExperts(nn.Module):
             nn.Parameter(torch.empty(num_local, hidden, local_ffn, dtype=dtype, device=device)),
             tensor_parallel_dim=2,
             expert_parallel_size=ep_size,
-            init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            init_std=config.output_layer_init_std,
         )
         self.fc1_bias = self.fc2_bias = None
         if config.add_bias_linear:
