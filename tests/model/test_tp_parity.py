@@ -23,7 +23,7 @@ VARIANTS = {
     # 8 query heads in 4 groups (2 per TP rank at TP 2, 1 at TP 4), head dim 6 (8 x 6 != hidden 32)
     "gqa-qk-layernorm-kv-channels": dict(
         normalization="LayerNorm", num_attention_heads=8, kv_channels=6, group_query_attention=True,
-        num_query_groups=4, qk_layernorm=True,
+        num_query_groups=4, qk_layernorm=True, swiglu=True, add_bias_linear=False,
     ),
 }
 
