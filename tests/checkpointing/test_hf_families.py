@@ -150,12 +150,13 @@ def test_export_picks_qwen3_moe_for_qk_norm_and_names_what_neither_family_has():
     from megamoe.checkpointing.hf_config import check_exportable, export_family
 
     qwen = ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, qk_layernorm=True,
-                       num_experts=4, moe_layer_freq=(1, 0), moe_router_pre_softmax=True, moe_router_renormalize=False)
+                       num_experts=4, moe_layer_freq=(1, 0), moe_router_pre_softmax=True, moe_router_renormalize=False,
+                       swiglu=True, add_bias_linear=False)
     assert export_family(qwen) == "qwen3_moe"
     check_exportable(qwen)
     sigmoid = ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, qk_layernorm=True,
                           num_experts=4, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                          moe_router_num_groups=2, moe_router_group_topk=1)
+                          moe_router_num_groups=2, moe_router_group_topk=1, swiglu=True, add_bias_linear=False)
     with pytest.raises(ValueError, match="Qwen3-MoE") as err:
         check_exportable(sigmoid)
     for flag in ("--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias", "--moe-router-num-groups"):
