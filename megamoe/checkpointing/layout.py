@@ -15,6 +15,7 @@ replicas that must be bitwise equal to it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -55,9 +56,7 @@ def target_layout(
     try:
         if not config.moe_layers and eps != (1,):
             raise ValueError(f"--expert-model-parallel-size {list(eps)} was given but the model has no MoE layers")
-        fields = {k: v for k, v in vars(config).items() if not k.startswith("_")}
-        fields["expert_model_parallel_size"] = eps
-        target = ModelConfig(**fields)
+        target = dataclasses.replace(config, expert_model_parallel_size=eps)
         validate_parallel_sizes(
             world_size=world_size,
             tensor_model_parallel_size=tensor_model_parallel_size,
@@ -208,14 +207,12 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
 
     if dist.is_initialized():
         raise RuntimeError("model_specs builds its own one-process group: call it outside torch.distributed")
-    fields = {k: v for k, v in vars(config).items() if not k.startswith("_")}
-    fields["expert_model_parallel_size"] = (1,)
     excepthook = sys.excepthook  # init_process_group wraps it to prefix "[rank0]" to every traceback
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         initialize_model_parallel(1, (1,))
         try:
-            model = GPTModel(ModelConfig(**fields), device=torch.device("meta"))
+            model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), device=torch.device("meta"))
         finally:
             destroy_model_parallel()
     finally:
