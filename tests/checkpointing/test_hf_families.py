@@ -4,6 +4,7 @@ transformers itself, imported at TP 1 and 2 and EP 1, 2 and 4, compute transform
 megamoe cannot express is refused by name."""
 
 import json
+import math
 import os
 import re
 
@@ -161,3 +162,35 @@ def test_export_picks_qwen3_moe_for_qk_norm_and_names_what_neither_family_has():
         check_exportable(sigmoid)
     for flag in ("--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias", "--moe-router-num-groups"):
         assert flag in str(err.value), flag
+
+
+def _train(rank, world, argv):
+    import pretrain_moe
+
+    os.environ["WORLD_SIZE"] = str(world)
+    assert pretrain_moe.main(argv) == 0
+
+
+def test_imported_qwen3_moe_trains_from_the_command_line(tmp_path):
+    """The README's recipe at toy size: import at EP 2, then pretrain_moe.py --load --finetune with
+    the flags that describe the same model (a mismatch would be refused before training)."""
+    torch.manual_seed(0)
+    _qwen3_moe(False).save_pretrained(str(tmp_path / "hf"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"), from_format="hf", target_world_size=2,
+            target_expert_parallel_size=(2,), progress=None)
+    argv = [
+        "--device", "cpu", "--mock-data", "--vocab-size", str(VOCAB), "--seq-length", str(SEQ),
+        "--num-layers", "3", "--hidden-size", "32", "--ffn-hidden-size", "40", "--num-attention-heads", "4",
+        "--kv-channels", "12", "--group-query-attention", "--num-query-groups", "2", "--qk-layernorm",
+        "--max-position-embeddings", "32", "--normalization", "RMSNorm", "--norm-epsilon", "1e-6", "--swiglu",
+        "--rotary-base", "10000", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+        "--init-method-std", "0.2", "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+        "--moe-router-pre-softmax", "--no-moe-router-renormalize", "--moe-aux-loss-coeff", "0.001",
+        "--moe-layer-freq", "1,0,1", "--expert-model-parallel-size", "2",
+        "--load", str(tmp_path / "ckpt"), "--finetune", "--train-iters", "2", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--log-json", str(tmp_path / "log.jsonl"),
+    ]
+    run_distributed(_train, 2, argv, timeout=300)
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl") if line.strip()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["lm_loss"]) for r in records)
