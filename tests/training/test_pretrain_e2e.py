@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,11 +152,16 @@ def _cli(*args, env_extra=None):
         (["--split", "100,0,0", "--eval-interval", "2"], "--split 100,0,0: the valid split of"),
     ],
 )
-def test_bad_flags_give_one_line_errors(extra, message):
+def test_bad_flags_give_one_line_errors(extra, message, capsys, monkeypatch):
     argv = TINY_MOE
     if "--data-path" in extra or "--split" in extra:  # real data (the built-in corpus, or none)
         argv = [a for a in TINY_MOE if a not in ("--mock-data", "--vocab-size", "200")]
-    result = _cli(*argv, "--train-iters", "2", *extra)
+    argv = [*argv, "--train-iters", "2", *extra]
+    if "--split" in extra:  # found when the trainer opens the data, after torch.distributed is up
+        result = _cli(*argv)
+    else:  # found by parse_config, before anything starts: pretrain_moe.main in this process
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        result = SimpleNamespace(returncode=pretrain_moe.main(argv), stderr=capsys.readouterr().err)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("pretrain_moe.py: error: "), result.stderr
