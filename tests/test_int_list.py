@@ -8,8 +8,8 @@ import pytest
 
 from megamoe.int_list import parse_int_list
 from megamoe.training.arguments import parse_config
+from tests.fixtures import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYRAMID = ["--device", "cpu", "--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32",
            "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "1"]
 

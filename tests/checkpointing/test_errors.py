@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megamoe.checkpointing import convert
+from tests.fixtures import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
 
 

@@ -15,8 +15,7 @@ from megamoe.data.indexed_dataset import IndexedDataset
 from megamoe.data.preprocess import preprocess
 from megamoe.data.tokenizer import load_tokenizer
 from tests.data.conftest import make_documents, write_jsonl
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.fixtures import REPO
 
 
 def _expected_documents(tok, docs, append_eod=True):

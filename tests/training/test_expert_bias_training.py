@@ -6,8 +6,8 @@ same losses."""
 import torch
 
 from megamoe.checkpointing.format import rank_file, read_metadata
+from tests.fixtures import TINY_MOE, read_json_log, run_main
 from tests.harness import run_distributed
-from tests.training.test_pretrain_e2e import TINY_MOE, _run_main, read_json_log
 
 ARCH = ["--group-query-attention", "--num-query-groups", "2", "--qk-layernorm", "--moe-router-score-function",
         "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01", "--train-iters", "4"]
@@ -27,7 +27,7 @@ def test_expert_bias_trains_saves_and_resumes_exactly(tmp_path):
     second_half = common + ep2 + ["--load", str(tmp_path / "halves"), "--save", str(tmp_path / "halves"),
                                   "--log-json", str(tmp_path / "halves.jsonl"), "--recompute-granularity", "full"]
     tp2 = common + ["--tensor-model-parallel-size", "2", "--log-json", str(tmp_path / "tp2.jsonl")]
-    run_distributed(_run_main, 2, [straight, first_half, second_half, tp2], timeout=600)
+    run_distributed(run_main, 2, [straight, first_half, second_half, tp2], timeout=600)
     a, b, c = (read_json_log(tmp_path / f"{n}.jsonl") for n in ("straight", "halves", "tp2"))
     assert [r["iteration"] for r in b] == [1, 2, 3, 4]
     for ra, rb, rc in zip(a, b, c, strict=True):

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from megamoe.training.arguments import parse_config
+from tests.fixtures import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ["scripts/quickstart.sh", "scripts/run_tests.sh", "scripts/setup_env.sh",
            "scripts/pretrain_1b_4exp.sh", "scripts/pretrain_slurm.sbatch", ".ci/run"]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.training.test_pretrain_e2e import REPO, TINY_MOE, _run_main
+from tests.fixtures import REPO, TINY_MOE, run_main
 from tests.harness import run_distributed
 
 
@@ -17,7 +17,7 @@ def test_wandb_logs_offline_without_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     argv = TINY_MOE + ["--train-iters", "2", "--wandb-project", "megamoe-test", "--wandb-exp-name", "t",
                        "--wandb-save-dir", str(tmp_path)]
-    run_distributed(_run_main, 1, [argv], timeout=300)
+    run_distributed(run_main, 1, [argv], timeout=300)
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1, os.listdir(tmp_path / "wandb")
 
@@ -44,7 +44,7 @@ def test_tensorboard_receives_the_training_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     argv = TINY_MOE + ["--train-iters", "3", "--tensorboard-dir", str(tmp_path / "tb")]
-    run_distributed(_run_main, 1, [argv], timeout=300)
+    run_distributed(run_main, 1, [argv], timeout=300)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     losses = events.Scalars("train/lm_loss")

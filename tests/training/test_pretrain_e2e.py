@@ -13,32 +13,8 @@ import pytest
 import torch
 
 import pretrain_moe
+from tests.fixtures import REPO, TINY_MOE, read_json_log, run_main
 from tests.harness import run_distributed
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-TINY_MOE = [
-    "--device", "cpu", "--mock-data", "--vocab-size", "200",
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
-    "--seq-length", "16", "--swiglu", "--disable-bias-linear",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
-    "--micro-batch-size", "2", "--global-batch-size", "8",
-    "--lr", "1e-2", "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--log-interval", "1", "--seed", "7",
-]
-
-
-def read_json_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _run_main(rank, world, runs):
-    """Run pretrain_moe.main once per argv in ``runs`` inside one set of processes."""
-    os.environ["WORLD_SIZE"] = str(world)
-    for argv in runs:
-        code = pretrain_moe.main(argv)
-        assert code == 0, f"main exited with {code}"
-
 
 def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
     layouts = {
@@ -48,7 +24,7 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
         "tp2ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
     }
     runs = [TINY_MOE + ["--train-iters", "4", "--log-json", str(tmp_path / f"{k}.jsonl")] + v for k, v in layouts.items()]
-    run_distributed(_run_main, 4, runs, timeout=600)
+    run_distributed(run_main, 4, runs, timeout=600)
     logs = {k: read_json_log(tmp_path / f"{k}.jsonl") for k in layouts}
     reference = logs["ep1"]
     assert len(reference) == 4
@@ -81,7 +57,7 @@ def test_resume_is_exact(tmp_path):
     # Resumed with activation recomputation: an execution choice, not a different model.
     second_half = common + ["--load", str(tmp_path / "halves"), "--save", str(tmp_path / "halves"),
                             "--log-json", str(tmp_path / "halves.jsonl"), "--recompute-granularity", "full"]
-    run_distributed(_run_main, 4, [straight, first_half, second_half], timeout=600)
+    run_distributed(run_main, 4, [straight, first_half, second_half], timeout=600)
     a = read_json_log(tmp_path / "straight.jsonl")
     b = read_json_log(tmp_path / "halves.jsonl")
     assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -128,7 +104,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert metadata["iteration"] == 2
     assert os.path.isdir(os.path.join(save, "iter_0000004.partial"))
     resumed = base + ["--train-iters", "3", "--load", save]
-    run_distributed(_run_main, 1, [resumed], timeout=300)
+    run_distributed(run_main, 1, [resumed], timeout=300)
     assert read_metadata(save)[1]["iteration"] == 3
 
 
@@ -230,21 +206,21 @@ def _weights_only_body(rank, world, save, argv):
 def test_checkpoint_without_optimizer_state_asks_for_finetune(tmp_path):
     save = str(tmp_path / "ckpt")
     base = TINY_MOE + ["--train-iters", "2"]
-    run_distributed(_run_main, 1, [base + ["--save", save]], timeout=300)
+    run_distributed(run_main, 1, [base + ["--save", save]], timeout=300)
     run_distributed(_weights_only_body, 1, save, base + ["--load", save], timeout=300)
 
 
 def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
     save = tmp_path / "ckpt"
     argv = TINY_MOE + ["--train-iters", "4", "--save", str(save), "--save-interval", "1", "--keep-last", "2"]
-    run_distributed(_run_main, 1, [argv], timeout=300)
+    run_distributed(run_main, 1, [argv], timeout=300)
     assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
 def test_regional_compile_trains_like_eager(tmp_path):
     argv = TINY_MOE + ["--train-iters", "2"]
     eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
-    run_distributed(_run_main, 1, [argv + ["--log-json", str(eager)], argv + ["--compile", "--log-json", str(compiled)]],
+    run_distributed(run_main, 1, [argv + ["--log-json", str(eager)], argv + ["--compile", "--log-json", str(compiled)]],
                     timeout=600)
     for a, b in zip(read_json_log(eager), read_json_log(compiled), strict=True):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
@@ -259,7 +235,7 @@ def test_fp16_overflow_steps_are_skipped_and_logged_as_strict_json(tmp_path):
     log = tmp_path / "fp16.jsonl"
     argv = TINY_MOE + ["--train-iters", "3", "--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "1",
                        "--log-json", str(log)]
-    run_distributed(_run_main, 1, [argv], timeout=300)
+    run_distributed(run_main, 1, [argv], timeout=300)
     records = [json.loads(line, parse_constant=_reject_constant) for line in log.read_text().splitlines()]
     assert records[0]["grad_norm"] is None and records[0]["skipped_iters"] == 1
     assert records[1]["loss_scale"] < records[0]["loss_scale"]
@@ -289,7 +265,7 @@ def test_no_load_optim_keeps_the_position_and_finetune_restarts_it(tmp_path):
     save = str(tmp_path / "ckpt")
     base = TINY_MOE + ["--train-iters", "4"]
     no_optim, finetune = tmp_path / "no_optim.jsonl", tmp_path / "finetune.jsonl"
-    run_distributed(_run_main, 1, [
+    run_distributed(run_main, 1, [
         base[:-1] + ["2", "--save", save],
         base + ["--load", save, "--no-load-optim", "--no-load-rng", "--log-json", str(no_optim)],
         base[:-1] + ["2", "--load", save, "--finetune", "--log-json", str(finetune)],
