@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.optim.grad_buffer import grad_reduction
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.params import param_meta
 from megamoe.parallel.state import destroy_model_parallel, get_parallel_state, initialize_model_parallel
@@ -93,11 +94,8 @@ def analytic_minimum(model, state, zero: bool) -> dict[str, float]:
     """Bytes per rank per step for the unpadded params of each reduction group."""
     out = {}
     for _, p in model.named_parameters():
-        meta = param_meta(p)
-        if meta.is_expert:
-            name, size = f"edp(ep={meta.expert_parallel_size})", state.experts(meta.expert_parallel_size).edp_size
-        else:
-            name, size = "dp", state.dp_size
+        reduction = grad_reduction(param_meta(p), state)
+        name, size = reduction.name, reduction.size
         frac = (size - 1) / size
         per_param = frac * (4 + p.element_size()) if zero else 2 * frac * 4
         out[name] = out.get(name, 0.0) + per_param * p.numel()
@@ -135,12 +133,11 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
             times.append((end - start, reduced - start, end - reduced))
     stats = opt.memory_stats()
     minimum = analytic_minimum(model, state, zero)
-    numel = {}
+    numel, group_size = {}, {}
     for _, p in model.named_parameters():
-        meta = param_meta(p)
-        part = f"edp(ep={meta.expert_parallel_size})" if meta.is_expert else "dp"
-        numel[part] = numel.get(part, 0) + p.numel()
-    group_size = {"dp": state.dp_size, **{f"edp(ep={e})": g.edp_size for e, g in state.expert.items()}}
+        reduction = grad_reduction(param_meta(p), state)
+        numel[reduction.name] = numel.get(reduction.name, 0) + p.numel()
+        group_size[reduction.name] = reduction.size
     for part, s in stats.items():
         s["ideal_bytes"] = 12 * numel[part] / (group_size[part] if zero else 1)
     return times, stats, minimum

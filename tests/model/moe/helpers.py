@@ -1,10 +1,11 @@
-"""Shared pieces of the MoE parity tests: the gradient reduction rule and the comparison."""
+"""Shared pieces of the MoE parity tests: gradients reduced by the optimizer's rule, and the comparison."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from megamoe.optim.grad_buffer import grad_reduction
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
 from megamoe.parallel.state import get_parallel_state
@@ -13,19 +14,15 @@ RTOL = 1e-5
 
 
 def reduced_full_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Apply the reduction rule of the gradient-math note with plain all-reduces, then gather.
-
-    Dense parameter: sum over DP / DP.  Expert parameter: sum over its EDP group / DP (not EDP:
-    the all-to-all backward already summed the tokens of the whole EP group into it).
-    """
+    """Reduce every gradient as the optimizer does (``grad_reduction``: its group and scale),
+    with plain all-reduces, then gather the full tensors."""
     state = get_parallel_state()
     for param in module.parameters():
-        meta = param_meta(param)
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        group = state.experts(meta.expert_parallel_size).edp_group if meta.is_expert else state.dp_group
-        dist.all_reduce(param.grad, group=group)
-        param.grad /= state.dp_size
+        reduction = grad_reduction(param_meta(param), state)
+        param.grad.mul_(reduction.scale)
+        dist.all_reduce(param.grad, group=reduction.group)
     return gather_full_state(module, grads=True)
 
 

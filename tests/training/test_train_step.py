@@ -1,0 +1,60 @@
+"""The trainer's step under a loss scale (fp16 and bf16 with a static --loss-scale) computes the
+gradients of the fp32 step, MoE auxiliary and z losses included: both are inside the scaled loss,
+so the one unscale in the optimizer brings them back.  The router's gradient is where a loss added
+outside the scale would show (it would be divided by the scale): the test first checks that the
+aux and z losses make a large part of it.
+
+Tolerances (measured in brackets): the low-precision model rounds every weight and activation
+(bf16 u = 2^-8, fp16 2^-11).  Router gradient, relative to fp32: fp16 5e-3 [5e-4], bf16 0.2
+[6e-2]; grad norm: fp16 1e-3 [3e-5], bf16 1e-2 [2e-3].  The MoE losses make nearly all of the
+router gradient here (coefficients 1.0 and 0.1), so a loss left outside the scale would miss by
+about 1.
+"""
+
+import torch
+
+from megamoe.model.gpt import GPTModel
+from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.parallel import state as ps
+from megamoe.training.metrics import IntervalMetrics
+from megamoe.training.trainer import train_step
+from tests.harness import run_distributed
+from tests.optim.common import HYPER, SEED, local_micro_batches, model_config
+
+MOE_LOSSES = dict(moe_aux_loss_coeff=1.0, moe_z_loss_coeff=0.1)
+RUNS = {  # name: (params dtype, static loss scale, MoE loss coefficients)
+    "fp32": (torch.float32, None, MOE_LOSSES),
+    "fp32 without MoE losses": (torch.float32, None, dict(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0)),
+    "fp16 scale 4096": (torch.float16, 4096.0, MOE_LOSSES),
+    "bf16 scale 4096": (torch.bfloat16, 4096.0, MOE_LOSSES),
+}
+ROUTERS = ("layers.0.mlp.router.weight", "layers.2.mlp.router.weight")
+
+
+def _body(rank, world):
+    out = {}
+    for name, (dtype, scale, losses) in RUNS.items():
+        ps.initialize_model_parallel(1, (2,))
+        model = GPTModel(model_config((2, 2), dtype, **losses)).initialize(SEED)
+        cfg = OptimizerConfig(**{**HYPER, "clip_grad": 0.0, "params_dtype": dtype, "loss_scale": scale})
+        opt = MixedPrecisionOptimizer(model, cfg)
+        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(0)]
+        metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+        result = train_step(model, opt, batches, metrics, torch.device("cpu"))
+        params = dict(model.named_parameters())
+        out[name] = (result.grad_norm, torch.cat([params[r].main_grad.double().reshape(-1) for r in ROUTERS]))
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_loss_scaled_step_matches_the_fp32_step_with_moe_losses():
+    out = run_distributed(_body, 2)[0]
+    norm32, router32 = out["fp32"]
+    _, router_without = out["fp32 without MoE losses"]
+    share = ((router32 - router_without).norm() / router32.norm()).item()
+    for name, router_tol, norm_tol in (("fp16 scale 4096", 5e-3, 1e-3), ("bf16 scale 4096", 0.2, 1e-2)):
+        norm, router = out[name]
+        err = ((router - router32).norm() / router32.norm()).item()
+        assert share > 3 * router_tol, f"the MoE losses must be a visible part of the router gradient ({share})"
+        assert err <= router_tol, f"{name}: router gradient off by {err:.1e} relative (MoE losses outside the loss scale?)"
+        assert abs(norm - norm32) <= norm_tol * norm32, (name, norm, norm32)
