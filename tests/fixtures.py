@@ -5,12 +5,14 @@
   4 experts top-2, mock data, sequence 16, global batch 8).
 * ``run_main``: a ``run_distributed`` body that runs ``pretrain_moe.main`` once per argv.
 * ``read_json_log``: the records of a ``--log-json`` file.
+* ``make_documents``, ``write_jsonl``: small varied text corpora for the data tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +39,29 @@ def run_main(rank, world, runs):
     for argv in runs:
         code = pretrain_moe.main(argv)
         assert code == 0, f"main exited with {code}"
+
+
+_WORDS = "the of and to in is that it for as with was on be by this are model expert token data".split()
+
+
+def make_documents(n: int, seed: int = 0) -> list[str]:
+    """``n`` varied documents: words, indentation, newlines, non-ASCII, and some empty ones."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        if i % 11 == 5:
+            docs.append("")
+            continue
+        lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 6))]
+        text = "\n    ".join(lines)
+        if i % 7 == 0:
+            text += " naïve 专家 ✓"
+        docs.append(text)
+    return docs
+
+
+def write_jsonl(path, docs, key="text", **extra) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({key: doc, "id": i, **{k: v[i] for k, v in extra.items()}}) + "\n")
+    return str(path)

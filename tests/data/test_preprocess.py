@@ -14,8 +14,7 @@ from megamoe.data import preprocess as preprocess_module
 from megamoe.data.indexed_dataset import IndexedDataset
 from megamoe.data.preprocess import preprocess
 from megamoe.data.tokenizer import load_tokenizer
-from tests.data.conftest import make_documents, write_jsonl
-from tests.fixtures import REPO
+from tests.fixtures import REPO, make_documents, write_jsonl
 
 
 def _expected_documents(tok, docs, append_eod=True):

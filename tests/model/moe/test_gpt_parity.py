@@ -18,8 +18,8 @@ from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
+from tests.model.moe.layer_case import Case, check_layer_case
 from tests.model.moe.reference import ReferenceMoEBlock
-from tests.model.moe.test_layer_parity import Case, check_layer_case
 
 SEED = 4321
 VOCAB, BATCH, SEQ = 64, 2, 8
