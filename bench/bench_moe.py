@@ -49,14 +49,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(args, device, dtype, grouped: bool):
+def build(args, layout, device, dtype, grouped: bool):
     config = ModelConfig(
         vocab_size=128, num_layers=2, hidden_size=args.hidden, swiglu=True, add_bias_linear=False, num_attention_heads=1, num_experts=args.experts,
         moe_router_topk=args.topk, moe_ffn_hidden_size=args.ffn, moe_aux_loss_coeff=0.01,
         moe_z_loss_coeff=0.001, moe_grouped_gemm=grouped, expert_model_parallel_size=args.ep, params_dtype=dtype,
     )
-    layer = MoELayer(config, 0, device=device)
-    initialize_module_(layer, seed=1234)
+    layer = MoELayer(config, 0, layout, device=device)
+    initialize_module_(layer, 1234, layout)
     return layer
 
 
@@ -83,7 +83,7 @@ def main():
     init_distributed(device)
     if dist.get_world_size() != args.ep:
         raise ValueError(f"--ep {args.ep} must equal the number of processes ({dist.get_world_size()})")
-    initialize_model_parallel(1, (args.ep,))
+    layout = initialize_model_parallel(1, (args.ep,))
     if dist.get_rank() == 0:
         print(f"MoE layer fwd+bwd: tokens/rank={args.tokens} hidden={args.hidden} ffn={args.ffn} "
               f"experts={args.experts} top-{args.topk} EP={args.ep} {args.dtype} on {device} "
@@ -91,7 +91,7 @@ def main():
     gen = torch.Generator(device=device).manual_seed(dist.get_rank())
     x = torch.randn(1, args.tokens, args.hidden, device=device, generator=gen).to(dtype).requires_grad_()
     grad_out = torch.randn(1, args.tokens, args.hidden, device=device, generator=gen).to(dtype)
-    layers = {"grouped": build(args, device, dtype, True), "fallback": build(args, device, dtype, False)}
+    layers = {"grouped": build(args, layout, device, dtype, True), "fallback": build(args, layout, device, dtype, False)}
     # Alternate the two paths step by step so that a busy machine slows both alike.
     times = {name: [] for name in layers}
     for i in range(args.warmup + args.iters):

@@ -111,9 +111,11 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
         moe_ffn_hidden_size=args.hidden * 2, expert_model_parallel_size=args.ep, params_dtype=dtype,
         swiglu=True, add_bias_linear=False,
     )
-    model = GPTModel(config).initialize(seed=1)
+    model = GPTModel(config, state).initialize(seed=1)
     opt = MixedPrecisionOptimizer(
-        model, OptimizerConfig(lr=1e-4, params_dtype=dtype, use_distributed_optimizer=zero, bucket_size=args.bucket_size)
+        model,
+        OptimizerConfig(lr=1e-4, params_dtype=dtype, use_distributed_optimizer=zero, bucket_size=args.bucket_size),
+        state,
     )
     g = torch.Generator().manual_seed(state.rank)
     times = []

@@ -44,8 +44,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     init_distributed(device)
-    initialize_model_parallel(1, (1,))
-    model_parallel_seed(1234, device)
+    layout = initialize_model_parallel(1, (1,))
+    model_parallel_seed(1234, layout, device)
     if args.tiny:
         shape = dict(vocab_size=512, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq=64)
     else:
@@ -57,11 +57,11 @@ def main() -> None:
         add_bias_linear=False, untie_embeddings_and_output_weights=True, params_dtype=dtype,
         num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_grouped_gemm=not args.no_grouped_gemm,
     )
-    model = GPTModel(config, device=device).initialize(1234)
+    model = GPTModel(config, layout, device=device).initialize(1234)
     if args.compile:
         compile_regions(model)
     optimizer = MixedPrecisionOptimizer(
-        model, OptimizerConfig(lr=1e-4, weight_decay=0.1, clip_grad=1.0, params_dtype=dtype)
+        model, OptimizerConfig(lr=1e-4, weight_decay=0.1, clip_grad=1.0, params_dtype=dtype), layout
     )
     mb = args.micro_batch
     generator = torch.Generator(device=device).manual_seed(0)

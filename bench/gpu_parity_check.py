@@ -28,22 +28,22 @@ CONFIGS = {
 }
 
 
-def _run(variant, tp, device):
+def _run(variant, layout, device):
     cfg = ModelConfig(vocab_size=300, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_position_embeddings=32, swiglu=True, add_bias_linear=False, **CONFIGS[variant])
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 300, (2, 32), generator=g).to(device)
     labels = torch.randint(0, 300, (2, 32), generator=g).to(device)
-    model = GPTModel(cfg, device=device).initialize(seed=1234)
+    model = GPTModel(cfg, layout, device=device).initialize(seed=1234)
     out = model(tokens, labels)
     out.loss.backward()
-    logits = gather_from_tp_region(model(tokens).logits)[..., :300]
-    grads = {k: v.cpu() for k, v in gather_full_state(model, grads=True).items()}
+    logits = gather_from_tp_region(model(tokens).logits, layout)[..., :300]
+    grads = {k: v.cpu() for k, v in gather_full_state(model, model.layout, grads=True).items()}
     return {"loss": out.loss.detach().cpu(), "logits": logits.detach().cpu(), "grads": grads}
 
 
 def _cpu_body(rank, world):
-    return {v: _run(v, 2, torch.device("cpu")) for v in CONFIGS}
+    return {v: _run(v, ps.get_parallel_state(), torch.device("cpu")) for v in CONFIGS}
 
 
 def _rel(a, b):
@@ -55,9 +55,9 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     cpu = run_distributed(_cpu_body, 2, tensor_model_parallel_size=2)[0]
     init_distributed(torch.device("cuda"))
-    ps.initialize_model_parallel(1, (1,))
+    layout = ps.initialize_model_parallel(1, (1,))
     for variant in CONFIGS:
-        gpu = _run(variant, 1, torch.device("cuda"))
+        gpu = _run(variant, layout, torch.device("cuda"))
         ref = cpu[variant]
         worst = max(_rel(gpu["grads"][k], ref["grads"][k]) for k in ref["grads"])
         print(json.dumps({

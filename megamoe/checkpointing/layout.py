@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -196,28 +195,16 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     """``ParamSpec`` of every parameter of ``GPTModel(config)``, in ``named_parameters`` order.
 
     The names and sharding tags come from the model code itself: the model is built on the meta
-    device at TP=1, EP=1 in a one-process group, which therefore must not exist yet (run
-    conversions outside a distributed job).
+    device for rank 0 of a one-rank layout without process groups.
     """
-    import torch.distributed as dist
-
     from megamoe.model.gpt import GPTModel
     from megamoe.parallel.params import param_meta
-    from megamoe.parallel.state import destroy_model_parallel, initialize_model_parallel
+    from megamoe.parallel.state import build_parallel_state
 
-    if dist.is_initialized():
-        raise RuntimeError("model_specs builds its own one-process group: call it outside torch.distributed")
-    excepthook = sys.excepthook  # init_process_group wraps it to prefix "[rank0]" to every traceback
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        initialize_model_parallel(1, (1,))
-        try:
-            model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), device=torch.device("meta"))
-        finally:
-            destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
-        sys.excepthook = excepthook
+    layout = build_parallel_state(
+        world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
+    )
+    model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), layout, device=torch.device("meta"))
     specs = {}
     for name, param in model.named_parameters():
         meta = param_meta(param)

@@ -28,7 +28,7 @@ from megamoe.model.rope import RotaryEmbedding, apply_rotary
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamoe.parallel.mappings import copy_to_tp_region
 from megamoe.parallel.random import get_rng_tracker
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
 class HeadNorm(Norm):
@@ -39,15 +39,19 @@ class HeadNorm(Norm):
     full gradient, as for the other replicated norm weights.
     """
 
+    def __init__(self, config: ModelConfig, layout: ParallelState, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self.layout = layout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else copy_to_tp_region(self.bias)
-        return self.normalize(x, copy_to_tp_region(self.weight), bias)
+        bias = None if self.bias is None else copy_to_tp_region(self.bias, self.layout)
+        return self.normalize(x, copy_to_tp_region(self.weight, self.layout), bias)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, *, device: torch.device | None = None) -> None:
+    def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
         super().__init__()
-        tp = get_parallel_state().tp_size
+        tp = layout.tp_size
         self.local_groups = config.num_kv_heads // tp
         self.heads_per_group = config.num_attention_heads // config.num_kv_heads
         self.head_dim = config.head_dim
@@ -55,6 +59,7 @@ class SelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear(
             config.hidden_size,
             (self.heads_per_group + 2, config.num_kv_heads * config.head_dim),
+            layout=layout,
             bias=config.add_bias_linear,
             init_std=config.init_method_std,
             dtype=config.params_dtype,
@@ -63,6 +68,7 @@ class SelfAttention(nn.Module):
         self.proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim,
             config.hidden_size,
+            layout=layout,
             bias=config.add_bias_linear,
             init_std=config.output_layer_init_std,
             dtype=config.params_dtype,
@@ -70,8 +76,8 @@ class SelfAttention(nn.Module):
         )
         self.q_norm = self.k_norm = None
         if config.qk_layernorm:
-            self.q_norm = HeadNorm(config, size=config.head_dim, device=device)
-            self.k_norm = HeadNorm(config, size=config.head_dim, device=device)
+            self.q_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
+            self.k_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
         )

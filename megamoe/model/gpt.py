@@ -29,7 +29,7 @@ from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megamoe.parallel.mappings import copy_to_tp_region
 from megamoe.parallel.params import initialize_module_, retag, tag_param
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
 @dataclass
@@ -48,18 +48,20 @@ class GPTOutput:
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; returns (x, moe aux or None)."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, *, device: torch.device | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_number: int, layout: ParallelState, *, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.input_norm = Norm(config, device=device)
-        self.attention = SelfAttention(config, device=device)
+        self.attention = SelfAttention(config, layout, device=device)
         self.post_attention_norm = Norm(config, device=device)
         self.is_moe = config.is_moe_layer(layer_number)
         if self.is_moe:
             from megamoe.model.moe.layer import MoELayer
 
-            self.mlp = MoELayer(config, layer_number, device=device)
+            self.mlp = MoELayer(config, layer_number, layout, device=device)
         else:
-            self.mlp = MLP(config, device=device)
+            self.mlp = MLP(config, layout, device=device)
         self.hidden_dropout = config.hidden_dropout
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,14 +77,24 @@ class TransformerLayer(nn.Module):
 
 
 class GPTModel(nn.Module):
-    def __init__(self, config: ModelConfig, *, device: torch.device | None = None) -> None:
+    """The model as ``layout``'s rank holds it: parameters of that rank's shapes, and a forward
+    whose collectives run over ``layout``'s groups.  A layout without process groups
+    (``build_parallel_state(..., create_groups=False)``) builds and initialises any rank of any
+    layout in one process (a forward then needs TP 1 and EP 1)."""
+
+    def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
         super().__init__()
-        state = get_parallel_state()
-        config.check_parallel_layout(tensor_model_parallel_size=state.tp_size, data_parallel_size=state.dp_size)
+        config.check_parallel_layout(tensor_model_parallel_size=layout.tp_size, data_parallel_size=layout.dp_size)
         self.config = config
+        self.layout = layout
         dtype = config.params_dtype
         self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_std=config.init_method_std, dtype=dtype, device=device
+            config.vocab_size,
+            config.hidden_size,
+            layout=layout,
+            init_std=config.init_method_std,
+            dtype=dtype,
+            device=device,
         )
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
@@ -91,7 +103,7 @@ class GPTModel(nn.Module):
                 init_std=config.init_method_std,
             )
         self.layers = nn.ModuleList(
-            TransformerLayer(config, i, device=device) for i in range(config.num_layers)
+            TransformerLayer(config, i, layout, device=device) for i in range(config.num_layers)
         )
         self.final_norm = Norm(config, device=device)
         self.output_layer = None
@@ -99,6 +111,7 @@ class GPTModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 self.word_embeddings.padded_vocab_size,
+                layout=layout,
                 bias=False,
                 init_std=config.init_method_std,
                 dtype=dtype,
@@ -108,7 +121,7 @@ class GPTModel(nn.Module):
 
     def initialize(self, seed: int) -> "GPTModel":
         """Layout-independent initialisation (see ``megamoe.parallel.params``)."""
-        initialize_module_(self, seed)
+        initialize_module_(self, seed, self.layout)
         return self
 
     def forward(
@@ -139,11 +152,15 @@ class GPTModel(nn.Module):
                 moe_stats.append(aux.stats)
         x = self.final_norm(x)
         weight = self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
-        logits = F.linear(copy_to_tp_region(x), weight)
+        logits = F.linear(copy_to_tp_region(x, self.layout), weight)
         if labels is None:
             return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
         token_loss = vocab_parallel_cross_entropy(
-            logits, labels, vocab_start=self.word_embeddings.vocab_start, vocab_size=self.config.vocab_size
+            logits,
+            labels,
+            vocab_start=self.word_embeddings.vocab_start,
+            vocab_size=self.config.vocab_size,
+            layout=self.layout,
         )
         if loss_mask is None:
             lm_loss = token_loss.mean()

@@ -9,6 +9,7 @@ from torch import nn
 
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megamoe.parallel.state import ParallelState
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -45,13 +46,21 @@ def activation(fc1_out: torch.Tensor, swiglu: bool) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, *, ffn_hidden_size: int | None = None, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layout: ParallelState,
+        *,
+        ffn_hidden_size: int | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         ffn = ffn_hidden_size or config.ffn_hidden_size
         self.swiglu = config.swiglu
         self.fc1 = ColumnParallelLinear(
             config.hidden_size,
             (2, ffn) if config.swiglu else ffn,
+            layout=layout,
             bias=config.add_bias_linear,
             init_std=config.init_method_std,
             dtype=config.params_dtype,
@@ -60,6 +69,7 @@ class MLP(nn.Module):
         self.fc2 = RowParallelLinear(
             ffn,
             config.hidden_size,
+            layout=layout,
             bias=config.add_bias_linear,
             init_std=config.output_layer_init_std,
             dtype=config.params_dtype,

@@ -2,7 +2,7 @@
 
 Usage (the trainer's step)::
 
-    opt = MixedPrecisionOptimizer(model, OptimizerConfig(...))   # params already initialised
+    opt = MixedPrecisionOptimizer(model, OptimizerConfig(...), layout)   # params already initialised
     opt.zero_grad()
     for micro_batch in micro_batches:
         opt.scale_loss(model(...).loss / len(micro_batches)).backward()
@@ -44,7 +44,7 @@ from megamoe.optim.grad_sync import OverlappedGradSync
 from megamoe.optim.loss_scaler import LossScaler
 from megamoe.optim.state_dict import check_and_load, optimizer_state_dict
 from megamoe.parallel.params import param_meta
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
 @dataclass
@@ -69,9 +69,11 @@ class MasterPiece:
 
 
 class MixedPrecisionOptimizer:
-    def __init__(self, model: nn.Module, cfg: OptimizerConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, layout: ParallelState) -> None:
+        """``layout``: the rank's layout (with its process groups) the model was built for; every
+        collective of the optimizer runs over its groups."""
         self.cfg = cfg
-        self.state = get_parallel_state()
+        self.state = layout
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")

@@ -12,30 +12,30 @@ import torch
 
 from megamoe.parallel.mappings import all_gather_cat
 from megamoe.parallel.params import EXPERT_DIM, param_meta
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
-def gather_full(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``tensor`` has ``param``'s local shape (the param itself or its gradient); returns the full tensor."""
+def gather_full(tensor: torch.Tensor, param: torch.Tensor, layout: ParallelState) -> torch.Tensor:
+    """``tensor`` has ``param``'s local shape in ``layout`` (the param itself or its gradient);
+    returns the full tensor, gathered over ``layout``'s groups."""
     meta = param_meta(param)
-    state = get_parallel_state()
     full = tensor.detach()
     if meta.tensor_parallel_dim is not None:
-        full = all_gather_cat(full, meta.tensor_parallel_dim, state.tp_group, state.tp_size)
+        full = all_gather_cat(full, meta.tensor_parallel_dim, layout.tp_group, layout.tp_size)
         if meta.unpadded_size is not None:
             full = full.narrow(meta.tensor_parallel_dim, 0, meta.unpadded_size)
     if meta.is_expert:
-        groups = state.experts(meta.expert_parallel_size)
+        groups = layout.experts(meta.expert_parallel_size)
         full = all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
     return full
 
 
-def gather_full_state(module: torch.nn.Module, *, grads: bool = False) -> dict[str, torch.Tensor]:
+def gather_full_state(module: torch.nn.Module, layout: ParallelState, *, grads: bool = False) -> dict[str, torch.Tensor]:
     """Full tensors of every parameter (or of its ``.grad`` when ``grads``), keyed by name."""
     out = {}
     for name, param in module.named_parameters():
         source = param.grad if grads else param
         if source is None:
             source = torch.zeros_like(param)
-        out[name] = gather_full(source, param)
+        out[name] = gather_full(source, param, layout)
     return out

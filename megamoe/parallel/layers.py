@@ -1,11 +1,13 @@
 """Tensor-parallel linear and embedding layers.
 
 Weights are created empty and tagged (``megamoe.parallel.params``); values come from
-``initialize_module_`` so that they do not depend on the layout.  Shapes are local (this TP
-rank's slice).  ``output_shape`` lets a caller fuse several projections into one weight
-(e.g. ``(3, heads * head_dim)`` for QKV or ``(2, ffn)`` for SwiGLU): the weight is then
-``[*output_shape_local, in]`` and the TP split falls on the sharded output dim, so the full
-tensor of a fused weight is still a plain stack of the unfused ones.
+``initialize_module_`` so that they do not depend on the layout.  Each layer is built for the
+``layout`` it is given (a ``ParallelState``, with or without process groups): shapes are that
+rank's slice, and the forward's collectives use that layout's TP group.  ``output_shape`` lets
+a caller fuse several projections into one weight (e.g. ``(3, heads * head_dim)`` for QKV or
+``(2, ffn)`` for SwiGLU): the weight is then ``[*output_shape_local, in]`` and the TP split
+falls on the sharded output dim, so the full tensor of a fused weight is still a plain stack of
+the unfused ones.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from megamoe.parallel.mappings import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
 from megamoe.parallel.params import tag_param
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
 def _check_divisible(size: int, tp: int, what: str) -> int:
@@ -37,6 +39,7 @@ class ColumnParallelLinear(nn.Module):
         in_features: int,
         output_shape: int | tuple[int, ...],
         *,
+        layout: ParallelState,
         bias: bool,
         init_std: float,
         gather_output: bool = False,
@@ -44,7 +47,8 @@ class ColumnParallelLinear(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        tp = get_parallel_state().tp_size
+        self.layout = layout
+        tp = layout.tp_size
         output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
         local_shape = (*output_shape[:-1], _check_divisible(output_shape[-1], tp, "output size"))
         split_dim = len(local_shape) - 1
@@ -66,8 +70,8 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(-1, self.weight.shape[-1])
         bias = None if self.bias is None else self.bias.reshape(-1)
-        y = F.linear(copy_to_tp_region(x), weight, bias)
-        return gather_from_tp_region(y) if self.gather_output else y
+        y = F.linear(copy_to_tp_region(x, self.layout), weight, bias)
+        return gather_from_tp_region(y, self.layout) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
@@ -82,13 +86,15 @@ class RowParallelLinear(nn.Module):
         in_features: int,
         out_features: int,
         *,
+        layout: ParallelState,
         bias: bool,
         init_std: float,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        tp = get_parallel_state().tp_size
+        self.layout = layout
+        tp = layout.tp_size
         local_in = _check_divisible(in_features, tp, "input size")
         self.weight = tag_param(
             nn.Parameter(torch.empty(out_features, local_in, dtype=dtype, device=device)),
@@ -104,7 +110,7 @@ class RowParallelLinear(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp_region(F.linear(x, self.weight))
+        y = reduce_from_tp_region(F.linear(x, self.weight), self.layout)
         return y if self.bias is None else y + self.bias
 
 
@@ -126,16 +132,17 @@ class VocabParallelEmbedding(nn.Module):
         vocab_size: int,
         hidden_size: int,
         *,
+        layout: ParallelState,
         init_std: float,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        state = get_parallel_state()
+        self.layout = layout
         self.vocab_size = vocab_size
-        self.padded_vocab_size = padded_vocab_size(vocab_size, state.tp_size)
-        self.local_vocab = self.padded_vocab_size // state.tp_size
-        self.vocab_start = state.tp_rank * self.local_vocab
+        self.padded_vocab_size = padded_vocab_size(vocab_size, layout.tp_size)
+        self.local_vocab = self.padded_vocab_size // layout.tp_size
+        self.vocab_start = layout.tp_rank * self.local_vocab
         self.weight = tag_param(
             nn.Parameter(torch.empty(self.local_vocab, hidden_size, dtype=dtype, device=device)),
             tensor_parallel_dim=0,
@@ -145,10 +152,10 @@ class VocabParallelEmbedding(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if get_parallel_state().tp_size == 1:
+        if self.layout.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp_region(out)
+        return reduce_from_tp_region(out, self.layout)

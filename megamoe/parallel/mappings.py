@@ -1,4 +1,4 @@
-"""Autograd-aware collectives over the tensor-parallel group (Megatron's f/g operators).
+"""Autograd-aware collectives over the tensor-parallel group of a layout (Megatron's f/g operators).
 
 =========================  =======================  ==========================
 function                   forward                  backward
@@ -6,10 +6,10 @@ function                   forward                  backward
 copy_to_tp_region          identity                 all-reduce (sum) over TP
 reduce_from_tp_region      all-reduce (sum) over TP identity
 gather_from_tp_region      all-gather last dim      keep this rank's slice
-scatter_to_tp_region       keep this rank's slice   all-gather last dim
 =========================  =======================  ==========================
 
-With TP size 1 each is the identity and launches nothing.
+Each takes the ``ParallelState`` whose TP group it uses.  With TP size 1 each is the identity
+and launches nothing (so a layout built without process groups runs at TP 1).
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
-def all_reduce_tp(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce of ``x`` over the TP group (nothing at TP size 1); returns it."""
-    state = get_parallel_state()
-    if state.tp_size == 1:
+def all_reduce_tp(x: torch.Tensor, layout: ParallelState, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce of ``x`` over ``layout``'s TP group (nothing at TP size 1); returns it."""
+    if layout.tp_size == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, op=op, group=state.tp_group)
+    dist.all_reduce(x, op=op, group=layout.tp_group)
     return x
 
 
@@ -39,69 +38,49 @@ def all_gather_cat(x: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    state = get_parallel_state()
-    return all_gather_cat(x, -1, state.tp_group, state.tp_size)
-
-
-def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
-    state = get_parallel_state()
-    if state.tp_size == 1:
-        return x
-    return x.chunk(state.tp_size, dim=-1)[state.tp_rank].contiguous()
+def _split_last_dim(x: torch.Tensor, layout: ParallelState) -> torch.Tensor:
+    return x.chunk(layout.tp_size, dim=-1)[layout.tp_rank].contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, layout):
+        ctx.layout = layout
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce_tp(grad.clone())
+        return all_reduce_tp(grad.clone(), ctx.layout), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return all_reduce_tp(x.clone())
+    def forward(ctx, x, layout):
+        return all_reduce_tp(x.clone(), layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _gather_last_dim(x)
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return all_gather_cat(x, -1, layout.tp_group, layout.tp_size)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_last_dim(grad)
+        return _split_last_dim(grad, ctx.layout), None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad)
+def copy_to_tp_region(x: torch.Tensor, layout: ParallelState) -> torch.Tensor:
+    return _CopyToTP.apply(x, layout) if layout.tp_size > 1 else x
 
 
-def copy_to_tp_region(x: torch.Tensor) -> torch.Tensor:
-    return _CopyToTP.apply(x) if get_parallel_state().tp_size > 1 else x
+def reduce_from_tp_region(x: torch.Tensor, layout: ParallelState) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, layout) if layout.tp_size > 1 else x
 
 
-def reduce_from_tp_region(x: torch.Tensor) -> torch.Tensor:
-    return _ReduceFromTP.apply(x) if get_parallel_state().tp_size > 1 else x
-
-
-def gather_from_tp_region(x: torch.Tensor) -> torch.Tensor:
-    return _GatherFromTP.apply(x) if get_parallel_state().tp_size > 1 else x
-
-
-def scatter_to_tp_region(x: torch.Tensor) -> torch.Tensor:
-    return _ScatterToTP.apply(x) if get_parallel_state().tp_size > 1 else x
+def gather_from_tp_region(x: torch.Tensor, layout: ParallelState) -> torch.Tensor:
+    return _GatherFromTP.apply(x, layout) if layout.tp_size > 1 else x

@@ -6,7 +6,7 @@ the checkpoint code look at to decide how a parameter is sharded and which group
 
 * ``tensor_parallel_dim``: the dim split over the TP group (``None``: replicated over TP).
 * ``expert_parallel_size``: EP size of the MoE layer owning it (``None``: a dense parameter).
-  Expert weights are stacked ``[local_experts, ...]`` along ``expert_dim`` (always 0); rank
+  Expert weights are stacked ``[local_experts, ...]`` along ``EXPERT_DIM`` (always 0); rank
   ``ep_rank`` holds global experts ``ep_rank * local_experts ...``.
 * ``unpadded_size``: along ``tensor_parallel_dim``, entries at or beyond it are padding (the
   padded vocabulary) and are zero-initialised.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 EXPERT_DIM = 0
 
@@ -42,10 +42,6 @@ class ParamMeta:
     @property
     def is_expert(self) -> bool:
         return self.expert_parallel_size is not None
-
-    @property
-    def expert_dim(self) -> int | None:
-        return EXPERT_DIM if self.is_expert else None
 
     def __post_init__(self) -> None:
         assert self.init in ("normal", "zeros", "ones"), self.init
@@ -70,13 +66,13 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def full_shape(param: torch.Tensor) -> list[int]:
-    """Global shape of one expert's (or a dense) tensor: local shape with the TP dim gathered
-    and the expert dim dropped."""
+def full_shape(param: torch.Tensor, layout: ParallelState) -> list[int]:
+    """Global shape of one expert's (or a dense) tensor: local shape (in ``layout``) with the TP
+    dim gathered and the expert dim dropped."""
     meta = param_meta(param)
     shape = list(param.shape)
     if meta.tensor_parallel_dim is not None:
-        shape[meta.tensor_parallel_dim] *= get_parallel_state().tp_size
+        shape[meta.tensor_parallel_dim] *= layout.tp_size
     if meta.is_expert:
         shape = shape[1:]
     return shape
@@ -105,28 +101,28 @@ def _draw_full(meta: ParamMeta, shape: list[int], seed: int, device, dtype) -> t
 
 
 @torch.no_grad()
-def initialize_param_(param: torch.Tensor, name: str, seed: int) -> None:
-    """Fill ``param`` with this rank's slice of the full tensor drawn for ``name`` and ``seed``."""
+def initialize_param_(param: torch.Tensor, name: str, seed: int, layout: ParallelState) -> None:
+    """Fill ``param`` with ``layout``'s rank's slice of the full tensor drawn for ``name`` and
+    ``seed``.  Runs no collective."""
     meta = param_meta(param)
-    state = get_parallel_state()
-    shape = full_shape(param)
+    shape = full_shape(param, layout)
     tp_dim = meta.tensor_parallel_dim
     if meta.is_expert:
         local_experts = param.shape[EXPERT_DIM]
-        first = state.experts(meta.expert_parallel_size).ep_rank * local_experts
+        first = layout.experts(meta.expert_parallel_size).ep_rank * local_experts
         for local in range(local_experts):
             full = _draw_full(meta, shape, _seed_for(seed, f"{name}#expert{first + local}"), param.device, param.dtype)
             if tp_dim is not None:
-                full = full.chunk(state.tp_size, dim=tp_dim - 1)[state.tp_rank]
+                full = full.chunk(layout.tp_size, dim=tp_dim - 1)[layout.tp_rank]
             param[local].copy_(full)
         return
     full = _draw_full(meta, shape, _seed_for(seed, name), param.device, param.dtype)
     if tp_dim is not None:
-        full = full.chunk(state.tp_size, dim=tp_dim)[state.tp_rank]
+        full = full.chunk(layout.tp_size, dim=tp_dim)[layout.tp_rank]
     param.copy_(full)
 
 
-def initialize_module_(module: torch.nn.Module, seed: int) -> None:
-    """Layout-independent initialisation of every parameter of ``module``."""
+def initialize_module_(module: torch.nn.Module, seed: int, layout: ParallelState) -> None:
+    """Layout-independent initialisation of every parameter of ``module``, built for ``layout``."""
     for name, param in module.named_parameters():
-        initialize_param_(param, name, seed)
+        initialize_param_(param, name, seed, layout)

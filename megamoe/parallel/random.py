@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 MODEL_PARALLEL_RNG = "model-parallel"
 _OFFSET = 2718
@@ -88,12 +88,11 @@ def model_parallel_stream_seed(seed: int, tp_rank: int) -> int:
     return seed + _OFFSET + tp_rank
 
 
-def model_parallel_seed(seed: int, device: torch.device | None = None) -> None:
-    """Seed the default and model-parallel streams of this rank (call after the groups exist)."""
-    state = get_parallel_state()
+def model_parallel_seed(seed: int, layout: ParallelState, device: torch.device | None = None) -> None:
+    """Seed the default and model-parallel streams of ``layout``'s rank."""
     _TRACKER.reset()
     _TRACKER.device = device or torch.device("cpu")
     torch.manual_seed(seed)
     if _TRACKER.device.type == "cuda":
         torch.cuda.manual_seed(seed)
-    _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel_stream_seed(seed, state.tp_rank))
+    _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel_stream_seed(seed, layout.tp_rank))

@@ -14,9 +14,13 @@ So every EP group is made of ranks with the same TP rank, and experts are tensor
 the same TP group as the dense layers.  A future expert-TP size of 1 ("parallel folding") only
 has to change ``_expert_groups`` below: everything else asks for groups through this object.
 
-One ``ParallelState`` exists per process; ``initialize_model_parallel`` builds it after
-``torch.distributed`` is up, ``get_parallel_state`` returns it, ``destroy_model_parallel``
-drops it (tests use it between layouts).
+A ``ParallelState`` is the layout of one rank: its coordinates and, when built with
+``create_groups=True``, its process groups.  Models, their layers and the optimizer receive it
+explicitly and use its groups at run time, so a model can be built for any layout in one
+process without ``torch.distributed`` (``build_parallel_state(..., create_groups=False)``):
+to list its parameter shapes, plan a conversion or check a formula.  The training process
+keeps the one it runs in: ``initialize_model_parallel`` builds it after ``torch.distributed``
+is up, ``get_parallel_state`` returns it, ``destroy_model_parallel`` drops it.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class ExpertGroups:
 
 @dataclass
 class ParallelState:
-    """All process groups of this rank.  Built only by ``initialize_model_parallel``."""
+    """The layout of one rank: its coordinates and ranks in every group, and the process groups
+    themselves (None when built with ``create_groups=False``).  Built by ``build_parallel_state``."""
 
     world_size: int
     rank: int
@@ -82,10 +87,6 @@ class ParallelState:
     dp_ranks: list[int]
     world_group: dist.ProcessGroup
     expert: dict[int, ExpertGroups] = field(default_factory=dict)
-
-    @property
-    def model_parallel_group(self) -> dist.ProcessGroup:
-        return self.tp_group
 
     def experts(self, ep_size: int) -> ExpertGroups:
         """EP/EDP groups for ``ep_size``; it must have been passed to ``initialize_model_parallel``."""
@@ -225,51 +226,6 @@ def destroy_model_parallel() -> None:
     """Forget the groups (the process group itself stays up)."""
     global _STATE
     _STATE = None
-
-
-# Short accessors, for the call sites that need one number or group.
-def get_tensor_model_parallel_group() -> dist.ProcessGroup:
-    return get_parallel_state().tp_group
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return get_parallel_state().tp_rank
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return get_parallel_state().tp_size
-
-
-def get_data_parallel_group() -> dist.ProcessGroup:
-    return get_parallel_state().dp_group
-
-
-def get_data_parallel_rank() -> int:
-    return get_parallel_state().dp_rank
-
-
-def get_data_parallel_world_size() -> int:
-    return get_parallel_state().dp_size
-
-
-def get_expert_model_parallel_group(ep_size: int) -> dist.ProcessGroup:
-    return get_parallel_state().experts(ep_size).ep_group
-
-
-def get_expert_model_parallel_rank(ep_size: int) -> int:
-    return get_parallel_state().experts(ep_size).ep_rank
-
-
-def get_expert_data_parallel_group(ep_size: int) -> dist.ProcessGroup:
-    return get_parallel_state().experts(ep_size).edp_group
-
-
-def get_expert_data_parallel_rank(ep_size: int) -> int:
-    return get_parallel_state().experts(ep_size).edp_rank
-
-
-def get_expert_data_parallel_world_size(ep_size: int) -> int:
-    return get_parallel_state().experts(ep_size).edp_size
 
 
 def default_backend(device: torch.device) -> str:

@@ -117,8 +117,8 @@ def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mas
 
 def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     state = get_parallel_state()
-    model_parallel_seed(cfg.train.seed, device)
-    model = GPTModel(cfg.model, device=device).initialize(cfg.train.seed)
+    model_parallel_seed(cfg.train.seed, state, device)
+    model = GPTModel(cfg.model, state, device=device).initialize(cfg.train.seed)
     train_state = TrainState()
     payload = None
     found = ckpt.read_metadata(cfg.checkpoint.load) if cfg.checkpoint.load else None
@@ -139,7 +139,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
         if not cfg.checkpoint.finetune:
             train_state = TrainState(metadata["iteration"], metadata["consumed_samples"])
         log.info(f"loaded checkpoint {directory} (iteration {metadata['iteration']})")
-    optimizer = MixedPrecisionOptimizer(model, cfg.optimizer)
+    optimizer = MixedPrecisionOptimizer(model, cfg.optimizer, state)
     if cfg.train.compile:
         compile_regions(model)
         log.info("torch.compile: attention, norms and dense MLPs of every layer")

@@ -87,15 +87,15 @@ def unpack(results: list):
 
 def build(run: Run):
     """Groups, model and optimizer of ``run``'s layout (``ps.destroy_model_parallel`` after)."""
-    ps.initialize_model_parallel(run.tp, tuple(set(run.eps)))
-    model_parallel_seed(SEED)
+    layout = ps.initialize_model_parallel(run.tp, tuple(set(run.eps)))
+    model_parallel_seed(SEED, layout)
     config = model_config(run.eps)
-    model = GPTModel(config).initialize(SEED)
+    model = GPTModel(config, layout).initialize(SEED)
     return config, model
 
 
 def optimizer(model, run: Run) -> MixedPrecisionOptimizer:
-    return MixedPrecisionOptimizer(model, OptimizerConfig(**HYPER, use_distributed_optimizer=run.zero))
+    return MixedPrecisionOptimizer(model, OptimizerConfig(**HYPER, use_distributed_optimizer=run.zero), model.layout)
 
 
 def step(model, opt, index: int) -> float:
@@ -118,13 +118,13 @@ def step(model, opt, index: int) -> float:
 def full_params(model) -> dict[str, torch.Tensor]:
     """Full parameters, copied: ``gather_full`` returns views of unsharded parameters, which the
     next step would change."""
-    return {name: t.clone() for name, t in gather_full_state(model).items()}
+    return {name: t.clone() for name, t in gather_full_state(model, model.layout).items()}
 
 
 def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        logits = gather_from_tp_region(model(tokens).logits)[..., :VOCAB]
+        logits = gather_from_tp_region(model(tokens).logits, model.layout)[..., :VOCAB]
     model.train()
     return logits
 

@@ -74,11 +74,11 @@ def _logits_at_layouts(rank, world, roots, tokens):
     for (tp, ep), root in zip(LAYOUTS, roots):
         directory, metadata = read_metadata(root)
         config = model_config_from_dict(metadata["model_config"])
-        ps.initialize_model_parallel(tp, (ep,))
-        model = GPTModel(config).eval()
+        layout = ps.initialize_model_parallel(tp, (ep,))
+        model = GPTModel(config, layout).eval()
         load_model_state(model, load_rank_payload(directory, rank, torch.device("cpu")))
         with torch.no_grad():
-            out.append(gather_from_tp_region(model(tokens).logits)[..., :VOCAB])
+            out.append(gather_from_tp_region(model(tokens).logits, layout)[..., :VOCAB])
         ps.destroy_model_parallel()
     return out
 

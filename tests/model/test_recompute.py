@@ -18,10 +18,10 @@ BASE = ModelConfig(vocab_size=200, num_layers=3, hidden_size=32, num_attention_h
                    add_bias_linear=False)
 
 
-def _run(config, tokens, labels):
-    model = GPTModel(config).initialize(seed=5)
+def _run(config, layout, tokens, labels):
+    model = GPTModel(config, layout).initialize(seed=5)
     model.train()
-    model_parallel_seed(11)
+    model_parallel_seed(11, layout)
     saved = {}
 
     def pack(t):
@@ -31,19 +31,19 @@ def _run(config, tokens, labels):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(tokens, labels)
     out.loss.backward()
-    return out.loss.detach(), gather_full_state(model, grads=True), sum(saved.values())
+    return out.loss.detach(), gather_full_state(model, model.layout, grads=True), sum(saved.values())
 
 
 def _body(rank, world, layouts):
     g = torch.Generator().manual_seed(rank)  # each DP rank its own tokens: the all-to-all moves real data
     tokens, labels = torch.randint(0, 200, (2, 16), generator=g), torch.randint(0, 200, (2, 16), generator=g)
     for tp, ep in layouts:
-        ps.initialize_model_parallel(tp, (ep,))
+        layout = ps.initialize_model_parallel(tp, (ep,))
         config = dataclasses.replace(BASE, expert_model_parallel_size=(ep,))
-        stored = _run(config, tokens, labels)
-        again = _run(dataclasses.replace(config, recompute_granularity="full"), tokens, labels)
+        stored = _run(config, layout, tokens, labels)
+        again = _run(dataclasses.replace(config, recompute_granularity="full"), layout, tokens, labels)
         first_only = _run(dataclasses.replace(config, recompute_granularity="full", recompute_num_layers=1),
-                          tokens, labels)
+                          layout, tokens, labels)
         ps.destroy_model_parallel()
         for got in (again, first_only):
             assert torch.equal(got[0], stored[0]), (tp, ep, got[0], stored[0])

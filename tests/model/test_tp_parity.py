@@ -36,16 +36,16 @@ def _config(variant):
 
 
 def _run_layout(tp, variant, tokens, labels):
-    ps.initialize_model_parallel(tp, (1,))
-    model = GPTModel(_config(variant)).initialize(seed=1234)
+    layout = ps.initialize_model_parallel(tp, (1,))
+    model = GPTModel(_config(variant), layout).initialize(seed=1234)
     out = model(tokens, labels)
     out.loss.backward()
-    logits = gather_from_tp_region(model(tokens).logits)[..., : model.config.vocab_size]
+    logits = gather_from_tp_region(model(tokens).logits, layout)[..., : model.config.vocab_size]
     result = {
         "loss": out.loss.detach(),
         "logits": logits.detach(),
-        "params": gather_full_state(model),
-        "grads": gather_full_state(model, grads=True),
+        "params": gather_full_state(model, model.layout),
+        "grads": gather_full_state(model, model.layout, grads=True),
     }
     ps.destroy_model_parallel()
     return result
@@ -75,13 +75,13 @@ def test_tensor_parallel_matches_single_rank(variant):
 
 def _init_body(rank, world):
     """Replicated params agree over TP; sharded ones are the TP=1 tensor's slices."""
-    ps.initialize_model_parallel(2, (1,))
-    model = GPTModel(_config("rms-rope-swiglu-tied")).initialize(seed=7)
+    layout = ps.initialize_model_parallel(2, (1,))
+    model = GPTModel(_config("rms-rope-swiglu-tied"), layout).initialize(seed=7)
     for name, p in model.named_parameters():
-        full = gather_full(p, p)
+        full = gather_full(p, p, model.layout)
         assert torch.isfinite(full).all()
     emb = model.word_embeddings.weight
-    if ps.get_tensor_model_parallel_rank() == 1:
+    if layout.tp_rank == 1:
         # rows 256..511 of the padded vocabulary: ids 256..299 real, the rest zero padding
         assert emb[44:].abs().sum() == 0 and emb[:44].abs().sum() > 0
 

@@ -85,8 +85,8 @@ def decays(name: str, param: torch.Tensor) -> bool:
 def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: dict | None = None) -> dict:
     """Single-process fp32 training; builds its own TP=1/EP=1 groups and tears them down.
     ``arch``: model field overrides; expert biases, if any, are updated after every step."""
-    ps.initialize_model_parallel(1, (1,))
-    model = GPTModel(model_config((1, 1), **(arch or {}))).initialize(SEED)
+    layout = ps.initialize_model_parallel(1, (1,))
+    model = GPTModel(model_config((1, 1), **(arch or {})), layout).initialize(SEED)
     params = list(model.parameters())
     decay = [p for n, p in model.named_parameters() if decays(n, p)]
     no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
@@ -105,13 +105,13 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
         out["loss"].append(loss.item())
         out["inf"].append(max(p.grad.abs().max().item() for p in params))
         if step == 0:
-            out["grads0"] = gather_full_state(model, grads=True)
+            out["grads0"] = gather_full_state(model, model.layout, grads=True)
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
         out["l2"].append(norm.item())
         opt.step()
         update_expert_biases(model, [o.moe_stats for o in outputs])
         out["bias"].append(expert_biases(model))
-    out["params"] = gather_full_state(model)
+    out["params"] = gather_full_state(model, model.layout)
     ps.destroy_model_parallel()
     return out
 
@@ -119,10 +119,10 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
 def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None, **overrides):
     """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after);
     ``arch`` overrides model fields, ``overrides`` optimizer ones."""
-    ps.initialize_model_parallel(tp, tuple(set(ep_sizes)))
-    model = GPTModel(model_config(ep_sizes, dtype, **(arch or {}))).initialize(SEED)
+    layout = ps.initialize_model_parallel(tp, tuple(set(ep_sizes)))
+    model = GPTModel(model_config(ep_sizes, dtype, **(arch or {})), layout).initialize(SEED)
     cfg = OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "params_dtype": dtype, **overrides})
-    return model, MixedPrecisionOptimizer(model, cfg)
+    return model, MixedPrecisionOptimizer(model, cfg, layout)
 
 
 def local_micro_batches(step: int) -> list:

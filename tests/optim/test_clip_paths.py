@@ -35,7 +35,7 @@ def _body(rank, world):
         assert opt.clip_in_adam, "on CPU torch's fused AdamW applies grad_scale (probe)"
         opt.clip_in_adam = in_adam
         out = train(model, opt, 3)
-        runs.append((out, gather_full_state(model)))
+        runs.append((out, gather_full_state(model, model.layout)))
         ps.destroy_model_parallel()
     (fused, fused_params), (explicit, explicit_params) = runs
     assert min(fused["l2"]) > HYPER["clip_grad"], "clipping must be active for this test to mean anything"

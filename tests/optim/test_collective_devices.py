@@ -74,10 +74,10 @@ def recorded_collectives(calls: list):
 def _devices_body(rank, world):
     out = []
     for tp, eps, zero, bucket in LAYOUTS:
-        ps.initialize_model_parallel(tp, tuple(set(eps)))
-        model = GPTModel(model_config(eps), device=torch.device("meta"))
+        layout = ps.initialize_model_parallel(tp, tuple(set(eps)))
+        model = GPTModel(model_config(eps), layout, device=torch.device("meta"))
         opt = MixedPrecisionOptimizer(
-            model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "bucket_size": bucket})
+            model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "bucket_size": bucket}), layout
         )
         calls = []
         with recorded_collectives(calls):

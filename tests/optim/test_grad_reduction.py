@@ -40,7 +40,7 @@ def _reduction_body(rank, world):
             want = ref["grads0"][name]
             ref_parts_sq[_part(meta)] = ref_parts_sq.get(_part(meta), 0.0) + want.double().square().sum().item()
             if not zero:  # with ZeRO-1 only this rank's shard of main_grad is reduced
-                err = (gather_full(p.main_grad, p).double() - want.double()).norm().item()
+                err = (gather_full(p.main_grad, p, model.layout).double() - want.double()).norm().item()
                 assert err <= RTOL * want.double().norm().item(), f"{where} {name}: ||got - want|| = {err:.1e}"
         result = opt.step()
         ref_total = math.sqrt(sum(ref_parts_sq.values()))

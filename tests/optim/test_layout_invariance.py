@@ -58,7 +58,7 @@ def _layouts_body(rank, world, layouts, steps=STEPS):
         _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
         _close(got["inf"], ref["inf"], f"{where} inf grad norm", INF_RTOL)
         assert not any(got["skipped"])
-        assert_params_close(gather_full_state(model), ref["params"], where, rtol=RTOL)
+        assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
         assert_replicas_identical(model)
         ps.destroy_model_parallel()
 

@@ -43,13 +43,13 @@ def _precision_body(rank, world):
         for tp, eps, zero in ((1, (4, 2), True), (2, (2, 2), False)):
             where = f"{dtype} TP={tp} EP={eps} ZeRO={zero}"
             model, opt = build(tp, eps, zero=zero, dtype=dtype, initial_loss_scale=2.0**12)
-            init = _flat(gather_full_state(model), names)
+            init = _flat(gather_full_state(model, model.layout), names)
             got = train(model, opt, STEPS)
             assert not any(got["skipped"]), where
             assert _max_rel(got["loss"], ref["loss"]) <= loss_tol, (where, got["loss"], ref["loss"])
             assert _max_rel(got["l2"], ref["l2"]) <= l2_tol, (where, got["l2"], ref["l2"])
             assert _max_rel(got["inf"], ref["inf"]) <= inf_tol, (where, got["inf"], ref["inf"])
-            final, want = _flat(gather_full_state(model), names), _flat(ref["params"], names)
+            final, want = _flat(gather_full_state(model, model.layout), names), _flat(ref["params"], names)
             assert (final - want).norm() <= param_tol * want.norm(), where
             assert (final - want).norm() <= update_tol * (want - init).norm(), where
             ps.destroy_model_parallel()

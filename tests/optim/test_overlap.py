@@ -28,7 +28,7 @@ def _train(model, opt, steps, *, overlap):
                 launched.append((last, opt.grad_sync.launched, len(opt.grad_sync.order)))
         result = opt.step()
         norms.append((result.grad_norm, result.grad_norm_inf))
-    return norms, gather_full_state(model), launched
+    return norms, gather_full_state(model, model.layout), launched
 
 
 def _overlap_body(rank, world):

@@ -18,9 +18,9 @@ RICH = dict(normalization="LayerNorm", untie_embeddings_and_output_weights=True)
 def _body(rank, world):
     out = []
     for tp, eps, zero in LAYOUTS:
-        ps.initialize_model_parallel(tp, tuple(set(eps)))
-        model = GPTModel(model_config(eps, **RICH))
-        opt = MixedPrecisionOptimizer(model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero}))
+        layout = ps.initialize_model_parallel(tp, tuple(set(eps)))
+        model = GPTModel(model_config(eps, **RICH), layout)
+        opt = MixedPrecisionOptimizer(model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero}), layout)
         params = dict(model.named_parameters())
         decay_of = {id(t): group["weight_decay"] for group in opt.optimizer.param_groups for t in group["params"]}
         seen = {}

@@ -81,14 +81,14 @@ def _state_body(rank, world):
     train(model, opt, 2)
     saved = _round_trip(opt.state_dict())
     straight = train(model, opt, 2, first_step=2)
-    straight_params = gather_full_state(model)
+    straight_params = gather_full_state(model, model.layout)
     ps.destroy_model_parallel()
 
     model, opt = build(2, (2, 2), **layout)  # fresh parameters: load_state_dict restores them from the masters
     opt.load_state_dict(saved)
     resumed = train(model, opt, 2, first_step=2)
     assert resumed == straight, (resumed, straight)
-    for name, p in gather_full_state(model).items():
+    for name, p in gather_full_state(model, model.layout).items():
         assert torch.equal(p, straight_params[name]), name
     ps.destroy_model_parallel()
 

@@ -22,7 +22,7 @@ def _gather_world(x):
 
 def _rng_body(rank, world):
     state = ps.get_parallel_state()
-    model_parallel_seed(42)
+    model_parallel_seed(42, state)
     before = torch.rand(4)
     with get_rng_tracker().fork():
         sharded = torch.rand(4)
@@ -33,7 +33,7 @@ def _rng_body(rank, world):
         assert torch.equal(defaults[r], defaults[0]), "default stream must be identical on every rank"
         same_tp_rank = (r % state.tp_size) == state.tp_rank
         assert torch.equal(forks[r], sharded) == same_tp_rank, (r, "model-parallel stream must differ across TP")
-    model_parallel_seed(42)
+    model_parallel_seed(42, state)
     first, second = torch.rand(4), torch.rand(4)
     assert torch.equal(first, before) and torch.equal(second, after), "fork() must not disturb the default stream"
 
@@ -51,7 +51,7 @@ def _cross_entropy_body(rank, world):
     local_size = padded // state.tp_size
     start = state.tp_rank * local_size
     local = full.detach()[..., start : start + local_size].clone().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=vocab)
+    loss = vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=vocab, layout=state)
     reference = F.cross_entropy(full[..., :vocab].reshape(-1, vocab), target.reshape(-1), reduction="none").view(5, 7)
     torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-7)
     weights = torch.rand(5, 7, dtype=torch.float64, generator=g)

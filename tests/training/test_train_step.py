@@ -34,10 +34,10 @@ ROUTERS = ("layers.0.mlp.router.weight", "layers.2.mlp.router.weight")
 def _body(rank, world):
     out = {}
     for name, (dtype, scale, losses) in RUNS.items():
-        ps.initialize_model_parallel(1, (2,))
-        model = GPTModel(model_config((2, 2), dtype, **losses)).initialize(SEED)
+        layout = ps.initialize_model_parallel(1, (2,))
+        model = GPTModel(model_config((2, 2), dtype, **losses), layout).initialize(SEED)
         cfg = OptimizerConfig(**{**HYPER, "clip_grad": 0.0, "params_dtype": dtype, "loss_scale": scale})
-        opt = MixedPrecisionOptimizer(model, cfg)
+        opt = MixedPrecisionOptimizer(model, cfg, layout)
         batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(0)]
         metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
         result = train_step(model, opt, batches, metrics, torch.device("cpu"))

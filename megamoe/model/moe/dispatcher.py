@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.moe.router import count_per_expert
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 
 def _all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
@@ -97,16 +97,18 @@ class _GatherSlots(torch.autograd.Function):
 
 
 class TokenDispatcher:
-    """Moves token-slots between this rank and the EP ranks holding their experts."""
+    """Moves token-slots between ``layout``'s rank and the ranks of its EP group (of size
+    ``ep_size``) holding their experts."""
 
-    def __init__(self, *, num_experts: int, ep_size: int) -> None:
+    def __init__(self, layout: ParallelState, *, num_experts: int, ep_size: int) -> None:
         assert num_experts % ep_size == 0, (num_experts, ep_size)
+        self.layout = layout
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.local_experts = num_experts // ep_size
 
     def _group(self):
-        return get_parallel_state().experts(self.ep_size).ep_group
+        return self.layout.experts(self.ep_size).ep_group
 
     def plan(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> DispatchPlan:
         """Sort the kept slots by expert and agree on the split sizes with the EP group.

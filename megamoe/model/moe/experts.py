@@ -29,7 +29,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import activation
 from megamoe.parallel.mappings import copy_to_tp_region
 from megamoe.parallel.params import tag_param
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGNMENT_BYTES = 16
@@ -88,10 +88,17 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, *, num_experts: int, ep_size: int, device: torch.device | None = None
+        self,
+        config: ModelConfig,
+        layout: ParallelState,
+        *,
+        num_experts: int,
+        ep_size: int,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        tp = get_parallel_state().tp_size
+        self.layout = layout
+        tp = layout.tp_size
         ffn = config.moe_ffn_hidden_size  # divisible by tp: ModelConfig.check_parallel_layout
         num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
         self.swiglu = config.swiglu
@@ -141,6 +148,5 @@ class GroupedExperts(nn.Module):
         # The output is a partial sum over TP, so the replicated fc2 bias is added on TP rank 0
         # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_tp_region
         # all-reduces its gradient so that every TP rank holds the full one.
-        state = get_parallel_state()
-        only_first_rank = 1.0 if state.tp_rank == 0 else 0.0
-        return y_NH + only_first_rank * copy_to_tp_region(self.fc2_bias)[row_expert_N]
+        only_first_rank = 1.0 if self.layout.tp_rank == 0 else 0.0
+        return y_NH + only_first_rank * copy_to_tp_region(self.fc2_bias, self.layout)[row_expert_N]

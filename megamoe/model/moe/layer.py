@@ -29,6 +29,7 @@ from megamoe.model.moe.dispatcher import TokenDispatcher
 from megamoe.model.moe.experts import GroupedExperts
 from megamoe.model.moe.router import TopKRouter
 from megamoe.parallel.mappings import copy_to_tp_region, reduce_from_tp_region
+from megamoe.parallel.state import ParallelState
 
 
 @dataclass
@@ -51,8 +52,11 @@ class MoELayer(nn.Module):
     """The MoE block of transformer layer ``layer_number`` (its expert count and EP size come
     from ``config.num_experts_for_layer`` / ``config.ep_size_for_layer``)."""
 
-    def __init__(self, config: ModelConfig, layer_number: int, *, device: torch.device | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_number: int, layout: ParallelState, *, device: torch.device | None = None
+    ) -> None:
         super().__init__()
+        self.layout = layout
         self.num_experts = config.num_experts_for_layer(layer_number)
         self.ep_size = config.ep_size_for_layer(layer_number)
         self.topk = config.moe_router_topk
@@ -62,11 +66,13 @@ class MoELayer(nn.Module):
         self.eval_capacity_factor = config.moe_eval_capacity_factor
         self.drop_policy = config.moe_token_drop_policy
         self.router = TopKRouter(config, self.num_experts, device=device)
-        self.experts = GroupedExperts(config, num_experts=self.num_experts, ep_size=self.ep_size, device=device)
-        self.dispatcher = TokenDispatcher(num_experts=self.num_experts, ep_size=self.ep_size)
+        self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size, device=device)
+        self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size)
         self.shared_expert = None
         if config.moe_shared_expert_intermediate_size:
-            self.shared_expert = MLP(config, ffn_hidden_size=config.moe_shared_expert_intermediate_size, device=device)
+            self.shared_expert = MLP(
+                config, layout, ffn_hidden_size=config.moe_shared_expert_intermediate_size, device=device
+            )
 
     def _active_capacity_factor(self) -> float | None:
         """Training uses --moe-expert-capacity-factor; eval --moe-eval-capacity-factor when set."""
@@ -91,9 +97,10 @@ class MoELayer(nn.Module):
             )
 
         plan = self.dispatcher.plan(routing.expert_ids, keep_TK)
-        x_NH = self.dispatcher.dispatch(copy_to_tp_region(x_TH), plan)
+        x_NH = self.dispatcher.dispatch(copy_to_tp_region(x_TH, self.layout), plan)
         y_NH = self.experts(x_NH, plan.expert_counts, plan.expert_offsets)
-        out_TH = reduce_from_tp_region(self.dispatcher.combine(y_NH, copy_to_tp_region(routing.weights), plan))
+        weights_TK = copy_to_tp_region(routing.weights, self.layout)
+        out_TH = reduce_from_tp_region(self.dispatcher.combine(y_NH, weights_TK, plan), self.layout)
         if self.shared_expert is not None:
             out_TH = out_TH + self.shared_expert(x_TH)
 

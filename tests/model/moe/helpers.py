@@ -8,7 +8,6 @@ import torch.distributed as dist
 from megamoe.optim.grad_buffer import grad_reduction
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
-from megamoe.parallel.state import get_parallel_state
 
 RTOL = 1e-5
 
@@ -16,14 +15,14 @@ RTOL = 1e-5
 def reduced_full_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Reduce every gradient as the optimizer does (``grad_reduction``: its group and scale),
     with plain all-reduces, then gather the full tensors."""
-    state = get_parallel_state()
+    state = module.layout
     for param in module.parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         reduction = grad_reduction(param_meta(param), state)
         param.grad.mul_(reduction.scale)
         dist.all_reduce(param.grad, group=reduction.group)
-    return gather_full_state(module, grads=True)
+    return gather_full_state(module, module.layout, grads=True)
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = RTOL) -> None:

@@ -60,11 +60,11 @@ def check_layer_case(case: Case) -> None:
     state = ps.get_parallel_state()
     dp, dp_rank, tokens = state.dp_size, state.dp_rank, BATCH * SEQ
     cfg = layer_config(case)
-    layer = MoELayer(cfg, 0)
+    layer = MoELayer(cfg, 0, state)
     for name, param in layer.named_parameters():
         if "bias" in name:  # drawn like a weight (layout-independently), so that a mistake shows
             retag(param, init="normal", init_std=0.1)
-    initialize_module_(layer, SEED)
+    initialize_module_(layer, SEED, state)
     if case.uneven:
         _force_uneven_routing(layer)
     layer.train(case.train)
@@ -76,7 +76,7 @@ def check_layer_case(case: Case) -> None:
     ((out * grad_out).sum() + aux.loss).backward()
     grads = reduced_full_grads(layer)
 
-    weights = {name: full.double().requires_grad_() for name, full in gather_full_state(layer).items()}
+    weights = {name: full.double().requires_grad_() for name, full in gather_full_state(layer, layer.layout).items()}
     total, mine, x_ref = 0.0, None, None
     for d in range(dp):
         xd, gd = micro_batch(d, case.uneven)

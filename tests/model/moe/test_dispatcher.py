@@ -7,8 +7,12 @@ from __future__ import annotations
 import torch
 
 from megamoe.model.moe.dispatcher import TokenDispatcher, _GatherSlots
+from megamoe.parallel.state import build_parallel_state
 
 TOKENS, TOPK, EXPERTS, HIDDEN = 10, 2, 4, 3
+LAYOUT = build_parallel_state(
+    world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
+)
 
 
 def _routing():
@@ -21,7 +25,7 @@ def _routing():
 
 def test_rows_are_grouped_by_expert_and_counted():
     ids, _, x = _routing()
-    dispatcher = TokenDispatcher(num_experts=EXPERTS, ep_size=1)
+    dispatcher = TokenDispatcher(LAYOUT, num_experts=EXPERTS, ep_size=1)
     plan = dispatcher.plan(ids, None)
     rows = dispatcher.dispatch(x, plan)
     want_counts = [int((ids == e).sum()) for e in range(EXPERTS)]
@@ -36,7 +40,7 @@ def test_rows_are_grouped_by_expert_and_counted():
 def test_dropped_slots_are_not_sent_and_combine_weights_the_kept_ones():
     ids, weights, x = _routing()
     keep = torch.rand(TOKENS, TOPK, generator=torch.Generator().manual_seed(1)) > 0.4
-    dispatcher = TokenDispatcher(num_experts=EXPERTS, ep_size=1)
+    dispatcher = TokenDispatcher(LAYOUT, num_experts=EXPERTS, ep_size=1)
     plan = dispatcher.plan(ids, keep)
     assert sum(plan.expert_counts) == int(keep.sum())
     rows = dispatcher.dispatch(x, plan)

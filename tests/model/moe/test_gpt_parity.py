@@ -40,10 +40,10 @@ def _micro_batch(d: int):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _reference(num_experts, overrides, dp):
+def _reference(num_experts, overrides, dp, layout):
     """TP=1, EP=1 model with reference MoE blocks, over the ``dp`` micro-batches."""
     cfg = _config(num_experts, 1, **overrides)
-    model = GPTModel(cfg).initialize(SEED)
+    model = GPTModel(cfg, layout).initialize(SEED)
     for i in cfg.moe_layers:
         model.layers[i].mlp = ReferenceMoEBlock(model.layers[i].mlp, cfg)
     outputs = [model(*_micro_batch(d)) for d in range(dp)]
@@ -51,24 +51,24 @@ def _reference(num_experts, overrides, dp):
     return {
         "loss": [o.loss.detach() for o in outputs],
         "aux": [o.aux_loss.detach() for o in outputs],
-        "params": gather_full_state(model),  # drops the vocabulary padding, as for the tested layouts
-        "grads": gather_full_state(model, grads=True),
+        "params": gather_full_state(model, model.layout),  # drops the vocabulary padding, as for the tested layouts
+        "grads": gather_full_state(model, model.layout, grads=True),
     }
 
 
 def _gpt_body(rank, world, tp, cases):
     """``cases``: (num_experts, ep sizes, config overrides); all at tensor-parallel size ``tp``."""
     dp = world // tp
-    ps.initialize_model_parallel(1, (1,))
-    references = [_reference(num_experts, overrides, dp) for num_experts, _, overrides in cases]
+    single = ps.initialize_model_parallel(1, (1,))
+    references = [_reference(num_experts, overrides, dp, single) for num_experts, _, overrides in cases]
     ps.destroy_model_parallel()
 
     ep_sizes = sorted({ep for e, eps, o in cases for ep in _config(e, eps, **o).moe_ep_sizes()})
     state = ps.initialize_model_parallel(tp, ep_sizes)
     for (num_experts, eps, overrides), ref in zip(cases, references):
         label = f"tp={tp} experts={num_experts} ep={eps} {overrides}"
-        model = GPTModel(_config(num_experts, eps, **overrides)).initialize(SEED)
-        params = gather_full_state(model)
+        model = GPTModel(_config(num_experts, eps, **overrides), state).initialize(SEED)
+        params = gather_full_state(model, model.layout)
         assert params.keys() == ref["params"].keys(), label
         for name, full in params.items():
             assert torch.equal(full, ref["params"][name]), f"{name} differs from the EP=1 initialisation ({label})"

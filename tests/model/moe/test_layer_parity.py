@@ -66,9 +66,9 @@ def _tp_body(rank, world, cases):
 def _check_jitter_routes_alike_on_tp_ranks() -> None:
     """With input jitter on, both TP ranks of a group must still pick the same experts."""
     state = ps.get_parallel_state()
-    model_parallel_seed(7)
-    layer = MoELayer(layer_config(Case(ep=1, overrides=dict(moe_input_jitter_eps=0.5))), 0)
-    initialize_module_(layer, SEED)
+    model_parallel_seed(7, state)
+    layer = MoELayer(layer_config(Case(ep=1, overrides=dict(moe_input_jitter_eps=0.5))), 0, state)
+    initialize_module_(layer, SEED, state)
     x, _ = micro_batch(state.dp_rank, uneven=False)
     ids = layer.router(x.view(-1, HIDDEN)).expert_ids
     layer.eval()
