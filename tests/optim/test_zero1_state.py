@@ -87,6 +87,8 @@ def _state_body(rank, world):
     model, opt = build(2, (2, 2), **layout)  # fresh parameters: load_state_dict restores them from the masters
     opt.load_state_dict(saved)
     resumed = train(model, opt, 2, first_step=2)
+    for got, want in zip(resumed.pop("bias"), straight.pop("bias"), strict=True):
+        assert torch.equal(got, want), "expert biases differ after resuming"
     assert resumed == straight, (resumed, straight)
     for name, p in gather_full_state(model, model.layout).items():
         assert torch.equal(p, straight_params[name]), name
