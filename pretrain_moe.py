@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from megamoe.training.arguments import ConfigError, parse_config
 from megamoe.checkpointing.format import CheckpointError
+from megamoe.training.arguments import ConfigError, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,10 @@
 # Single node:  bash scripts/pretrain_1b_4exp.sh
 # Multi-node:   on every node, NNODES=4 NODE_RANK=<i> MASTER_ADDR=<node0> bash scripts/pretrain_1b_4exp.sh
 # Overridable:  GPUS_PER_NODE, MASTER_PORT, TP, EP, MICRO_BATCH, DATA_PATH, TOKENIZER_MODEL,
-#               SAVE_DIR, LOAD_DIR, TRAIN_ITERS, WANDB_PROJECT, EXTRA_ARGS
+#               SAVE_DIR, LOAD_DIR, TRAIN_ITERS, MAX_RESTARTS, WANDB_PROJECT, EXTRA_ARGS
+# A worker that dies (a crashed or killed process, out of memory) makes torchrun restart every
+# worker, up to MAX_RESTARTS times; they resume from the latest checkpoint in LOAD_DIR.
+# Checkpoints are written in the background (--async-save) while training continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,7 @@ DATA_PATH=${DATA_PATH:-}            # e.g. "0.7 /data/web_text_document 0.3 /dat
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
 SAVE_DIR=${SAVE_DIR:-checkpoints/moe-1b-4e}
 LOAD_DIR=${LOAD_DIR:-$SAVE_DIR}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 PYTHON=${PYTHON:-python3}
 
 data_args=(--mock-data --vocab-size 32000)
@@ -38,7 +42,7 @@ fi
 
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
     pretrain_moe.py \
     --device cuda --bf16 \
     --num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 5632 \
@@ -53,6 +57,6 @@ exec "$PYTHON" -m torch.distributed.run \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0 \
     "${data_args[@]}" \
     --eval-interval 1000 --eval-iters 10 \
-    --save "$SAVE_DIR" --load "$LOAD_DIR" --save-interval 1000 --keep-last 3 --exit-signal-handler \
+    --save "$SAVE_DIR" --load "$LOAD_DIR" --save-interval 1000 --keep-last 3 --async-save --exit-signal-handler \
     --log-interval 10 --log-json "$SAVE_DIR.log.jsonl" \
     "${wandb_args[@]}" ${EXTRA_ARGS:-}

@@ -11,6 +11,7 @@ Layout (version 1)::
                              # "param/NAME" the weight, "master/NAME", "exp_avg/NAME",
                              # "exp_avg_sq/NAME" the fp32 optimizer state, all full tensors
                              # (experts in global order, vocabulary unpadded)
+      buffers.safetensors    # persistent buffers (model tensors that are not parameters), if any
       rng.pt                 # RNG states of the source's ranks, [dp_rank][tp_rank] (torch.save:
                              # tensors, ints and tuples, read with weights_only)
 
@@ -28,13 +29,14 @@ from safetensors.torch import save_file
 
 from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.full_state import FullStateInfo
-from megamoe.checkpointing.format import CheckpointError, Layout, dtype_name, write_atomic
+from megamoe.checkpointing.format import CheckpointError, Layout, write_atomic
 from megamoe.checkpointing.layout import ParamSpec
 
 FORMAT = "megamoe-consolidated"
 VERSION = 1
 METADATA = "metadata.json"
 RNG_FILE = "rng.pt"
+BUFFERS_FILE = "buffers.safetensors"
 
 
 def is_consolidated(directory: str) -> bool:
@@ -45,27 +47,6 @@ def is_consolidated(directory: str) -> bool:
         return json.load(open(path)).get("format") == FORMAT
     except (json.JSONDecodeError, AttributeError):
         return False
-
-
-def _spec_entry(spec: ParamSpec) -> dict:
-    return {
-        "shape": list(spec.shape),
-        "dtype": dtype_name(spec.dtype),
-        "tensor_parallel_dim": spec.tensor_parallel_dim,
-        "is_expert": spec.is_expert,
-        "padded": spec.padded,
-    }
-
-
-def _spec_from_entry(name: str, entry: dict) -> ParamSpec:
-    return ParamSpec(
-        name=name,
-        shape=tuple(entry["shape"]),
-        dtype=getattr(torch, entry["dtype"]),
-        tensor_parallel_dim=entry["tensor_parallel_dim"],
-        is_expert=entry["is_expert"],
-        padded=entry["padded"],
-    )
 
 
 class ConsolidatedWriter:
@@ -84,6 +65,8 @@ class ConsolidatedWriter:
         info = self.info
         if info.rng is not None:
             torch.save(info.rng, os.path.join(self.root, RNG_FILE))
+        if info.buffers:
+            save_file({name: t.contiguous() for name, t in info.buffers.items()}, os.path.join(self.root, BUFFERS_FILE))
         metadata = {
             "format": FORMAT,
             "version": VERSION,
@@ -92,7 +75,7 @@ class ConsolidatedWriter:
             "model_config": info.model_config,
             "args": info.args,
             "optimizer": info.optimizer,
-            "params": {name: _spec_entry(spec) for name, spec in info.specs.items()},
+            "params": {name: spec.to_entry() for name, spec in info.specs.items()},
             "groups": self.groups,
             "source_layout": info.source_layout.to_metadata() if info.source_layout else None,
         }
@@ -116,7 +99,7 @@ class ConsolidatedReader:
                 f"{path}: consolidated format version {metadata.get('version')} is not supported "
                 f"(this megamoe reads version {VERSION})"
             )
-        specs = {name: _spec_from_entry(name, entry) for name, entry in metadata["params"].items()}
+        specs = {name: ParamSpec.from_entry(name, entry) for name, entry in metadata["params"].items()}
         rng_path = os.path.join(root, RNG_FILE)
         rng = torch.load(rng_path, weights_only=True) if os.path.isfile(rng_path) else None
         layout = metadata.get("source_layout")
@@ -131,6 +114,13 @@ class ConsolidatedReader:
             source_layout=Layout.from_metadata(layout) if layout else None,
         )
         self.tally = Tally()
+        buffers_path = os.path.join(root, BUFFERS_FILE)
+        if os.path.isfile(buffers_path):
+            with safe_open(buffers_path, framework="pt") as handle:
+                self.info.buffers = {name: handle.get_tensor(name) for name in handle.keys()}
+            self.tally.expect(buffers_path, set(self.info.buffers))
+            for name in self.info.buffers:
+                self.tally.use(buffers_path, name)
         self.file_of: dict[str, str] = {}
         self.handles = {}
         kinds = self.info.kinds()

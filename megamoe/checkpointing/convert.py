@@ -27,8 +27,16 @@ from dataclasses import dataclass, field
 from megamoe.checkpointing import consolidated, hf_checkpoint
 from megamoe.checkpointing.accounting import FullChecksum
 from megamoe.checkpointing.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.format import (
+    LEGACY_VERSION,
+    MARKER,
+    CheckpointError,
+    load_metadata,
+    model_config_from_dict,
+    read_metadata,
+)
 from megamoe.checkpointing.hf_config import check_exportable, export_family
-from megamoe.checkpointing.format import MARKER, CheckpointError, load_metadata, model_config_from_dict, read_metadata
+from megamoe.checkpointing.legacy_reader import LegacyReader
 from megamoe.checkpointing.layout import stream_groups, target_layout
 from megamoe.checkpointing.sharded_reader import ShardedReader
 from megamoe.checkpointing.sharded_writer import ShardedWriter
@@ -77,9 +85,9 @@ def open_source(load_dir: str, from_format: str | None):
     if consolidated.is_consolidated(load_dir):
         return consolidated.ConsolidatedReader(load_dir), f"{load_dir} (consolidated)"
     if os.path.isfile(os.path.join(load_dir, MARKER)):
-        directory, metadata = read_metadata(load_dir)
+        directory, metadata = read_metadata(load_dir, legacy=True)
     elif os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        directory, metadata = load_dir, load_metadata(load_dir)
+        directory, metadata = load_dir, load_metadata(load_dir, legacy=True)
     else:
         hint = (
             " (it looks like a Hugging Face model: pass --from hf)"
@@ -89,6 +97,9 @@ def open_source(load_dir: str, from_format: str | None):
         raise CheckpointError(
             f"{load_dir} is not a megamoe checkpoint: it has neither {MARKER} nor metadata.json{hint}"
         )
+    if metadata["version"] == LEGACY_VERSION:
+        reader = LegacyReader(directory, metadata)
+        return reader, f"{directory} (version 1, {reader.layout.describe()})"
     reader = ShardedReader(directory, metadata)
     return reader, f"{directory} ({reader.layout.describe()})"
 

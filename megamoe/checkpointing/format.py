@@ -1,40 +1,52 @@
-"""The on-disk format of a sharded megamoe checkpoint: the one place that knows it.
+"""The on-disk format of a megamoe checkpoint: the one place that knows it.
 
-Layout (version 1)::
+Layout (version 2)::
 
     SAVE/
-      latest_checkpointed_iteration.txt   # the iteration number; replaced atomically, after the
-                                          # directory below is complete
+      latest_checkpointed_iteration.txt   # the iteration number; replaced atomically, once every
+                                          # file of the directory below is complete
       iter_0000100/
-        metadata.json                     # build_metadata: format, version, iteration, consumed
-                                          # samples, layout, model config, flags, and every
-                                          # parameter's entry (param_entry)
-        rank_00000.pt ...                 # rank_payload: this rank's model shard, optimizer
-                                          # state and RNG states
+        metadata.json                     # build_metadata: iteration, consumed samples, the
+                                          # layout it was saved in, model config, flags, the
+                                          # optimizer's scalars, every parameter's global shape
+                                          # and sharding tags, and every global tensor's chunks
+        shard_00000.pt ...                # one file per rank: the chunks that rank wrote, its
+                                          # RNG states, the checkpoint's id
 
-Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.  Both the
-trainer (``megamoe.training.checkpoint``) and the conversion tools write and read through the
-functions below; nothing here depends on the trainer.
+Every global tensor (``pieces``: model weights and persistent buffers, fp32 master and Adam
+moments) is stored once, as chunks: boxes ``(offsets, sizes)`` of the global tensor, each in one
+file.  A rank of any layout loads by reading the chunks that overlap the boxes it holds, so a
+checkpoint loads into any TP, EP, DP and ZeRO-1 layout.  Files are read with
+``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+Version 1 (one ``rank_XXXXX.pt`` per rank holding its whole local state, replicas included) is
+read only by the conversion tool, which turns it into version 2.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 from dataclasses import dataclass
 
 import torch
 
+from megamoe.checkpointing.boxes import Box
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.state import ParallelState, build_parallel_state
 
 FORMAT_NAME = "megamoe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1  # one file per rank; read by the conversion tool only
 MARKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
 CONVERT_TOOL = "tools/convert_checkpoint.py"
-PAYLOAD_KEYS = ("model", "optimizer", "rng", "rank")  # "rng" is absent in Hugging Face imports
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")  # fp32, each of its parameter's shape
+# The optimizer's scalar state (``megamoe.optim.state_dict``): equal on every rank.
+OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
+PAYLOAD_KEYS = ("model", "optimizer", "rng", "rank")  # of a version 1 rank file; "rng" is absent in imports
 
 
 class CheckpointError(ValueError):
@@ -47,7 +59,18 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 
 def rank_file(directory: str, rank: int) -> str:
+    """A version 1 rank file."""
     return os.path.join(directory, f"rank_{rank:05d}.pt")
+
+
+def shard_file(rank: int) -> str:
+    """Name of the file rank ``rank`` writes (inside the iteration directory)."""
+    return f"shard_{rank:05d}.pt"
+
+
+def chunk_name(key: str, offsets) -> str:
+    """Name of one chunk inside its file: the tensor's key and the chunk's offsets."""
+    return f"{key}@{','.join(map(str, offsets))}"
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -164,30 +187,31 @@ def model_config_from_dict(saved: dict) -> ModelConfig:
         raise ValueError(f"the checkpoint's model_config does not match this megamoe's ModelConfig ({err})") from None
 
 
-def param_entry(*, local_shape, dtype: torch.dtype, tensor_parallel_dim: int | None,
-                expert_parallel_size: int | None, unpadded_size: int | None) -> dict:
-    """``metadata.json``'s ``params[name]``: one parameter's local shard and its sharding tags."""
-    return {
-        "local_shape": list(local_shape),
-        "dtype": dtype_name(dtype),
-        "tensor_parallel_dim": tensor_parallel_dim,
-        "expert_parallel_size": expert_parallel_size,
-        "unpadded_size": unpadded_size,
-    }
+def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int, layout: Layout,
+                   model_config: dict, args: dict, optimizer: dict | None, params: dict, tensors: dict,
+                   files: dict, rng: dict) -> dict:
+    """The contents of ``metadata.json``.
 
-
-def build_metadata(*, iteration: int, consumed_samples: int, layout: Layout, model_config: dict, params: dict,
-                   args: dict) -> dict:
-    """The contents of ``metadata.json``; ``model_config`` in ``model_config_dict`` form."""
+    ``model_config``: ``model_config_dict`` form.  ``optimizer``: the optimizer's scalars
+    (``megamoe.optim.state_dict``: adam_steps, num_skipped, lr, loss_scaler), None without
+    optimizer state.  ``params``: ``{name: ParamSpec.to_entry()}``.  ``tensors``: ``{key: {"shape",
+    "dtype", "chunks": [{"file", "offsets", "sizes"}]}}``.  ``files``: ``{file: {"bytes"}}``.
+    ``rng``: ``{str(rank): file}``, the file holding each saving rank's RNG states.
+    """
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "layout": layout.to_metadata(),
         "model_config": model_config,
-        "params": params,
         "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "optimizer": optimizer,
+        "params": params,
+        "tensors": tensors,
+        "files": files,
+        "rng": rng,
     }
 
 
@@ -195,8 +219,10 @@ def write_metadata(directory: str, metadata: dict) -> None:
     write_atomic(os.path.join(directory, METADATA), json.dumps(metadata, indent=1))
 
 
-def load_metadata(directory: str) -> dict:
-    """The validated ``metadata.json`` of one checkpoint directory (``iter_XXXXXXX``)."""
+def load_metadata(directory: str, *, legacy: bool = False) -> dict:
+    """The validated ``metadata.json`` of one checkpoint directory (``iter_XXXXXXX``); ``legacy``
+    accepts version 1 too (the conversion tool), else version 1 is refused with the command
+    that converts it."""
     meta_path = os.path.join(directory, METADATA)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {directory} is not a complete megamoe checkpoint")
@@ -206,7 +232,13 @@ def load_metadata(directory: str) -> dict:
         raise CheckpointError(f"{meta_path} is not valid JSON ({err})") from None
     if metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{meta_path} is not a megamoe checkpoint")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") == LEGACY_VERSION and not legacy:
+        root = os.path.dirname(os.path.abspath(directory))
+        raise CheckpointError(
+            f"{meta_path}: this checkpoint is in megamoe's version 1 format (one file per rank); convert it "
+            f"once with: python {CONVERT_TOOL} --load-dir {root} --save-dir NEW_DIR, then --load NEW_DIR"
+        )
+    if metadata.get("version") not in ((LEGACY_VERSION, FORMAT_VERSION) if legacy else (FORMAT_VERSION,)):
         raise CheckpointError(
             f"{meta_path}: checkpoint format version {metadata.get('version')} is not supported "
             f"(this megamoe reads version {FORMAT_VERSION})"
@@ -229,27 +261,19 @@ def write_marker(root: str, iteration: int) -> None:
     write_atomic(os.path.join(root, MARKER), str(iteration))
 
 
-def read_metadata(root: str) -> tuple[str, dict] | None:
+def read_metadata(root: str, *, legacy: bool = False) -> tuple[str, dict] | None:
     """``(directory, metadata)`` of the latest checkpoint under ``root``, or None if there is none."""
     iteration = read_marker(root)
     if iteration is None:
         return None
     directory = iteration_dir(root, iteration)
-    return directory, load_metadata(directory)
+    return directory, load_metadata(directory, legacy=legacy)
 
 
 # ---------------------------------------------------------------------------------- rank files
-def rank_payload(*, model: dict, optimizer: dict, rng: dict | None, rank: int) -> dict:
-    """One rank file's contents: local model tensors, ``megamoe.optim.state_dict`` state (``{}``
-    without optimizer state), RNG states (None: not recorded) and the rank."""
-    payload = {"model": model, "optimizer": optimizer, "rank": rank}
-    if rng is not None:
-        payload["rng"] = rng
-    return payload
-
-
 def load_rank_payload(directory: str, rank: int, device: torch.device, *, mmap: bool = False) -> dict:
-    """One rank's file; ``mmap`` maps the tensors from the file instead of reading them (CPU only)."""
+    """One version 1 rank file: ``{"model", "optimizer", "rng", "rank"}``; ``mmap`` maps the
+    tensors from the file instead of reading them (CPU only)."""
     path = rank_file(directory, rank)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete")
@@ -261,3 +285,72 @@ def load_rank_payload(directory: str, rank: int, device: torch.device, *, mmap: 
     if not isinstance(payload, dict) or not required <= set(payload) or payload["rank"] != rank:
         raise CheckpointError(f"{path} is not the megamoe rank file of rank {rank}")
     return payload
+
+
+class ShardFiles:
+    """The files of a version 2 checkpoint directory, checked against ``metadata.json`` and
+    memory-mapped.  Construction refuses, naming the file, a missing file, one whose size is not
+    the recorded one (truncated), one that cannot be read, one of another checkpoint (its id
+    differs, or metadata.json does not list it), and a chunk that is absent or of the wrong
+    shape or dtype; so a broken checkpoint stops before any training step."""
+
+    def __init__(self, directory: str, metadata: dict) -> None:
+        self.directory, self.metadata = directory, metadata
+        self.tensors = metadata["tensors"]
+        self.payloads: dict[str, dict] = {}
+        listed = set(metadata["files"])
+        for path in sorted(glob.glob(os.path.join(directory, "shard_*.pt"))):
+            if os.path.basename(path) not in listed:
+                raise CheckpointError(f"{path} is not listed in {METADATA}: it belongs to another checkpoint")
+        for name, entry in metadata["files"].items():
+            self.payloads[name] = self._open(os.path.join(directory, name), entry["bytes"], metadata["checkpoint_id"])
+        for key, entry in self.tensors.items():
+            for chunk in entry["chunks"]:
+                tensor = self.payloads[chunk["file"]]["tensors"].get(chunk_name(key, chunk["offsets"]))
+                wrong = tensor is None or list(tensor.shape) != list(chunk["sizes"])
+                if wrong or dtype_name(tensor.dtype) != entry["dtype"]:
+                    raise CheckpointError(
+                        f"{os.path.join(directory, chunk['file'])}: chunk {chunk_name(key, chunk['offsets'])} is "
+                        f"missing or not {entry['dtype']} {chunk['sizes']} as {METADATA} says"
+                    )
+
+    @staticmethod
+    def _open(path: str, size: int, checkpoint_id: str) -> dict:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: the checkpoint in {os.path.dirname(path)} is incomplete")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CheckpointError(
+                f"{path} is {actual} bytes but {METADATA} recorded {size}: it is truncated or was replaced"
+            )
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises several types for damaged or foreign files
+            raise CheckpointError(
+                f"{path} cannot be read as a megamoe shard file ({type(err).__name__}: {err})"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("checkpoint") != checkpoint_id:
+            raise CheckpointError(
+                f"{path} belongs to another checkpoint (its id is not {checkpoint_id}, the one in {METADATA})"
+            )
+        return payload
+
+    def chunks(self, key: str) -> list[tuple[str, Box, torch.Tensor]]:
+        """``(file, box, tensor)`` of every chunk of global tensor ``key``."""
+        return [
+            (chunk["file"], Box(tuple(chunk["offsets"]), tuple(chunk["sizes"])),
+             self.payloads[chunk["file"]]["tensors"][chunk_name(key, chunk["offsets"])])
+            for chunk in self.tensors[key]["chunks"]
+        ]
+
+    def read_into(self, key: str, box: Box, out: torch.Tensor) -> None:
+        """Copy box ``box`` of global tensor ``key`` into ``out`` (a tensor of ``box.sizes``)."""
+        for _, stored, tensor in self.chunks(key):
+            common = box.intersect(stored)
+            if common is not None:
+                out[common.within(box)].copy_(tensor[common.within(stored)])
+
+    def rng(self, rank: int) -> dict | None:
+        """The RNG states saving rank ``rank`` recorded, None if the checkpoint has none (imports)."""
+        name = self.metadata["rng"].get(str(rank))
+        return None if name is None else self.payloads[name]["rng"]

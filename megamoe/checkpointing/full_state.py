@@ -13,20 +13,16 @@ Writers take the same dicts and lay them out for their format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.format import Layout
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, Layout
 from megamoe.checkpointing.layout import ParamSpec
 
 PARAM = "param"
-OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
-
-# The optimizer's scalar state (``megamoe.optim.state_dict``): equal on every rank.
-OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
 
 
 @dataclass
@@ -43,6 +39,8 @@ class FullStateInfo:
     # None when the source has none (Hugging Face).
     rng: list[list[dict]] | None
     source_layout: Layout | None  # None for layout-free sources
+    # Persistent buffers (model tensors that are not parameters), full and replicated, by name.
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def kinds(self) -> tuple[str, ...]:
         return (PARAM, *OPTIMIZER_KINDS) if self.optimizer is not None else (PARAM,)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.checkpointing.format import Layout, param_entry
+from megamoe.checkpointing.format import Layout, dtype_name
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import padded_vocab_size
-from megamoe.parallel.params import EXPERT_DIM
+from megamoe.parallel.params import EXPERT_DIM, param_meta
 from megamoe.parallel.state import validate_parallel_sizes
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -100,8 +100,9 @@ class ParamSpec:
     padded: bool
 
     @classmethod
-    def from_metadata(cls, name: str, entry: dict, layout: Layout) -> "ParamSpec":
-        """From ``metadata.json``'s ``params[name]`` of a checkpoint saved in ``layout``."""
+    def from_legacy_entry(cls, name: str, entry: dict, layout: Layout) -> "ParamSpec":
+        """From a version 1 ``metadata.json``'s ``params[name]`` (the local shard's shape and tags)
+        of a checkpoint saved in ``layout``."""
         shape = list(entry["local_shape"])
         tp_dim = entry["tensor_parallel_dim"]
         ep = entry["expert_parallel_size"]
@@ -118,14 +119,38 @@ class ParamSpec:
             padded=entry["unpadded_size"] is not None,
         )
 
-    def to_metadata(self, layout: Layout, ep_size: int | None) -> dict:
-        """``params[name]`` (``format.param_entry``) of this parameter in a model laid out in ``layout``."""
-        return param_entry(
-            local_shape=self.local_shape(layout.tp, ep_size),
-            dtype=self.dtype,
-            tensor_parallel_dim=self.tensor_parallel_dim,
-            expert_parallel_size=ep_size,
-            unpadded_size=self.shape[self.tensor_parallel_dim] if self.padded else None,
+    @classmethod
+    def of(cls, name: str, param: torch.Tensor, shape: tuple[int, ...]) -> "ParamSpec":
+        """The spec of a model's parameter whose full shape is ``shape``."""
+        meta = param_meta(param)
+        return cls(
+            name=name,
+            shape=tuple(shape),
+            dtype=param.dtype,
+            tensor_parallel_dim=meta.tensor_parallel_dim,
+            is_expert=meta.is_expert,
+            padded=meta.unpadded_size is not None,
+        )
+
+    def to_entry(self) -> dict:
+        """``metadata.json``'s ``params[name]`` (version 2 and consolidated): the full form."""
+        return {
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "tensor_parallel_dim": self.tensor_parallel_dim,
+            "is_expert": self.is_expert,
+            "padded": self.padded,
+        }
+
+    @classmethod
+    def from_entry(cls, name: str, entry: dict) -> "ParamSpec":
+        return cls(
+            name=name,
+            shape=tuple(entry["shape"]),
+            dtype=getattr(torch, entry["dtype"]),
+            tensor_parallel_dim=entry["tensor_parallel_dim"],
+            is_expert=entry["is_expert"],
+            padded=entry["padded"],
         )
 
     def _padded_size(self, tp: int) -> int:
@@ -180,6 +205,11 @@ class ParamSpec:
         return full
 
 
+def target_ep_sizes(specs: dict[str, ParamSpec], config: ModelConfig) -> dict[str, int | None]:
+    """EP size of every parameter in a model laid out by ``config`` (None for dense ones)."""
+    return {name: config.ep_size_for_layer(layer_of(name)) if spec.is_expert else None for name, spec in specs.items()}
+
+
 def stream_groups(names: list[str]) -> list[tuple[str, list[str]]]:
     """Parameter names grouped by what the conversion streams at once: each transformer layer
     (``layers.N``), and each top-level module (embeddings, final norm, output layer), in model order."""
@@ -198,7 +228,6 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     device for rank 0 of a one-rank layout without process groups.
     """
     from megamoe.model.gpt import GPTModel
-    from megamoe.parallel.params import param_meta
     from megamoe.parallel.state import build_parallel_state
 
     layout = build_parallel_state(
@@ -211,12 +240,5 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
         shape = list(param.shape)
         if meta.unpadded_size is not None:
             shape[meta.tensor_parallel_dim] = meta.unpadded_size
-        specs[name] = ParamSpec(
-            name=name,
-            shape=tuple(shape),
-            dtype=param.dtype,
-            tensor_parallel_dim=meta.tensor_parallel_dim,
-            is_expert=meta.is_expert,
-            padded=meta.unpadded_size is not None,
-        )
+        specs[name] = ParamSpec.of(name, param, tuple(shape))
     return specs

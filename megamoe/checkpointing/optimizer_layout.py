@@ -52,15 +52,3 @@ def owned_ranges(
         sharded=layout.use_distributed_optimizer,
     )
     return {piece.name: (piece.param_start, piece.param_end) for buf in buffers for piece in buf.pieces()}
-
-
-def optimizer_layout(ep_of: dict[str, int | None], layout: Layout, *, bucket_size: int) -> dict:
-    """``MixedPrecisionOptimizer.layout()`` of a run in ``layout``."""
-    return {
-        "world_size": layout.world_size,
-        "tensor_model_parallel_size": layout.tp,
-        "data_parallel_size": layout.dp,
-        "expert_model_parallel_sizes": sorted({ep for ep in ep_of.values() if ep is not None}),
-        "use_distributed_optimizer": layout.use_distributed_optimizer,
-        "bucket_size": bucket_size if layout.use_distributed_optimizer else None,
-    }

@@ -1,50 +1,50 @@
-"""Read a sharded megamoe checkpoint (``iter_XXXXXXX/rank_XXXXX.pt``) as full tensors.
+"""Read a version 2 megamoe checkpoint (``format``) as full tensors, for the conversion tool.
 
-Every rank file is opened once, memory-mapped (``torch.load(mmap=True, weights_only=True)``),
-and checked against ``metadata.json`` before anything is converted: a missing, truncated or
-foreign file, a rank file the layout does not have, a parameter with the wrong shard shape, or an
-optimizer state of another format stops the conversion with the file's name.  ``read`` then
-assembles the full tensors of a few parameters at a time, so memory stays near one layer:
-
-* model weights: the canonical copy of each (TP rank, EP rank) shard, the other copies
-  compared bitwise;
-* optimizer state: per shard, the copies (without ZeRO-1) or the owned ranges, which must tile
-  the flattened local tensor exactly (with ZeRO-1), of the ranks of its reduction group: the DP
-  group for dense parameters, the EDP group for experts (``Layout.holders``).
+``format.ShardFiles`` checks every file first (present, of the recorded size, of this
+checkpoint, every chunk of the recorded shape); ``read`` then assembles each full tensor from
+its chunks, which must cover it exactly.  Persistent buffers (model tensors that are not
+parameters) are read at once into ``info.buffers``.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 
 import torch
 
 from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, PARAM, FullStateInfo
-from megamoe.checkpointing.format import CheckpointError, Layout, load_rank_payload, rank_file
+from megamoe.checkpointing.boxes import Box
+from megamoe.checkpointing.format import CheckpointError, Layout, ShardFiles, chunk_name
+from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateInfo
 from megamoe.checkpointing.layout import ParamSpec
-from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
-
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+from megamoe.checkpointing.pieces import model_key, optimizer_key
 
 
 class ShardedReader:
-    """A ``FullStateReader`` over checkpoint directory ``directory`` with its ``metadata``."""
+    """A ``FullStateReader`` over version 2 checkpoint directory ``directory`` with its ``metadata``."""
 
     def __init__(self, directory: str, metadata: dict) -> None:
         self.directory = directory
+        self.files = ShardFiles(directory, metadata)
         self.layout = Layout.from_metadata(metadata["layout"])
         self.tally = Tally()
-        self.ep_of = {name: entry["expert_parallel_size"] for name, entry in metadata["params"].items()}
-        self.local_shapes = {name: tuple(entry["local_shape"]) for name, entry in metadata["params"].items()}
-        specs = {name: ParamSpec.from_metadata(name, entry, self.layout) for name, entry in metadata["params"].items()}
-        self._check_rank_files()
-        self.payloads = [self._open(rank, specs) for rank in range(self.layout.world_size)]
-        optimizer = self._optimizer_scalars()
+        # Every tensor in every file, listed in metadata.json or not: one the reader never uses
+        # is one this converter does not know, and the conversion refuses to drop it.
+        for file, payload in self.files.payloads.items():
+            self.tally.expect(os.path.join(directory, file), set(payload["tensors"]))
+        specs = {name: ParamSpec.from_entry(name, entry) for name, entry in metadata["params"].items()}
+        buffers = {
+            key[len("model/"):]: self._full(key) for key in self.files.tensors
+            if key.startswith("model/") and key[len("model/"):] not in specs
+        }
+        optimizer = None
+        if metadata["optimizer"] is not None:
+            optimizer = {**metadata["optimizer"], "bucket_size": None}
+        rng = None
+        if metadata["rng"]:
+            lay = self.layout
+            rng = [[self.files.rng(lay.rank(dp_rank=d, tp_rank=t)) for t in range(lay.tp)] for d in range(lay.dp)]
         self.info = FullStateInfo(
             model_config=metadata["model_config"],
             specs=specs,
@@ -52,157 +52,34 @@ class ShardedReader:
             consumed_samples=int(metadata["consumed_samples"]),
             args=dict(metadata.get("args", {})),
             optimizer=optimizer,
-            rng=self._rng(),
+            rng=rng,
             source_layout=self.layout,
+            buffers=buffers,
         )
 
-    def _path(self, rank: int) -> str:
-        return rank_file(self.directory, rank)
-
-    def _check_rank_files(self) -> None:
-        expected = {self._path(r) for r in range(self.layout.world_size)}
-        for path in sorted(glob.glob(os.path.join(self.directory, "rank_*.pt"))):
-            if path not in expected:
-                raise CheckpointError(
-                    f"{path} is not part of the layout recorded in metadata.json ({self.layout.describe()})"
-                )
-
-    def _open(self, rank: int, specs: dict[str, ParamSpec]) -> dict:
-        path = self._path(rank)
-        payload = load_rank_payload(self.directory, rank, torch.device("cpu"), mmap=True)
-        model = payload["model"]
-        if set(model) != set(specs):
-            missing, extra = sorted(set(specs) - set(model)), sorted(set(model) - set(specs))
-            raise CheckpointError(
-                f"{path}: its model tensors do not match metadata.json (missing {missing[:5]}, unknown {extra[:5]})"
-            )
-        for name, tensor in model.items():
-            if tuple(tensor.shape) != self.local_shapes[name] or tensor.dtype != specs[name].dtype:
-                raise CheckpointError(
-                    f"{path}: {name} is {tensor.dtype} {tuple(tensor.shape)}, metadata.json says "
-                    f"{specs[name].dtype} {self.local_shapes[name]}"
-                )
-        self.tally.expect(path, {(name, PARAM) for name in model})
-        optimizer = payload["optimizer"]
-        if optimizer:
-            self._check_optimizer(path, rank, optimizer)
-            self.tally.expect(path, {(name, kind) for name in optimizer["shards"] for kind in OPTIMIZER_KINDS})
-        return payload
-
-    def _check_optimizer(self, path: str, rank: int, optimizer: dict) -> None:
-        if optimizer.get("format") != OPTIMIZER_FORMAT:
-            raise CheckpointError(
-                f"{path}: optimizer state format {optimizer.get('format')!r} is not supported "
-                f"(this converter reads {OPTIMIZER_FORMAT!r})"
-            )
-        saved = optimizer["layout"]
-        if (saved["world_size"], saved["tensor_model_parallel_size"], saved["use_distributed_optimizer"]) != (
-            self.layout.world_size,
-            self.layout.tp,
-            self.layout.use_distributed_optimizer,
-        ) or optimizer["rank"] != rank:
-            raise CheckpointError(
-                f"{path}: the optimizer state's layout {saved} (rank {optimizer['rank']}) "
-                f"contradicts metadata.json ({self.layout.describe()}, rank {rank})"
-            )
-        for name, shard in optimizer["shards"].items():
-            if name not in self.local_shapes:
-                raise CheckpointError(f"{path}: optimizer state for unknown parameter {name}")
-            size = shard["end"] - shard["start"]
-            for kind in OPTIMIZER_KINDS:
-                tensor = shard[kind]
-                if tensor.dtype != torch.float32 or tuple(tensor.shape) != (size,):
-                    raise CheckpointError(
-                        f"{path}: optimizer {kind} of {name} is {tensor.dtype} {tuple(tensor.shape)}, expected "
-                        f"float32 ({size},)"
-                    )
-
-    def _optimizer_scalars(self) -> dict | None:
-        has = [bool(p["optimizer"]) for p in self.payloads]
-        if not any(has):
-            return None
-        if not all(has):
-            rank = has.index(False)
-            raise CheckpointError(f"{self._path(rank)} has no optimizer state but rank {has.index(True)}'s file has")
-        first = self.payloads[0]["optimizer"]
-        for rank, payload in enumerate(self.payloads):
-            for key in OPTIMIZER_SCALARS:
-                if payload["optimizer"][key] != first[key]:
-                    raise CheckpointError(
-                        f"{self._path(rank)}: optimizer {key} {payload['optimizer'][key]!r} differs from rank 0's "
-                        f"{first[key]!r}"
-                    )
-        scalars = {key: first[key] for key in OPTIMIZER_SCALARS}
-        scalars["bucket_size"] = first["layout"].get("bucket_size")
-        return scalars
-
-    def _rng(self) -> list[list[dict]] | None:
-        """RNG states by (DP rank, TP rank); None when the checkpoint has none."""
-        if not all("rng" in p for p in self.payloads):
-            return None
-        lay = self.layout
-        return [[self.payloads[lay.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(lay.tp)] for d in range(lay.dp)]
-
-    # ------------------------------------------------------------------ streaming
-    def _model_shard(self, name: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
-        holders = self.layout.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
-        canonical = self.payloads[holders[0]]["model"][name]
-        self.tally.use(self._path(holders[0]), (name, PARAM))
-        for rank in holders[1:]:
-            if not _bitwise_equal(self.payloads[rank]["model"][name], canonical):
-                raise CheckpointError(
-                    f"{self._path(rank)}: {name} differs from its copy in {self._path(holders[0])}; "
-                    "copies of one shard must be identical"
-                )
-            self.tally.replica(self._path(rank), (name, PARAM))
-        return canonical
-
-    def _optimizer_shard(self, name: str, kind: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
-        """The flattened local tensor of one (TP rank, EP rank) shard, from its reduction group."""
-        holders = self.layout.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
-        numel = math.prod(self.local_shapes[name])
-        pieces = []
-        for rank in holders:
-            shard = self.payloads[rank]["optimizer"]["shards"].get(name)
-            if shard is not None:
-                pieces.append((shard["start"], shard["end"], rank, shard[kind]))
-        files = ", ".join(self._path(rank) for _, _, rank, _ in pieces) or "no file"
-        if not self.layout.use_distributed_optimizer:
-            if len(pieces) != len(holders) or any((s, e) != (0, numel) for s, e, _, _ in pieces):
-                raise CheckpointError(f"{files}: the optimizer state of {name} does not cover it whole on every rank")
-            _, _, first, canonical = pieces[0]
-            self.tally.use(self._path(first), (name, kind))
-            for _, _, rank, tensor in pieces[1:]:
-                if not _bitwise_equal(tensor, canonical):
-                    raise CheckpointError(f"{self._path(rank)}: optimizer {kind} of {name} differs from rank {first}'s")
-                self.tally.replica(self._path(rank), (name, kind))
-            return canonical
-        pieces.sort()
-        bounds = [(s, e) for s, e, _, _ in pieces]
-        if [0] + [e for _, e in bounds] != [s for s, _ in bounds] + [numel]:
-            raise CheckpointError(
-                f"{files}: the ZeRO-1 ranges {bounds} of {name}'s optimizer {kind} do not tile its {numel} elements"
-            )
-        for _, _, rank, _ in pieces:
-            self.tally.use(self._path(rank), (name, kind))
-        return torch.cat([tensor for _, _, _, tensor in pieces])
+    def _full(self, key: str) -> torch.Tensor:
+        if key not in self.files.tensors:
+            raise CheckpointError(f"{self.directory}: {key} is not in the checkpoint")
+        entry = self.files.tensors[key]
+        shape = tuple(entry["shape"])
+        chunks = self.files.chunks(key)
+        if sum(box.numel for _, box, _ in chunks) != math.prod(shape):
+            raise CheckpointError(f"{self.directory}: the chunks of {key} do not cover its shape {list(shape)} once")
+        out = torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
+        self.files.read_into(key, Box((0,) * len(shape), shape), out)
+        for file, box, _ in chunks:
+            self.tally.use(os.path.join(self.directory, file), chunk_name(key, box.offsets))
+        return out
 
     def read(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for name in names:
-            spec, ep = self.info.specs[name], self.ep_of[name]
-            ep_ranks, tp_ranks = range(ep or 1), range(self.layout.tp)
-            where = f"{self.directory} ({self.layout.describe()})"
-            state = {
-                PARAM: spec.unshard([[self._model_shard(name, t, e) for t in tp_ranks] for e in ep_ranks], where=where)
-            }
+            state = {PARAM: self._full(model_key(name))}
             if self.info.optimizer is not None:
-                shape = self.local_shapes[name]
                 for kind in OPTIMIZER_KINDS:
-                    grid = [[self._optimizer_shard(name, kind, t, e).view(shape) for t in tp_ranks] for e in ep_ranks]
-                    state[kind] = spec.unshard(grid, where=f"{where}, optimizer {kind}")
+                    state[kind] = self._full(optimizer_key(kind, name))
             out[name] = state
         return out
 
     def close(self) -> None:
-        self.payloads = []
+        self.files = None

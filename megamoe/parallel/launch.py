@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _round_store() -> dist.Store:
+    """The rendezvous store of this round of workers: torchrun's (or rank 0's) TCP store, under a
+    prefix of its own per restart.  torchrun keeps its store across ``--max-restarts`` rounds;
+    without the prefix, a restarted worker reads the addresses the dead round wrote for every
+    process group, and gloo/NCCL fail to connect to them ("connectFullMesh ... refused")."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=rank == 0 and not agent_hosts_store, timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"megamoe/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def init_distributed(device: torch.device, *, rank: int | None = None, world_size: int | None = None,
@@ -43,4 +58,5 @@ def init_distributed(device: torch.device, *, rank: int | None = None, world_siz
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    dist.init_process_group(backend, **options)
+    dist.init_process_group(backend, store=_round_store(), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), **options)

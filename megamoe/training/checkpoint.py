@@ -1,44 +1,35 @@
-"""Saving and loading a training run's checkpoint: the collective steps around the on-disk format.
+"""Saving and loading a training run's checkpoint: what the trainer hands to the format.
 
-The format (paths, metadata, rank files, the 'latest' marker) lives in
-``megamoe.checkpointing.format``.  A save writes into ``iter_XXXXXXX.partial/`` and renames it
-once every rank has written, so a crash during a save leaves the previous checkpoint and the
-marker untouched; ``--keep-last`` prunes older directories only after the marker points at the
-new one.
+The format and its engine live in ``megamoe.checkpointing`` (``format``: paths, metadata,
+files; ``sharded_save``: each box written once, optionally in the background;
+``sharded_load``: any layout reads any checkpoint).  This module gathers the run's state (model,
+optimizer shards, RNG states, position) for a save and puts it back on load.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 
 import torch
-import torch.distributed as dist
 
 from megamoe.checkpointing.format import (
-    CONVERT_TOOL,
+    OPTIMIZER_SCALARS,
     CheckpointError,
     Layout,
-    build_metadata,
-    iteration_dir,
-    load_rank_payload,
+    ShardFiles,
     model_config_dict,
-    param_entry,
-    rank_file,
-    rank_payload,
     read_metadata,
-    write_marker,
-    write_metadata,
 )
-from megamoe.parallel.params import param_meta
+from megamoe.checkpointing.layout import ParamSpec
+from megamoe.checkpointing.pieces import model_pieces, optimizer_pieces, placements
+from megamoe.checkpointing.sharded_load import load_model, optimizer_state, rng_states
+from megamoe.checkpointing.sharded_save import PendingSave, SaveRequest, save_sharded
 from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import get_parallel_state
 
-__all__ = [
-    "CheckpointError", "check_compatible", "layout_of", "load_model_state", "load_rank_payload", "rank_file",
-    "read_metadata", "restore_rng", "save_checkpoint",
-]
+__all__ = ["CheckpointError", "Loaded", "check_same_model", "check_save_dir", "layout_of", "open_checkpoint",
+           "read_metadata", "save_checkpoint"]
 
 
 def layout_of(model_config, use_distributed_optimizer: bool) -> Layout:
@@ -50,20 +41,6 @@ def layout_of(model_config, use_distributed_optimizer: bool) -> Layout:
         expert_model_parallel_size=tuple(model_config.moe_ep_sizes()),
         use_distributed_optimizer=bool(use_distributed_optimizer),
     )
-
-
-def _param_entries(model: torch.nn.Module) -> dict:
-    out = {}
-    for name, param in model.named_parameters():
-        meta = param_meta(param)
-        out[name] = param_entry(
-            local_shape=param.shape,
-            dtype=param.dtype,
-            tensor_parallel_dim=meta.tensor_parallel_dim,
-            expert_parallel_size=meta.expert_parallel_size,
-            unpadded_size=meta.unpadded_size,
-        )
-    return out
 
 
 def _rng_state() -> dict:
@@ -97,85 +74,90 @@ def save_checkpoint(
     use_distributed_optimizer: bool,
     args: dict,
     keep_last: int = 0,
-) -> str:
-    """Collective over the world: every rank writes its file, rank 0 publishes.  Returns the directory."""
+    async_save: bool = False,
+) -> PendingSave:
+    """Collective over the world: save into ``root/iter_XXXXXXX``.  Without ``async_save`` the
+    checkpoint is published when this returns; with it, call ``wait()`` on the result before
+    the next save and before exiting."""
     state = get_parallel_state()
-    final = iteration_dir(root, iteration)
-    partial = final + ".partial"
-    if state.rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    dist.barrier()
-    payload = rank_payload(
-        model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        optimizer=optimizer.state_dict(),
+    where = placements(model, state)
+    optim = optimizer.state_dict()
+    specs = {name: ParamSpec.of(name, p, where[name].global_shape).to_entry() for name, p in model.named_parameters()}
+    request = SaveRequest(
+        root=root,
+        iteration=iteration,
+        consumed_samples=consumed_samples,
+        layout=layout_of(model_config, use_distributed_optimizer),
+        model_config=model_config_dict(model_config),
+        args=args,
+        optimizer={key: optim[key] for key in OPTIMIZER_SCALARS},
+        params=specs,
+        pieces=model_pieces(model, where) + optimizer_pieces(optim["shards"], where),
         rng=_rng_state(),
-        rank=state.rank,
+        keep_last=keep_last,
     )
-    path = rank_file(partial, state.rank)
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    dist.barrier()
-    if state.rank == 0:
-        metadata = build_metadata(
-            iteration=iteration,
-            consumed_samples=consumed_samples,
-            layout=layout_of(model_config, use_distributed_optimizer),
-            model_config=model_config_dict(model_config),
-            params=_param_entries(model),
-            args=args,
-        )
-        write_metadata(partial, metadata)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        write_marker(root, iteration)
-        if keep_last:
-            _prune(root, keep_last)
-    dist.barrier()
-    return final
+    return save_sharded(request, state, async_save=async_save)
 
 
-def _prune(root: str, keep_last: int) -> None:
-    iterations = sorted(
-        int(name[len("iter_"):]) for name in os.listdir(root)
-        if name.startswith("iter_") and name[len("iter_"):].isdigit()
-    )
-    for old in iterations[:-keep_last]:
-        shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
-
-
-def check_compatible(directory: str, metadata: dict, current: Layout, model_config, *, load_optim: bool) -> None:
+def check_same_model(directory: str, metadata: dict, model_config) -> None:
+    """Refuse a checkpoint of another model, naming each differing field with both values.  The
+    parallel layout may differ: loading reshards."""
     saved_model = metadata["model_config"]
     current_model = model_config_dict(model_config)
-    # The EP sizes are part of the layout (compared below, one per MoE layer), not of the model:
-    # "--expert-model-parallel-size 2" and "2,2" are the same layout.  How activations are kept
-    # and which GEMM path runs do not change the weights either.
+    # EP sizes are layout, not model; how activations are kept and which GEMM path runs do not
+    # change the weights either.
     not_model = ("params_dtype", "expert_model_parallel_size", "moe_grouped_gemm", "recompute_granularity",
                  "recompute_num_layers")
     differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in not_model]
     if differ:
         details = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current_model[k]!r}" for k in differ)
         raise CheckpointError(f"{directory} holds a different model ({details})")
-    saved = Layout.from_metadata(metadata["layout"])
-    same = (saved.world_size, saved.tp, saved.expert_model_parallel_size) == (
-        current.world_size, current.tp, current.expert_model_parallel_size)
-    if not same or (load_optim and saved.use_distributed_optimizer != current.use_distributed_optimizer):
-        raise CheckpointError(
-            f"{directory} was saved in layout ({saved.describe()}) but this run uses ({current.describe()}); "
-            f"reshard it first: python {CONVERT_TOOL} --load-dir {os.path.dirname(directory)} --save-dir NEW_DIR "
-            f"--target-tensor-parallel-size {current.tp} "
-            f"--target-expert-parallel-size {','.join(map(str, current.expert_model_parallel_size)) or 1} "
-            f"--target-world-size {current.world_size}"
-            + (" --target-use-distributed-optimizer" if current.use_distributed_optimizer else "")
-        )
 
 
-def load_model_state(model: torch.nn.Module, payload: dict) -> None:
-    with torch.no_grad():
-        model.load_state_dict(payload["model"], strict=True)
+class Loaded:
+    """A checkpoint opened and checked (files, model shapes) for this run; nothing applied yet."""
+
+    def __init__(self, directory: str, metadata: dict, model_config) -> None:
+        check_same_model(directory, metadata, model_config)
+        self.directory, self.metadata = directory, metadata
+        self.files = ShardFiles(directory, metadata)
+        self.state = get_parallel_state()
+        self.iteration = int(metadata["iteration"])
+        self.consumed_samples = int(metadata["consumed_samples"])
+        self.saved_layout = Layout.from_metadata(metadata["layout"])
+        self.has_optimizer = metadata["optimizer"] is not None
+
+    def load_model(self, model: torch.nn.Module) -> None:
+        load_model(self.files, model, self.state)
+
+    def load_optimizer(self, optimizer, model: torch.nn.Module) -> None:
+        optimizer.load_state_dict(optimizer_state(self.files, optimizer, model, self.state))
+
+    def restore_rng(self) -> bool:
+        """Restore this rank's RNG states; False if the checkpoint has none."""
+        states = rng_states(self.files, self.state, int(self.metadata["args"].get("seed", 0)))
+        if states is None:
+            return False
+        _set_rng_state(states)
+        return True
 
 
-def restore_rng(payload: dict) -> None:
-    _set_rng_state(payload["rng"])
+def open_checkpoint(root: str, model_config) -> Loaded | None:
+    """The latest checkpoint under ``root``, checked, or None if there is none."""
+    found = read_metadata(root)
+    if found is None:
+        return None
+    return Loaded(*found, model_config)
+
+
+def check_save_dir(root: str) -> None:
+    """Refuse, naming the path, a --save directory that cannot be created or written (at start-up,
+    not at the first save)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CheckpointError(f"--save {root} cannot be written ({err.strerror or err})") from None

@@ -67,10 +67,13 @@ class CheckpointConfig:
     finetune: bool = flag(False, help="load weights only: reset iteration, optimizer and data position")
     no_load_optim: bool = flag(False, help="do not load the optimizer state")
     no_load_rng: bool = flag(False, help="do not load the RNG states")
+    async_save: bool = flag(False, help="write checkpoints in the background while training continues; the "
+                                        "'latest' marker moves once every rank's file is written")
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for given, needs in ((self.save_interval, "--save-interval"), (self.keep_last, "--keep-last")):
+        for given, needs in ((self.save_interval, "--save-interval"), (self.keep_last, "--keep-last"),
+                             (self.async_save, "--async-save")):
             if given and not self.save:
                 raise ValueError(f"{needs} needs --save DIR")
         if self.finetune and not self.load:

@@ -120,33 +120,29 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     model_parallel_seed(cfg.train.seed, state, device)
     model = GPTModel(cfg.model, state, device=device).initialize(cfg.train.seed)
     train_state = TrainState()
-    payload = None
-    found = ckpt.read_metadata(cfg.checkpoint.load) if cfg.checkpoint.load else None
-    if cfg.checkpoint.load and found is None:
+    loaded = ckpt.open_checkpoint(cfg.checkpoint.load, cfg.model) if cfg.checkpoint.load else None
+    if cfg.checkpoint.load and loaded is None:
         log.info(f"no checkpoint found in --load {cfg.checkpoint.load}; starting from scratch")
-    load_optim = found is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
-    if found is not None:
-        directory, metadata = found
-        layout = ckpt.layout_of(cfg.model, cfg.optimizer.use_distributed_optimizer)
-        ckpt.check_compatible(directory, metadata, layout, cfg.model, load_optim=load_optim)
-        payload = ckpt.load_rank_payload(directory, state.rank, device)
-        if load_optim and not payload["optimizer"]:
+    load_optim = loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
+    if loaded is not None:
+        if load_optim and not loaded.has_optimizer:
             raise ckpt.CheckpointError(
-                f"{directory} holds weights but no optimizer state (e.g. imported from Hugging Face): "
+                f"{loaded.directory} holds weights but no optimizer state (e.g. imported from Hugging Face): "
                 f"train from it with --finetune, or keep its iteration with --no-load-optim"
             )
-        ckpt.load_model_state(model, payload)
+        loaded.load_model(model)
         if not cfg.checkpoint.finetune:
-            train_state = TrainState(metadata["iteration"], metadata["consumed_samples"])
-        log.info(f"loaded checkpoint {directory} (iteration {metadata['iteration']})")
+            train_state = TrainState(loaded.iteration, loaded.consumed_samples)
+        log.info(f"loaded checkpoint {loaded.directory} (iteration {loaded.iteration}, saved in layout "
+                 f"{loaded.saved_layout.describe()})")
     optimizer = MixedPrecisionOptimizer(model, cfg.optimizer, state)
     if cfg.train.compile:
         compile_regions(model)
         log.info("torch.compile: attention, norms and dense MLPs of every layer")
     if load_optim:
-        optimizer.load_state_dict(payload["optimizer"])
-    if payload is not None and "rng" in payload and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
-        ckpt.restore_rng(payload)
+        loaded.load_optimizer(optimizer, model)
+    if loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
+        loaded.restore_rng()
     return model, optimizer, train_state
 
 
@@ -163,8 +159,12 @@ def _datasets(cfg: RunConfig):
     )
 
 
-def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: TrainingLogger) -> None:
-    directory = ckpt.save_checkpoint(
+def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: TrainingLogger, previous):
+    """Save (collective); returns the pending save.  The previous one must have finished first
+    (an --async-save still writing is waited for here)."""
+    if previous is not None:
+        previous.wait()
+    pending = ckpt.save_checkpoint(
         cfg.checkpoint.save,
         iteration=train_state.iteration,
         consumed_samples=train_state.consumed_samples,
@@ -174,8 +174,12 @@ def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: Traini
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         args=cfg.args,
         keep_last=cfg.checkpoint.keep_last,
+        async_save=cfg.checkpoint.async_save,
     )
-    log.info(f"saved checkpoint {directory}")
+    where = f"{cfg.checkpoint.save} at iteration {train_state.iteration}"
+    log.info(f"saving checkpoint to {where} in the background" if cfg.checkpoint.async_save
+             else f"saved checkpoint to {where}")
+    return pending
 
 
 def pretrain(cfg: RunConfig) -> dict:
@@ -198,6 +202,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
         train_ds, valid_ds, _ = _datasets(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.checkpoint.save:
+        ckpt.check_save_dir(cfg.checkpoint.save)
     model, optimizer, train_state = _setup(cfg, device, log)
     t = cfg.train
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
@@ -213,6 +219,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
                               peak_tflops=cfg.logging.peak_tflops)
     record: dict = {}
     saved_at = None
+    pending = None  # the last save, which may still be writing (--async-save)
     while train_state.iteration < t.train_iters:
         lr = cfg.schedule.lr_at(train_state.iteration)
         optimizer.set_lr(lr)
@@ -228,13 +235,16 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
                 _run_eval(cfg, model, valid_ds, train_state, device, log)
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
             with metrics.paused():
-                _save(cfg, model, optimizer, train_state, log)
+                pending = _save(cfg, model, optimizer, train_state, log, pending)
             saved_at = train_state.iteration
         if signals.triggered():
             log.info(f"SIGTERM received: saving at iteration {train_state.iteration} and exiting")
             break
     if cfg.checkpoint.save and saved_at != train_state.iteration:
-        _save(cfg, model, optimizer, train_state, log)
+        pending = _save(cfg, model, optimizer, train_state, log, pending)
+    if pending is not None:
+        pending.wait()
+        dist.barrier()  # every rank returns once the last checkpoint is published
     return record
 
 

@@ -161,14 +161,11 @@ def load_and_step(rank, world, runs: list[tuple[Run, str]], next_index: int) -> 
     out = []
     for run, root in runs:
         config, model = build(run)
-        directory, metadata = ckpt.read_metadata(root)
-        layout = ckpt.layout_of(config, run.zero)
-        ckpt.check_compatible(directory, metadata, layout, config, load_optim=True)
-        payload = ckpt.load_rank_payload(directory, rank, torch.device("cpu"))
-        ckpt.load_model_state(model, payload)
+        loaded = ckpt.open_checkpoint(root, config)
+        loaded.load_model(model)
         opt = optimizer(model, run)
-        opt.load_state_dict(payload["optimizer"])
-        ckpt.restore_rng(payload)
+        loaded.load_optimizer(opt, model)
+        loaded.restore_rng()
         loaded = full_params(model)
         loss = step(model, opt, next_index)
         out.append({"loaded_params": loaded, "loss": loss, "params": full_params(model)})

@@ -1,7 +1,7 @@
 """The trained checkpoint every conversion test starts from, made once per session.
 
 Layout A: world 4, TP 2 (DP 2), EP 2 for MoE layer 0 and 1 for layer 1 (two EP sizes in one
-model), ZeRO-1 on; two optimizer steps, then saved by ``megamoe.training.checkpoint``.  The
+model), ZeRO-1 on; two optimizer steps, then saved by ``megamoe.training.checkpoint`` (format version 2).  The
 session also keeps what the model in A computed: logits of the saved weights, and the loss and
 parameters of the step after the save (what a converted checkpoint must reproduce).
 """

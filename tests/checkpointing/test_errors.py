@@ -26,9 +26,18 @@ def copy(trained, tmp_path):
     return root
 
 
-def _rank_file(root: str, rank: int) -> str:
+def _shard(root: str, rank: int) -> str:
     (directory,) = glob.glob(os.path.join(root, "iter_*"))
-    return os.path.join(directory, f"rank_{rank:05d}.pt")
+    return os.path.join(directory, f"shard_{rank:05d}.pt")
+
+
+def _resave(path: str, payload: dict) -> None:
+    """Write a changed shard file and record its new size, as a file of the checkpoint would be."""
+    torch.save(payload, path)
+    meta_path = os.path.join(os.path.dirname(path), "metadata.json")
+    metadata = json.load(open(meta_path))
+    metadata["files"][os.path.basename(path)]["bytes"] = os.path.getsize(path)
+    json.dump(metadata, open(meta_path, "w"))
 
 
 def _refused(root: str, tmp_path, match: str, **flags):
@@ -40,38 +49,38 @@ def _refused(root: str, tmp_path, match: str, **flags):
 
 
 def test_missing_shard_is_named(copy, tmp_path):
-    path = _rank_file(copy, 1)
+    path = _shard(copy, 1)
     os.remove(path)
     _refused(copy, tmp_path, re.escape(path) + " is missing")
 
 
 def test_truncated_shard_is_named(copy, tmp_path):
-    path = _rank_file(copy, 2)
+    path = _shard(copy, 2)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    _refused(copy, tmp_path, re.escape(path) + " cannot be read")
+    _refused(copy, tmp_path, re.escape(path) + r" is \d+ bytes but metadata.json recorded \d+: it is truncated")
 
 
-def test_shard_of_another_layout_is_named(copy, tmp_path):
-    extra = _rank_file(copy, 4)
-    shutil.copyfile(_rank_file(copy, 0), extra)
-    _refused(copy, tmp_path, re.escape(extra) + " is not part of the layout")
+def test_unlisted_shard_is_named(copy, tmp_path):
+    extra = _shard(copy, 4)
+    shutil.copyfile(_shard(copy, 0), extra)
+    _refused(copy, tmp_path, re.escape(extra) + " is not listed in metadata.json")
 
 
-def test_replicas_that_disagree_are_named(copy, tmp_path):
-    path = _rank_file(copy, 2)  # DP rank 1, TP rank 0: a copy of rank 0's dense shards
+def test_shard_of_another_checkpoint_is_named(copy, tmp_path):
+    path = _shard(copy, 2)
     payload = torch.load(path, weights_only=True)
-    payload["model"]["final_norm.weight"][0] += 1.0
-    torch.save(payload, path)
-    _refused(copy, tmp_path, re.escape(path) + r": final_norm.weight differs from its copy in .*rank_00000.pt")
+    payload["checkpoint"] = "0" * 32  # another save's id
+    _resave(path, payload)
+    _refused(copy, tmp_path, re.escape(path) + " belongs to another checkpoint")
 
 
 def test_unknown_tensor_is_refused_not_dropped(copy, tmp_path):
-    path = _rank_file(copy, 3)
+    path = _shard(copy, 3)
     payload = torch.load(path, weights_only=True)
-    payload["model"]["layers.0.mlp.bias"] = torch.zeros(4)
-    torch.save(payload, path)
-    _refused(copy, tmp_path, re.escape(path) + r".*unknown \['layers.0.mlp.bias'\]")
+    payload["tensors"]["model/layers.0.mlp.bias@0"] = torch.zeros(4)
+    _resave(path, payload)
+    _refused(copy, tmp_path, re.escape(path) + r": 1 tensors were not converted .*model/layers.0.mlp.bias@0")
 
 
 def test_not_a_megamoe_checkpoint(tmp_path):

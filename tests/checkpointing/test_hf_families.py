@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from megamoe.checkpointing import convert
-from megamoe.checkpointing.format import CheckpointError, load_rank_payload, model_config_from_dict, read_metadata
+from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import state as ps
 from megamoe.parallel.mappings import gather_from_tp_region
-from megamoe.training.checkpoint import load_model_state
+from megamoe.training.checkpoint import open_checkpoint
 from tests.harness import run_distributed
 
 transformers = pytest.importorskip("transformers")
@@ -72,11 +72,10 @@ def hf_model(request, tmp_path_factory):
 def _logits_at_layouts(rank, world, roots, tokens):
     out = []
     for (tp, ep), root in zip(LAYOUTS, roots):
-        directory, metadata = read_metadata(root)
-        config = model_config_from_dict(metadata["model_config"])
+        config = model_config_from_dict(read_metadata(root)[1]["model_config"])
         layout = ps.initialize_model_parallel(tp, (ep,))
         model = GPTModel(config, layout).eval()
-        load_model_state(model, load_rank_payload(directory, rank, torch.device("cpu")))
+        open_checkpoint(root, config).load_model(model)
         with torch.no_grad():
             out.append(gather_from_tp_region(model(tokens).logits, layout)[..., :VOCAB])
         ps.destroy_model_parallel()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megamoe.checkpointing.format import Layout
-from megamoe.checkpointing.layout import ParamSpec, model_specs, stream_groups
+from megamoe.checkpointing.layout import ParamSpec, model_specs, stream_groups, target_ep_sizes
 from megamoe.checkpointing.optimizer_layout import owned_ranges
-from megamoe.checkpointing.sharded_writer import target_ep_sizes
+
 from tests.checkpointing.common import model_config
 
 EMBEDDING = ParamSpec(

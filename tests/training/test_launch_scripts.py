@@ -20,15 +20,31 @@ def test_scripts_are_valid_bash(script):
     assert done.returncode == 0, done.stderr
 
 
-def _pretrain_argv(tmp_path, **env):
-    """The pretrain_moe.py flags scripts/pretrain_1b_4exp.sh would pass, captured by a stand-in python."""
+def _launch_argv(tmp_path, **env):
+    """Everything scripts/pretrain_1b_4exp.sh passes to python (torchrun, then pretrain_moe.py's flags),
+    captured by a stand-in python."""
     stub = tmp_path / "python"
     stub.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     stub.chmod(0o755)
     environment = dict(os.environ, PYTHON=str(stub), SAVE_DIR=str(tmp_path / "ckpt"), **env)
     out = subprocess.run(["bash", "scripts/pretrain_1b_4exp.sh"], cwd=REPO, env=environment,
                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return out
+
+
+def _pretrain_argv(tmp_path, **env):
+    """The pretrain_moe.py flags scripts/pretrain_1b_4exp.sh would pass."""
+    out = _launch_argv(tmp_path, **env)
     return out[out.index("pretrain_moe.py") + 1:]
+
+
+def test_1b_4exp_script_restarts_failed_workers_and_saves_in_the_background(tmp_path):
+    out = _launch_argv(tmp_path, MAX_RESTARTS="5")
+    torchrun, flags = out[:out.index("pretrain_moe.py")], out[out.index("pretrain_moe.py") + 1:]
+    assert torchrun[:2] == ["-m", "torch.distributed.run"]
+    assert torchrun[torchrun.index("--max-restarts") + 1] == "5"
+    cfg = parse_config(flags + ["--device", "cpu"], world_size=8)
+    assert cfg.checkpoint.async_save and cfg.checkpoint.load == cfg.checkpoint.save
 
 
 @pytest.mark.parametrize("env,world", [({}, 8), ({"TP": "2", "EP": "2"}, 16), ({"EP": "4", "NNODES": "2"}, 16)])

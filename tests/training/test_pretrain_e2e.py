@@ -37,12 +37,14 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
 
 
 def _final_params(save_dir, world):
-    from megamoe.checkpointing.format import rank_file, read_metadata
+    """Iteration and full parameters of the latest checkpoint (``world``: the ranks that saved it)."""
+    from megamoe.checkpointing.format import read_metadata
+    from megamoe.checkpointing.sharded_reader import ShardedReader
 
     directory, metadata = read_metadata(save_dir)
-    return metadata["iteration"], [
-        torch.load(rank_file(directory, r), weights_only=True)["model"] for r in range(world)
-    ]
+    assert metadata["layout"]["world_size"] == world
+    reader = ShardedReader(directory, metadata)
+    return metadata["iteration"], [{name: s["param"] for name, s in reader.read(list(reader.info.specs)).items()}]
 
 
 def test_resume_is_exact(tmp_path):
@@ -91,9 +93,10 @@ def _crash_during_second_save(rank, world, argv_first, argv_second):
         checkpoint.torch.save = real_save
 
 
-def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
     save = str(tmp_path / "ckpt")
-    base = TINY_MOE[:] + ["--save", save]
+    base = TINY_MOE[:] + ["--save", save] + mode
     base[base.index("--global-batch-size") + 1] = "2"
     first = base + ["--train-iters", "2"]
     second = base + ["--train-iters", "4", "--load", save]
@@ -106,6 +109,25 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     resumed = base + ["--train-iters", "3", "--load", save]
     run_distributed(run_main, 1, [resumed], timeout=300)
     assert read_metadata(save)[1]["iteration"] == 3
+
+
+def test_async_save_resumes_exactly(tmp_path):
+    """Checkpoints written in the background while training goes on resume as the synchronous ones do."""
+    save = str(tmp_path / "ckpt")
+    # The first run stops at iteration 3 on the schedule of 5 iterations.
+    base = TINY_MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--lr-decay-iters", "5"]
+    straight = base + ["--train-iters", "5", "--log-json", str(tmp_path / "straight.jsonl")]
+    first = base + ["--train-iters", "3", "--save", save, "--save-interval", "1", "--async-save", "--keep-last", "2"]
+    second = base + ["--train-iters", "5", "--load", save, "--log-json", str(tmp_path / "resumed.jsonl")]
+    run_distributed(run_main, 2, [straight, first], timeout=300)
+    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+    run_distributed(run_main, 2, [second], timeout=300)
+    want = {r["iteration"]: r for r in read_json_log(tmp_path / "straight.jsonl")}
+    got = read_json_log(tmp_path / "resumed.jsonl")
+    assert [r["iteration"] for r in got] == [4, 5]
+    for record in got:
+        assert record["lm_loss"] == want[record["iteration"]]["lm_loss"]
+        assert record["grad_norm"] == want[record["iteration"]]["grad_norm"]
 
 
 def _cli(*args, env_extra=None):
@@ -168,33 +190,31 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert metadata["iteration"] >= 2
 
 
-def _layout_change_body(rank, world, save_argv, load_argv):
-    os.environ["WORLD_SIZE"] = str(world)
-    assert pretrain_moe.main(save_argv) == 0
-    from megamoe.checkpointing.format import CheckpointError
-
-    with pytest.raises(CheckpointError, match=r"reshard it first: python tools/convert_checkpoint.py"):
-        from megamoe.training.arguments import parse_config
-        from megamoe.training.trainer import pretrain
-
-        pretrain(parse_config(load_argv))
-
-
-def test_loading_another_layout_names_the_conversion_tool(tmp_path):
+def test_loading_another_layout_reshards_and_continues_exactly(tmp_path):
+    """Saved at EP 2 with ZeRO-1 on 2 ranks, resumed at EP 1 without ZeRO-1 on 1 rank: the steps
+    after the load are the ones the 2-rank run takes after its own save."""
     save = str(tmp_path / "ckpt")
-    base = TINY_MOE + ["--train-iters", "2"]
-    run_distributed(_layout_change_body, 2, base + ["--expert-model-parallel-size", "2", "--save", save],
-                    base + ["--expert-model-parallel-size", "1", "--load", save], timeout=300)
+    two = TINY_MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]
+    run_distributed(run_main, 2, [two + ["--train-iters", "2", "--save", save],
+                                   two + ["--train-iters", "4", "--load", save, "--log-json", str(tmp_path / "two.jsonl")]],
+                    timeout=300)
+    one = TINY_MOE + ["--train-iters", "4", "--load", save, "--log-json", str(tmp_path / "one.jsonl")]
+    run_distributed(run_main, 1, [one], timeout=300)
+    two_log, one_log = read_json_log(tmp_path / "two.jsonl"), read_json_log(tmp_path / "one.jsonl")
+    assert [r["iteration"] for r in one_log] == [r["iteration"] for r in two_log] == [3, 4]
+    for a, b in zip(two_log, one_log):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-6, abs=1e-6), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
 def _weights_only_body(rank, world, save, argv):
     os.environ["WORLD_SIZE"] = str(world)
-    from megamoe.checkpointing.format import CheckpointError, rank_file, read_metadata
+    from megamoe.checkpointing.format import CheckpointError, read_metadata, write_metadata
 
-    directory, _ = read_metadata(save)
-    payload = torch.load(rank_file(directory, 0), weights_only=True)
-    payload["optimizer"] = {}  # what an import from Hugging Face holds
-    torch.save(payload, rank_file(directory, 0))
+    directory, metadata = read_metadata(save)
+    metadata["optimizer"] = None  # what an import from Hugging Face holds
+    metadata["tensors"] = {k: v for k, v in metadata["tensors"].items() if not k.startswith("optim/")}
+    write_metadata(directory, metadata)
     from megamoe.training.arguments import parse_config
     from megamoe.training.trainer import pretrain
 
