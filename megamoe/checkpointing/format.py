@@ -95,6 +95,15 @@ class Layout:
     tensor_model_parallel_size: int
     expert_model_parallel_size: tuple[int, ...]  # one per MoE layer, in layer order
     use_distributed_optimizer: bool
+    # ETP splits every expert and, with EP, folds the expert groups over the world; sequence
+    # parallelism changes no parameter but moves the ZeRO-1 shards of the TP-replicated ones
+    # (they are reduced over DP x TP).  Absent from older metadata: ETP = TP, no SP.
+    expert_tensor_parallel_size: int | None = None  # None: TP
+    sequence_parallel: bool = False
+
+    @property
+    def etp(self) -> int:
+        return self.tp if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
 
     @property
     def tp(self) -> int:
@@ -111,6 +120,8 @@ class Layout:
             tensor_model_parallel_size=int(layout["tensor_model_parallel_size"]),
             expert_model_parallel_size=tuple(int(e) for e in layout["expert_model_parallel_size"]),
             use_distributed_optimizer=bool(layout["use_distributed_optimizer"]),
+            expert_tensor_parallel_size=layout.get("expert_tensor_parallel_size"),
+            sequence_parallel=bool(layout.get("sequence_parallel", False)),
         )
 
     def to_metadata(self) -> dict:
@@ -120,17 +131,22 @@ class Layout:
             "data_parallel_size": self.dp,
             "expert_model_parallel_size": list(self.expert_model_parallel_size),
             "use_distributed_optimizer": self.use_distributed_optimizer,
+            "expert_tensor_parallel_size": self.etp,
+            "sequence_parallel": self.sequence_parallel,
         }
 
     def describe(self) -> str:
         return (
             f"world {self.world_size}, TP {self.tp}, DP {self.dp}, EP {list(self.expert_model_parallel_size)}, "
+            f"ETP {self.etp}, SP {'on' if self.sequence_parallel else 'off'}, "
             f"ZeRO-1 {'on' if self.use_distributed_optimizer else 'off'}"
         )
 
     def state(self, rank: int) -> ParallelState:
         """The ``ParallelState`` of ``rank`` in this layout, without process groups."""
-        return _groupless_state(self.world_size, self.tp, self.expert_model_parallel_size, rank)
+        return _groupless_state(
+            self.world_size, self.tp, self.expert_model_parallel_size, rank, self.etp, self.sequence_parallel
+        )
 
     def rank(self, *, dp_rank: int, tp_rank: int) -> int:
         return self.state(tp_rank).dp_ranks[dp_rank]
@@ -155,10 +171,12 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=4096)
-def _groupless_state(world_size: int, tp: int, eps: tuple[int, ...], rank: int) -> ParallelState:
+def _groupless_state(
+    world_size: int, tp: int, eps: tuple[int, ...], rank: int, etp: int, sequence_parallel: bool
+) -> ParallelState:
     return build_parallel_state(
         world_size=world_size, rank=rank, tensor_model_parallel_size=tp, expert_model_parallel_sizes=eps,
-        create_groups=False,
+        create_groups=False, expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel,
     )
 
 

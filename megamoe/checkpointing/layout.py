@@ -228,12 +228,11 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
     device for rank 0 of a one-rank layout without process groups.
     """
     from megamoe.model.gpt import GPTModel
-    from megamoe.parallel.state import build_parallel_state
+    from megamoe.parallel.state import single_rank_layout
 
-    layout = build_parallel_state(
-        world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
+    model = GPTModel(
+        dataclasses.replace(config, expert_model_parallel_size=(1,)), single_rank_layout(), device=torch.device("meta")
     )
-    model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), layout, device=torch.device("meta"))
     specs = {}
     for name, param in model.named_parameters():
         meta = param_meta(param)

@@ -3,12 +3,14 @@
 ``n`` query heads, ``G`` key/value heads (``--num-query-groups``; ``G = n`` without
 ``--group-query-attention``), ``r = n / G`` query heads per group, ``d`` the head dim:
 
-    x [b, s, h] (replicated over TP)
+    x [b, s, h] (replicated over TP; with sequence parallelism this rank's [b, s / TP, h],
+                 all-gathered by the QKV layer)
       -> fused QKV, column-parallel: weight [r + 2, G*d / TP, h]
          (rows 0..r-1: query head ``g*r + i`` of group g in row i; row r: key; row r+1: value)
       -> (--qk-layernorm: a norm over d of each query and key head)
       -> RoPE -> SDPA (flash attention on CUDA) on this rank's G/TP groups (n/TP query heads)
-      -> output projection (row-parallel, summed over TP) -> [b, s, h]
+      -> output projection (row-parallel, summed over TP; reduce-scattered with sequence
+         parallelism) -> x's shape
 
 The fused weight's TP split falls on the group dim, so each rank holds whole groups: their
 query heads and their key/value head.  With ``r = 1`` the weight is ``[3, n*d, h]`` (plain
@@ -36,7 +38,8 @@ class HeadNorm(Norm):
 
     The weight is replicated over TP but each TP rank normalises only its own heads, so its
     gradient is summed over TP in backward (``copy_to_tp_region``): every rank then holds the
-    full gradient, as for the other replicated norm weights.
+    full gradient, as for the other replicated norm weights.  With sequence parallelism the
+    optimizer's reduction rule sums every TP-replicated gradient over TP, so the sum is left to it.
     """
 
     def __init__(self, config: ModelConfig, layout: ParallelState, **kwargs) -> None:
@@ -44,6 +47,8 @@ class HeadNorm(Norm):
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.sequence_parallel:
+            return self.normalize(x, self.weight, self.bias)
         bias = None if self.bias is None else copy_to_tp_region(self.bias, self.layout)
         return self.normalize(x, copy_to_tp_region(self.weight, self.layout), bias)
 
@@ -97,8 +102,9 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self._split_heads(self.qkv(x))
+        qkv = self.qkv(x)  # the whole sequence, also with sequence parallelism
+        b, s = qkv.shape[:2]
+        q, k, v = self._split_heads(qkv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:

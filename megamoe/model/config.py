@@ -233,16 +233,25 @@ class ModelConfig:
                     f"--moe-router-num-groups {groups}) hold fewer than --moe-router-topk {k} experts"
                 )
 
-    def check_parallel_layout(self, *, tensor_model_parallel_size: int, data_parallel_size: int) -> None:
-        """Raise ``ValueError`` if this model cannot be laid out at (TP, DP)."""
+    def check_parallel_layout(
+        self,
+        *,
+        tensor_model_parallel_size: int,
+        data_parallel_size: int,
+        expert_tensor_parallel_size: int | None = None,
+        sequence_parallel: bool = False,
+    ) -> None:
+        """Raise ``ValueError`` if this model cannot be laid out at (TP, DP, ETP, sequence
+        parallelism); ETP None means TP."""
         tp = tensor_model_parallel_size
+        etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
         checks = {"--num-query-groups": self.num_kv_heads} if self.group_query_attention else {}
         checks |= {
             "--num-attention-heads": self.num_attention_heads,
             "--hidden-size": self.hidden_size,
             "--ffn-hidden-size": self.ffn_hidden_size,
         }
-        if self.num_experts:
+        if self.num_experts and etp == tp:
             checks["--moe-ffn-hidden-size"] = self.moe_ffn_hidden_size
         if self.moe_shared_expert_intermediate_size:
             checks["--moe-shared-expert-intermediate-size"] = self.moe_shared_expert_intermediate_size
@@ -253,8 +262,15 @@ class ModelConfig:
                     f"{name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
                     f"valid tensor-parallel sizes for it: {valid}"
                 )
+        if self.num_experts and self.moe_ffn_hidden_size % etp != 0:
+            value = self.moe_ffn_hidden_size
+            raise ValueError(
+                f"--moe-ffn-hidden-size {value} is not divisible by --expert-tensor-parallel-size {etp}; "
+                f"valid expert-tensor-parallel sizes for it: {[d for d in range(1, value + 1) if value % d == 0]}"
+            )
         validate_parallel_sizes(world_size=tp * data_parallel_size, tensor_model_parallel_size=tp,
-                                expert_model_parallel_sizes=sorted(set(self.moe_ep_sizes())))
+                                expert_model_parallel_sizes=sorted(set(self.moe_ep_sizes())),
+                                expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel)
 
     # ------------------------------------------------------------------ derived
     @property

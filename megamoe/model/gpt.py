@@ -6,6 +6,11 @@ Shapes: ``b`` micro-batch, ``s`` sequence, ``h`` hidden, ``V/TP`` this rank's pa
     -> output layer (vocab-parallel logits [b, s, V/TP], never gathered)
     -> vocab-parallel cross entropy -> lm_loss (mean over the tokens with loss_mask = 1)
 
+With sequence parallelism (``layout.sequence_parallel``) the embedding is reduce-scattered, so
+norms, dropout, residuals and the MoE blocks see this TP rank's ``[b, s / TP, h]``; the TP
+layers all-gather the sequence before their column-parallel GEMM and reduce-scatter after the
+row-parallel one, and the output layer gathers it once more.
+
 A layer whose index is in ``config.moe_layers`` uses an MoE block instead of the dense MLP; the
 MoE block returns its auxiliary (load-balancing and z) losses already multiplied by their
 coefficients, and the model adds their sum to ``GPTOutput.loss`` so that they enter the
@@ -27,8 +32,9 @@ from megamoe.model.norm import Norm
 from megamoe.model.recompute import recomputed
 from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from megamoe.parallel.mappings import copy_to_tp_region
+from megamoe.parallel.mappings import tp_input
 from megamoe.parallel.params import initialize_module_, retag, tag_param
+from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import ParallelState
 
 
@@ -43,6 +49,18 @@ class GPTOutput:
     def loss(self) -> torch.Tensor:
         """What the training step back-propagates: the LM loss plus the auxiliary losses."""
         return self.lm_loss + self.aux_loss
+
+
+def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: ParallelState) -> torch.Tensor:
+    """Dropout on the residual stream.  Replicated over TP it draws from the default RNG stream
+    (the same mask on every TP rank); with sequence parallelism each TP rank holds other
+    positions, so it draws from the model-parallel stream."""
+    if p == 0.0 or not training:
+        return x
+    if layout.sequence_parallel:
+        with get_rng_tracker().fork():
+            return F.dropout(x, p, training)
+    return F.dropout(x, p, training)
 
 
 class TransformerLayer(nn.Module):
@@ -63,9 +81,10 @@ class TransformerLayer(nn.Module):
         else:
             self.mlp = MLP(config, layout, device=device)
         self.hidden_dropout = config.hidden_dropout
+        self.layout = layout
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout > 0 else x
+        return hidden_dropout(x, self.hidden_dropout, self.training, self.layout)
 
     def forward(self, x: torch.Tensor):
         x = x + self._dropout(self.attention(self.input_norm(x)))
@@ -84,7 +103,12 @@ class GPTModel(nn.Module):
 
     def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
         super().__init__()
-        config.check_parallel_layout(tensor_model_parallel_size=layout.tp_size, data_parallel_size=layout.dp_size)
+        config.check_parallel_layout(
+            tensor_model_parallel_size=layout.tp_size,
+            data_parallel_size=layout.dp_size,
+            expert_tensor_parallel_size=layout.etp_size,
+            sequence_parallel=layout.sequence_parallel,
+        )
         self.config = config
         self.layout = layout
         dtype = config.params_dtype
@@ -135,11 +159,11 @@ class GPTModel(nn.Module):
         s = tokens.shape[1]
         max_positions = self.config.max_position_embeddings  # parse_config checks --seq-length against it
         assert max_positions is None or s <= max_positions, f"sequence length {s} > {max_positions} positions"
-        x = self.word_embeddings(tokens)
+        x = self.word_embeddings(tokens)  # [b, s, h], or [b, s / TP, h] with sequence parallelism
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings[:s]
-        if self.config.hidden_dropout > 0:
-            x = F.dropout(x, self.config.hidden_dropout, self.training)
+            first = self.layout.tp_rank * x.shape[1] if self.layout.sequence_parallel else 0
+            x = x + self.position_embeddings[first : first + x.shape[1]]
+        x = hidden_dropout(x, self.config.hidden_dropout, self.training, self.layout)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
         for index, layer in enumerate(self.layers):
@@ -152,7 +176,7 @@ class GPTModel(nn.Module):
                 moe_stats.append(aux.stats)
         x = self.final_norm(x)
         weight = self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
-        logits = F.linear(copy_to_tp_region(x, self.layout), weight)
+        logits = F.linear(tp_input(x, self.layout), weight)
         if labels is None:
             return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
         token_loss = vocab_parallel_cross_entropy(

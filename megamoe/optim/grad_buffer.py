@@ -2,7 +2,8 @@
 deciding which group reduces which gradient (``grad_reduction``).
 
 Every trainable parameter lives in exactly one ``GradBuffer``, chosen by (parameter dtype,
-reduction group): one buffer for the dense parameters (reduced over DP) and one per EP size
+reduction group): one buffer for the dense parameters (reduced over DP; with sequence
+parallelism a second one for the TP-replicated ones, reduced over DP x TP) and one per EP size
 for the expert parameters (reduced over that EP size's EDP group).  Layout of one buffer::
 
     data       [N] param dtype  every param.data is a view into it (so one bucket = one collective)
@@ -29,20 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megamoe.parallel.mappings import flat_collective
 from megamoe.parallel.params import ParamMeta, param_meta
 from megamoe.parallel.state import ParallelState
 
 # 64 elements keep every parameter's start 128-byte aligned in bf16 (256 in fp32): grouped GEMMs
 # and vectorised kernels need aligned base addresses, and params are views into one buffer.
 PARAM_ALIGNMENT = 64
-
-
-def flat_collective(new_name: str, old_name: str):
-    """``torch.distributed.<new_name>`` where this torch has it, else ``<old_name>``: torch 2.13
-    renamed the flat-tensor collectives (``reduce_scatter_tensor`` -> ``reduce_scatter_single``,
-    ``all_gather_into_tensor`` -> ``all_gather_single``; the old names warn) and pyproject allows
-    torch >= 2.4.  Looked up at call time so that wrappers (bench/) see every call."""
-    return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -53,7 +47,7 @@ def _round_up(n: int, multiple: int) -> int:
 class Reduction:
     """How one parameter's gradient is reduced: multiply by ``scale``, then sum over ``group``."""
 
-    name: str  # "dp" or "edp(ep=E)": names the buffer and the bench's collective groups
+    name: str  # "dp", "dp+tp" or "edp(ep=E)": names the buffer and the bench's collective groups
     group: dist.ProcessGroup
     size: int
     rank: int  # this rank's index in ``group``
@@ -61,22 +55,43 @@ class Reduction:
 
 
 def grad_reduction(meta: ParamMeta, state: ParallelState) -> Reduction:
-    """THE gradient-reduction rule (derived in docs/gradient-rules.md).
+    """THE gradient-reduction rule (derived in docs/gradient-rules.md): after it every gradient
+    equals the gradient of the global-batch mean loss (each DP rank's loss is the mean over its
+    micro-batch; DP = world / TP).
 
-    Dense parameter: summed over the DP group, divided by DP.
-    Expert parameter of EP size E: summed over its EDP group (the DP / E ranks holding the same
-    experts), divided by DP -- *not* by EDP.  Through the all-to-all backward an expert's local
-    gradient already sums the tokens of its whole EP group, so the EDP sum covers the tokens of
-    all DP ranks once, exactly like the dense DP sum; dividing by EDP would make expert gradients
-    E times too large (the bug DeepSpeed PR 5259 fixed).
+    Dense parameter: summed over the DP group, divided by DP.  A TP-replicated one (norms, the
+    router, row-parallel biases, position embeddings) has the same, whole gradient on every TP
+    rank, as its computation is replicated over TP.
+    With sequence parallelism a TP-replicated parameter sees only its TP rank's part of the
+    sequence, so its gradient is partial over TP: it is summed over DP x TP (the world: there is
+    no pipeline parallelism), still divided by DP.  This is the only place it is completed.
+    Expert parameter of EP size E: summed over its EDP group (the world / (E x ETP) ranks holding
+    the same expert shards), divided by DP -- *not* by EDP.  Through the all-to-all backward (and
+    with sequence parallelism the ETP gather) an expert's local gradient already sums the tokens
+    of its whole EP x ETP block of ranks, so the EDP sum covers every token once, exactly like the
+    dense sum; dividing by EDP would make expert gradients too large by EP x ETP / TP (the bug
+    DeepSpeed PR 5259 fixed).  An ETP-replicated expert bias is made whole over ETP in the
+    forward's ``copy_to_group``.
     The scale is applied before the sum; each rank's loss is already a mean over its tokens.
     """
-    if not meta.is_expert:
-        return Reduction("dp", state.dp_group, state.dp_size, state.dp_rank, 1.0 / state.dp_size)
-    groups = state.experts(meta.expert_parallel_size)
-    return Reduction(
-        f"edp(ep={groups.ep_size})", groups.edp_group, groups.edp_size, groups.edp_rank, 1.0 / state.dp_size
-    )
+    scale = 1.0 / state.dp_size
+    if meta.is_expert:
+        groups = state.experts(meta.expert_parallel_size)
+        return Reduction(f"edp(ep={groups.ep_size})", groups.edp_group, groups.edp_size, groups.edp_rank, scale)
+    if meta.tensor_parallel_dim is None and state.sequence_parallel:
+        return Reduction("dp+tp", state.world_group, state.world_size, state.rank, scale)
+    return Reduction("dp", state.dp_group, state.dp_size, state.dp_rank, scale)
+
+
+def replica_rank(meta: ParamMeta, state: ParallelState) -> int:
+    """This rank's index among the ranks outside a parameter's reduction group that hold the same
+    reduced gradient (only copy 0 counts in the grad norm): every TP rank for a TP-replicated
+    parameter reduced over DP only, every ETP rank for an ETP-replicated expert parameter."""
+    if meta.tensor_parallel_dim is not None:
+        return 0
+    if meta.is_expert:
+        return state.experts(meta.expert_parallel_size).etp_rank
+    return 0 if state.sequence_parallel else state.tp_rank
 
 
 @dataclass

@@ -12,7 +12,9 @@ computes for the whole model.
 It is computed as "every element of the full model is counted on exactly one rank, then one
 collective over the world" (``counts_toward_norm`` is the ownership rule):
 
-* a TP-replicated parameter (norm weights, the router, replicated biases) counts on TP rank 0;
+* a TP-replicated parameter (norm weights, the router, replicated biases) counts on TP rank 0,
+  an ETP-replicated expert bias on ETP rank 0; with sequence parallelism a TP-replicated
+  parameter is reduced over DP x TP and counts like any parameter of its group;
 * with ZeRO-1 the reduced gradient of each element lives only in its owner's shard, and counts
   there (the shard sum over DP / EDP);
 * without ZeRO-1 every rank of the reduction group holds the same reduced gradient, so it counts
@@ -34,8 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megamoe.optim.grad_buffer import Reduction, flat_collective
+from megamoe.optim.grad_buffer import Reduction, replica_rank
+from megamoe.parallel.mappings import flat_collective
 from megamoe.parallel.params import ParamMeta
+from megamoe.parallel.state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,11 @@ class GradNorm:
         return math.isfinite(self.l2) and math.isfinite(self.inf)
 
 
-def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, tp_rank: int) -> bool:
-    """Whether this rank's (shard of the) reduced gradient of a parameter enters the global norm."""
-    if meta.tensor_parallel_dim is None and tp_rank != 0:
+def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, state: ParallelState) -> bool:
+    """Whether this rank's (shard of the) reduced gradient of a parameter enters the global norm:
+    copy 0 of the replicas outside the reduction group (``grad_buffer.replica_rank``), and within
+    the group the owner of the shard (ZeRO-1) or its rank 0."""
+    if replica_rank(meta, state) != 0:
         return False
     if not sharded and reduction.rank != 0:
         return False

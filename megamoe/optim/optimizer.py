@@ -111,7 +111,7 @@ class MixedPrecisionOptimizer:
                 view.grad = buf.main_grad[piece.buffer_start : piece.buffer_end]
                 self.pieces.append(MasterPiece(piece.name, piece.param_start, piece.param_end, view, buf.reduction.name))
                 groups.setdefault((meta.weight_decay, meta.expert_parallel_size or 0), []).append(view)
-                if counts_toward_norm(meta, buf.reduction, sharded=buf.sharded, tp_rank=self.state.tp_rank):
+                if counts_toward_norm(meta, buf.reduction, sharded=buf.sharded, state=self.state):
                     self._norm_parts[buf.reduction.name].append(view.grad)
         self.group_keys = sorted(groups)
         param_groups = [

@@ -1,6 +1,6 @@
 """Gather a sharded parameter (or its gradient) back to its full, layout-free tensor.
 
-Full form: TP shards concatenated along ``tensor_parallel_dim``, vocabulary padding removed,
+Full form: TP (experts: ETP) shards concatenated along ``tensor_parallel_dim``, vocabulary padding removed,
 and for expert parameters the local experts of every EP rank concatenated in global order
 (``[num_experts, ...]``).  Used by the parity tests and by checkpoint consolidation; every rank
 of the groups involved must call it (it runs collectives).
@@ -20,13 +20,15 @@ def gather_full(tensor: torch.Tensor, param: torch.Tensor, layout: ParallelState
     returns the full tensor, gathered over ``layout``'s groups."""
     meta = param_meta(param)
     full = tensor.detach()
-    if meta.tensor_parallel_dim is not None:
+    if meta.is_expert:
+        groups = layout.experts(meta.expert_parallel_size)
+        if meta.tensor_parallel_dim is not None:
+            full = all_gather_cat(full, meta.tensor_parallel_dim, groups.etp_group, groups.etp_size)
+        full = all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
+    elif meta.tensor_parallel_dim is not None:
         full = all_gather_cat(full, meta.tensor_parallel_dim, layout.tp_group, layout.tp_size)
         if meta.unpadded_size is not None:
             full = full.narrow(meta.tensor_parallel_dim, 0, meta.unpadded_size)
-    if meta.is_expert:
-        groups = layout.experts(meta.expert_parallel_size)
-        full = all_gather_cat(full, EXPERT_DIM, groups.ep_group, groups.ep_size)
     return full
 
 

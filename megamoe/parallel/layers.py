@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.parallel.mappings import copy_to_tp_region, gather_from_tp_region, reduce_from_tp_region
+from megamoe.parallel.mappings import gather_from_tp_region, tp_input, tp_output
 from megamoe.parallel.params import tag_param
 from megamoe.parallel.state import ParallelState
 
@@ -30,8 +30,9 @@ def _check_divisible(size: int, tp: int, what: str) -> int:
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T + b`` with W split over TP along its output dim.
 
-    input ``[..., in]`` replicated over TP; output ``[..., prod(output_shape) / TP]`` (this rank's
-    columns), or the full output when ``gather_output``.  ``output_shape[-1]`` is split.
+    input ``[..., in]`` replicated over TP (with sequence parallelism ``[b, s / TP, in]``, this
+    rank's part of the sequence, all-gathered first); output ``[..., prod(output_shape) / TP]``
+    (this rank's columns), or the full output when ``gather_output``.  ``output_shape[-1]`` is split.
     """
 
     def __init__(
@@ -70,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(-1, self.weight.shape[-1])
         bias = None if self.bias is None else self.bias.reshape(-1)
-        y = F.linear(copy_to_tp_region(x, self.layout), weight, bias)
+        y = F.linear(tp_input(x, self.layout), weight, bias)
         return gather_from_tp_region(y, self.layout) if self.gather_output else y
 
 
@@ -78,7 +79,8 @@ class RowParallelLinear(nn.Module):
     """``y = x W^T + b`` with W split over TP along its input dim.
 
     input ``[..., in / TP]`` (this rank's slice, as produced by a ColumnParallelLinear);
-    output ``[..., out]`` summed over the TP group; the bias is replicated and added once.
+    output ``[..., out]`` summed over the TP group (with sequence parallelism reduce-scattered:
+    ``[b, s / TP, out]``); the bias is replicated and added once.
     """
 
     def __init__(
@@ -110,7 +112,7 @@ class RowParallelLinear(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.layout)
+        y = tp_output(F.linear(x, self.weight), self.layout)
         return y if self.bias is None else y + self.bias
 
 
@@ -123,7 +125,8 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the (padded) vocabulary split over TP.
 
-    input ids ``[...]`` (any id in ``[0, vocab_size)``); output ``[..., hidden]`` replicated over TP.
+    input ids ``[b, s]`` (any id in ``[0, vocab_size)``); output ``[b, s, hidden]`` replicated over
+    TP, or with sequence parallelism this rank's ``[b, s / TP, hidden]`` (reduce-scattered).
     Padding rows are zero and never looked up.
     """
 
@@ -158,4 +161,4 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.local_vocab)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp_region(out, self.layout)
+        return tp_output(out, self.layout)

@@ -4,7 +4,8 @@ Every parameter megamoe creates carries one ``ParamMeta`` at ``param.megamoe_met
 ``tag_param``, read by ``param_meta``).  It is the only thing the optimizer, the grad norm and
 the checkpoint code look at to decide how a parameter is sharded and which group reduces it:
 
-* ``tensor_parallel_dim``: the dim split over the TP group (``None``: replicated over TP).
+* ``tensor_parallel_dim``: the dim split over the TP group (``None``: replicated over TP); for an
+  expert parameter, over its ETP group (``--expert-tensor-parallel-size``).
 * ``expert_parallel_size``: EP size of the MoE layer owning it (``None``: a dense parameter).
   Expert weights are stacked ``[local_experts, ...]`` along ``EXPERT_DIM`` (always 0); rank
   ``ep_rank`` holds global experts ``ep_rank * local_experts ...``.
@@ -68,11 +69,11 @@ def _seed_for(seed: int, name: str) -> int:
 
 def full_shape(param: torch.Tensor, layout: ParallelState) -> list[int]:
     """Global shape of one expert's (or a dense) tensor: local shape (in ``layout``) with the TP
-    dim gathered and the expert dim dropped."""
+    (experts: ETP) dim gathered and the expert dim dropped."""
     meta = param_meta(param)
     shape = list(param.shape)
     if meta.tensor_parallel_dim is not None:
-        shape[meta.tensor_parallel_dim] *= layout.tp_size
+        shape[meta.tensor_parallel_dim] *= layout.etp_size if meta.is_expert else layout.tp_size
     if meta.is_expert:
         shape = shape[1:]
     return shape
@@ -109,11 +110,12 @@ def initialize_param_(param: torch.Tensor, name: str, seed: int, layout: Paralle
     tp_dim = meta.tensor_parallel_dim
     if meta.is_expert:
         local_experts = param.shape[EXPERT_DIM]
-        first = layout.experts(meta.expert_parallel_size).ep_rank * local_experts
+        groups = layout.experts(meta.expert_parallel_size)
+        first = groups.ep_rank * local_experts
         for local in range(local_experts):
             full = _draw_full(meta, shape, _seed_for(seed, f"{name}#expert{first + local}"), param.device, param.dtype)
             if tp_dim is not None:
-                full = full.chunk(layout.tp_size, dim=tp_dim - 1)[layout.tp_rank]
+                full = full.chunk(groups.etp_size, dim=tp_dim - 1)[groups.etp_rank]
             param[local].copy_(full)
         return
     full = _draw_full(meta, shape, _seed_for(seed, name), param.device, param.dtype)

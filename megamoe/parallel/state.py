@@ -1,18 +1,27 @@
-"""Process groups for tensor (TP), data (DP), expert (EP) and expert-data (EDP) parallelism.
+"""Process groups for tensor (TP), data (DP), expert (EP), expert-tensor (ETP) and expert-data
+(EDP) parallelism: the one place where groups are formed.
 
 Rank layout (documented contract; the tests check it)::
 
-    global_rank = dp_rank * TP + tp_rank          # TP fastest-varying, then DP
+    dense layers   global_rank = dp_rank * TP + tp_rank                 (TP fastest, then DP)
+    experts        global_rank = (edp_rank * EP + ep_rank) * ETP + etp_rank   (for each EP size)
 
     TP group      : the TP consecutive ranks   {dp_rank * TP + t  for t in range(TP)}
     DP group      : the ranks with one tp_rank {d * TP + tp_rank  for d in range(DP)}
-    model-parallel: the TP group (there is no pipeline parallelism)
-    EP group(ep)  : ep consecutive DP ranks of one DP group; dp_rank = edp_rank * ep + ep_rank
-    EDP group(ep) : the DP/ep ranks of one DP group with the same ep_rank (same experts)
+    ETP group     : the ETP consecutive ranks  {r - etp_rank + e  for e in range(ETP)}
+    EP group(ep)  : ep ranks of one block of ep * ETP consecutive ranks, with the same etp_rank
+    EDP group(ep) : the world / (ep * ETP) ranks with the same (ep_rank, etp_rank): the same
+                    expert shards
 
-So every EP group is made of ranks with the same TP rank, and experts are tensor-parallel over
-the same TP group as the dense layers.  A future expert-TP size of 1 ("parallel folding") only
-has to change ``_expert_groups`` below: everything else asks for groups through this object.
+The experts' layout is folded over the world independently of the dense one ("MoE parallel
+folding"): ETP (``--expert-tensor-parallel-size``, default TP) shards every expert, and EP x ETP
+may span TP and DP.  With ETP = TP the expert groups are the classic ones: every EP group is made
+of ranks with one TP rank (EP consecutive ranks of a DP group) and experts are tensor-parallel
+over the TP group.  With ETP = 1 and EP = TP x DP every rank holds whole experts of its own.
+
+``sequence_parallel`` (``--sequence-parallel``, needs TP > 1) is part of the layout: outside the
+TP GEMMs each TP rank holds ``1/TP`` of the sequence.  ETP different from TP needs it, because
+only then does each rank route tokens of its own.
 
 A ``ParallelState`` is the layout of one rank: its coordinates and, when built with
 ``create_groups=True``, its process groups.  Models, their layers and the optimizer receive it
@@ -38,28 +47,61 @@ def _divisors(n: int) -> list[int]:
 
 
 def validate_parallel_sizes(
-    *, world_size: int, tensor_model_parallel_size: int, expert_model_parallel_sizes: Iterable[int]
+    *,
+    world_size: int,
+    tensor_model_parallel_size: int,
+    expert_model_parallel_sizes: Iterable[int],
+    expert_tensor_parallel_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> None:
-    """Raise ``ValueError`` (naming the flag and the valid values) if the sizes cannot form a layout."""
+    """Raise ``ValueError`` (naming the flags and the valid values) if the sizes cannot form a
+    layout.  ``expert_tensor_parallel_size`` None means TP."""
     tp = tensor_model_parallel_size
     if tp < 1 or world_size % tp != 0:
         raise ValueError(
             f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}; "
             f"valid values: {_divisors(world_size)}"
         )
+    if sequence_parallel and tp == 1:
+        raise ValueError(
+            "--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1); "
+            f"valid --tensor-model-parallel-size values with it: {_divisors(world_size)[1:]}"
+        )
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    if etp < 1 or world_size % etp != 0:
+        raise ValueError(
+            f"--expert-tensor-parallel-size {etp} does not divide the world size {world_size}; "
+            f"valid values: {_divisors(world_size)}"
+        )
+    if etp != tp and not sequence_parallel:
+        raise ValueError(
+            f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: "
+            f"that needs --sequence-parallel (each TP rank then routes its own tokens); "
+            f"valid without it: {tp}"
+        )
     dp = world_size // tp
     for ep in expert_model_parallel_sizes:
-        if ep < 1 or dp % ep != 0:
+        if etp == tp and (ep < 1 or dp % ep != 0):
             raise ValueError(
                 f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
                 f"(world {world_size} / tensor-parallel {tp}); valid values: {_divisors(dp)}"
+            )
+        if ep < 1 or (world_size // etp) % ep != 0:
+            raise ValueError(
+                f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not divide "
+                f"the world size {world_size}; valid --expert-model-parallel-size values: "
+                f"{_divisors(world_size // etp)}"
             )
 
 
 @dataclass
 class ExpertGroups:
-    """The EP and EDP groups of one expert-parallel size, as seen from this rank."""
+    """The ETP, EP and EDP groups of one expert-parallel size, as seen from this rank."""
 
+    etp_size: int
+    etp_group: dist.ProcessGroup
+    etp_rank: int
+    etp_ranks: list[int]
     ep_size: int
     ep_group: dist.ProcessGroup
     ep_rank: int
@@ -86,6 +128,8 @@ class ParallelState:
     dp_group: dist.ProcessGroup
     dp_ranks: list[int]
     world_group: dist.ProcessGroup
+    etp_size: int
+    sequence_parallel: bool = False
     expert: dict[int, ExpertGroups] = field(default_factory=dict)
 
     def experts(self, ep_size: int) -> ExpertGroups:
@@ -122,26 +166,33 @@ def dp_rank_lists(world_size: int, tp: int) -> list[list[int]]:
     return [list(range(t, world_size, tp)) for t in range(tp)]
 
 
-def ep_rank_lists(world_size: int, tp: int, ep: int) -> list[list[int]]:
-    lists = []
-    for dp_ranks in dp_rank_lists(world_size, tp):
-        for start in range(0, len(dp_ranks), ep):
-            lists.append(dp_ranks[start : start + ep])
-    return lists
+def etp_rank_lists(world_size: int, etp: int) -> list[list[int]]:
+    return [list(range(start, start + etp)) for start in range(0, world_size, etp)]
 
 
-def edp_rank_lists(world_size: int, tp: int, ep: int) -> list[list[int]]:
-    lists = []
-    for dp_ranks in dp_rank_lists(world_size, tp):
-        for e in range(ep):
-            lists.append(dp_ranks[e::ep])
-    return lists
+def ep_rank_lists(world_size: int, etp: int, ep: int) -> list[list[int]]:
+    block = ep * etp
+    return [
+        [start + e * etp + t for e in range(ep)] for start in range(0, world_size, block) for t in range(etp)
+    ]
 
 
-def _expert_groups(world_size: int, rank: int, tp: int, ep: int, create: bool) -> ExpertGroups:
-    ep_group, ep_ranks = _new_groups(ep_rank_lists(world_size, tp, ep), rank, create)
-    edp_group, edp_ranks = _new_groups(edp_rank_lists(world_size, tp, ep), rank, create)
+def edp_rank_lists(world_size: int, etp: int, ep: int) -> list[list[int]]:
+    block = ep * etp
+    return [list(range(offset, world_size, block)) for offset in range(block)]
+
+
+def _expert_groups(
+    world_size: int, rank: int, etp_group, etp_ranks: list[int], ep: int, create: bool
+) -> ExpertGroups:
+    etp = len(etp_ranks)
+    ep_group, ep_ranks = _new_groups(ep_rank_lists(world_size, etp, ep), rank, create)
+    edp_group, edp_ranks = _new_groups(edp_rank_lists(world_size, etp, ep), rank, create)
     return ExpertGroups(
+        etp_size=etp,
+        etp_group=etp_group,
+        etp_rank=etp_ranks.index(rank),
+        etp_ranks=etp_ranks,
         ep_size=ep,
         ep_group=ep_group,
         ep_rank=ep_ranks.index(rank),
@@ -154,22 +205,38 @@ def _expert_groups(world_size: int, rank: int, tp: int, ep: int, create: bool) -
 
 
 def build_parallel_state(
-    *, world_size: int, rank: int, tensor_model_parallel_size: int, expert_model_parallel_sizes: Iterable[int],
+    *,
+    world_size: int,
+    rank: int,
+    tensor_model_parallel_size: int,
+    expert_model_parallel_sizes: Iterable[int],
     create_groups: bool,
+    expert_tensor_parallel_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> ParallelState:
     """The layout of ``rank``: its ranks and coordinates in every group.
 
     ``create_groups=True`` (what ``initialize_model_parallel`` does) creates the process groups,
     a collective over the world; ``False`` leaves every group None, for planning a layout that no
     process runs (checkpoint conversion).  EP size 1 is always included.
+    ``expert_tensor_parallel_size`` None means TP.  Validated before any group is created.
     """
     tp = tensor_model_parallel_size
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
     ep_sizes = sorted(set(expert_model_parallel_sizes) | {1})
     validate_parallel_sizes(
-        world_size=world_size, tensor_model_parallel_size=tp, expert_model_parallel_sizes=ep_sizes
+        world_size=world_size,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_sizes=ep_sizes,
+        expert_tensor_parallel_size=etp,
+        sequence_parallel=sequence_parallel,
     )
     tp_group, tp_ranks = _new_groups(tp_rank_lists(world_size, tp), rank, create_groups)
     dp_group, dp_ranks = _new_groups(dp_rank_lists(world_size, tp), rank, create_groups)
+    if etp == tp:  # the same ranks: reuse the TP groups rather than create them twice
+        etp_group, etp_ranks = tp_group, tp_ranks
+    else:
+        etp_group, etp_ranks = _new_groups(etp_rank_lists(world_size, etp), rank, create_groups)
     state = ParallelState(
         world_size=world_size,
         rank=rank,
@@ -182,14 +249,28 @@ def build_parallel_state(
         dp_group=dp_group,
         dp_ranks=dp_ranks,
         world_group=dist.group.WORLD if create_groups else None,
+        etp_size=etp,
+        sequence_parallel=sequence_parallel,
     )
     for ep in ep_sizes:
-        state.expert[ep] = _expert_groups(world_size, rank, tp, ep, create_groups)
+        state.expert[ep] = _expert_groups(world_size, rank, etp_group, etp_ranks, ep, create_groups)
     return state
 
 
+def single_rank_layout() -> ParallelState:
+    """The layout of a one-process run (TP = DP = EP = 1), without process groups: every
+    collective of a model built for it is skipped, so it runs without ``torch.distributed``."""
+    return build_parallel_state(
+        world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
+    )
+
+
 def initialize_model_parallel(
-    tensor_model_parallel_size: int = 1, expert_model_parallel_sizes: Iterable[int] = (1,)
+    tensor_model_parallel_size: int = 1,
+    expert_model_parallel_sizes: Iterable[int] = (1,),
+    *,
+    expert_tensor_parallel_size: int | None = None,
+    sequence_parallel: bool = False,
 ) -> ParallelState:
     """Build every group of the layout; call on all ranks after ``dist.init_process_group``.
 
@@ -208,6 +289,8 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         expert_model_parallel_sizes=expert_model_parallel_sizes,
         create_groups=True,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        sequence_parallel=sequence_parallel,
     )
     return _STATE
 

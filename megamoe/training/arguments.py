@@ -73,7 +73,9 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         )
     parallel = from_args(ParallelConfig, args, world_size=world_size)
     validate_parallel_sizes(world_size=world_size, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-                            expert_model_parallel_sizes=())
+                            expert_model_parallel_sizes=(),
+                            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+                            sequence_parallel=parallel.sequence_parallel)
     dp = parallel.data_parallel_size
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     if global_batch % (args.micro_batch_size * dp) != 0:
@@ -88,6 +90,11 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     data, vocab_size, eod_token_id = _resolve_data(args)
     if train.eod_mask_loss and eod_token_id is None:
         raise ConfigError("--eod-mask-loss needs real data and its tokenizer, not --mock-data")
+    if parallel.sequence_parallel and train.seq_length % parallel.tensor_model_parallel_size != 0:
+        raise ConfigError(
+            f"--sequence-parallel needs --seq-length {train.seq_length} divisible by "
+            f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size}"
+        )
     max_pos = args.max_position_embeddings or train.seq_length
     if train.seq_length > max_pos:
         raise ConfigError(f"--seq-length {train.seq_length} exceeds --max-position-embeddings {max_pos}")
@@ -95,7 +102,12 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
                       params_dtype=train.params_dtype)
     if not model.num_experts and model.expert_model_parallel_size != (1,):
         raise ConfigError("--expert-model-parallel-size needs --num-experts (the model has no MoE layer)")
-    model.check_parallel_layout(tensor_model_parallel_size=parallel.tensor_model_parallel_size, data_parallel_size=dp)
+    model.check_parallel_layout(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        data_parallel_size=dp,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+    )
 
     optimizer = from_args(OptimizerConfig, args, params_dtype=train.params_dtype)
     schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr,

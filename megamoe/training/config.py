@@ -22,6 +22,13 @@ from megamoe.training.lr_schedule import LRSchedule
 class ParallelConfig:
     world_size: int = derived(help="WORLD_SIZE from torchrun")
     tensor_model_parallel_size: int = flag(1, help="TP: ranks that split each layer's matrices", check=positive)
+    sequence_parallel: bool = flag(False, help="split the activations outside the TP GEMMs (norms, dropout, "
+                                   "residuals, routing) along the sequence over TP; needs TP > 1")
+    expert_tensor_parallel_size: int | None = flag(
+        None, help="ETP: ranks that split each expert; the EP groups are formed from the other ranks, "
+        "so EP x ETP may span TP and DP (ETP other than TP needs --sequence-parallel)",
+        check=positive, default_text="--tensor-model-parallel-size",
+    )
 
     @property
     def data_parallel_size(self) -> int:

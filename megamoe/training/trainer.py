@@ -186,7 +186,12 @@ def pretrain(cfg: RunConfig) -> dict:
     """Train as configured; returns the last log record.  Collective: call on every rank."""
     device = device_from_environment(cfg.train.device)
     init_distributed(device)
-    initialize_model_parallel(cfg.parallel.tensor_model_parallel_size, set(cfg.model.moe_ep_sizes()))
+    initialize_model_parallel(
+        cfg.parallel.tensor_model_parallel_size,
+        set(cfg.model.moe_ep_sizes()),
+        expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+    )
     state = get_parallel_state()
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
     try:
@@ -209,7 +214,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
     log.info(
-        f"training: world {state.world_size} (TP {state.tp_size} x DP {state.dp_size}), "
+        f"training: world {state.world_size} (TP {state.tp_size} x DP {state.dp_size}"
+        f"{', sequence parallel' if state.sequence_parallel else ''}), ETP {state.etp_size}, "
         f"EP per MoE layer {list(cfg.model.moe_ep_sizes()) or '-'}, ZeRO-1 {'on' if cfg.optimizer.use_distributed_optimizer else 'off'}, "
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
         f"params {str(cfg.model.params_dtype).replace('torch.', '')}, device {device.type}"

@@ -116,10 +116,22 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
     return out
 
 
-def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None, **overrides):
+def build(
+    tp: int,
+    ep_sizes,
+    *,
+    zero: bool,
+    dtype=torch.float32,
+    arch: dict | None = None,
+    sequence_parallel: bool = False,
+    etp: int | None = None,
+    **overrides,
+):
     """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after);
-    ``arch`` overrides model fields, ``overrides`` optimizer ones."""
-    layout = ps.initialize_model_parallel(tp, tuple(set(ep_sizes)))
+    ``arch`` overrides model fields, ``overrides`` optimizer ones; ``etp``: the expert-TP size."""
+    layout = ps.initialize_model_parallel(
+        tp, tuple(set(ep_sizes)), expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel
+    )
     model = GPTModel(model_config(ep_sizes, dtype, **(arch or {})), layout).initialize(SEED)
     cfg = OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "params_dtype": dtype, **overrides})
     return model, MixedPrecisionOptimizer(model, cfg, layout)

@@ -74,8 +74,10 @@ def test_backward_accumulates_low_precision_grads_into_fp32_main_grads_and_frees
 
 
 def _fake_state(dp: int, ep: int):
-    experts = SimpleNamespace(ep_size=ep, edp_group="edp", edp_size=dp // ep, edp_rank=0)
-    return SimpleNamespace(dp_group="dp", dp_size=dp, dp_rank=0, experts=lambda e: experts)
+    experts = SimpleNamespace(ep_size=ep, edp_group="edp", edp_size=dp // ep, edp_rank=0, etp_rank=0)
+    return SimpleNamespace(
+        dp_group="dp", dp_size=dp, dp_rank=0, tp_rank=0, sequence_parallel=False, experts=lambda e: experts
+    )
 
 
 def test_reduction_rule_dense_over_dp_experts_over_edp_both_divided_by_dp():

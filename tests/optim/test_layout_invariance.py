@@ -79,8 +79,8 @@ def test_tensor_parallel_2_with_expert_parallel_4_on_8_ranks_matches_the_referen
 ARCH = dict(group_query_attention=True, num_query_groups=2, qk_layernorm=True, moe_router_score_function="sigmoid",
             moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.05)
 ARCH_STEPS = 8
-ARCH_LAYOUTS = {  # world size -> (TP, EP per MoE layer, ZeRO-1)
-    4: [(1, (1, 1), False), (2, (2, 2), True), (1, (4, 2), True)],
+ARCH_LAYOUTS = {  # world size -> (TP, EP per MoE layer, ZeRO-1[, ETP with --sequence-parallel])
+    4: [(1, (1, 1), False), (2, (2, 2), True), (1, (4, 2), True), (2, (4, 2), True, 1)],
     8: [(2, (4, 4), False), (1, (4, 2), True)],
 }
 
@@ -90,9 +90,10 @@ def _reference_body(rank, world):
 
 
 def _arch_layouts_body(rank, world, ref):
-    for tp, eps, zero in ARCH_LAYOUTS[world]:
-        where = f"world={world} TP={tp} EP={eps} ZeRO={zero}"
-        model, opt = build(tp, eps, zero=zero, arch=ARCH)
+    for tp, eps, zero, *sequence_parallel in ARCH_LAYOUTS[world]:
+        etp = sequence_parallel[0] if sequence_parallel else None
+        where = f"world={world} TP={tp} EP={eps} ZeRO={zero} SP={bool(sequence_parallel)} ETP={etp}"
+        model, opt = build(tp, eps, zero=zero, arch=ARCH, sequence_parallel=bool(sequence_parallel), etp=etp)
         got = train(model, opt, ARCH_STEPS)
         _close(got["loss"], ref["loss"], f"{where} loss")
         _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
@@ -112,3 +113,45 @@ def arch_reference():
 @pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_gqa_qk_norm_sigmoid_expert_bias_train_alike_in_every_layout(world, arch_reference):
     run_distributed(_arch_layouts_body, world, arch_reference, timeout=280)
+
+
+# Sequence parallelism and MoE parallel folding, 8 steps: (world, TP, EP per MoE layer, ETP, ZeRO-1).
+# ETP None is the default (= TP); ETP 1 folds EP over TP x DP.  Learned absolute positions: each
+# TP rank adds the positions of its part of the sequence.
+SP_STEPS = 8
+SP_ARCH = dict(position_embedding_type="learned_absolute")
+SP_LAYOUTS = {
+    4: [
+        (2, (2, 2), None, True),
+        (2, (4, 4), 1, True),
+        (2, (4, 2), 1, True),
+        (2, (4, 2), 1, False),
+    ],
+    8: [
+        (2, (2, 2), None, True),
+        (2, (4, 4), 1, True),
+        (2, (2, 4), 1, True),
+        (2, (4, 2), 1, False),
+    ],
+}
+
+
+def _sequence_parallel_body(rank, world):
+    ref = reference_run(SP_STEPS, arch=SP_ARCH)
+    for tp, eps, etp, zero in SP_LAYOUTS[world]:
+        where = f"world={world} TP={tp} SP EP={eps} ETP={etp or tp} ZeRO={zero}"
+        model, opt = build(tp, eps, zero=zero, arch=SP_ARCH, sequence_parallel=True, etp=etp, bucket_size=5_000)
+        got = train(model, opt, SP_STEPS)
+        _close(got["loss"], ref["loss"], f"{where} loss")
+        _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
+        _close(got["inf"], ref["inf"], f"{where} inf grad norm")
+        assert not any(got["skipped"])
+        assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
+        assert_replicas_identical(model)
+        ps.destroy_model_parallel()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_sequence_parallel_and_expert_tensor_parallel_match_single_process_reference(world):
+    run_distributed(_sequence_parallel_body, world, timeout=280)

@@ -77,3 +77,50 @@ def _uninitialised_body(rank, world):
 
 def test_initialize_validates_before_building_groups():
     run_distributed(_uninitialised_body, 2)
+
+
+def _folded_expected(world, etp, ep, rank):
+    """The expert groups of the documented folding: rank = (edp_rank * EP + ep_rank) * ETP + etp_rank."""
+    etp_rank, ep_rank, edp_rank = rank % etp, (rank // etp) % ep, rank // (etp * ep)
+    return {
+        "etp": [rank - etp_rank + t for t in range(etp)],
+        "ep": [(edp_rank * ep + e) * etp + etp_rank for e in range(ep)],
+        "edp": [(d * ep + ep_rank) * etp + etp_rank for d in range(world // (ep * etp))],
+    }
+
+
+@pytest.mark.parametrize(
+    "world,tp,etp,eps",
+    [(4, 2, 1, (2, 4)), (8, 2, 1, (2, 4, 8)), (8, 4, 2, (2, 4)), (8, 2, 2, (2, 4)), (8, 2, 4, (2,))],
+)
+def test_expert_groups_fold_over_tensor_and_data_parallel_ranks(world, tp, etp, eps):
+    """Checked on group-less layouts in one process: every rank's ETP, EP and EDP ranks follow the
+    formula, and with ETP = TP they are the classic groups (EP consecutive ranks of a DP group)."""
+    for rank in range(world):
+        state = ps.build_parallel_state(world_size=world, rank=rank, tensor_model_parallel_size=tp,
+                                        expert_model_parallel_sizes=eps, create_groups=False,
+                                        expert_tensor_parallel_size=etp, sequence_parallel=True)
+        for ep in eps:
+            want, groups = _folded_expected(world, etp, ep, rank), state.experts(ep)
+            assert (groups.etp_ranks, groups.ep_ranks, groups.edp_ranks) == (want["etp"], want["ep"], want["edp"])
+            assert groups.etp_rank == rank % etp and groups.edp_size == world // (ep * etp)
+            if etp == tp:
+                assert groups.ep_ranks == _expected(world, tp, ep, rank)["ep"]
+
+
+def test_sequence_parallel_and_expert_tensor_parallel_errors_name_the_flags():
+    with pytest.raises(ValueError, match=r"--sequence-parallel needs --tensor-model-parallel-size > 1 \(got 1\)"):
+        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,),
+                                   sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"--expert-tensor-parallel-size 3 does not divide the world size 4; "
+                                         r"valid values: \[1, 2, 4\]"):
+        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
+                                   expert_tensor_parallel_size=3, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2: "
+                                         r"that needs --sequence-parallel"):
+        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
+                                   expert_tensor_parallel_size=1)
+    with pytest.raises(ValueError, match=r"--expert-model-parallel-size 8 x --expert-tensor-parallel-size 1 does not "
+                                         r"divide the world size 4; valid --expert-model-parallel-size values: \[1, 2, 4\]"):
+        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(8,),
+                                   expert_tensor_parallel_size=1, sequence_parallel=True)

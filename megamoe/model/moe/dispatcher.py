@@ -14,9 +14,15 @@ Shapes: ``T`` tokens of this rank, ``K`` top-k, ``S = T * K`` token-slots, ``H``
 Global expert ``e`` lives on EP rank ``e // L`` as local expert ``e % L``, so the chunk of
 the expert-sorted slots going to rank ``r`` is simply experts ``r*L .. r*L + L - 1``.
 
-With TP > 1 every TP rank runs this with the same tokens and the same routing, in its own EP
-group (EP groups are made of ranks with one TP rank), and gets its TP shard's partial expert
-outputs back; the caller sums them over TP once, after ``combine``.
+Without sequence parallelism (ETP = TP) every TP rank runs this with the same tokens and the
+same routing, in its own EP group (EP groups are made of ranks with one TP rank), and gets its
+TP shard's partial expert outputs back; the caller sums them over TP once, after ``combine``.
+
+With sequence parallelism every rank routes its own tokens, so each token crosses the
+all-to-all once.  Experts sharded over ETP > 1 ranks need the same rows on every ETP rank: after
+the all-to-all, the rows of the ETP group are gathered (``N`` counts the rows of all of them,
+ordered (ETP source, EP source, local expert) before the reorder), and the partial outputs are
+summed back to the rank that received each row (a reduce-scatter) before the all-to-all back.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.moe.router import count_per_expert
+from megamoe.parallel.mappings import flat_collective
 from megamoe.parallel.state import ParallelState
 
 
@@ -57,6 +64,46 @@ def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], 
     return _AllToAll.apply(x, send_splits, recv_splits, group)
 
 
+def _gather_rows(x: torch.Tensor, splits: list[int], group) -> torch.Tensor:
+    """Every rank of ``group`` gets the rows of all ranks (``splits[r]`` from rank r), in rank order."""
+    mine = x.shape[0]
+    return _all_to_all(x.repeat(len(splits), 1), [mine] * len(splits), splits, group)
+
+
+def _reduce_scatter_rows(y: torch.Tensor, splits: list[int], rank: int, group) -> torch.Tensor:
+    """Adjoint of ``_gather_rows``: each rank gets the sum over the group of its own rows,
+    added in rank order (deterministic)."""
+    size, mine = len(splits), splits[rank]
+    received = _all_to_all(y, splits, [mine] * size, group)
+    return received.view(size, mine, *y.shape[1:]).sum(dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Uneven all-gather of rows over a group; the backward is the reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, splits, rank, group):
+        ctx.splits, ctx.rank, ctx.group = splits, rank, group
+        return _gather_rows(x, splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_rows(grad, ctx.splits, ctx.rank, ctx.group), None, None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Uneven reduce-scatter of rows over a group; the backward is the all-gather."""
+
+    @staticmethod
+    def forward(ctx, y, splits, rank, group):
+        ctx.splits, ctx.group = splits, group
+        return _reduce_scatter_rows(y, splits, rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_rows(grad, ctx.splits, ctx.group), None, None, None
+
+
 @dataclass
 class DispatchPlan:
     """Where each kept token-slot goes; built by ``TokenDispatcher.plan`` for one forward."""
@@ -68,6 +115,7 @@ class DispatchPlan:
     recv_splits: list[int]  # rows received from each EP rank
     expert_counts: list[int]  # [L] rows each local expert computes (host copy)
     expert_offsets: torch.Tensor  # [L] int32 cumulative ``expert_counts`` (torch._grouped_mm's offs)
+    etp_splits: list[int] | None  # rows each ETP rank received (gathered over ETP), None: no gather
     to_expert_major: torch.Tensor | None  # [N] permutation (source-major -> expert-major), None if identity
     from_expert_major: torch.Tensor | None  # its inverse
 
@@ -98,17 +146,20 @@ class _GatherSlots(torch.autograd.Function):
 
 class TokenDispatcher:
     """Moves token-slots between ``layout``'s rank and the ranks of its EP group (of size
-    ``ep_size``) holding their experts."""
+    ``ep_size``) holding their experts, and with sequence parallelism and ETP > 1 across the
+    ETP group."""
 
     def __init__(self, layout: ParallelState, *, num_experts: int, ep_size: int) -> None:
         assert num_experts % ep_size == 0, (num_experts, ep_size)
         self.layout = layout
+        self.groups = layout.experts(ep_size)
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.local_experts = num_experts // ep_size
+        self.gathers_etp = layout.sequence_parallel and self.groups.etp_size > 1
 
     def _group(self):
-        return self.layout.experts(self.ep_size).ep_group
+        return self.groups.ep_group
 
     def plan(self, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> DispatchPlan:
         """Sort the kept slots by expert and agree on the split sizes with the EP group.
@@ -129,16 +180,25 @@ class TokenDispatcher:
             # Rank r receives counts [r*L, (r+1)*L) from each source: recv_counts viewed [EP, L].
             recv_counts_E = torch.empty_like(send_counts_E)
             dist.all_to_all_single(recv_counts_E, send_counts_E, group=self._group())
-        counts = torch.cat([send_counts_E, recv_counts_E]).tolist()  # the host sync
-        send, recv = counts[:num_experts], counts[num_experts:]
+        etp = self.groups.etp_size if self.gathers_etp else 1
+        recv_counts_all = recv_counts_E  # [ETP sources x] [EP sources x L local experts]
+        if etp > 1:
+            recv_counts_all = torch.empty(etp * num_experts, dtype=recv_counts_E.dtype, device=recv_counts_E.device)
+            all_gather = flat_collective("all_gather_single", "all_gather_into_tensor")
+            all_gather(recv_counts_all, recv_counts_E, group=self.groups.etp_group)
+        counts = torch.cat([send_counts_E, recv_counts_all]).tolist()  # the host sync
+        send, recv_all = counts[:num_experts], counts[num_experts:]
+        recv = recv_all[self.groups.etp_rank * num_experts :][:num_experts] if etp > 1 else recv_all
         send_splits = [sum(send[r * num_local : (r + 1) * num_local]) for r in range(ep)]
         recv_splits = [sum(recv[r * num_local : (r + 1) * num_local]) for r in range(ep)]
-        expert_counts = [sum(recv[r * num_local + e] for r in range(ep)) for e in range(num_local)]
-        recv_counts_RL = recv_counts_E.view(ep, num_local)
+        sources = etp * ep
+        expert_counts = [sum(recv_all[r * num_local + e] for r in range(sources)) for e in range(num_local)]
+        etp_splits = [sum(recv_all[t * num_experts : (t + 1) * num_experts]) for t in range(etp)] if etp > 1 else None
+        recv_counts_RL = recv_counts_all.view(sources, num_local)
         to_expert_major = from_expert_major = None
-        if ep > 1 and num_local > 1:
-            num_recv = sum(recv_splits)
-            local_ids = torch.arange(num_local, device=slot_expert_S.device).repeat(ep)
+        if sources > 1 and num_local > 1:
+            num_recv = sum(expert_counts)
+            local_ids = torch.arange(num_local, device=slot_expert_S.device).repeat(sources)
             row_expert_N = torch.repeat_interleave(local_ids, recv_counts_RL.reshape(-1), output_size=num_recv)
             to_expert_major = torch.argsort(row_expert_N, stable=True)
             from_expert_major = torch.empty_like(to_expert_major)
@@ -151,6 +211,7 @@ class TokenDispatcher:
             recv_splits=recv_splits,
             expert_counts=expert_counts,
             expert_offsets=recv_counts_RL.sum(dim=0).cumsum(dim=0).to(torch.int32),
+            etp_splits=etp_splits,
             to_expert_major=to_expert_major,
             from_expert_major=from_expert_major,
         )
@@ -158,10 +219,11 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
         (``plan.expert_counts`` rows per local expert)."""
-        x_send = _GatherSlots.apply(x_TH, plan.order, plan.topk)
-        if self.ep_size == 1:
-            return x_send
-        x_recv = all_to_all(x_send, plan.send_splits, plan.recv_splits, self._group())
+        x_recv = _GatherSlots.apply(x_TH, plan.order, plan.topk)
+        if self.ep_size > 1:
+            x_recv = all_to_all(x_recv, plan.send_splits, plan.recv_splits, self._group())
+        if plan.etp_splits is not None:
+            x_recv = _GatherRows.apply(x_recv, plan.etp_splits, self.groups.etp_rank, self.groups.etp_group)
         if plan.to_expert_major is not None:
             x_recv = x_recv.index_select(0, plan.to_expert_major)
         return x_recv
@@ -170,9 +232,11 @@ class TokenDispatcher:
         """Expert outputs ``[N, H]`` (as ``dispatch`` laid them out) -> ``[T, H]``:
         ``out_t = sum_j weights[t, j] * y(slot t*K + j)``, dropped slots counting zero.
         The weighted sum runs in fp32; the result has ``y_NH``'s dtype."""
+        if plan.from_expert_major is not None:
+            y_NH = y_NH.index_select(0, plan.from_expert_major)
+        if plan.etp_splits is not None:
+            y_NH = _ReduceScatterRows.apply(y_NH, plan.etp_splits, self.groups.etp_rank, self.groups.etp_group)
         if self.ep_size > 1:
-            if plan.from_expert_major is not None:
-                y_NH = y_NH.index_select(0, plan.from_expert_major)
             y_NH = all_to_all(y_NH, plan.recv_splits, plan.send_splits, self._group())
         num_tokens, topk = plan.num_tokens, plan.topk
         hidden = y_NH.shape[-1]

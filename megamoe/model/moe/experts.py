@@ -1,7 +1,8 @@
 """This rank's experts, stacked, computed with one grouped GEMM per projection.
 
 Shapes: ``N`` rows for the local experts (local-expert-major, ``counts[l]`` rows each), ``H``
-hidden, ``L`` local experts, ``F`` = ``--moe-ffn-hidden-size / TP``.
+hidden, ``L`` local experts, ``F`` = ``--moe-ffn-hidden-size / ETP`` (``--expert-tensor-parallel-size``,
+by default the attention TP size).
 
 Weights follow the dense MLP's layout (``[out, in]`` per expert) with the experts stacked on dim 0,
 so one expert's full tensor is exactly a dense ``MLP``'s:
@@ -9,11 +10,13 @@ so one expert's full tensor is exactly a dense ``MLP``'s:
     fc1  [L, 2, F, H]  (SwiGLU: gate then up; TP-sharded on dim 2)   or  [L, F, H] (GeLU; dim 1)
     fc2  [L, H, F]     (TP-sharded on dim 2)
 
-and, with biases (``add_bias_linear``), ``fc1_bias`` ``[L, 2, F]`` / ``[L, F]`` (TP-sharded like
-fc1) and ``fc2_bias`` ``[L, H]`` (replicated over TP, like a RowParallelLinear bias).
+and, with biases (``add_bias_linear``), ``fc1_bias`` ``[L, 2, F]`` / ``[L, F]`` (ETP-sharded like
+fc1) and ``fc2_bias`` ``[L, H]`` (replicated over ETP, like a RowParallelLinear bias).  For an
+expert parameter ``tensor_parallel_dim`` names the dim split over the ETP group.
 
-Each expert is tensor-parallel like the dense MLP (fc1 column-parallel, fc2 row-parallel): the
-output is this TP rank's partial sum, which the MoE layer reduces over TP once for all experts.
+Each expert is tensor-parallel like the dense MLP (fc1 column-parallel, fc2 row-parallel) over
+the ETP group: the output is this ETP rank's partial sum, which the MoE layer (ETP = TP) or the
+dispatcher (sequence parallelism) reduces once for all experts.
 ``torch._grouped_mm(x [N, in], w.transpose(-2, -1) [L, in, out], offs)`` reads the stored
 weights through a transposed view, without a copy.
 """
@@ -27,7 +30,7 @@ from torch import nn
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import activation
-from megamoe.parallel.mappings import copy_to_tp_region
+from megamoe.parallel.mappings import copy_to_group
 from megamoe.parallel.params import tag_param
 from megamoe.parallel.state import ParallelState
 
@@ -81,9 +84,9 @@ def expert_linear(
 
 
 class GroupedExperts(nn.Module):
-    """The ``E / EP`` experts of this EP rank, tensor-parallel over TP.
+    """The ``E / EP`` experts of this EP rank, tensor-parallel over ETP.
 
-    forward(x_NH, counts, offsets) -> ``[N, H]``, this TP rank's partial output (sum over TP
+    forward(x_NH, counts, offsets) -> ``[N, H]``, this ETP rank's partial output (sum over ETP
     for the full one).
     """
 
@@ -97,10 +100,10 @@ class GroupedExperts(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.layout = layout
-        tp = layout.tp_size
-        ffn = config.moe_ffn_hidden_size  # divisible by tp: ModelConfig.check_parallel_layout
-        num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // tp
+        self.groups = layout.experts(ep_size)
+        etp = self.groups.etp_size
+        ffn = config.moe_ffn_hidden_size  # divisible by ETP: ModelConfig.check_parallel_layout
+        num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // etp
         self.swiglu = config.swiglu
         self.grouped_gemm = config.moe_grouped_gemm
         dtype = config.params_dtype
@@ -145,8 +148,9 @@ class GroupedExperts(nn.Module):
         )
         h_NO = h_NO + self.fc1_bias.view(num_local, -1)[row_expert_N]
         y_NH = expert_linear(activation(h_NO, self.swiglu), self.fc2, counts, offsets, grouped=self.grouped_gemm)
-        # The output is a partial sum over TP, so the replicated fc2 bias is added on TP rank 0
-        # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_tp_region
-        # all-reduces its gradient so that every TP rank holds the full one.
-        only_first_rank = 1.0 if self.layout.tp_rank == 0 else 0.0
-        return y_NH + only_first_rank * copy_to_tp_region(self.fc2_bias, self.layout)[row_expert_N]
+        # The output is a partial sum over ETP, so the replicated fc2 bias is added on ETP rank 0
+        # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_group
+        # all-reduces its gradient so that every ETP rank holds the full one.
+        groups = self.groups
+        only_first_rank = 1.0 if groups.etp_rank == 0 else 0.0
+        return y_NH + only_first_rank * copy_to_group(self.fc2_bias, groups.etp_group, groups.etp_size)[row_expert_N]

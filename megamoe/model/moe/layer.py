@@ -8,11 +8,18 @@
       -> + shared expert (optional dense MLP on every token)
     out [b, s, h] (replicated over TP), MoEAux
 
-TP: the expert input goes through ``copy_to_tp_region`` and so do the combine weights, because
-each TP rank only back-propagates its shard's partial contribution to them; the all-reduce in
-their backward makes the gradients of x and of the router full on every TP rank, as for a
-replicated parameter.  The forward sums the experts' partial outputs with one
-``reduce_from_tp_region`` after combining, instead of one per expert.
+TP without sequence parallelism (ETP = TP): the expert input goes through ``copy_to_tp_region``
+and so do the combine weights, because each TP rank only back-propagates its shard's partial
+contribution to them; the all-reduce in their backward makes the gradients of x and of the
+router full on every TP rank, as for a replicated parameter.  The forward sums the experts'
+partial outputs with one ``reduce_from_tp_region`` after combining, instead of one per expert.
+
+With sequence parallelism x is this TP rank's ``[b, s / TP, h]``: each rank routes, dispatches
+and combines only its own tokens (each token crosses the all-to-all once), the dispatcher
+gathers the rows of the ETP group for the expert GEMMs and sums their partial outputs back, and
+nothing is reduced over TP here.  The router's aux and z losses are still those of the whole
+micro-batch (see ``TopKRouter``); its weight gradient is partial over TP and is completed by the
+optimizer's reduction rule, like every TP-replicated parameter's under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = config.moe_expert_capacity_factor
         self.eval_capacity_factor = config.moe_eval_capacity_factor
         self.drop_policy = config.moe_token_drop_policy
-        self.router = TopKRouter(config, self.num_experts, device=device)
+        self.router = TopKRouter(config, self.num_experts, layout, device=device)
         self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size, device=device)
         self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size)
         self.shared_expert = None
@@ -97,12 +104,16 @@ class MoELayer(nn.Module):
             )
 
         plan = self.dispatcher.plan(routing.expert_ids, keep_TK)
-        x_NH = self.dispatcher.dispatch(copy_to_tp_region(x_TH, self.layout), plan)
+        own_tokens = self.layout.sequence_parallel
+        x_in = x_TH if own_tokens else copy_to_tp_region(x_TH, self.layout)
+        x_NH = self.dispatcher.dispatch(x_in, plan)
         y_NH = self.experts(x_NH, plan.expert_counts, plan.expert_offsets)
-        weights_TK = copy_to_tp_region(routing.weights, self.layout)
-        out_TH = reduce_from_tp_region(self.dispatcher.combine(y_NH, weights_TK, plan), self.layout)
+        weights_TK = routing.weights if own_tokens else copy_to_tp_region(routing.weights, self.layout)
+        out_TH = self.dispatcher.combine(y_NH, weights_TK, plan)
+        if not own_tokens:
+            out_TH = reduce_from_tp_region(out_TH, self.layout)
         if self.shared_expert is not None:
-            out_TH = out_TH + self.shared_expert(x_TH)
+            out_TH = out_TH + self.shared_expert(x).view(b * s, hidden)
 
         loss = self.aux_loss_coeff * routing.load_balancing_loss + self.z_loss_coeff * routing.z_loss
         if keep_TK is None:

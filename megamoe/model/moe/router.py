@@ -26,9 +26,14 @@ The expert bias ``[E]`` (fp32, a persistent buffer, saved with the model) moves 
 optimizer step by ``rate * sign(mean load - load)`` (``bias_step``), from the loads of the whole
 global batch, so it is the same on every rank and in every layout (the trainer sums the loads).
 
-The router weight ``[E, H]`` is a dense parameter replicated over TP: every TP rank sees the
-same tokens and must route them identically, so everything here is computed redundantly on
-the TP ranks and nothing is communicated.
+The router weight ``[E, H]`` is a dense parameter replicated over TP.  Without sequence
+parallelism every TP rank sees the same tokens and must route them identically, so everything
+here is computed redundantly on the TP ranks and nothing is communicated.  With sequence
+parallelism each TP rank routes its own ``T = b * s / TP`` tokens; the aux and z losses stay
+those of the whole micro-batch: the expert counts ``f_e`` are summed over TP (no gradient), each
+rank computes its tokens' share of the loss (sums divided by the micro-batch's token count) and
+``reduce_from_tp_region`` adds the shares in the forward while each rank back-propagates only
+its own share, to its own tokens and its (TP-partial) router gradient.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.parallel.mappings import all_reduce_tp, reduce_from_tp_region
 from megamoe.parallel.params import tag_param
+from megamoe.parallel.state import ParallelState
 
 
 @dataclass
@@ -63,21 +70,28 @@ def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int) -> torch.Tensor:
-    """Switch/GShard loss ``E * sum_e f_e * P_e`` over the ``T`` tokens given.
+def load_balancing_loss(
+    probs_TE: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int, num_tokens: int | None = None
+) -> torch.Tensor:
+    """Switch/GShard loss ``E * sum_e f_e * P_e`` over ``num_tokens`` tokens (default: the ``T``
+    given; more when ``probs_TE`` holds only a share of them).
 
-    ``f_e = tokens_per_expert[e] / (T * K)`` is the fraction of token-slot assignments that went to
-    expert e (no gradient: it comes from the discrete top-k), ``P_e`` the mean router probability
-    of expert e (full softmax over all E).  Equals 1 for perfectly uniform routing.
+    ``f_e = tokens_per_expert[e] / (num_tokens * K)`` is the fraction of token-slot assignments
+    that went to expert e (no gradient: it comes from the discrete top-k), ``P_e`` the router
+    probability of expert e (full softmax over all E) summed over the given tokens and divided by
+    ``num_tokens``.  Equals 1 for perfectly uniform routing.
     """
-    num_tokens, num_experts = probs_TE.shape
+    num_experts = probs_TE.shape[1]
+    num_tokens = probs_TE.shape[0] if num_tokens is None else num_tokens
     fraction_E = tokens_per_expert.to(probs_TE.dtype) / max(num_tokens * topk, 1)
-    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+    return num_experts * (fraction_E * probs_TE.sum(dim=0) / max(num_tokens, 1)).sum()
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps the logits small."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+def z_loss(logits_TE: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps the logits small; the sum
+    over the given tokens is divided by ``num_tokens`` (default: their count)."""
+    num_tokens = logits_TE.shape[0] if num_tokens is None else num_tokens
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(num_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -169,8 +183,11 @@ def bias_step(tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, config: ModelConfig, num_experts: int, *, device: torch.device | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, num_experts: int, layout: ParallelState, *, device: torch.device | None = None
+    ) -> None:
         super().__init__()
+        self.layout = layout
         self.num_experts = num_experts
         self.rule = RoutingRule.from_config(config)
         self.jitter_eps = config.moe_input_jitter_eps
@@ -203,12 +220,25 @@ class TopKRouter(nn.Module):
         logits_TE = F.linear(self._jitter(x_TH).float(), self.weight.float())
         expert_ids_TK, weights_TK, probs_TE = route(logits_TE, self.rule, self.expert_bias)
         tokens_per_expert = count_per_expert(expert_ids_TK, self.num_experts)
+        layout, topk = self.layout, self.rule.topk
+        if not layout.sequence_parallel:
+            return Routing(
+                expert_ids=expert_ids_TK,
+                weights=weights_TK,
+                tokens_per_expert=tokens_per_expert,
+                load_balancing_loss=load_balancing_loss(probs_TE, tokens_per_expert, topk),
+                z_loss=z_loss(logits_TE),
+            )
+        tokens_per_expert = all_reduce_tp(tokens_per_expert.clone(), layout)  # the micro-batch's counts
+        num_tokens = x_TH.shape[0] * layout.tp_size
+        share_lb = load_balancing_loss(probs_TE, tokens_per_expert, topk, num_tokens)
+        share_z = z_loss(logits_TE, num_tokens)
         return Routing(
             expert_ids=expert_ids_TK,
             weights=weights_TK,
             tokens_per_expert=tokens_per_expert,
-            load_balancing_loss=load_balancing_loss(probs_TE, tokens_per_expert, self.rule.topk),
-            z_loss=z_loss(logits_TE),
+            load_balancing_loss=reduce_from_tp_region(share_lb, layout),
+            z_loss=reduce_from_tp_region(share_z, layout),
         )
 
     @torch.no_grad()

@@ -7,12 +7,10 @@ from __future__ import annotations
 import torch
 
 from megamoe.model.moe.dispatcher import TokenDispatcher, _GatherSlots
-from megamoe.parallel.state import build_parallel_state
+from megamoe.parallel.state import single_rank_layout
 
 TOKENS, TOPK, EXPERTS, HIDDEN = 10, 2, 4, 3
-LAYOUT = build_parallel_state(
-    world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
-)
+LAYOUT = single_rank_layout()
 
 
 def _routing():

@@ -9,6 +9,7 @@ import torch
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.moe.router import TopKRouter, load_balancing_loss
+from megamoe.parallel.state import single_rank_layout
 from tests.model.moe.reference import reference_routing
 
 HIDDEN, EXPERTS, TOKENS = 16, 8, 32
@@ -18,7 +19,7 @@ def _router(**overrides) -> TopKRouter:
     fields = dict(vocab_size=16, num_layers=2, hidden_size=HIDDEN, num_attention_heads=2, num_experts=EXPERTS,
                   moe_router_topk=2, swiglu=True, add_bias_linear=False)
     fields.update(overrides)
-    router = TopKRouter(ModelConfig(**fields), EXPERTS)
+    router = TopKRouter(ModelConfig(**fields), EXPERTS, single_rank_layout())
     with torch.no_grad():
         router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(0)).to(router.weight))
     return router

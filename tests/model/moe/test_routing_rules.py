@@ -13,6 +13,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.moe.balancing import update_expert_biases
 from megamoe.model.moe.layer import MoEStats
 from megamoe.model.moe.router import RoutingRule, TopKRouter, bias_step, route
+from megamoe.parallel.state import single_rank_layout
 
 TOKENS, EXPERTS = 24, 8
 
@@ -113,7 +114,7 @@ def _router(**overrides) -> TopKRouter:
     fields = dict(vocab_size=16, hidden_size=16, num_attention_heads=2, num_experts=EXPERTS, moe_router_topk=2,
                   moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
     fields.update(overrides)
-    return TopKRouter(ModelConfig(**fields), EXPERTS)
+    return TopKRouter(ModelConfig(**fields), EXPERTS, single_rank_layout())
 
 
 def test_router_in_fp32_follows_the_fp64_definition_and_the_bias_gets_no_gradient():
