@@ -25,19 +25,15 @@ Nothing is timed: the numbers are exact counts for these shapes.
 """
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
-from megamoe.model.config import ModelConfig  # noqa: E402
-from megamoe.model.gpt import GPTModel, TransformerLayer  # noqa: E402
-from megamoe.model.moe.router import TopKRouter  # noqa: E402
-from megamoe.parallel import state as ps  # noqa: E402
-from tests.harness import run_distributed  # noqa: E402
+from megamoe.model.config import ModelConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.model.moe.router import TopKRouter
+from megamoe.parallel import state as ps
+from tests.harness import run_distributed
 
 WORLD, TP = 4, 2
 # (name, sequence parallel, ETP (None: TP), EP)
