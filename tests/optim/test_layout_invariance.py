@@ -144,7 +144,7 @@ def _sequence_parallel_body(rank, world):
         got = train(model, opt, SP_STEPS)
         _close(got["loss"], ref["loss"], f"{where} loss")
         _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
-        _close(got["inf"], ref["inf"], f"{where} inf grad norm")
+        _close(got["inf"], ref["inf"], f"{where} inf grad norm", INF_RTOL)
         assert not any(got["skipped"])
         assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
         assert_replicas_identical(model)
