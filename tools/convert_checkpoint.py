@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one value, or one per MoE layer, space- or comma-separated (default: the source's)",
     )
+    p.add_argument(
+        "--target-expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="ranks that split each expert (default: the source's, or the target TP when that is given); "
+        "other than the target TP, the target trains with --sequence-parallel",
+    )
     p.add_argument("--target-world-size", type=int, default=None, help="default: the source's (layout-free: 1)")
     zero = p.add_mutually_exclusive_group()
     zero.add_argument(
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (
         ("--target-tensor-parallel-size", args.target_tensor_parallel_size),
         ("--target-world-size", args.target_world_size),
+        ("--target-expert-tensor-parallel-size", args.target_expert_tensor_parallel_size),
     ):
         if value is not None and value < 1:
             print(f"convert_checkpoint.py: error: {flag} must be >= 1, got {value}", file=sys.stderr)
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 None if args.target_expert_parallel_size is None else tuple(args.target_expert_parallel_size)
             ),
             target_use_distributed_optimizer=args.zero,
+            target_expert_tensor_parallel_size=args.target_expert_tensor_parallel_size,
             tokenizer_model=args.tokenizer_model,
             force=args.force,
             progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),

@@ -97,15 +97,17 @@ def placement(tensor: torch.Tensor, meta: ParamMeta | None, state: ParallelState
     """Where this rank's ``tensor`` (a parameter tagged with ``meta``, or an untagged buffer,
     which is replicated) sits in its global tensor.  The one place that knows how the parallel
     dimensions cut a tensor: TP along ``tensor_parallel_dim`` (the padded vocabulary clipped to
-    ``unpadded_size``), EP along the expert dim."""
+    ``unpadded_size``) over the TP group for dense parameters and over the expert-TP (ETP) group
+    for experts, EP along the expert dim."""
     local = tuple(tensor.shape)
     shape, offsets = list(local), [0] * len(local)
+    groups = state.experts(meta.expert_parallel_size) if meta is not None and meta.is_expert else None
     if meta is not None and meta.tensor_parallel_dim is not None:
         dim = meta.tensor_parallel_dim
-        offsets[dim] = state.tp_rank * local[dim]
-        shape[dim] = meta.unpadded_size if meta.unpadded_size is not None else local[dim] * state.tp_size
-    if meta is not None and meta.is_expert:
-        groups = state.experts(meta.expert_parallel_size)
+        rank, size = (groups.etp_rank, groups.etp_size) if groups is not None else (state.tp_rank, state.tp_size)
+        offsets[dim] = rank * local[dim]
+        shape[dim] = meta.unpadded_size if meta.unpadded_size is not None else local[dim] * size
+    if groups is not None:
         offsets[EXPERT_DIM] = groups.ep_rank * local[EXPERT_DIM]
         shape[EXPERT_DIM] = local[EXPERT_DIM] * groups.ep_size
     return Placement(tuple(shape), local, tuple(offsets))

@@ -139,6 +139,9 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     world = layout_flags["world_size"] or (source.world_size if source else 1)
     tp = layout_flags["tensor_model_parallel_size"] or (source.tp if source else 1)
     eps = layout_flags["expert_model_parallel_size"] or (source.expert_model_parallel_size if source else (1,))
+    etp = layout_flags["expert_tensor_parallel_size"]
+    if etp is None and source is not None and layout_flags["tensor_model_parallel_size"] is None:
+        etp = source.etp  # the source's layout unless TP changes; a new TP alone means ETP = TP
     zero = layout_flags["use_distributed_optimizer"]
     if zero is None:
         zero = source.use_distributed_optimizer if source else False
@@ -148,6 +151,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=eps,
         use_distributed_optimizer=zero,
+        expert_tensor_parallel_size=etp,
     )
     return ShardedWriter(tmp, info, layout, target_config), f"megamoe ({layout.describe()})"
 
@@ -183,6 +187,7 @@ def convert(
     target_tensor_parallel_size: int | None = None,
     target_expert_parallel_size: tuple[int, ...] | None = None,
     target_use_distributed_optimizer: bool | None = None,
+    target_expert_tensor_parallel_size: int | None = None,
     tokenizer_model: str | None = None,
     force: bool = False,
     progress=_stderr,
@@ -199,6 +204,7 @@ def convert(
             target_tensor_parallel_size,
             target_expert_parallel_size,
             target_use_distributed_optimizer,
+            target_expert_tensor_parallel_size,
         )
     ):
         raise ValueError(f"--to {to} is layout-free: the --target-* layout flags only apply to --to megamoe")
@@ -216,6 +222,7 @@ def convert(
             "tensor_model_parallel_size": target_tensor_parallel_size,
             "expert_model_parallel_size": target_expert_parallel_size,
             "use_distributed_optimizer": target_use_distributed_optimizer,
+            "expert_tensor_parallel_size": target_expert_tensor_parallel_size,
         }
         writer, target_text = _target(reader.info, to, tmp, layout_flags, tokenizer_model)
         source_full, source_weights = _stream(reader, writer, progress)

@@ -28,12 +28,6 @@ class ShardedReader:
         self.directory = directory
         self.files = ShardFiles(directory, metadata)
         self.layout = Layout.from_metadata(metadata["layout"])
-        if self.layout.etp != self.layout.tp:
-            raise CheckpointError(
-                f"{directory} was saved with --expert-tensor-parallel-size {self.layout.etp} "
-                f"(--tensor-model-parallel-size {self.layout.tp}); the conversion tools reshard only "
-                f"checkpoints whose experts are split like the dense layers (ETP = TP)"
-            )
         self.tally = Tally()
         # Every tensor in every file, listed in metadata.json or not: one the reader never uses
         # is one this converter does not know, and the conversion refuses to drop it.

@@ -127,12 +127,6 @@ class Loaded:
         self.iteration = int(metadata["iteration"])
         self.consumed_samples = int(metadata["consumed_samples"])
         self.saved_layout = Layout.from_metadata(metadata["layout"])
-        if self.saved_layout.etp != self.saved_layout.tp or self.state.etp_size != self.state.tp_size:
-            raise CheckpointError(
-                f"{directory}: loading with --expert-tensor-parallel-size other than --tensor-model-parallel-size "
-                f"(saved ETP {self.saved_layout.etp} with TP {self.saved_layout.tp}, this run ETP "
-                f"{self.state.etp_size} with TP {self.state.tp_size}) is not supported yet"
-            )
         self.has_optimizer = metadata["optimizer"] is not None
 
     def load_model(self, model: torch.nn.Module) -> None:

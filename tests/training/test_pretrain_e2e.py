@@ -310,3 +310,34 @@ def test_eod_mask_loss_zeroes_the_loss_after_each_document_end():
     assert parse_config(real_data, world_size=1).eod_mask_token is None
     with pytest.raises(ConfigError, match="--eod-mask-loss needs real data"):
         parse_config(TINY_MOE + ["--eod-mask-loss"], world_size=1)
+
+
+def test_expert_tensor_parallel_checkpoints_reshard_both_ways(tmp_path):
+    """TP 2 + SP on 4 ranks: saved with whole experts (ETP 1, EP 4), resumed with experts split
+    over TP (ETP 2, EP 2), directly and through tools/convert_checkpoint.py's
+    --target-expert-tensor-parallel-size, and back; every resumed step is the one the saving
+    layout takes next."""
+    from megamoe.checkpointing.convert import convert
+
+    sp = TINY_MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"]
+    etp1 = sp + ["--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "4"]
+    etp2 = sp + ["--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"]
+    for name, saver, loader, (etp, ep) in (("1to2", etp1, etp2, (2, 2)), ("2to1", etp2, etp1, (1, 4))):
+        save, converted = str(tmp_path / name), str(tmp_path / f"{name}.converted")
+        run_distributed(run_main, 4, [saver + ["--train-iters", "2", "--save", save]], timeout=300)
+        convert(save, converted, target_expert_tensor_parallel_size=etp, target_expert_parallel_size=(ep,),
+                progress=None)
+        logs = {k: str(tmp_path / f"{name}.{k}.jsonl") for k in ("same", "other", "converted")}
+        run_distributed(run_main, 4, [
+            saver + ["--train-iters", "4", "--load", save, "--log-json", logs["same"]],
+            loader + ["--train-iters", "4", "--load", save, "--log-json", logs["other"]],
+            loader + ["--train-iters", "4", "--load", converted, "--log-json", logs["converted"]],
+        ], timeout=400)
+        same = read_json_log(logs["same"])
+        assert [r["iteration"] for r in same] == [3, 4]
+        for kind in ("other", "converted"):
+            got = read_json_log(logs[kind])
+            assert [r["iteration"] for r in got] == [3, 4], kind
+            for a, b in zip(same, got):
+                assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-6, abs=1e-6), (name, kind, a, b)
+                assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (name, kind, a, b)
