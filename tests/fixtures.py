@@ -6,6 +6,7 @@
 * ``run_main``: a ``run_distributed`` body that runs ``pretrain_moe.main`` once per argv.
 * ``read_json_log``: the records of a ``--log-json`` file.
 * ``make_documents``, ``write_jsonl``: small varied text corpora for the data tests.
+* ``assert_config_error``: a command line ``parse_config`` refuses with one line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import random
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +68,12 @@ def write_jsonl(path, docs, key="text", **extra) -> str:
         for i, doc in enumerate(docs):
             f.write(json.dumps({key: doc, "id": i, **{k: v[i] for k, v in extra.items()}}) + "\n")
     return str(path)
+
+
+def assert_config_error(argv: list[str], world_size: int, match: str) -> None:
+    """``parse_config(argv)`` at ``world_size`` raises one ConfigError, a single line matching the regex ``match``."""
+    from megamoe.training.arguments import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=match) as info:
+        parse_config(argv, world_size=world_size)
+    assert "\n" not in str(info.value), str(info.value)

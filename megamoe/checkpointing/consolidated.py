@@ -103,12 +103,9 @@ class ConsolidatedReader:
         rng_path = os.path.join(root, RNG_FILE)
         rng = torch.load(rng_path, weights_only=True) if os.path.isfile(rng_path) else None
         layout = metadata.get("source_layout")
-        self.info = FullStateInfo(
-            model_config=metadata["model_config"],
-            specs=specs,
-            iteration=int(metadata["iteration"]),
-            consumed_samples=int(metadata["consumed_samples"]),
-            args=metadata.get("args", {}),
+        self.info = FullStateInfo.from_metadata(
+            metadata,
+            specs,
             optimizer=metadata.get("optimizer"),
             rng=rng,
             source_layout=Layout.from_metadata(layout) if layout else None,

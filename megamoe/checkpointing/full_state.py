@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, Layout
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, Layout
 from megamoe.checkpointing.layout import ParamSpec
 
 PARAM = "param"
@@ -41,6 +41,20 @@ class FullStateInfo:
     source_layout: Layout | None  # None for layout-free sources
     # Persistent buffers (model tensors that are not parameters), full and replicated, by name.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict, specs: dict[str, ParamSpec], **rest) -> "FullStateInfo":
+        """The info of a checkpoint whose metadata holds ``model_config``, ``iteration``,
+        ``consumed_samples`` and optionally ``args`` (every format writes these the same way);
+        ``rest`` gives the fields each format stores its own way."""
+        return cls(
+            model_config=metadata["model_config"],
+            specs=specs,
+            iteration=int(metadata["iteration"]),
+            consumed_samples=int(metadata["consumed_samples"]),
+            args=dict(metadata.get("args", {})),
+            **rest,
+        )
 
     def kinds(self) -> tuple[str, ...]:
         return (PARAM, *OPTIMIZER_KINDS) if self.optimizer is not None else (PARAM,)

@@ -46,12 +46,9 @@ class LegacyReader:
         self._check_rank_files()
         self.payloads = [self._open(rank, specs) for rank in range(self.layout.world_size)]
         optimizer = self._optimizer_scalars()
-        self.info = FullStateInfo(
-            model_config=metadata["model_config"],
-            specs=specs,
-            iteration=int(metadata["iteration"]),
-            consumed_samples=int(metadata["consumed_samples"]),
-            args=dict(metadata.get("args", {})),
+        self.info = FullStateInfo.from_metadata(
+            metadata,
+            specs,
             optimizer=optimizer,
             rng=self._rng(),
             source_layout=self.layout,

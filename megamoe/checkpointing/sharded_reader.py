@@ -45,12 +45,9 @@ class ShardedReader:
         if metadata["rng"]:
             lay = self.layout
             rng = [[self.files.rng(lay.rank(dp_rank=d, tp_rank=t)) for t in range(lay.tp)] for d in range(lay.dp)]
-        self.info = FullStateInfo(
-            model_config=metadata["model_config"],
-            specs=specs,
-            iteration=int(metadata["iteration"]),
-            consumed_samples=int(metadata["consumed_samples"]),
-            args=dict(metadata.get("args", {})),
+        self.info = FullStateInfo.from_metadata(
+            metadata,
+            specs,
             optimizer=optimizer,
             rng=rng,
             source_layout=self.layout,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.checkpointing.common import SEQ, VOCAB, Run, train_save_continue, unpack
+from tests.checkpointing.save_load import VOCAB, Run, train_save_continue
+from tests.tiny_moe import SEQ
 from tests.harness import run_distributed
 
 LAYOUT_A = Run(world=4, tp=2, eps=(2, 1), zero=True)
@@ -34,7 +35,7 @@ class Trained:
 def trained(tmp_path_factory) -> Trained:
     root = str(tmp_path_factory.mktemp("trained") / "A")
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    out = unpack(run_distributed(train_save_continue, LAYOUT_A.world, LAYOUT_A, root, STEPS, tokens, timeout=600))
+    out = run_distributed(train_save_continue, LAYOUT_A.world, LAYOUT_A, root, STEPS, tokens, timeout=600)[0]
     return Trained(
         root, LAYOUT_A, STEPS, tokens, out["logits"], out["saved_params"], out["next_loss"], out["next_params"]
     )

@@ -11,7 +11,7 @@ from megamoe.checkpointing.format import Layout
 from megamoe.checkpointing.layout import ParamSpec, model_specs, stream_groups, target_ep_sizes
 from megamoe.checkpointing.optimizer_layout import owned_ranges
 
-from tests.checkpointing.common import model_config
+from tests.checkpointing.save_load import model_config
 
 EMBEDDING = ParamSpec(
     "word_embeddings.weight", (300, 8), torch.float32, tensor_parallel_dim=0, is_expert=False, padded=True

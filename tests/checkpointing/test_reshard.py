@@ -2,7 +2,6 @@
 nothing: there and back is bitwise, and training continues in the new layout exactly as it
 would have in the old one."""
 
-import glob
 import json
 import os
 
@@ -13,7 +12,7 @@ import pretrain_moe
 from megamoe.checkpointing import convert
 from megamoe.checkpointing.convert import open_source
 from megamoe.checkpointing.layout import stream_groups
-from tests.checkpointing.common import Run, load_and_step, unpack
+from tests.checkpointing.save_load import Run, load_and_step
 from tests.harness import run_distributed
 
 # Targets of layout A (world 4, TP 2, EP (2, 1), ZeRO-1): every dimension changes in each.
@@ -113,7 +112,7 @@ def test_training_continues_in_the_new_layout_as_in_the_old(trained, tmp_path):
     convert(trained.root, consolidated, to="consolidated", progress=None)
     convert(consolidated, via_full, **_flags(B_WORLD2_TP2), progress=None)
     runs = [(B_WORLD2_TP1, direct), (B_WORLD2_TP2, via_full)]
-    results = unpack(run_distributed(load_and_step, 2, runs, trained.steps, timeout=600))
+    results = run_distributed(load_and_step, 2, runs, trained.steps, timeout=600)[0]
     for (run, _), got in zip(runs, results):
         for name, want in trained.saved_params.items():
             assert torch.equal(got["loaded_params"][name], want), f"{run}: {name} not loaded bitwise"

@@ -12,16 +12,13 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.params import EXPERT_DIM, param_meta
 from megamoe.parallel.state import build_parallel_state
+from tests.tiny_moe import tiny_config
 
 SEED = 3
 
 
 def _config(ep_sizes) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=200, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-        max_position_embeddings=16, num_experts=4, moe_ffn_hidden_size=32, add_bias_linear=True,
-        expert_model_parallel_size=tuple(ep_sizes),
-    )
+    return tiny_config(add_bias_linear=True, expert_model_parallel_size=tuple(ep_sizes))
 
 
 def _layout(world: int, rank: int, tp: int, ep_sizes):

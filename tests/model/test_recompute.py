@@ -5,17 +5,14 @@ import dataclasses
 
 import torch
 
-from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.random import model_parallel_seed
 from tests.harness import run_distributed
+from tests.tiny_moe import tiny_config
 
-BASE = ModelConfig(vocab_size=200, num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-                   max_position_embeddings=16, num_experts=4, moe_layer_freq=(1, 0, 1), moe_router_topk=2,
-                   moe_aux_loss_coeff=1e-2, hidden_dropout=0.1, attention_dropout=0.1, swiglu=True,
-                   add_bias_linear=False)
+BASE = tiny_config(num_layers=3, moe_layer_freq=(1, 0, 1), hidden_dropout=0.1, attention_dropout=0.1)
 
 
 def _run(config, layout, tokens, labels):

@@ -9,6 +9,7 @@ from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full, gather_full_state
 from megamoe.parallel.mappings import gather_from_tp_region
 from tests.harness import run_distributed
+from tests.tiny_moe import tiny_config
 
 VARIANTS = {
     "rms-rope-swiglu-tied": dict(normalization="RMSNorm", position_embedding_type="rope", swiglu=True,
@@ -30,9 +31,7 @@ VARIANTS = {
 
 def _config(variant):
     # vocab 300 pads to 384 at TP=1 and 512 at TP=2/4: the padding must not change the loss.
-    fields = dict(vocab_size=300, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-                  max_position_embeddings=16)
-    return ModelConfig(**{**fields, **VARIANTS[variant]})
+    return tiny_config(vocab_size=300, num_experts=None, **VARIANTS[variant])
 
 
 def _run_layout(tp, variant, tokens, labels):

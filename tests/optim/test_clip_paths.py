@@ -8,7 +8,7 @@ from megamoe.optim.adam import FusedSupport, fused_adamw_support
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
-from tests.optim.common import HYPER, assert_params_close, build, train
+from tests.tiny_moe import HYPER, assert_params_close, build, train
 
 
 class _IgnoresGradScale(torch.optim.AdamW):

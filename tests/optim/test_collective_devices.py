@@ -19,7 +19,7 @@ from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.parallel import state as ps
 from tests.harness import run_distributed
-from tests.optim.common import HYPER, model_config
+from tests.tiny_moe import HYPER, model_config
 
 COLLECTIVES = (
     "all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single", "all_gather_into_tensor",

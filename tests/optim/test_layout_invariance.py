@@ -19,7 +19,7 @@ import torch
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
-from tests.optim.common import HYPER, assert_params_close, assert_replicas_identical, build, reference_run, train
+from tests.tiny_moe import HYPER, assert_params_close, assert_replicas_identical, build, reference_run, train
 
 STEPS = 4
 LAYOUTS = [
@@ -47,20 +47,26 @@ def _close(got, want, what, rtol=RTOL):
                                rtol=rtol, atol=0, msg=lambda m: f"{what}: {m}")
 
 
+def _train_and_compare(model, opt, steps, ref, where):
+    """Train ``steps`` steps; loss, both norms, the final parameters and the replicas must match
+    ``ref``; destroys the layout's groups."""
+    got = train(model, opt, steps)
+    _close(got["loss"], ref["loss"], f"{where} loss")
+    _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
+    _close(got["inf"], ref["inf"], f"{where} inf grad norm", INF_RTOL)
+    assert not any(got["skipped"])
+    assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
+    assert_replicas_identical(model)
+    ps.destroy_model_parallel()
+
+
 def _layouts_body(rank, world, layouts, steps=STEPS):
     ref = reference_run(steps)
     assert all(n > HYPER["clip_grad"] * 1.5 for n in ref["l2"]), f"clipping must be active: {ref['l2']}"
     for tp, eps, zero, bucket in layouts:
         where = f"TP={tp} EP={eps} ZeRO={zero} bucket={bucket}"
         model, opt = build(tp, eps, zero=zero, bucket_size=bucket)
-        got = train(model, opt, steps)
-        _close(got["loss"], ref["loss"], f"{where} loss")
-        _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
-        _close(got["inf"], ref["inf"], f"{where} inf grad norm", INF_RTOL)
-        assert not any(got["skipped"])
-        assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
-        assert_replicas_identical(model)
-        ps.destroy_model_parallel()
+        _train_and_compare(model, opt, steps, ref, where)
 
 
 @pytest.mark.timeout(300)
@@ -141,14 +147,7 @@ def _sequence_parallel_body(rank, world):
     for tp, eps, etp, zero in SP_LAYOUTS[world]:
         where = f"world={world} TP={tp} SP EP={eps} ETP={etp or tp} ZeRO={zero}"
         model, opt = build(tp, eps, zero=zero, arch=SP_ARCH, sequence_parallel=True, etp=etp, bucket_size=5_000)
-        got = train(model, opt, SP_STEPS)
-        _close(got["loss"], ref["loss"], f"{where} loss")
-        _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
-        _close(got["inf"], ref["inf"], f"{where} inf grad norm", INF_RTOL)
-        assert not any(got["skipped"])
-        assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
-        assert_replicas_identical(model)
-        ps.destroy_model_parallel()
+        _train_and_compare(model, opt, SP_STEPS, ref, where)
 
 
 @pytest.mark.timeout(300)

@@ -19,7 +19,7 @@ import torch
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
-from tests.optim.common import build, forward_backward, reference_run, train
+from tests.tiny_moe import build, forward_backward, reference_run, train
 
 STEPS = 4
 TOLERANCES = {  # loss, L2 norm, inf norm, whole-model params, total update

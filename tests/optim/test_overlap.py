@@ -9,7 +9,7 @@ import torch
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
-from tests.optim.common import build, local_micro_batches
+from tests.tiny_moe import build, local_micro_batches
 
 BUCKET = 3000  # small buckets: many collectives in flight, dense and expert interleaved
 LAYOUTS = [(1, (2, 2), True), (2, (2, 1), False), (1, (4, 2), False)]

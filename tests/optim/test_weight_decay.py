@@ -1,4 +1,4 @@
-"""AdamW decays exactly the parameters the weight-decay rule names (``common.decays``, written from
+"""AdamW decays exactly the parameters the weight-decay rule names (``tests/tiny_moe.py::decays``, written from
 the parameter names, not from the tags the optimizer reads): matrices, embeddings, the output
 layer, the router, the experts and the shared expert; never biases or norm weights.  Checked on
 the optimizer's own param groups, with TP-sharded, TP-replicated, expert and ZeRO-1 pieces."""
@@ -9,7 +9,7 @@ from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.parallel import state as ps
 from tests.harness import run_distributed
-from tests.optim.common import HYPER, decays, model_config
+from tests.tiny_moe import HYPER, decays, model_config
 
 LAYOUTS = [(2, (1, 1), True), (1, (2, 2), False)]  # (TP, EP per MoE layer, ZeRO-1)
 RICH = dict(normalization="LayerNorm", untie_embeddings_and_output_weights=True)

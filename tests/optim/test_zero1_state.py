@@ -19,7 +19,7 @@ from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
 from tests.harness import run_distributed
-from tests.optim.common import build, forward_backward, train
+from tests.tiny_moe import build, forward_backward, train
 
 
 def _part_of(meta) -> str:

@@ -22,38 +22,56 @@ def _expected(world, tp, ep, rank):
     }
 
 
-def _membership_body(rank, world, layouts):
-    """For each (tp, ep sizes): groups match the formula and an all-reduce of the rank id
-    in each group sums exactly its members."""
-    for tp, eps in layouts:
+LAYOUTS = {  # world size -> (TP, EP sizes) layouts
+    1: [(1, (1,))],
+    2: [(1, (1, 2)), (2, (1,))],
+    4: [(1, (1, 2, 4)), (2, (1, 2)), (4, (1,))],
+    8: [(1, (2, 4, 8)), (2, (2, 4)), (4, (2,)), (8, (1,))],
+}
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_group_membership_matches_documented_layout(world):
+    """Every rank's TP, DP, EP and EDP ranks follow the formula; checked on group-less layouts in
+    one process (the groups ``initialize_model_parallel`` creates are these: see the next test)."""
+    for tp, eps in LAYOUTS[world]:
+        for rank in range(world):
+            state = ps.build_parallel_state(world_size=world, rank=rank, tensor_model_parallel_size=tp,
+                                            expert_model_parallel_sizes=eps, create_groups=False)
+            assert (state.tp_rank, state.dp_rank) == (rank % tp, rank // tp)
+            for ep in eps:
+                want, groups = _expected(world, tp, ep, rank), state.experts(ep)
+                assert (state.tp_ranks, state.dp_ranks) == (want["tp"], want["dp"]), (tp, ep, rank)
+                assert (groups.ep_ranks, groups.edp_ranks) == (want["ep"], want["edp"]), (tp, ep, rank)
+                assert groups.edp_size == world // tp // ep
+
+
+def _groups_body(rank, world):
+    """Before initialisation: no state, an invalid EP size refused before any group exists.  Then
+    for each layout: an all-reduce of the rank id in each created group sums exactly its documented
+    members, and an EP size that was not initialised is refused."""
+    with pytest.raises(RuntimeError, match="initialize_model_parallel has not been called"):
+        ps.get_parallel_state()
+    with pytest.raises(ValueError, match="--expert-model-parallel-size 3"):
+        ps.initialize_model_parallel(1, (3,))
+    assert not ps.is_initialized()
+    for tp, eps in LAYOUTS[world]:
         state = ps.initialize_model_parallel(tp, eps)
         for ep in eps:
-            want = _expected(world, tp, ep, rank)
-            groups = state.experts(ep)
-            assert state.tp_ranks == want["tp"], (tp, ep, state.tp_ranks, want)
-            assert state.dp_ranks == want["dp"]
-            assert groups.ep_ranks == want["ep"], (tp, ep, groups.ep_ranks, want["ep"])
-            assert groups.edp_ranks == want["edp"]
-            assert groups.edp_size == world // tp // ep
-            for key, group in (("tp", state.tp_group), ("dp", state.dp_group), ("ep", groups.ep_group), ("edp", groups.edp_group)):
+            want, groups = _expected(world, tp, ep, rank), state.experts(ep)
+            for key, group in (("tp", state.tp_group), ("dp", state.dp_group), ("ep", groups.ep_group),
+                               ("edp", groups.edp_group)):
                 x = torch.tensor([float(rank)])
                 dist.all_reduce(x, group=group)
-                assert x.item() == sum(want[key]), (key, x.item(), want[key])
-        assert state.tp_rank == rank % tp and state.dp_rank == rank // tp
+                assert x.item() == sum(want[key]), (tp, ep, key, x.item(), want[key])
+        missing = next(size for size in (2, 4, 8) if size not in eps)
+        with pytest.raises(ValueError, match=f"expert-parallel size {missing} was not initialised"):
+            state.experts(missing)
         ps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize(
-    "world,layouts",
-    [
-        (1, [(1, (1,))]),
-        (2, [(1, (1, 2)), (2, (1,))]),
-        (4, [(1, (1, 2, 4)), (2, (1, 2)), (4, (1,))]),
-        (8, [(1, (2, 4, 8)), (2, (2, 4)), (4, (2,)), (8, (1,))]),
-    ],
-)
-def test_group_membership_matches_documented_layout(world, layouts):
-    run_distributed(_membership_body, world, layouts)
+def test_created_groups_hold_the_documented_members_and_initialize_validates_first():
+    run_distributed(_groups_body, 4)
 
 
 def test_invalid_parallel_sizes_name_the_flag():
@@ -61,22 +79,6 @@ def test_invalid_parallel_sizes_name_the_flag():
         ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=3, expert_model_parallel_sizes=(1,))
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size 4 does not divide the data-parallel size 2.*\[1, 2\]"):
         ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(4,))
-
-
-def _uninitialised_body(rank, world):
-    with pytest.raises(RuntimeError, match="initialize_model_parallel has not been called"):
-        ps.get_parallel_state()
-    with pytest.raises(ValueError, match="--expert-model-parallel-size 3"):
-        ps.initialize_model_parallel(1, (3,))
-    assert not ps.is_initialized()
-    state = ps.initialize_model_parallel(2, (1,))
-    with pytest.raises(ValueError, match="expert-parallel size 2 was not initialised"):
-        state.experts(2)
-    ps.destroy_model_parallel()
-
-
-def test_initialize_validates_before_building_groups():
-    run_distributed(_uninitialised_body, 2)
 
 
 def _folded_expected(world, etp, ep, rank):

@@ -4,7 +4,8 @@ reach the parallel config."""
 
 import pytest
 
-from megamoe.training.arguments import ConfigError, parse_config
+from megamoe.training.arguments import parse_config
+from tests.fixtures import assert_config_error
 
 BASE = ["--device", "cpu", "--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--seq-length", "16", "--num-experts", "4", "--moe-ffn-hidden-size", "24"]
@@ -29,9 +30,7 @@ BASE = ["--device", "cpu", "--mock-data", "--vocab-size", "64", "--num-layers", 
      "--sequence-parallel needs --seq-length 18 divisible by --tensor-model-parallel-size 4"),
 ])
 def test_bad_parallel_flags_are_one_line_errors(extra, message):
-    with pytest.raises(ConfigError, match=message) as info:
-        parse_config(BASE + extra, world_size=8)
-    assert "\n" not in str(info.value)
+    assert_config_error(BASE + extra, 8, message)
 
 
 def test_folded_expert_parallelism_reaches_the_parallel_config():

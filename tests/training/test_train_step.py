@@ -19,7 +19,7 @@ from megamoe.parallel import state as ps
 from megamoe.training.metrics import IntervalMetrics
 from megamoe.training.trainer import train_step
 from tests.harness import run_distributed
-from tests.optim.common import HYPER, SEED, local_micro_batches, model_config
+from tests.tiny_moe import HYPER, SEED, local_micro_batches, model_config
 
 MOE_LOSSES = dict(moe_aux_loss_coeff=1.0, moe_z_loss_coeff=0.1)
 RUNS = {  # name: (params dtype, static loss scale, MoE loss coefficients)

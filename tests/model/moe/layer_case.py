@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.moe.layer import MoELayer
@@ -16,6 +15,7 @@ from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import initialize_module_, retag
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
 from tests.model.moe.reference import reference_moe
+from tests.tiny_moe import tiny_config
 
 SEED = 1234
 BATCH, SEQ, HIDDEN, EXPERTS = 2, 8, 32, 4
@@ -31,13 +31,10 @@ class Case:
 
 
 def layer_config(case: Case) -> ModelConfig:
-    fields = dict(
-        vocab_size=64, num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, moe_ffn_hidden_size=16,
-        num_experts=EXPERTS, moe_router_topk=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
-        expert_model_parallel_size=case.ep, swiglu=True, add_bias_linear=False,
-    )
-    fields.update(case.overrides)
-    return ModelConfig(**fields)
+    return tiny_config(**{**dict(
+        vocab_size=64, hidden_size=HIDDEN, moe_ffn_hidden_size=16, num_experts=EXPERTS, moe_aux_loss_coeff=0.1,
+        moe_z_loss_coeff=0.01, expert_model_parallel_size=case.ep,
+    ), **case.overrides})
 
 
 def micro_batch(d: int, uneven: bool):

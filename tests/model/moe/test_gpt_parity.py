@@ -18,6 +18,7 @@ from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
+from tests.tiny_moe import tiny_config
 from tests.model.moe.layer_case import Case, check_layer_case
 from tests.model.moe.reference import ReferenceMoEBlock
 
@@ -26,12 +27,8 @@ VOCAB, BATCH, SEQ = 64, 2, 8
 
 
 def _config(num_experts, ep, **overrides) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-        max_position_embeddings=16, moe_ffn_hidden_size=16, num_experts=num_experts, moe_router_topk=2,
-        moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, expert_model_parallel_size=ep,
-        **{"swiglu": True, "add_bias_linear": False, **overrides},
-    )
+    return tiny_config(vocab_size=VOCAB, moe_ffn_hidden_size=16, num_experts=num_experts, moe_aux_loss_coeff=0.1,
+                       moe_z_loss_coeff=0.01, expert_model_parallel_size=ep, **overrides)
 
 
 def _micro_batch(d: int):

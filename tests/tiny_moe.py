@@ -1,14 +1,20 @@
-"""Shared pieces of the optimizer tests: the small MoE GPT, its data, the plain-torch single-process
-reference, and one distributed training run at a given layout.
+"""The tiny MoE GPT the model, optimizer, training and checkpoint tests build, its data, and the
+pieces that train it in a given layout.  Test modules import from here; they never import each other.
 
-The model: 3 layers (MoE, dense, MoE), 4 experts per MoE layer, top-2, a shared expert, aux and
-z losses on, biases (TP-sharded and TP-replicated, dense and expert),
-tied embeddings, vocabulary 200 (padded to 256: padding rows exist at TP 1 and 2).
-The data: ``GLOBAL_BATCH`` sequences per step, micro-batch size 1, so every layout sees the
-same micro-batches; DP rank d takes micro-batches ``[d * n, (d + 1) * n)`` of each step.
+``tiny_config(**fields)`` is the one base of every tiny model: 2 layers, hidden 32, 4 heads, FFN
+48, sequence 16, vocabulary 200, 4 experts of FFN 32 in every layer, top-2, aux and z losses on,
+SwiGLU, no biases, tied embeddings.  A test states what its model changes as ``fields``
+(``num_experts=None`` for a dense model).
 
-The reference is independent of megamoe.optim: one process, TP = EP = DP = 1, the full
-global-batch loss (mean of the micro-batch losses) back-propagated, then
+``model_config`` is the optimizer tests' variant: 3 layers (MoE, dense, MoE), a shared expert and
+biases (TP-sharded and TP-replicated, dense and expert), so every kind of parameter and every
+reduction group is present.  The vocabulary pads to 256 at TP 1 and 2: padding rows exist.
+
+The data: ``GLOBAL_BATCH`` sequences per step, micro-batch size 1, so every layout sees the same
+micro-batches; DP rank d takes micro-batches ``[d * n, (d + 1) * n)`` of each step.
+
+The reference (``reference_run``) is independent of megamoe.optim: one process, TP = EP = DP = 1,
+the full global-batch loss (mean of the micro-batch losses) back-propagated, then
 ``torch.nn.utils.clip_grad_norm_`` and a plain ``torch.optim.AdamW`` in fp32.
 """
 
@@ -26,6 +32,7 @@ from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
+from megamoe.parallel.random import model_parallel_seed
 
 SEED = 1234
 VOCAB = 200
@@ -34,34 +41,50 @@ GLOBAL_BATCH = 8
 HYPER = dict(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.3)
 
 
-def model_config(ep_sizes=(1, 1), dtype=torch.float32, **arch) -> ModelConfig:
-    """The test model; ``arch`` overrides its fields (attention and routing variants)."""
+def tiny_config(**fields) -> ModelConfig:
+    """The tiny base model with ``fields`` changed."""
     return ModelConfig(**{**dict(
         vocab_size=VOCAB,
-        num_layers=3,
+        num_layers=2,
         hidden_size=32,
         num_attention_heads=4,
         ffn_hidden_size=48,
         max_position_embeddings=SEQ,
         num_experts=4,
-        moe_layer_freq=(1, 0, 1),
         moe_ffn_hidden_size=32,
         moe_router_topk=2,
         moe_aux_loss_coeff=1e-2,
         moe_z_loss_coeff=1e-3,
+        swiglu=True,
+        add_bias_linear=False,
+    ), **fields})
+
+
+def model_config(ep_sizes=(1, 1), dtype=torch.float32, **fields) -> ModelConfig:
+    """The optimizer tests' model at EP sizes ``ep_sizes`` (one per MoE layer); ``fields`` override it."""
+    return tiny_config(**{**dict(
+        num_layers=3,
+        moe_layer_freq=(1, 0, 1),
         moe_shared_expert_intermediate_size=16,
         expert_model_parallel_size=tuple(ep_sizes),
-        swiglu=True,
         add_bias_linear=True,
         params_dtype=dtype,
-    ), **arch})
+    ), **fields})
 
 
-def micro_batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def micro_batches(step: int, vocab: int = VOCAB) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The step's global batch as micro-batches of one sequence: (tokens [1, SEQ], labels [1, SEQ])."""
     g = torch.Generator().manual_seed(1000 + step)
-    data = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    data = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
     return [(data[i : i + 1, :-1], data[i : i + 1, 1:]) for i in range(GLOBAL_BATCH)]
+
+
+def local_micro_batches(step: int, vocab: int = VOCAB) -> list:
+    """This DP rank's share of ``micro_batches(step)``."""
+    state = ps.get_parallel_state()
+    batches = micro_batches(step, vocab)
+    n = len(batches) // state.dp_size
+    return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
 
 
 def expert_biases(model) -> torch.Tensor:
@@ -83,8 +106,8 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: dict | None = None) -> dict:
-    """Single-process fp32 training; builds its own TP=1/EP=1 groups and tears them down.
-    ``arch``: model field overrides; expert biases, if any, are updated after every step."""
+    """Single-process fp32 training of ``model_config``; builds its own TP=1/EP=1 groups and tears
+    them down.  ``arch``: model field overrides; expert biases, if any, are updated after every step."""
     layout = ps.initialize_model_parallel(1, (1,))
     model = GPTModel(model_config((1, 1), **(arch or {})), layout).initialize(SEED)
     params = list(model.parameters())
@@ -116,39 +139,38 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
     return out
 
 
-def build(
-    tp: int,
-    ep_sizes,
-    *,
-    zero: bool,
-    dtype=torch.float32,
-    arch: dict | None = None,
-    sequence_parallel: bool = False,
-    etp: int | None = None,
-    **overrides,
-):
-    """Groups, model and optimizer of one layout (call ``ps.destroy_model_parallel`` after);
-    ``arch`` overrides model fields, ``overrides`` optimizer ones; ``etp``: the expert-TP size."""
+def build_model(config: ModelConfig, tp: int, *, sequence_parallel: bool = False, etp: int | None = None,
+                seed: int = SEED) -> GPTModel:
+    """Groups of the layout (TP ``tp``, the EP sizes of ``config``, ETP ``etp``), the model-parallel
+    RNG seeded, and ``config``'s model initialised from ``seed`` (``ps.destroy_model_parallel`` after)."""
     layout = ps.initialize_model_parallel(
-        tp, tuple(set(ep_sizes)), expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel
+        tp, tuple(set(config.expert_model_parallel_size)), expert_tensor_parallel_size=etp,
+        sequence_parallel=sequence_parallel,
     )
-    model = GPTModel(model_config(ep_sizes, dtype, **(arch or {})), layout).initialize(SEED)
-    cfg = OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "params_dtype": dtype, **overrides})
-    return model, MixedPrecisionOptimizer(model, cfg, layout)
+    model_parallel_seed(SEED, layout)
+    return GPTModel(config, layout).initialize(seed)
 
 
-def local_micro_batches(step: int) -> list:
-    state = ps.get_parallel_state()
-    batches = micro_batches(step)
-    n = len(batches) // state.dp_size
-    return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
+def build_optimizer(model: GPTModel, *, zero: bool, **overrides) -> MixedPrecisionOptimizer:
+    """``HYPER``'s optimizer with ZeRO-1 ``zero``, in the model's dtype; ``overrides`` change its config."""
+    fields = {**HYPER, "use_distributed_optimizer": zero, "params_dtype": model.config.params_dtype, **overrides}
+    return MixedPrecisionOptimizer(model, OptimizerConfig(**fields), model.layout)
+
+
+def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None,
+          sequence_parallel: bool = False, etp: int | None = None, **overrides):
+    """Groups, ``model_config`` model and optimizer of one layout (``ps.destroy_model_parallel``
+    after); ``arch`` overrides model fields, ``overrides`` optimizer ones; ``etp``: the expert-TP size."""
+    config = model_config(ep_sizes, dtype, **(arch or {}))
+    model = build_model(config, tp, sequence_parallel=sequence_parallel, etp=etp)
+    return model, build_optimizer(model, zero=zero, **overrides)
 
 
 def forward_backward(model, opt, step: int, moe_stats: list | None = None) -> float:
     """This rank's micro-batches of ``step`` through forward and backward; returns the global
     loss (mean over DP of this rank's mean micro-batch loss).  Appends each micro-batch's MoE
     stats to ``moe_stats`` when given."""
-    batches = local_micro_batches(step)
+    batches = local_micro_batches(step, model.config.vocab_size)
     opt.zero_grad()
     total = torch.zeros(())
     for tokens, labels in batches:
@@ -177,6 +199,12 @@ def train(model, opt, steps, first_step: int = 0) -> dict:
         out["skipped"].append(result.skipped)
         out["bias"].append(expert_biases(model))
     return out
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Full parameters, copied: ``gather_full_state`` returns views of unsharded parameters, which
+    the next step would change."""
+    return {name: t.clone() for name, t in gather_full_state(model, model.layout).items()}
 
 
 def assert_params_close(got: dict, want: dict, where: str, *, rtol: float = 1e-5, atol: float = 2e-3 * HYPER["lr"]):
