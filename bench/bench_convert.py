@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from megamoe.checkpointing.format import model_config_dict
-from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateInfo
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, model_config_dict
+from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.layout import model_specs, stream_groups, target_layout
 from megamoe.checkpointing.sharded_writer import ShardedWriter
 from megamoe.model.config import ModelConfig

@@ -23,8 +23,15 @@ import os
 import torch
 
 from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, PARAM, FullStateInfo
-from megamoe.checkpointing.format import CheckpointError, Layout, load_rank_payload, rank_file
+from megamoe.checkpointing.format import (
+    OPTIMIZER_KINDS,
+    OPTIMIZER_SCALARS,
+    CheckpointError,
+    Layout,
+    load_rank_payload,
+    rank_file,
+)
+from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.layout import ParamSpec
 from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
 

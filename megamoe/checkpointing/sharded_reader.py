@@ -15,8 +15,8 @@ import torch
 
 from megamoe.checkpointing.accounting import Tally
 from megamoe.checkpointing.boxes import Box
-from megamoe.checkpointing.format import CheckpointError, Layout, ShardFiles, chunk_name
-from megamoe.checkpointing.full_state import OPTIMIZER_KINDS, PARAM, FullStateInfo
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, Layout, ShardFiles, chunk_name
+from megamoe.checkpointing.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.layout import ParamSpec
 from megamoe.checkpointing.pieces import model_key, optimizer_key
 
