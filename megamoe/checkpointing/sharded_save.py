@@ -10,7 +10,8 @@ Collective over the world, in three steps:
 2. write: each rank copies its assigned boxes and its RNG states to CPU and writes
    ``shard_RANK.pt`` into ``iter_XXXXXXX.partial/`` (write to ``.tmp``, then rename).
 3. publish (rank 0, once every rank's file is there): ``metadata.json``, rename the directory to
-   ``iter_XXXXXXX``, replace the 'latest' marker, prune (``keep_last``).
+   ``iter_XXXXXXX``, replace the 'latest' marker, delete the ``.partial`` directories that
+   crashed saves left, prune (``keep_last``).
 
 With ``async_save`` steps 2 and 3 run in a background thread: training continues once the boxes
 are copied.  Rank 0's thread publishes only after every rank's file exists, by polling the
@@ -175,6 +176,7 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
             shutil.rmtree(final)
         os.rename(partial, final)
         write_marker(request.root, request.iteration)
+        _remove_abandoned(request.root)
         if request.keep_last:
             _prune(request.root, request.keep_last)
 
@@ -195,6 +197,14 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
             publish()
 
     return PendingSave(write_then_publish, background=True)
+
+
+def _remove_abandoned(root: str) -> None:
+    """Delete the ``.partial`` directories of saves that crashed: one save runs at a time and this
+    one is published, so every ``.partial`` left in ``root`` is abandoned."""
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name.endswith(".partial"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -109,6 +109,8 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
     resumed = base + ["--train-iters", "3", "--load", save]
     run_distributed(run_main, 1, [resumed], timeout=300)
     assert read_metadata(save)[1]["iteration"] == 3
+    # The next published save deletes what the crashed one left.
+    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
 def test_async_save_resumes_exactly(tmp_path):
