@@ -74,7 +74,6 @@ def test_loss_norm_and_params_match_single_process_reference_in_every_layout():
     run_distributed(_layouts_body, 4, LAYOUTS, timeout=280)
 
 
-@pytest.mark.slow  # ~2 min on 2 cores; tests/model/moe/test_gpt_parity.py runs TP 2 / EP 4 in CI
 @pytest.mark.timeout(300)
 def test_tensor_parallel_2_with_expert_parallel_4_on_8_ranks_matches_the_reference():
     run_distributed(_layouts_body, 8, LAYOUTS_8, 2, timeout=280)
@@ -116,7 +115,7 @@ def arch_reference():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [4, 8])
 def test_gqa_qk_norm_sigmoid_expert_bias_train_alike_in_every_layout(world, arch_reference):
     run_distributed(_arch_layouts_body, world, arch_reference, timeout=280)
 
@@ -151,6 +150,6 @@ def _sequence_parallel_body(rank, world):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [4, 8])
 def test_sequence_parallel_and_expert_tensor_parallel_match_single_process_reference(world):
     run_distributed(_sequence_parallel_body, world, timeout=280)
