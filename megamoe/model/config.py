@@ -74,6 +74,9 @@ class ModelConfig:
     hidden_dropout: float = flag(0.0, help="dropout after attention and MLP", check=probability)
     attention_dropout: float = flag(0.0, help="dropout of the attention probabilities", check=probability)
     params_dtype: torch.dtype = derived(torch.float32, help="--bf16 / --fp16")
+    cross_entropy_chunk_size: int = flag(
+        0, help="output layer and cross entropy this many tokens at a time, their gradients computed in "
+                "forward: the logits of the whole micro-batch never exist (0: all at once)", check=non_negative)
     recompute_granularity: str | None = flag(None, help="full: recompute each layer's activations in backward",
                                              choices=("full",))
     recompute_num_layers: int | None = flag(None, help="with --recompute-granularity: the first N layers",

@@ -30,7 +30,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import MLP
 from megamoe.model.norm import Norm
 from megamoe.model.recompute import recomputed
-from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megamoe.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megamoe.parallel.mappings import tp_input
 from megamoe.parallel.params import initialize_module_, retag, tag_param
@@ -61,6 +61,15 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: ParallelSt
         with get_rng_tracker().fork():
             return F.dropout(x, p, training)
     return F.dropout(x, p, training)
+
+
+def _token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[b, s]`` fp32 weights whose weighted sum of the token losses is the LM loss: the mean
+    over the micro-batch's tokens, or over those ``loss_mask`` keeps (0 when it keeps none)."""
+    if loss_mask is None:
+        return torch.full(labels.shape, 1.0 / labels.numel(), dtype=torch.float32, device=labels.device)
+    mask = loss_mask.to(torch.float32)
+    return mask / mask.sum().clamp(min=1.0)
 
 
 class TransformerLayer(nn.Module):
@@ -176,7 +185,20 @@ class GPTModel(nn.Module):
                 moe_stats.append(aux.stats)
         x = self.final_norm(x)
         weight = self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
-        logits = F.linear(tp_input(x, self.layout), weight)
+        x = tp_input(x, self.layout)
+        if labels is not None and self.config.cross_entropy_chunk_size:
+            lm_loss = chunked_linear_cross_entropy(
+                x.flatten(0, 1),
+                weight,
+                labels.flatten(),
+                _token_weights(labels, loss_mask).flatten(),
+                vocab_start=self.word_embeddings.vocab_start,
+                vocab_size=self.config.vocab_size,
+                layout=self.layout,
+                chunk_size=self.config.cross_entropy_chunk_size,
+            )
+            return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)
+        logits = F.linear(x, weight)
         if labels is None:
             return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
         token_loss = vocab_parallel_cross_entropy(
@@ -186,9 +208,5 @@ class GPTModel(nn.Module):
             vocab_size=self.config.vocab_size,
             layout=self.layout,
         )
-        if loss_mask is None:
-            lm_loss = token_loss.mean()
-        else:
-            mask = loss_mask.to(token_loss.dtype)
-            lm_loss = (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        lm_loss = (token_loss * _token_weights(labels, loss_mask)).sum()
         return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)

@@ -6,6 +6,12 @@ logits of vocabulary ids ``[vocab_start, vocab_start + V/TP)``; ids at or beyond
 (the padding of the vocabulary) are excluded from the softmax, so the loss does not depend on
 how much padding a TP size needs.  Three all-reduces over TP: the max, the target logit and
 the sum of exponentials, each of size ``[...]``.
+
+``chunked_linear_cross_entropy(x [T, h], weight [V/TP, h], target [T], token_weights [T], ...)``
+is the output layer and the weighted sum of the token losses in one step, ``chunk_size`` tokens
+at a time: each chunk's logits exist only while its loss and its gradients (input and weight)
+are computed, in forward, so neither the logits nor the softmax of the whole micro-batch is
+ever held (``--cross-entropy-chunk-size``).  Both use the same softmax and gradient code.
 """
 
 from __future__ import annotations
@@ -17,43 +23,52 @@ from megamoe.parallel.mappings import all_reduce_tp
 from megamoe.parallel.state import ParallelState
 
 
+def _softmax_and_loss(logits, target, vocab_start, vocab_size, layout):
+    """From fp32 local logits ``[..., V/TP]`` (overwritten): the softmax over the whole vocabulary,
+    the per-token loss, and where each target sits locally (``outside``: on another TP rank)."""
+    local_vocab = logits.shape[-1]
+    valid_local = vocab_size - vocab_start
+    if valid_local < local_vocab:
+        logits[..., max(valid_local, 0):] = float("-inf")
+    logits_max = logits.max(dim=-1).values
+    all_reduce_tp(logits_max, layout, dist.ReduceOp.MAX)
+    shifted = logits.sub_(logits_max.unsqueeze(-1))
+
+    local_target = target - vocab_start
+    outside = (local_target < 0) | (local_target >= local_vocab)
+    local_target = local_target.masked_fill(outside, 0)
+    target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = target_logit.masked_fill(outside, 0.0)
+    all_reduce_tp(target_logit, layout)
+
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1)
+    all_reduce_tp(sum_exp, layout)
+    loss = sum_exp.log() - target_logit
+    softmax = exp.div_(sum_exp.unsqueeze(-1))
+    return softmax, loss, local_target, outside
+
+
+def _logits_grad_(softmax, local_target, outside, grad_loss):
+    """d loss / d logits, in place of ``softmax``: ``(softmax - onehot(target)) * grad_loss``."""
+    onehot = (~outside).to(softmax.dtype).unsqueeze(-1)
+    softmax.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
+    return softmax.mul_(grad_loss.unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, layout):
-        logits = logits.float()
-        local_vocab = logits.shape[-1]
-        valid_local = vocab_size - vocab_start
-        if valid_local < local_vocab:
-            logits = logits.clone()
-            logits[..., max(valid_local, 0):] = float("-inf")
-        logits_max = logits.max(dim=-1).values
-        all_reduce_tp(logits_max, layout, dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
-
-        local_target = target - vocab_start
-        outside = (local_target < 0) | (local_target >= local_vocab)
-        local_target = local_target.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = target_logit.masked_fill(outside, 0.0)
-        all_reduce_tp(target_logit, layout)
-
-        exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
-        all_reduce_tp(sum_exp, layout)
-        loss = sum_exp.log() - target_logit
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        # A copy in fp32 (``float()`` of fp32 logits would be the caller's tensor itself).
+        logits = logits.to(torch.float32, copy=True)
+        softmax, loss, local_target, outside = _softmax_and_loss(logits, target, vocab_start, vocab_size, layout)
         ctx.save_for_backward(softmax, local_target, outside)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_target, outside = ctx.saved_tensors
-        grad = softmax
-        onehot = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return _logits_grad_(softmax, local_target, outside, grad_loss), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -61,3 +76,62 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token loss; the all-reduces run over ``layout``'s TP group."""
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, layout)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, target, token_weights, vocab_start, vocab_size, layout, chunk_size, needs_grad):
+        token_weights = token_weights.float()
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        # The gradients are computed for weights scaled to a largest value of 1 and scaled back in
+        # backward: the loss scale is not known here, and fp16 would flush gradients of a
+        # 1/tokens weight to zero.
+        weight_max = token_weights.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+        unit_weights = token_weights / weight_max
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for start in range(0, x.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            x_c = x[rows]
+            # The logits in the weight's dtype, then fp32: what F.linear + the plain cross entropy compute.
+            logits = torch.matmul(x_c, weight.t()).float()
+            softmax, loss, local_target, outside = _softmax_and_loss(
+                logits, target[rows], vocab_start, vocab_size, layout)
+            total += (loss * token_weights[rows]).sum()
+            if needs_grad:
+                grad_logits = _logits_grad_(softmax, local_target, outside, unit_weights[rows]).to(weight.dtype)
+                grad_x[rows] = torch.matmul(grad_logits, weight)
+                grad_weight += torch.matmul(grad_logits.t(), x_c).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_weight, weight_max)
+            ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_weight, weight_max = ctx.saved_tensors
+        factor = grad_total.float() * weight_max  # a 0-dim fp32 tensor: grad_x keeps its dtype
+        return (grad_x * factor, (grad_weight * factor).to(ctx.weight_dtype),
+                None, None, None, None, None, None, None)
+
+
+def chunked_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    layout: ParallelState,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``sum_t token_weights[t] * loss_t`` (fp32 scalar, identical on every TP rank) of the logits
+    ``x @ weight.T``: x ``[T, h]`` (this rank's TP input), weight ``[V/TP, h]`` (this rank's
+    vocabulary shard), target and token_weights ``[T]``.  The all-reduces run over ``layout``'s TP
+    group, three per chunk of ``chunk_size`` tokens.  Memory beyond the inputs: one chunk's logits
+    in forward, and the gradients of x and of weight (fp32), kept for backward; without grad
+    mode (evaluation) only the loss is computed."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(
+        x, weight, target, token_weights, vocab_start, vocab_size, layout, chunk_size, needs_grad)

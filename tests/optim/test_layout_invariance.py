@@ -9,7 +9,8 @@ carries the parameters' own differences: 5e-6 [2.3e-6]; parameters: ``assert_par
 with rtol 1e-6 (its per-element floor, a 500th of an Adam step, dominates).
 
 The 4-rank layouts run in one launch (spawning costs more than the steps); the reference is
-computed once per rank.  Layout tuples: (TP, EP per MoE layer, ZeRO-1, bucket size).  Small
+computed once per rank.  Layout tuples: (TP, EP per MoE layer, ZeRO-1, bucket size[, cross-entropy
+chunk size]).  Small
 buckets put several buckets (and bucket padding) in every buffer.
 """
 
@@ -36,6 +37,9 @@ LAYOUTS = [
     (1, (4, 2), False, 40_000_000),
     (1, (4, 2), True, 5_000),
     (2, (2, 1), True, 5_000),
+    # --cross-entropy-chunk-size 5 and 7 (16 tokens per micro-batch): the reference takes the plain path.
+    (2, (2, 2), True, 5_000, 5),
+    (1, (4, 2), False, 40_000_000, 7),
 ]
 LAYOUTS_8 = [(2, (4, 4), False, 5_000), (2, (4, 2), True, 5_000)]  # 2 steps: 8 ranks on few cores
 RTOL = 1e-6
@@ -63,9 +67,10 @@ def _train_and_compare(model, opt, steps, ref, where):
 def _layouts_body(rank, world, layouts, steps=STEPS):
     ref = reference_run(steps)
     assert all(n > HYPER["clip_grad"] * 1.5 for n in ref["l2"]), f"clipping must be active: {ref['l2']}"
-    for tp, eps, zero, bucket in layouts:
-        where = f"TP={tp} EP={eps} ZeRO={zero} bucket={bucket}"
-        model, opt = build(tp, eps, zero=zero, bucket_size=bucket)
+    for tp, eps, zero, bucket, *chunk in layouts:
+        where = f"TP={tp} EP={eps} ZeRO={zero} bucket={bucket} CE chunk={chunk}"
+        arch = dict(cross_entropy_chunk_size=chunk[0]) if chunk else None
+        model, opt = build(tp, eps, zero=zero, bucket_size=bucket, arch=arch)
         _train_and_compare(model, opt, steps, ref, where)
 
 
@@ -131,6 +136,7 @@ SP_LAYOUTS = {
         (2, (4, 4), 1, True),
         (2, (4, 2), 1, True),
         (2, (4, 2), 1, False),
+        (2, (4, 2), 1, True, 6),  # --cross-entropy-chunk-size 6 over the sequence all-gathered for the output layer
     ],
     8: [
         (2, (2, 2), None, True),
@@ -143,9 +149,10 @@ SP_LAYOUTS = {
 
 def _sequence_parallel_body(rank, world):
     ref = reference_run(SP_STEPS, arch=SP_ARCH)
-    for tp, eps, etp, zero in SP_LAYOUTS[world]:
-        where = f"world={world} TP={tp} SP EP={eps} ETP={etp or tp} ZeRO={zero}"
-        model, opt = build(tp, eps, zero=zero, arch=SP_ARCH, sequence_parallel=True, etp=etp, bucket_size=5_000)
+    for tp, eps, etp, zero, *chunk in SP_LAYOUTS[world]:
+        where = f"world={world} TP={tp} SP EP={eps} ETP={etp or tp} ZeRO={zero} CE chunk={chunk}"
+        arch = {**SP_ARCH, "cross_entropy_chunk_size": chunk[0]} if chunk else SP_ARCH
+        model, opt = build(tp, eps, zero=zero, arch=arch, sequence_parallel=True, etp=etp, bucket_size=5_000)
         _train_and_compare(model, opt, SP_STEPS, ref, where)
 
 
