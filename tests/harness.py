@@ -18,6 +18,7 @@ that fails or hangs kills its set; the next call starts a new one.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import queue
@@ -53,6 +54,10 @@ def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
         dist.barrier()
         return value
     finally:
+        # The body's objects (reference cycles: autograd graphs, hooks) let go of their process
+        # groups before the groups are destroyed; a group destroyed while still referenced keeps
+        # its gloo threads for the life of the process.
+        gc.collect()
         if ps.is_initialized():
             ps.destroy_model_parallel()
         if dist.is_initialized():

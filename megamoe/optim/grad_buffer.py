@@ -24,6 +24,7 @@ each ready gradient to ``megamoe.optim.grad_sync``, which launches buckets durin
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -180,10 +181,16 @@ class GradBuffer:
         self._synced = False  # main grads hold the reduced gradients (until zero_grad)
 
     def _grad_hook(self, bucket_index: int):
+        # A weak reference: a parameter's hooks are not traversed by Python's garbage collector,
+        # so a strong one (parameter -> hook -> buffer -> parameter) would keep the buffer, its
+        # fp32 gradients and its process groups alive after the model and optimizer are dropped.
+        owner = weakref.ref(self)
+
         def hook(param: torch.Tensor) -> None:
             _accumulate_into_main_grad(param)
-            if self.on_param_ready is not None:
-                self.on_param_ready(self, bucket_index)
+            buffer = owner()
+            if buffer is not None and buffer.on_param_ready is not None:
+                buffer.on_param_ready(buffer, bucket_index)
 
         return hook
 

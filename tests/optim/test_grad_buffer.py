@@ -87,3 +87,21 @@ def test_reduction_rule_dense_over_dp_experts_over_edp_both_divided_by_dp():
     expert = grad_reduction(ParamMeta(expert_parallel_size=4), state)
     assert (expert.group, expert.size) == ("edp", 2)
     assert expert.scale == 1 / 8, "expert grads are divided by DP, not by EDP (DeepSpeed PR 5259)"
+
+
+def test_a_dropped_buffer_is_freed_while_its_parameters_live_on():
+    """The backward hooks a buffer puts on its parameters must not keep it alive: a model whose
+    optimizer is dropped (or rebuilt) would otherwise hold every old fp32 gradient buffer and its
+    process groups for the life of the process."""
+    import gc
+    import weakref
+
+    params = _params()
+    buf = GradBuffer(params, Reduction("dp", group=None, size=1, rank=0, scale=1.0), bucket_size=100, sharded=False)
+    sum(p.sum() for _, p in params).backward()
+    assert all(torch.equal(p.main_grad, torch.ones_like(p)) for _, p in params)
+    dropped = weakref.ref(buf)
+    del buf
+    gc.collect()
+    assert dropped() is None, "the parameters' hooks keep the gradient buffer alive"
+    sum(p.sum() for _, p in params).backward()  # the orphaned hooks still run
