@@ -29,6 +29,7 @@ import functools
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -280,12 +281,23 @@ def write_marker(root: str, iteration: int) -> None:
 
 
 def read_metadata(root: str, *, legacy: bool = False) -> tuple[str, dict] | None:
-    """``(directory, metadata)`` of the latest checkpoint under ``root``, or None if there is none."""
+    """``(directory, metadata)`` of the checkpoint ``root`` names: the one its 'latest' marker
+    points at (a save root), or ``root`` itself when it is one iteration's directory (it holds
+    ``metadata.json``).  None when ``root`` holds no checkpoint: a new run.  A root that holds
+    iteration directories but no marker is refused: starting afresh would silently drop them."""
     iteration = read_marker(root)
-    if iteration is None:
-        return None
-    directory = iteration_dir(root, iteration)
-    return directory, load_metadata(directory, legacy=legacy)
+    if iteration is not None:
+        directory = iteration_dir(root, iteration)
+        return directory, load_metadata(directory, legacy=legacy)
+    if os.path.isfile(os.path.join(root, METADATA)):
+        return root, load_metadata(root, legacy=legacy)
+    published = sorted(n for n in os.listdir(root) if re.fullmatch(r"iter_\d+", n)) if os.path.isdir(root) else []
+    if published:
+        raise CheckpointError(
+            f"{root} holds checkpoint directories ({', '.join(published[-3:])}) but no {MARKER}: give one of "
+            f"them itself, or write the iteration to load into {os.path.join(root, MARKER)}"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------- rank files

@@ -10,7 +10,7 @@ import pytest
 
 import pretrain_moe
 from tests.harness import run_distributed
-from tests.fixtures import TINY_MOE
+from tests.fixtures import TINY_MOE, read_json_log
 
 BASE = TINY_MOE + ["--train-iters", "2"]
 
@@ -61,6 +61,12 @@ def _body(rank, world, tmp):
     unwritable = os.path.join(blocker, "ckpt")
     _refused(BASE + ["--save", unwritable], re.escape(unwritable) + " cannot be written", log)
 
+    unmarked = os.path.join(tmp, "unmarked")
+    shutil.copytree(good, unmarked)
+    os.remove(os.path.join(unmarked, "latest_checkpointed_iteration.txt"))
+    _refused(BASE + ["--load", unmarked], re.escape(unmarked) + r" holds checkpoint directories \(iter_0000002\) but no "
+             "latest_checkpointed_iteration.txt", log)
+
     legacy = os.path.join(tmp, "legacy")
     os.makedirs(os.path.join(legacy, "iter_0000002"))
     with open(os.path.join(legacy, "latest_checkpointed_iteration.txt"), "w") as f:
@@ -73,3 +79,25 @@ def _body(rank, world, tmp):
 
 def test_broken_checkpoints_are_refused_before_training(tmp_path):
     run_distributed(_body, 1, str(tmp_path), timeout=300)
+
+
+def _resume_body(rank, world, tmp):
+    os.environ["WORLD_SIZE"] = str(world)
+    save = os.path.join(tmp, "ckpt")
+    assert pretrain_moe.main(BASE + ["--save", save, "--save-interval", "1"]) == 0
+    for name, load in (("root", save), ("dir", os.path.join(save, "iter_0000002"))):
+        argv = TINY_MOE + ["--train-iters", "3", "--load", load, "--log-json", os.path.join(tmp, f"{name}.jsonl")]
+        assert pretrain_moe.main(argv) == 0
+    old = TINY_MOE + ["--train-iters", "3", "--load", os.path.join(save, "iter_0000001"),
+                      "--log-json", os.path.join(tmp, "old.jsonl")]
+    assert pretrain_moe.main(old) == 0
+
+
+def test_load_takes_a_save_root_or_one_iteration_directory(tmp_path):
+    """--load DIR/iter_0000002 resumes that checkpoint exactly as --load DIR (whose marker names
+    it), and an older iteration directory resumes from that iteration."""
+    run_distributed(_resume_body, 1, str(tmp_path), timeout=300)
+    logs = {name: read_json_log(tmp_path / f"{name}.jsonl") for name in ("root", "dir", "old")}
+    assert [r["iteration"] for r in logs["root"]] == [r["iteration"] for r in logs["dir"]] == [3]
+    assert logs["dir"][0]["lm_loss"] == logs["root"][0]["lm_loss"]
+    assert [r["iteration"] for r in logs["old"]] == [2, 3]
