@@ -31,7 +31,6 @@ from megamoe.checkpointing.format import (
     LEGACY_VERSION,
     MARKER,
     CheckpointError,
-    load_metadata,
     model_config_from_dict,
     read_metadata,
 )
@@ -84,11 +83,8 @@ def open_source(load_dir: str, from_format: str | None):
         raise ValueError(f"--from {from_format!r}: valid values are ['hf'] (megamoe formats are detected)")
     if consolidated.is_consolidated(load_dir):
         return consolidated.ConsolidatedReader(load_dir), f"{load_dir} (consolidated)"
-    if os.path.isfile(os.path.join(load_dir, MARKER)):
-        directory, metadata = read_metadata(load_dir, legacy=True)
-    elif os.path.isfile(os.path.join(load_dir, "metadata.json")):
-        directory, metadata = load_dir, load_metadata(load_dir, legacy=True)
-    else:
+    found = read_metadata(load_dir, legacy=True)
+    if found is None:
         hint = (
             " (it looks like a Hugging Face model: pass --from hf)"
             if os.path.isfile(os.path.join(load_dir, "config.json"))
@@ -97,6 +93,7 @@ def open_source(load_dir: str, from_format: str | None):
         raise CheckpointError(
             f"{load_dir} is not a megamoe checkpoint: it has neither {MARKER} nor metadata.json{hint}"
         )
+    directory, metadata = found
     if metadata["version"] == LEGACY_VERSION:
         reader = LegacyReader(directory, metadata)
         return reader, f"{directory} (version 1, {reader.layout.describe()})"
