@@ -37,7 +37,8 @@ class DataConfig:
     """Where samples come from.  ``__post_init__`` validates; errors name the flag."""
 
     data_path: list[str] | None = flag(
-        help="dataset prefix (without .bin/.idx), or weight prefix weight prefix ...", nargs="+",
+        help="dataset prefix (without .bin/.idx); weight prefix weight prefix ...; or prefix prefix ... "
+             "(weighted by their token counts)", nargs="+",
         default_text="the built-in corpus")
     split: str = flag("969,30,1", help="relative sizes of train, valid, test, by documents (comma or slash "
                                        "separated)")
@@ -74,19 +75,30 @@ def parse_split(split: str) -> list[float]:
     return [p / sum(parts) for p in parts]
 
 
-def parse_data_path(data_path: list[str]) -> tuple[list[float], list[str]]:
-    """Megatron's --data-path forms -> (weights, prefixes): ``[p]`` or ``[w1, p1, w2, p2, ...]``."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_data_path(data_path: list[str]) -> tuple[list[float] | None, list[str]]:
+    """Megatron's --data-path forms -> (weights, prefixes): ``[p]``, ``[w1, p1, w2, p2, ...]``, or
+    ``[p1, p2, ...]`` without weights (None: each dataset weighs its number of tokens, so one
+    pass over the blend reads each dataset once, as Megatron's unweighted list does)."""
     if not data_path:
         raise ValueError("--data-path: give a dataset prefix (or --mock-data)")
     if len(data_path) == 1:
         return [1.0], list(data_path)
-    if len(data_path) % 2:
-        raise ValueError(f"--data-path {' '.join(data_path)}: expected weight prefix pairs, or a single prefix")
-    try:
-        weights = [float(w) for w in data_path[0::2]]
-    except ValueError:
-        raise ValueError(f"--data-path {' '.join(data_path)}: expected weight prefix pairs, weights first") from None
-    return normalize_weights(weights).tolist(), list(data_path[1::2])
+    if not any(_is_number(part) for part in data_path):
+        return None, list(data_path)
+    if len(data_path) % 2 or not all(_is_number(w) for w in data_path[0::2]):
+        raise ValueError(
+            f"--data-path {' '.join(data_path)}: expected weight prefix pairs (weights first), or prefixes "
+            "without weights"
+        )
+    return normalize_weights([float(w) for w in data_path[0::2]]).tolist(), list(data_path[1::2])
 
 
 def split_ranges(num_documents: int, fractions: list[float]) -> list[tuple[int, int]]:
@@ -124,6 +136,9 @@ def build_train_valid_test_datasets(
             for s, n in enumerate(counts)
         )
     indexed = [IndexedDataset(prefix) for prefix in data_config.prefixes]
+    weights = data_config.weights
+    if weights is None:
+        weights = normalize_weights([ds.num_tokens for ds in indexed]).tolist()
     result = []
     for s, (name, num_samples) in enumerate(zip(SPLIT_NAMES, counts)):
         if num_samples == 0:
@@ -133,7 +148,7 @@ def build_train_valid_test_datasets(
             result.append(_split_dataset(indexed[0], data_config, s, name, num_samples, seq_length, seed))
             continue
         cache_dir = data_config.cache_dir or default_cache_dir(data_config.prefixes[0])
-        schedule = load_blend_schedule(data_config.weights, num_samples, cache_dir=cache_dir, name=name)
+        schedule = load_blend_schedule(weights, num_samples, cache_dir=cache_dir, name=name)
         per_dataset = np.bincount(np.asarray(schedule[0]), minlength=len(indexed))
         parts = [
             _split_dataset(ds, data_config, s, name, int(n), seq_length, seed) for ds, n in zip(indexed, per_dataset)

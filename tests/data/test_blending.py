@@ -87,3 +87,14 @@ def test_the_schedule_is_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(blending, "blend_schedule", lambda *a: (_ for _ in ()).throw(AssertionError("rebuilt")))
     again = load_blend_schedule([1, 3], 100, cache_dir=str(tmp_path), name="x")
     np.testing.assert_array_equal(first, again)
+
+
+def test_prefixes_without_weights_blend_by_their_token_counts(tmp_path):
+    """``--data-path a b`` (Megatron's unweighted list): each dataset weighs its number of tokens."""
+    a, b = _write(tmp_path / "a", 1, 300), _write(tmp_path / "b", 2, 100)  # 1950 and 650 tokens: 3 to 1
+    config = DataConfig([a, b], split="1", cache_dir=str(tmp_path / "cache"))
+    assert config.weights is None and config.prefixes == [a, b]
+    train, _, _ = build_train_valid_test_datasets(
+        config, train_samples=1000, valid_samples=0, test_samples=0, seq_length=8, seed=0)
+    sources = [int(train[i]["tokens"][0]) for i in range(1000)]
+    assert sources.count(1) == 750 and sources.count(2) == 250
