@@ -28,6 +28,7 @@ from megamoe.training.config import (
 )
 from megamoe.training.flops import default_peak_tflops
 from megamoe.training.lr_schedule import LRSchedule
+from megamoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for title, cls in FLAG_GROUPS:
         add_flags(p, cls, title)
+    add_megatron_flags(p)
     return p
 
 
@@ -66,6 +68,7 @@ def parse_config(argv: list[str] | None = None, *, world_size: int | None = None
 
 def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The dataclasses from the flags, then the checks that span several of them."""
+    notices = check_megatron_flags(args)
     if args.compile and args.recompute_granularity:
         raise ConfigError(
             "--compile and --recompute-granularity cannot be combined yet (the recomputation re-enters the "
@@ -118,7 +121,8 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     logging = from_args(LoggingConfig, args, peak_tflops=args.peak_tflops_per_device or default_peak_tflops(train.device))
     _check_logging(logging)
     return RunConfig(model=model, parallel=parallel, optimizer=optimizer, schedule=schedule, data=data, train=train,
-                     checkpoint=checkpoint, logging=logging, eod_token_id=eod_token_id, args=vars(args))
+                     checkpoint=checkpoint, logging=logging, eod_token_id=eod_token_id, args=vars(args),
+                     notices=notices)
 
 
 def _check_logging(logging: LoggingConfig) -> None:

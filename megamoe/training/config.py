@@ -116,6 +116,7 @@ class RunConfig:
     logging: LoggingConfig
     eod_token_id: int | None = None  # the tokenizer's end-of-document id (None with --mock-data)
     args: dict = field(default_factory=dict)  # the parsed flags, saved with checkpoints
+    notices: list[str] = field(default_factory=list)  # for the log: what the Megatron-only flags given mean here
 
     @property
     def eod_mask_token(self) -> int | None:

@@ -203,6 +203,8 @@ def pretrain(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
     state = get_parallel_state()
+    for notice in cfg.notices:
+        log.info(notice)
     try:  # before the model: a data problem is the user's, and should cost nothing
         train_ds, valid_ds, _ = _datasets(cfg)
     except ValueError as err:

@@ -1,0 +1,101 @@
+"""Megatron-LM flags that megamoe accepts so that a Megatron launch script runs as it is.
+
+Each of these flags selects, in Megatron, something megamoe always does (a kernel choice, the
+only dispatcher it has, a size of 1 for a parallelism it does not have).  Given with a value
+that describes what megamoe does, the flag is accepted and the run's log says, once, what it
+means here; with any other value it is a ``ValueError`` naming the flag and the values that
+would be valid.  Flags whose effect megamoe does not reproduce are not here: argparse refuses
+them as unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+SWITCH = None  # the flag takes no value
+ANY_INT = ()  # the flag takes an integer, and every value means the same here
+
+
+@dataclass(frozen=True)
+class MegatronFlag:
+    name: str
+    accepts: tuple[str, ...] | None  # valid values; SWITCH or ANY_INT
+    meaning: str  # what megamoe does, which the flag then describes
+
+    @property
+    def dest(self) -> str:
+        return "megatron_" + self.name.lstrip("-").replace("-", "_")
+
+
+MEGATRON_FLAGS = (
+    MegatronFlag("--use-mcore-models", SWITCH, "megamoe has one model implementation"),
+    MegatronFlag("--transformer-impl", ("local", "transformer_engine"),
+                 "megamoe's own layers run; TransformerEngine is not used"),
+    MegatronFlag("--use-flash-attn", SWITCH, "attention is torch SDPA, which runs flash attention where the GPU has it"),
+    MegatronFlag("--attention-backend", ("auto", "flash", "fused", "unfused", "local"),
+                 "attention is torch SDPA, which picks its kernel"),
+    MegatronFlag("--no-masked-softmax-fusion", SWITCH, "SDPA applies the causal mask inside its kernel"),
+    MegatronFlag("--attention-softmax-in-fp32", SWITCH, "SDPA accumulates the softmax in fp32"),
+    MegatronFlag("--no-bias-swiglu-fusion", SWITCH, "SwiGLU is not fused with a bias"),
+    MegatronFlag("--no-bias-gelu-fusion", SWITCH, "GeLU is not fused with a bias"),
+    MegatronFlag("--no-bias-dropout-fusion", SWITCH, "dropout is not fused with a bias"),
+    MegatronFlag("--no-rope-fusion", SWITCH, "RoPE is plain torch (fused by --compile)"),
+    MegatronFlag("--no-gradient-accumulation-fusion", SWITCH,
+                 "weight gradients are added into the fp32 main grads after each backward"),
+    MegatronFlag("--accumulate-allreduce-grads-in-fp32", SWITCH,
+                 "gradients are accumulated and reduced in fp32 main grads"),
+    MegatronFlag("--distributed-backend", ("nccl", "gloo"), "the backend follows --device: NCCL on cuda, gloo on cpu"),
+    MegatronFlag("--pipeline-model-parallel-size", ("1",), "megamoe has no pipeline parallelism"),
+    MegatronFlag("--context-parallel-size", ("1",), "megamoe has no context parallelism"),
+    MegatronFlag("--moe-token-dispatcher-type", ("alltoall",), "tokens are dispatched by all-to-all over the EP group"),
+    MegatronFlag("--moe-router-load-balancing-type", ("aux_loss",),
+                 "the load-balancing loss is Switch's aux loss, weighted by --moe-aux-loss-coeff"),
+    MegatronFlag("--moe-grouped-gemm", SWITCH, "grouped GEMM is the default (--no-moe-grouped-gemm turns it off)"),
+    MegatronFlag("--moe-router-dtype", ("fp32",), "router scores and top-k are computed in fp32"),
+    MegatronFlag("--rotary-percent", ("1.0", "1"), "RoPE rotates the whole head dimension"),
+    MegatronFlag("--no-position-embedding", SWITCH,
+                 "no learned position table: positions come from --position-embedding-type rope"),
+    MegatronFlag("--make-vocab-size-divisible-by", ("128",),
+                 "the vocabulary is padded to a multiple of 128 x --tensor-model-parallel-size"),
+    MegatronFlag("--tokenizer-type", ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"),
+                 "--tokenizer-model is a sentencepiece model"),
+    MegatronFlag("--num-workers", ANY_INT, "samples are read from the memory-mapped data in the training process"),
+    MegatronFlag("--log-throughput", SWITCH, "tokens/s, TFLOP/s per device and MFU are always logged"),
+    MegatronFlag("--ckpt-format", ("torch", "torch_dist"),
+                 "checkpoints are megamoe's sharded format, loadable into any layout"),
+    MegatronFlag("--overlap-param-gather", SWITCH,
+                 "ZeRO-1's parameter all-gather runs after the optimizer step, not overlapped with the next forward"),
+    MegatronFlag("--empty-unused-memory-level", ANY_INT, "the CUDA cache is never emptied between steps"),
+)
+
+
+def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Megatron-LM flags accepted for compatibility (they describe what megamoe does; other values are refused)")
+    for f in MEGATRON_FLAGS:
+        if f.accepts is SWITCH:
+            group.add_argument(f.name, dest=f.dest, action="store_true", help=f.meaning)
+        elif f.accepts is ANY_INT:
+            group.add_argument(f.name, dest=f.dest, type=int, metavar="N", help=f.meaning)
+        else:
+            group.add_argument(f.name, dest=f.dest, metavar="VALUE",
+                               help=f"{f.meaning} (valid: {', '.join(f.accepts)})")
+
+
+def check_megatron_flags(args: argparse.Namespace) -> list[str]:
+    """The log lines for the Megatron flags given; raises ValueError for a value megamoe does not
+    do or a flag that contradicts megamoe's own."""
+    notes = []
+    for f in MEGATRON_FLAGS:
+        value = getattr(args, f.dest, None)
+        if value is None or value is False:
+            continue
+        if f.accepts not in (SWITCH, ANY_INT) and value not in f.accepts:
+            raise ValueError(f"{f.name} {value}: megamoe supports only {', '.join(f.accepts)} ({f.meaning})")
+        if f.name == "--no-position-embedding" and args.position_embedding_type != "rope":
+            raise ValueError(f"--no-position-embedding contradicts --position-embedding-type "
+                             f"{args.position_embedding_type}")
+        shown = f.name if value is True else f"{f.name} {value}"
+        notes.append(f"{shown}: accepted for Megatron compatibility; {f.meaning}")
+    return notes
