@@ -48,6 +48,10 @@ class TrainConfig:
     device: str | None = flag(None, help="where to train", choices=("cpu", "cuda"),
                               default_text="cuda when available")
     exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM")
+    exit_interval: int | None = flag(None, help="save and exit after the first iteration that is a multiple of N",
+                                     check=positive)
+    exit_duration_in_mins: float | None = flag(None, help="save and exit once this many minutes have passed since "
+                                                          "the run started (agreed over the ranks)", check=positive)
     compile: bool = flag(False, help="regional torch.compile of attention, norms and dense MLPs")
     eod_mask_loss: bool = flag(False, help="no loss on positions whose input token is EOD")
     bf16: bool = flag(False, help="bf16 parameters with fp32 main grads and master weights")

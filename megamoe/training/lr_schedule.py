@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megamoe.flags import check_fields, derived, flag, non_negative
+from megamoe.flags import check_fields, derived, flag, non_negative, probability
 from megamoe.optim.config import check_lr
 
 DECAY_STYLES = ("constant", "linear", "cosine", "wsd")
@@ -19,7 +19,10 @@ class LRSchedule:
     lr: float = derived(help="--lr (OptimizerConfig): peak learning rate")
     min_lr: float = derived(0.0, help="--min-lr (OptimizerConfig)")
     decay_style: str = flag("cosine", name="--lr-decay-style", help="decay after warmup", choices=DECAY_STYLES)
-    warmup_iters: int = flag(0, name="--lr-warmup-iters", help="linear warmup from 0", check=non_negative)
+    warmup_iters: int | float = flag(0, name="--lr-warmup-iters", type=int, help="linear warmup from 0",
+                                     check=non_negative)  # a float when set by --lr-warmup-fraction
+    warmup_fraction: float | None = flag(None, name="--lr-warmup-fraction", check=probability,
+                                         help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     decay_iters: int | None = flag(None, name="--lr-decay-iters", help="iterations until --min-lr",
                                    check=non_negative, default_text="--train-iters")
     wsd_decay_iters: int | None = flag(None, name="--lr-wsd-decay-iters", help="length of wsd's final decay phase",
@@ -30,6 +33,11 @@ class LRSchedule:
         check_lr(self.lr, self.min_lr)
         if self.decay_iters is None:
             raise ValueError("--lr-decay-iters is unset (the command line defaults it to --train-iters)")
+        if self.warmup_fraction is not None:
+            if self.warmup_iters:
+                raise ValueError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+            # Megatron's rule, unrounded: the warmup may end between two iterations.
+            self.warmup_iters = self.warmup_fraction * self.decay_iters
         if self.wsd_decay_iters is None:
             self.wsd_decay_iters = max(1, self.decay_iters // 10)
         if self.decay_style != "constant" and self.warmup_iters > self.decay_iters:
@@ -44,7 +52,7 @@ class LRSchedule:
 
     def lr_at(self, iteration: int) -> float:
         """Learning rate for the step that produces iteration ``iteration + 1`` (0-based step index)."""
-        if self.warmup_iters > 0 and iteration < self.warmup_iters:
+        if self.warmup_iters > 0 and iteration + 1 <= self.warmup_iters:
             return self.lr * (iteration + 1) / self.warmup_iters
         if self.decay_style == "constant":
             return self.lr
@@ -56,7 +64,7 @@ class LRSchedule:
             if iteration < decay_start:
                 return self.lr
             return self.lr - span * (iteration - decay_start) / self.wsd_decay_iters
-        progress = (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+        progress = max(0.0, iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
             return self.lr - span * progress
         return self.min_lr + span * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -36,25 +37,37 @@ from megamoe.training.logger import TrainingLogger
 from megamoe.training.metrics import IntervalMetrics
 
 
-class SignalFlag:
-    """SIGTERM sets a flag; ``triggered()`` agrees on it over the world (a signal may reach one rank only)."""
+class StopCheck:
+    """Whether to save and stop after this iteration: SIGTERM (``exit_signal_handler``), or
+    ``exit_duration_mins`` passed since ``started`` (``time.monotonic()`` when the run began, setup
+    included: the budget is the job's).  Both are agreed over the world with one all-reduce (a
+    signal may reach one rank only, and clocks differ), run only when one of them is on."""
 
-    def __init__(self, enabled: bool, device: torch.device) -> None:
-        self.enabled = enabled
+    def __init__(self, exit_signal_handler: bool, exit_duration_mins: float | None, device: torch.device,
+                 started: float) -> None:
         self.device = device
+        self.on_signal = exit_signal_handler
+        self.deadline = started + 60.0 * exit_duration_mins if exit_duration_mins else None
+        self.exit_duration_mins = exit_duration_mins
         self.received = False
-        if enabled:
+        if exit_signal_handler:
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = True
 
-    def triggered(self) -> bool:
-        if not self.enabled:
-            return False
-        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def reason(self) -> str | None:
+        """Why to stop now, the same on every rank; None to go on."""
+        if not self.on_signal and self.deadline is None:
+            return None
+        timed_out = self.deadline is not None and time.monotonic() >= self.deadline
+        flags = torch.tensor([float(self.received), float(timed_out)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0].item():
+            return "SIGTERM received"
+        if flags[1].item():
+            return f"--exit-duration-in-mins {self.exit_duration_mins} reached"
+        return None
 
 
 @dataclass
@@ -184,6 +197,7 @@ def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: Traini
 
 def pretrain(cfg: RunConfig) -> dict:
     """Train as configured; returns the last log record.  Collective: call on every rank."""
+    started = time.monotonic()
     device = device_from_environment(cfg.train.device)
     init_distributed(device)
     initialize_model_parallel(
@@ -195,13 +209,13 @@ def pretrain(cfg: RunConfig) -> dict:
     state = get_parallel_state()
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
     try:
-        return _train(cfg, device, log)
+        return _train(cfg, device, log, started)
     finally:
         log.close()
         destroy_model_parallel()
 
 
-def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
+def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: float) -> dict:
     state = get_parallel_state()
     for notice in cfg.notices:
         log.info(notice)
@@ -222,7 +236,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
         f"params {str(cfg.model.params_dtype).replace('torch.', '')}, device {device.type}"
     )
-    signals = SignalFlag(t.exit_signal_handler, device)
+    stop = StopCheck(t.exit_signal_handler, t.exit_duration_in_mins, device, started)
     metrics = IntervalMetrics(device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
                               peak_tflops=cfg.logging.peak_tflops)
     record: dict = {}
@@ -245,8 +259,12 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger) -> dict:
             with metrics.paused():
                 pending = _save(cfg, model, optimizer, train_state, log, pending)
             saved_at = train_state.iteration
-        if signals.triggered():
-            log.info(f"SIGTERM received: saving at iteration {train_state.iteration} and exiting")
+        reason = stop.reason()
+        if reason is None and t.exit_interval and train_state.iteration % t.exit_interval == 0:
+            reason = f"--exit-interval {t.exit_interval} reached"
+        if reason is not None:
+            log.info(f"{reason}: {'saving at' if cfg.checkpoint.save else 'stopping after'} iteration "
+                     f"{train_state.iteration} and exiting")
             break
     if cfg.checkpoint.save and saved_at != train_state.iteration:
         pending = _save(cfg, model, optimizer, train_state, log, pending)

@@ -35,8 +35,19 @@ def test_linear_constant_and_wsd():
         (dict(lr=1.0, min_lr=2.0), r"--min-lr 2.0 must be in \[0, --lr 1.0\]"),
         (dict(lr=1.0, warmup_iters=20, decay_iters=10), "--lr-warmup-iters 20 exceeds --lr-decay-iters 10"),
         (dict(lr=1.0, decay_style="wsd", decay_iters=10, wsd_decay_iters=0), "--lr-wsd-decay-iters"),
+        (dict(lr=1.0, decay_iters=10, warmup_iters=2, warmup_fraction=0.1),
+         "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive"),
+        (dict(lr=1.0, decay_iters=10, warmup_fraction=1.5), "--lr-warmup-fraction"),
     ],
 )
 def test_invalid_schedules_name_the_flag(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LRSchedule(**kwargs)
+
+
+def test_warmup_fraction_is_that_share_of_the_decay_iterations():
+    by_fraction = LRSchedule(lr=1.0, min_lr=0.1, warmup_fraction=0.25, decay_iters=40)
+    by_iters = LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=40)
+    assert [by_fraction.lr_at(i) for i in range(45)] == [by_iters.lr_at(i) for i in range(45)]
+    between = LRSchedule(lr=1.0, warmup_fraction=0.05, decay_iters=50)  # 2.5 iterations, as Megatron keeps it
+    assert between.lr_at(1) == pytest.approx(2 / 2.5) and between.lr_at(2) == pytest.approx(1.0)

@@ -192,6 +192,24 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert metadata["iteration"] >= 2
 
 
+def test_exit_interval_and_exit_duration_save_and_stop_on_every_rank(tmp_path):
+    """--exit-interval 3 stops (and saves) after iteration 3 of 6; --exit-duration-in-mins, once
+    the time is up, after the next iteration, on both ranks together."""
+    base = TINY_MOE + ["--train-iters", "6"]
+    runs = {
+        "interval": base + ["--exit-interval", "3"],
+        "duration": base + ["--exit-duration-in-mins", "0.0001"],  # 6 ms: up by the end of the first step
+    }
+    argvs = [argv + ["--save", str(tmp_path / name), "--log-json", str(tmp_path / f"{name}.jsonl")]
+             for name, argv in runs.items()]
+    run_distributed(run_main, 2, argvs, timeout=300)
+    from megamoe.checkpointing.format import read_metadata
+
+    for name, last in (("interval", 3), ("duration", 1)):
+        assert [r["iteration"] for r in read_json_log(tmp_path / f"{name}.jsonl")] == list(range(1, last + 1)), name
+        assert read_metadata(str(tmp_path / name))[1]["iteration"] == last, name
+
+
 def test_loading_another_layout_reshards_and_continues_exactly(tmp_path):
     """Saved at EP 2 with ZeRO-1 on 2 ranks, resumed at EP 1 without ZeRO-1 on 1 rank: the steps
     after the load are the ones the 2-rank run takes after its own save."""
