@@ -16,7 +16,7 @@ MEGATRON_MIXTRAL = [  # as in Megatron-LM's Mixtral example
     "--overlap-param-gather", "--pipeline-model-parallel-size", "1", "--make-vocab-size-divisible-by", "128",
     "--use-flash-attn", "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32",
     "--distributed-backend", "nccl", "--num-workers", "2", "--log-throughput", "--rotary-percent", "1.0",
-    "--no-gradient-accumulation-fusion", "--ckpt-format", "torch",
+    "--no-gradient-accumulation-fusion", "--ckpt-format", "torch", "--optimizer", "adam", "--dataloader-type", "single",
 ]
 
 
@@ -38,6 +38,7 @@ def test_a_megatron_script_parses_to_the_same_config_and_says_what_each_flag_mea
                                                    "alltoall"),
     (["--moe-router-load-balancing-type", "sinkhorn"], "--moe-router-load-balancing-type sinkhorn: megamoe supports "
                                                        "only aux_loss"),
+    (["--optimizer", "sgd"], "--optimizer sgd: megamoe supports only adam"),
     (["--make-vocab-size-divisible-by", "64"], "--make-vocab-size-divisible-by 64: megamoe supports only 128"),
     (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer: megamoe supports only "
                                                    "SentencePieceTokenizer"),
