@@ -113,8 +113,8 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     )
 
     optimizer = from_args(OptimizerConfig, args, params_dtype=train.params_dtype)
-    schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr,
-                         decay_iters=args.lr_decay_iters or train.train_iters)
+    schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr, train_iters=train.train_iters,
+                         samples_per_iteration=global_batch)
     checkpoint = from_args(CheckpointConfig, args)
     if checkpoint.save and os.path.exists(checkpoint.save) and not os.path.isdir(checkpoint.save):
         raise ConfigError(f"--save {checkpoint.save} exists and is not a directory")

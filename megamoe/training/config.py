@@ -40,7 +40,10 @@ class TrainConfig:
     micro_batch_size: int = flag(4, help="samples per rank per forward/backward", check=positive)
     global_batch_size: int | None = flag(None, help="samples per optimizer step", check=positive,
                                          default_text="micro batch x data parallel")
-    train_iters: int = flag(100, help="optimizer steps", check=positive)
+    train_iters: int | None = flag(None, type=int, help="optimizer steps", check=positive,
+                                   default_text="100, or --train-samples / --global-batch-size")
+    train_samples: int | None = flag(None, help="samples to train on, instead of --train-iters (Megatron's "
+                                                "sample-based run)", check=positive)
     seq_length: int = flag(128, help="tokens per sample", check=positive)
     seed: int = flag(1234, help="seed of the init, the data order and dropout")
     eval_interval: int = flag(0, help="evaluate every N iterations (0: never)", check=non_negative)
@@ -62,6 +65,15 @@ class TrainConfig:
         check_fields(self)
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are mutually exclusive")
+        if self.train_samples is not None:
+            if self.train_iters is not None:
+                raise ValueError("--train-samples and --train-iters are mutually exclusive")
+            batch = self.global_batch_size or self.micro_batch_size
+            if self.train_samples < batch:
+                raise ValueError(f"--train-samples {self.train_samples} is less than one global batch ({batch})")
+            self.train_iters = self.train_samples // batch
+        elif self.train_iters is None:
+            self.train_iters = 100
 
     @property
     def params_dtype(self) -> torch.dtype:

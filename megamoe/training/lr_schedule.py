@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megamoe.flags import check_fields, derived, flag, non_negative, probability
+from megamoe.flags import check_fields, derived, flag, non_negative, positive, probability
 from megamoe.optim.config import check_lr
 
 DECAY_STYLES = ("constant", "linear", "cosine", "wsd")
@@ -23,26 +23,44 @@ class LRSchedule:
                                      check=non_negative)  # a float when set by --lr-warmup-fraction
     warmup_fraction: float | None = flag(None, name="--lr-warmup-fraction", check=probability,
                                          help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
-    decay_iters: int | None = flag(None, name="--lr-decay-iters", help="iterations until --min-lr",
-                                   check=non_negative, default_text="--train-iters")
+    decay_iters: int | float | None = flag(None, name="--lr-decay-iters", type=int, help="iterations until --min-lr",
+                                           check=non_negative, default_text="--train-iters")
+    warmup_samples: int | None = flag(None, name="--lr-warmup-samples", check=non_negative,
+                                      help="warmup in samples (Megatron's sample-based schedule)")
+    decay_samples: int | None = flag(None, name="--lr-decay-samples", check=positive,
+                                     help="samples until --min-lr (Megatron's sample-based schedule)")
+    train_iters: int | None = derived(None, help="--train-iters: the default of --lr-decay-iters")
+    samples_per_iteration: int = derived(1, help="the global batch: turns the --lr-*-samples flags into iterations")
     wsd_decay_iters: int | None = flag(None, name="--lr-wsd-decay-iters", help="length of wsd's final decay phase",
                                        default_text="10% of --lr-decay-iters")
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_lr(self.lr, self.min_lr)
+        # Samples become (fractional) iterations: the curve is Megatron's, whose steps count samples.
+        if self.decay_samples is not None:
+            if self.decay_iters is not None:
+                raise ValueError("--lr-decay-samples and --lr-decay-iters are mutually exclusive")
+            self.decay_iters = self.decay_samples / self.samples_per_iteration
+        elif self.decay_iters is None:
+            self.decay_iters = self.train_iters
         if self.decay_iters is None:
             raise ValueError("--lr-decay-iters is unset (the command line defaults it to --train-iters)")
+        warmups = [name for name, value in (("--lr-warmup-iters", self.warmup_iters),
+                                            ("--lr-warmup-fraction", self.warmup_fraction),
+                                            ("--lr-warmup-samples", self.warmup_samples)) if value]
+        if len(warmups) > 1:
+            raise ValueError(f"{' and '.join(warmups)} are mutually exclusive")
+        if self.warmup_samples:
+            self.warmup_iters = self.warmup_samples / self.samples_per_iteration
         if self.warmup_fraction is not None:
-            if self.warmup_iters:
-                raise ValueError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
             # Megatron's rule, unrounded: the warmup may end between two iterations.
             self.warmup_iters = self.warmup_fraction * self.decay_iters
         if self.wsd_decay_iters is None:
             self.wsd_decay_iters = max(1, self.decay_iters // 10)
         if self.decay_style != "constant" and self.warmup_iters > self.decay_iters:
             raise ValueError(
-                f"--lr-warmup-iters {self.warmup_iters} exceeds --lr-decay-iters {self.decay_iters}"
+                f"the warmup ({self.warmup_iters:g} iterations) exceeds --lr-decay-iters ({self.decay_iters:g} iterations)"
             )
         if self.decay_style == "wsd" and not 0 < self.wsd_decay_iters <= self.decay_iters - self.warmup_iters:
             raise ValueError(

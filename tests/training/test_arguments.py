@@ -120,3 +120,16 @@ def test_argparse_errors_are_one_line_with_exit_status_2(extra, message, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pretrain_moe.py: error: {message}") and err.count("\n") == 1
+
+
+def test_a_sample_based_run_is_its_samples_over_the_global_batch():
+    base = ["--device", "cpu", "--mock-data", "--vocab-size", "200", "--micro-batch-size", "2", "--global-batch-size", "8"]
+    cfg = parse_config(base + ["--train-samples", "100", "--lr-warmup-samples", "20", "--lr-decay-samples", "80"],
+                       world_size=2)
+    assert cfg.train.train_iters == 12  # 100 // 8: Megatron's rule
+    assert (cfg.schedule.warmup_iters, cfg.schedule.decay_iters) == (2.5, 10)
+    assert parse_config(base + ["--train-samples", "100"], world_size=2).schedule.decay_iters == 12
+    assert parse_config(base, world_size=2).train.train_iters == 100
+    assert_config_error(base + ["--train-samples", "100", "--train-iters", "5"], 2,
+                        "--train-samples and --train-iters are mutually exclusive")
+    assert_config_error(base + ["--train-samples", "4"], 2, re.escape("--train-samples 4 is less than one global batch (8)"))

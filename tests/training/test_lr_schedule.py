@@ -33,10 +33,13 @@ def test_linear_constant_and_wsd():
     [
         (dict(lr=1.0, decay_style="exp"), "--lr-decay-style 'exp'"),
         (dict(lr=1.0, min_lr=2.0), r"--min-lr 2.0 must be in \[0, --lr 1.0\]"),
-        (dict(lr=1.0, warmup_iters=20, decay_iters=10), "--lr-warmup-iters 20 exceeds --lr-decay-iters 10"),
+        (dict(lr=1.0, warmup_iters=20, decay_iters=10), r"the warmup \(20 iterations\) exceeds --lr-decay-iters \(10 "),
         (dict(lr=1.0, decay_style="wsd", decay_iters=10, wsd_decay_iters=0), "--lr-wsd-decay-iters"),
         (dict(lr=1.0, decay_iters=10, warmup_iters=2, warmup_fraction=0.1),
-         "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive"),
+         "--lr-warmup-iters and --lr-warmup-fraction are mutually exclusive"),
+        (dict(lr=1.0, decay_iters=10, warmup_iters=2, warmup_samples=8),
+         "--lr-warmup-iters and --lr-warmup-samples are mutually exclusive"),
+        (dict(lr=1.0, decay_iters=10, decay_samples=80), "--lr-decay-samples and --lr-decay-iters are mutually"),
         (dict(lr=1.0, decay_iters=10, warmup_fraction=1.5), "--lr-warmup-fraction"),
     ],
 )
@@ -51,3 +54,14 @@ def test_warmup_fraction_is_that_share_of_the_decay_iterations():
     assert [by_fraction.lr_at(i) for i in range(45)] == [by_iters.lr_at(i) for i in range(45)]
     between = LRSchedule(lr=1.0, warmup_fraction=0.05, decay_iters=50)  # 2.5 iterations, as Megatron keeps it
     assert between.lr_at(1) == pytest.approx(2 / 2.5) and between.lr_at(2) == pytest.approx(1.0)
+
+
+def test_sample_based_schedule_is_the_iteration_schedule_of_samples_over_the_global_batch():
+    """Megatron's sample-based steps: warmup 64 and decay 640 samples at 8 per iteration are
+    warmup 8 and decay 80 iterations; 20 warmup samples end between iterations 2 and 3."""
+    by_samples = LRSchedule(lr=1.0, min_lr=0.1, warmup_samples=64, decay_samples=640, samples_per_iteration=8)
+    by_iters = LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=8, decay_iters=80)
+    assert [by_samples.lr_at(i) for i in range(90)] == pytest.approx([by_iters.lr_at(i) for i in range(90)])
+    between = LRSchedule(lr=1.0, warmup_samples=20, train_iters=50, samples_per_iteration=8)
+    assert between.decay_iters == 50
+    assert between.lr_at(1) == pytest.approx(16 / 20) and between.lr_at(2) == pytest.approx(1.0)
