@@ -104,6 +104,8 @@ class MixedPrecisionOptimizer:
         self.pieces: list[MasterPiece] = []
         groups: dict[tuple[bool, int], list[torch.Tensor]] = {}
         self._norm_parts: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
+        # The fp32 masters the same rule counts, for params_norm().
+        self._master_norm_parts: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
         for buf, master in zip(self.buffers, self.masters):
             for piece in buf.pieces():
                 meta = param_meta(piece.param)
@@ -113,6 +115,7 @@ class MixedPrecisionOptimizer:
                 groups.setdefault((meta.weight_decay, meta.expert_parallel_size or 0), []).append(view)
                 if counts_toward_norm(meta, buf.reduction, sharded=buf.sharded, state=self.state):
                     self._norm_parts[buf.reduction.name].append(view.grad)
+                    self._master_norm_parts[buf.reduction.name].append(view)
         self.group_keys = sorted(groups)
         param_groups = [
             {"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0} for key in self.group_keys
@@ -196,6 +199,12 @@ class MixedPrecisionOptimizer:
             loss_scale=self.scaler.scale,
             num_skipped_total=self.num_skipped,
         )
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """The L2 norm of the whole model's fp32 master weights, each element counted once (the
+        grad norm's rule and function); the same on every rank.  Collective over the world."""
+        return global_grad_norm(self._master_norm_parts, self.state.world_group, device=self.device).l2
 
     def _copy_masters_to_params(self) -> None:
         for buf, master in zip(self.buffers, self.masters):

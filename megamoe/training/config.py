@@ -113,6 +113,8 @@ class LoggingConfig:
                                   default_text="offline without WANDB_API_KEY")
     wandb_save_dir: str | None = flag(None, help="wandb's local directory")
     tensorboard_dir: str | None = flag(None, help="write tensorboard scalars here")
+    log_params_norm: bool = flag(False, help="log the L2 norm of the parameters (fp32 masters): one more "
+                                             "collective per log line")
     peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak for the MFU",
                                      check=positive, default_text=f"{CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU")
 

@@ -41,6 +41,7 @@ def format_line(record: dict, train_iters: int) -> str:
         parts.append(f"z {_fmt(r['z_loss'], '.4f')}")
     parts += [
         f"grad norm {_fmt(r['grad_norm'], '.4f')}",
+        *([f"params norm {_fmt(r['params_norm'], '.4f')}"] if r.get("params_norm") is not None else []),
         f"lr {_fmt(r['lr'], '.3e')}",
         f"loss scale {_fmt(r['loss_scale'], 'g')}",
         f"skipped {r['skipped_iters']}",

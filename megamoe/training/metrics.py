@@ -95,6 +95,7 @@ class IntervalMetrics:
             "z_loss": z if has_moe else None,
             "grad_norm": result.grad_norm,
             "grad_norm_inf": result.grad_norm_inf,
+            "params_norm": None,
             "lr": lr,
             "loss_scale": result.loss_scale,
             "skipped_iters": self.skipped_total,

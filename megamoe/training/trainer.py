@@ -251,6 +251,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         metrics.add_step(result, tokens=t.global_batch_size * t.seq_length)
         if train_state.iteration % cfg.logging.log_interval == 0 or train_state.iteration == t.train_iters:
             record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
+            if cfg.logging.log_params_norm:
+                record["params_norm"] = optimizer.params_norm()
             log.log(record)
         if t.eval_interval and train_state.iteration % t.eval_interval == 0:
             with metrics.paused():

@@ -23,15 +23,16 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
         "ep4": ["--expert-model-parallel-size", "4"],
         "tp2ep2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--use-distributed-optimizer"],
     }
-    runs = [TINY_MOE + ["--train-iters", "4", "--log-json", str(tmp_path / f"{k}.jsonl")] + v for k, v in layouts.items()]
+    runs = [TINY_MOE + ["--train-iters", "4", "--log-params-norm", "--log-json", str(tmp_path / f"{k}.jsonl")] + v
+            for k, v in layouts.items()]
     run_distributed(run_main, 4, runs, timeout=600)
     logs = {k: read_json_log(tmp_path / f"{k}.jsonl") for k in layouts}
     reference = logs["ep1"]
-    assert len(reference) == 4
+    assert len(reference) == 4 and all(r["params_norm"] > 0 for r in reference)
     assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
     for name, log in logs.items():
         for ref, got in zip(reference, log, strict=True):
-            for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf"):
+            for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf", "params_norm"):
                 assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["iteration"], key)
             assert got["expert_tokens_max"] == ref["expert_tokens_max"], name
 
