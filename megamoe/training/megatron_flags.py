@@ -49,8 +49,9 @@ MEGATRON_FLAGS = (
     MegatronFlag("--pipeline-model-parallel-size", ("1",), "megamoe has no pipeline parallelism"),
     MegatronFlag("--context-parallel-size", ("1",), "megamoe has no context parallelism"),
     MegatronFlag("--moe-token-dispatcher-type", ("alltoall",), "tokens are dispatched by all-to-all over the EP group"),
-    MegatronFlag("--moe-router-load-balancing-type", ("aux_loss",),
-                 "the load-balancing loss is Switch's aux loss, weighted by --moe-aux-loss-coeff"),
+    MegatronFlag("--moe-router-load-balancing-type", ("aux_loss", "none"),
+                 "the load-balancing loss is Switch's aux loss, weighted by --moe-aux-loss-coeff (none: its "
+                 "default 0)"),
     MegatronFlag("--moe-grouped-gemm", SWITCH, "grouped GEMM is the default (--no-moe-grouped-gemm turns it off)"),
     MegatronFlag("--moe-router-dtype", ("fp32",), "router scores and top-k are computed in fp32"),
     MegatronFlag("--rotary-percent", ("1.0", "1"), "RoPE rotates the whole head dimension"),
@@ -96,6 +97,9 @@ def check_megatron_flags(args: argparse.Namespace) -> list[str]:
             continue
         if f.accepts not in (SWITCH, ANY_INT) and value not in f.accepts:
             raise ValueError(f"{f.name} {value}: megamoe supports only {', '.join(f.accepts)} ({f.meaning})")
+        if f.name == "--moe-router-load-balancing-type" and value == "none" and args.moe_aux_loss_coeff:
+            raise ValueError(f"--moe-router-load-balancing-type none contradicts --moe-aux-loss-coeff "
+                             f"{args.moe_aux_loss_coeff}")
         if f.name == "--no-position-embedding" and args.position_embedding_type != "rope":
             raise ValueError(f"--no-position-embedding contradicts --position-embedding-type "
                              f"{args.position_embedding_type}")

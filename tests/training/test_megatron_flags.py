@@ -42,6 +42,8 @@ def test_a_megatron_script_parses_to_the_same_config_and_says_what_each_flag_mea
     (["--make-vocab-size-divisible-by", "64"], "--make-vocab-size-divisible-by 64: megamoe supports only 128"),
     (["--tokenizer-type", "HuggingFaceTokenizer"], "--tokenizer-type HuggingFaceTokenizer: megamoe supports only "
                                                    "SentencePieceTokenizer"),
+    (["--moe-router-load-balancing-type", "none"], "--moe-router-load-balancing-type none contradicts "
+                                                   "--moe-aux-loss-coeff 0.01"),
     (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
      "--no-position-embedding contradicts --position-embedding-type learned_absolute"),
 ])
@@ -59,3 +61,10 @@ def test_every_megatron_flag_is_in_help_and_none_shadows_a_megamoe_flag():
     for f in MEGATRON_FLAGS:
         assert f.name not in own, f.name
         assert f.name in text, f.name
+
+
+def test_load_balancing_type_none_is_a_zero_aux_loss_coefficient():
+    argv = [a for a in TINY_MOE]
+    argv[argv.index("--moe-aux-loss-coeff") + 1] = "0"
+    cfg = parse_config(argv + ["--moe-router-load-balancing-type", "none"], world_size=1)
+    assert cfg.model.moe_aux_loss_coeff == 0.0 and len(cfg.notices) == 1
