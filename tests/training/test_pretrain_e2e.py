@@ -258,11 +258,13 @@ def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
     assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
-def test_regional_compile_trains_like_eager(tmp_path):
-    argv = TINY_MOE + ["--train-iters", "2"]
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])],
+                         ids=["1-rank", "tp2-sp"])
+def test_regional_compile_trains_like_eager(tmp_path, world, layout):
+    argv = TINY_MOE + ["--train-iters", "2"] + layout
     eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
-    run_distributed(run_main, 1, [argv + ["--log-json", str(eager)], argv + ["--compile", "--log-json", str(compiled)]],
-                    timeout=600)
+    run_distributed(run_main, world, [argv + ["--log-json", str(eager)],
+                                      argv + ["--compile", "--log-json", str(compiled)]], timeout=600)
     for a, b in zip(read_json_log(eager), read_json_log(compiled), strict=True):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
