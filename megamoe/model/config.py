@@ -77,10 +77,18 @@ class ModelConfig:
     cross_entropy_chunk_size: int = flag(
         0, help="output layer and cross entropy this many tokens at a time, their gradients computed in "
                 "forward: the logits of the whole micro-batch never exist (0: all at once)", check=non_negative)
-    recompute_granularity: str | None = flag(None, help="full: recompute each layer's activations in backward",
-                                             choices=("full",))
-    recompute_num_layers: int | None = flag(None, help="with --recompute-granularity: the first N layers",
-                                            default_text="all")
+    recompute_granularity: str | None = flag(
+        None, choices=("full", "selective"),
+        help="full: recompute layers in backward (see --recompute-method); selective: Megatron's core-attention "
+             "recompute, which SDPA already is: it keeps no attention-score matrix, so nothing more is recomputed")
+    recompute_method: str | None = flag(
+        None, choices=("uniform", "block"),
+        help="with --recompute-granularity full: uniform: every layer, in chunks of --recompute-num-layers layers "
+             "that keep only their input; block: only the first --recompute-num-layers layers, each on its own",
+        default_text="block with --recompute-num-layers, else uniform")
+    recompute_num_layers: int | None = flag(None, help="with --recompute-granularity full: layers per chunk "
+                                                       "(uniform) or recomputed layers (block)",
+                                            default_text="1 (uniform), all (block)")
 
     # --- mixture of experts ---
     num_experts: tuple[int, ...] = flag(
@@ -160,6 +168,8 @@ class ModelConfig:
             raise ValueError(f"rope needs an even head dim (--kv-channels, default --hidden-size / --num-attention-heads), got {self.head_dim}")
         if self.position_embedding_type == "learned_absolute" and self.max_position_embeddings is None:
             raise ValueError("--position-embedding-type learned_absolute needs --max-position-embeddings")
+        if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
+            raise ValueError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
         if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= self.num_layers:
             raise ValueError(
                 f"--recompute-num-layers {self.recompute_num_layers} must be in [1, --num-layers {self.num_layers}]"
@@ -302,10 +312,19 @@ class ModelConfig:
         rate = self.moe_router_bias_update_rate
         return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
 
-    def recomputes_layer(self, layer: int) -> bool:
-        if self.recompute_granularity is None:
-            return False
-        return self.recompute_num_layers is None or layer < self.recompute_num_layers
+    def layer_chunks(self) -> list[tuple[int, int, bool]]:
+        """``(first, end, recompute)`` spans of layers in order, covering every layer: what
+        ``--recompute-granularity full`` recomputes, and as which units (a recomputed span keeps
+        only its input for backward)."""
+        layers = self.num_layers
+        if self.recompute_granularity != "full":
+            return [(i, i + 1, False) for i in range(layers)]
+        method = self.recompute_method or ("block" if self.recompute_num_layers else "uniform")
+        if method == "block":
+            n = self.recompute_num_layers or layers
+            return [(i, i + 1, i < n) for i in range(layers)]
+        n = self.recompute_num_layers or 1
+        return [(i, min(i + n, layers), True) for i in range(0, layers, n)]
 
     @property
     def moe_layers(self) -> tuple[int, ...]:

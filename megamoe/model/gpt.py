@@ -72,6 +72,16 @@ def _token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torc
     return mask / mask.sum().clamp(min=1.0)
 
 
+def _run_layers(layers, x: torch.Tensor):
+    """``x`` through ``layers`` in order; returns the output and the MoE layers' aux results."""
+    auxes = []
+    for layer in layers:
+        x, aux = layer(x)
+        if aux is not None:
+            auxes.append(aux)
+    return x, auxes
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; returns (x, moe aux or None)."""
 
@@ -175,12 +185,10 @@ class GPTModel(nn.Module):
         x = hidden_dropout(x, self.config.hidden_dropout, self.training, self.layout)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
-        for index, layer in enumerate(self.layers):
-            if self.training and self.config.recomputes_layer(index):
-                x, aux = recomputed(layer, x)
-            else:
-                x, aux = layer(x)
-            if aux is not None:
+        for first, end, recompute in self.config.layer_chunks():
+            span = self.layers[first:end]
+            x, auxes = recomputed(_run_layers, span, x) if self.training and recompute else _run_layers(span, x)
+            for aux in auxes:
                 aux_total = aux_total + aux.loss
                 moe_stats.append(aux.stats)
         x = self.final_norm(x)

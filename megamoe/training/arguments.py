@@ -69,7 +69,7 @@ def parse_config(argv: list[str] | None = None, *, world_size: int | None = None
 def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The dataclasses from the flags, then the checks that span several of them."""
     notices = check_megatron_flags(args)
-    if args.compile and args.recompute_granularity:
+    if args.compile and args.recompute_granularity == "full":
         raise ConfigError(
             "--compile and --recompute-granularity cannot be combined yet (the recomputation re-enters the "
             "compiled regions with a different graph, which torch.utils.checkpoint refuses); use one of them"

@@ -109,7 +109,7 @@ def check_same_model(directory: str, metadata: dict, model_config) -> None:
     # EP sizes are layout, not model; how activations are kept and which GEMM path runs do not
     # change the weights either.
     not_model = ("params_dtype", "expert_model_parallel_size", "moe_grouped_gemm", "recompute_granularity",
-                 "recompute_num_layers")
+                 "recompute_method", "recompute_num_layers", "cross_entropy_chunk_size")
     differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in not_model]
     if differ:
         details = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current_model[k]!r}" for k in differ)

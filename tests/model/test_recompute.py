@@ -41,12 +41,17 @@ def _body(rank, world, layouts):
         again = _run(dataclasses.replace(config, recompute_granularity="full"), layout, tokens, labels)
         first_only = _run(dataclasses.replace(config, recompute_granularity="full", recompute_num_layers=1),
                           layout, tokens, labels)
+        chunks_of_2 = _run(dataclasses.replace(config, recompute_granularity="full", recompute_method="uniform",
+                                               recompute_num_layers=2), layout, tokens, labels)
+        selective = _run(dataclasses.replace(config, recompute_granularity="selective"), layout, tokens, labels)
         ps.destroy_model_parallel()
-        for got in (again, first_only):
+        for got in (again, first_only, chunks_of_2, selective):
             assert torch.equal(got[0], stored[0]), (tp, ep, got[0], stored[0])
             for name, grad in stored[1].items():
                 assert torch.equal(got[1][name], grad), (tp, ep, name)
         assert 4 * again[2] < stored[2] and again[2] < first_only[2] < stored[2], (again[2], first_only[2], stored[2])
+        assert chunks_of_2[2] < again[2], (chunks_of_2[2], again[2])  # 2 chunk inputs kept instead of 3 layer inputs
+        assert selective[2] == stored[2]
 
 
 def test_recomputation_gives_the_same_gradients_with_fewer_saved_activations():
@@ -56,7 +61,15 @@ def test_recomputation_gives_the_same_gradients_with_fewer_saved_activations():
 def test_recompute_flags_are_validated():
     import pytest
 
-    with pytest.raises(ValueError, match=r"--recompute-granularity 'selective': valid values are \['full'\]"):
-        dataclasses.replace(BASE, recompute_granularity="selective")
+    with pytest.raises(ValueError, match=r"--recompute-granularity 'partial': valid values are \['full', 'selective'\]"):
+        dataclasses.replace(BASE, recompute_granularity="partial")
+    with pytest.raises(ValueError, match="--recompute-method and --recompute-num-layers need --recompute-granularity full"):
+        dataclasses.replace(BASE, recompute_granularity="selective", recompute_method="uniform")
+    layers = dataclasses.replace(BASE, num_layers=5, moe_layer_freq=1)
+    assert dataclasses.replace(layers, recompute_granularity="full").layer_chunks() == [(i, i + 1, True) for i in range(5)]
+    assert dataclasses.replace(layers, recompute_granularity="full", recompute_method="uniform",
+                               recompute_num_layers=2).layer_chunks() == [(0, 2, True), (2, 4, True), (4, 5, True)]
+    assert dataclasses.replace(layers, recompute_granularity="full", recompute_num_layers=2).layer_chunks() == [
+        (0, 1, True), (1, 2, True), (2, 3, False), (3, 4, False), (4, 5, False)]
     with pytest.raises(ValueError, match=r"--recompute-num-layers 4 must be in \[1, --num-layers 3\]"):
         dataclasses.replace(BASE, recompute_granularity="full", recompute_num_layers=4)

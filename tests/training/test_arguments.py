@@ -56,7 +56,7 @@ def test_help_shows_each_default_and_the_choices():
                 assert flag_name(f) in text
     assert text.count("(default:") == len(flag_fields([cls for _, cls in FLAG_GROUPS]))
     for choices in ("{RMSNorm,LayerNorm}", "{rope,learned_absolute}", "{constant,linear,cosine,wsd}",
-                    "{probs,position}", "{cpu,cuda}", "{online,offline,disabled}", "{full}"):
+                    "{probs,position}", "{cpu,cuda}", "{online,offline,disabled}", "{full,selective}", "{uniform,block}"):
         assert choices in text, choices
     assert "--num-layers NUM_LAYERS transformer layers (default: 4)" in text
     assert "--lr LR peak learning rate (the schedule sets the step's lr) (default: 0.0003)" in text

@@ -91,6 +91,11 @@ def _resume_body(rank, world, tmp):
     old = TINY_MOE + ["--train-iters", "3", "--load", os.path.join(save, "iter_0000001"),
                       "--log-json", os.path.join(tmp, "old.jsonl")]
     assert pretrain_moe.main(old) == 0
+    # How activations are kept and the loss computed is not the model: such flags may change on resume.
+    memory = TINY_MOE + ["--train-iters", "3", "--load", save, "--log-json", os.path.join(tmp, "memory.jsonl"),
+                         "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers",
+                         "2", "--cross-entropy-chunk-size", "5"]
+    assert pretrain_moe.main(memory) == 0
 
 
 def test_load_takes_a_save_root_or_one_iteration_directory(tmp_path):
@@ -101,3 +106,6 @@ def test_load_takes_a_save_root_or_one_iteration_directory(tmp_path):
     assert [r["iteration"] for r in logs["root"]] == [r["iteration"] for r in logs["dir"]] == [3]
     assert logs["dir"][0]["lm_loss"] == logs["root"][0]["lm_loss"]
     assert [r["iteration"] for r in logs["old"]] == [2, 3]
+    memory = read_json_log(tmp_path / "memory.jsonl")
+    assert [r["iteration"] for r in memory] == [3]
+    assert memory[0]["lm_loss"] == pytest.approx(logs["root"][0]["lm_loss"], rel=1e-6)
