@@ -148,7 +148,7 @@ def _cli(*args, env_extra=None):
         (["--bf16", "--fp16"], "--bf16 and --fp16 are mutually exclusive"),
         (["--lr-decay-style", "step"], "--lr-decay-style 'step'"),
         (["--compile", "--recompute-granularity", "full"], "--compile and --recompute-granularity cannot be combined"),
-        (["--recompute-granularity", "selective"], "--recompute-granularity 'selective': valid values are ['full']"),
+        (["--recompute-granularity", "partial"], "--recompute-granularity 'partial': valid values are ['full', 'selective']"),
         (["--data-path", "/nonexistent/corpus", "--tokenizer-model", "x.model"], None),
         (["--split", "100,0,0", "--eval-interval", "2"], "--split 100,0,0: the valid split of"),
     ],
