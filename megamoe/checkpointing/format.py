@@ -59,6 +59,14 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def published_iterations(root: str) -> list[int]:
+    """The iterations of the checkpoint directories under ``root``, ascending (not the
+    ``.partial`` ones of saves still running or crashed); [] when ``root`` is not a directory."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(name[len("iter_"):]) for name in os.listdir(root) if re.fullmatch(r"iter_\d+", name))
+
+
 def rank_file(directory: str, rank: int) -> str:
     """A version 1 rank file."""
     return os.path.join(directory, f"rank_{rank:05d}.pt")
@@ -291,7 +299,7 @@ def read_metadata(root: str, *, legacy: bool = False) -> tuple[str, dict] | None
         return directory, load_metadata(directory, legacy=legacy)
     if os.path.isfile(os.path.join(root, METADATA)):
         return root, load_metadata(root, legacy=legacy)
-    published = sorted(n for n in os.listdir(root) if re.fullmatch(r"iter_\d+", n)) if os.path.isdir(root) else []
+    published = [os.path.basename(iteration_dir(root, i)) for i in published_iterations(root)]
     if published:
         raise CheckpointError(
             f"{root} holds checkpoint directories ({', '.join(published[-3:])}) but no {MARKER}: give one of "

@@ -37,6 +37,7 @@ from megamoe.checkpointing.format import (
     chunk_name,
     dtype_name,
     iteration_dir,
+    published_iterations,
     shard_file,
     write_marker,
     write_metadata,
@@ -208,9 +209,5 @@ def _remove_abandoned(root: str) -> None:
 
 
 def _prune(root: str, keep_last: int) -> None:
-    iterations = sorted(
-        int(name[len("iter_"):]) for name in os.listdir(root)
-        if name.startswith("iter_") and name[len("iter_"):].isdigit()
-    )
-    for old in iterations[:-keep_last]:
+    for old in published_iterations(root)[:-keep_last]:
         shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
