@@ -103,9 +103,9 @@ class MixedPrecisionOptimizer:
         self.grad_sync = OverlappedGradSync(self.buffers) if cfg.overlap_grad_reduce else None
         self.pieces: list[MasterPiece] = []
         groups: dict[tuple[bool, int], list[torch.Tensor]] = {}
-        self._norm_parts: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
-        # The fp32 masters the same rule counts, for params_norm().
-        self._master_norm_parts: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
+        # The master views each norm counts (``counts_toward_norm``), by reduction group: their
+        # ``.grad`` for the grad norm, themselves for params_norm().
+        self._norm_masters: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
         for buf, master in zip(self.buffers, self.masters):
             for piece in buf.pieces():
                 meta = param_meta(piece.param)
@@ -114,8 +114,8 @@ class MixedPrecisionOptimizer:
                 self.pieces.append(MasterPiece(piece.name, piece.param_start, piece.param_end, view, buf.reduction.name))
                 groups.setdefault((meta.weight_decay, meta.expert_parallel_size or 0), []).append(view)
                 if counts_toward_norm(meta, buf.reduction, sharded=buf.sharded, state=self.state):
-                    self._norm_parts[buf.reduction.name].append(view.grad)
-                    self._master_norm_parts[buf.reduction.name].append(view)
+                    self._norm_masters[buf.reduction.name].append(view)
+        self._norm_grads = {name: [view.grad for view in views] for name, views in self._norm_masters.items()}
         self.group_keys = sorted(groups)
         param_groups = [
             {"params": groups[key], "weight_decay": cfg.weight_decay if key[0] else 0.0} for key in self.group_keys
@@ -173,7 +173,7 @@ class MixedPrecisionOptimizer:
         if self.scaler.scale != 1.0:
             for g in shard_grads:
                 g.mul_(1.0 / self.scaler.scale)
-        norm = self.last_norm = global_grad_norm(self._norm_parts, self.state.world_group, device=self.device)
+        norm = self.last_norm = global_grad_norm(self._norm_grads, self.state.world_group, device=self.device)
         skipped = not norm.finite
         self.scaler.update(skipped)
         if skipped:
@@ -204,7 +204,7 @@ class MixedPrecisionOptimizer:
     def params_norm(self) -> float:
         """The L2 norm of the whole model's fp32 master weights, each element counted once (the
         grad norm's rule and function); the same on every rank.  Collective over the world."""
-        return global_grad_norm(self._master_norm_parts, self.state.world_group, device=self.device).l2
+        return global_grad_norm(self._norm_masters, self.state.world_group, device=self.device).l2
 
     def _copy_masters_to_params(self) -> None:
         for buf, master in zip(self.buffers, self.masters):

@@ -83,7 +83,7 @@ def _devices_body(rank, world):
         with recorded_collectives(calls):
             opt.zero_grad()
             opt.step()
-        owned = {part: len(grads) for part, grads in opt._norm_parts.items()}
+        owned = {part: len(views) for part, views in opt._norm_masters.items()}
         out.append(((tp, eps, zero), calls, owned))
         ps.destroy_model_parallel()
     return out
