@@ -11,6 +11,7 @@ them as unknown.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SWITCH = None  # the flag takes no value
@@ -22,6 +23,8 @@ class MegatronFlag:
     name: str
     accepts: tuple[str, ...] | None  # valid values; SWITCH or ANY_INT
     meaning: str  # what megamoe does, which the flag then describes
+    # (value, parsed flags) -> the megamoe flag and value it contradicts, or None
+    contradicts: Callable[[object, argparse.Namespace], str | None] | None = None
 
     @property
     def dest(self) -> str:
@@ -51,12 +54,16 @@ MEGATRON_FLAGS = (
     MegatronFlag("--moe-token-dispatcher-type", ("alltoall",), "tokens are dispatched by all-to-all over the EP group"),
     MegatronFlag("--moe-router-load-balancing-type", ("aux_loss", "none"),
                  "the load-balancing loss is Switch's aux loss, weighted by --moe-aux-loss-coeff (none: its "
-                 "default 0)"),
+                 "default 0)",
+                 contradicts=lambda value, args: f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff}"
+                 if value == "none" and args.moe_aux_loss_coeff else None),
     MegatronFlag("--moe-grouped-gemm", SWITCH, "grouped GEMM is the default (--no-moe-grouped-gemm turns it off)"),
     MegatronFlag("--moe-router-dtype", ("fp32",), "router scores and top-k are computed in fp32"),
     MegatronFlag("--rotary-percent", ("1.0", "1"), "RoPE rotates the whole head dimension"),
     MegatronFlag("--no-position-embedding", SWITCH,
-                 "no learned position table: positions come from --position-embedding-type rope"),
+                 "no learned position table: positions come from --position-embedding-type rope",
+                 contradicts=lambda value, args: f"--position-embedding-type {args.position_embedding_type}"
+                 if args.position_embedding_type != "rope" else None),
     MegatronFlag("--make-vocab-size-divisible-by", ("128",),
                  "the vocabulary is padded to a multiple of 128 x --tensor-model-parallel-size"),
     MegatronFlag("--tokenizer-type", ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"),
@@ -97,12 +104,9 @@ def check_megatron_flags(args: argparse.Namespace) -> list[str]:
             continue
         if f.accepts not in (SWITCH, ANY_INT) and value not in f.accepts:
             raise ValueError(f"{f.name} {value}: megamoe supports only {', '.join(f.accepts)} ({f.meaning})")
-        if f.name == "--moe-router-load-balancing-type" and value == "none" and args.moe_aux_loss_coeff:
-            raise ValueError(f"--moe-router-load-balancing-type none contradicts --moe-aux-loss-coeff "
-                             f"{args.moe_aux_loss_coeff}")
-        if f.name == "--no-position-embedding" and args.position_embedding_type != "rope":
-            raise ValueError(f"--no-position-embedding contradicts --position-embedding-type "
-                             f"{args.position_embedding_type}")
         shown = f.name if value is True else f"{f.name} {value}"
+        conflict = f.contradicts(value, args) if f.contradicts else None
+        if conflict:
+            raise ValueError(f"{shown} contradicts {conflict}")
         notes.append(f"{shown}: accepted for Megatron compatibility; {f.meaning}")
     return notes
