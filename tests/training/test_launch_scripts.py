@@ -10,6 +10,12 @@ import pytest
 from megamoe.training.arguments import parse_config
 from tests.fixtures import REPO
 
+# What scripts/pretrain_1b_4exp.sh reads from the environment: a developer's own exports of these
+# (TRAIN_ITERS=10 for a short quickstart, say) must not change what the tests check.
+SCRIPT_SETTINGS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "GPUS_PER_NODE", "MASTER_PORT", "TP", "EP", "MICRO_BATCH",
+                   "DATA_PATH", "TOKENIZER_MODEL", "SAVE_DIR", "LOAD_DIR", "TRAIN_ITERS", "MAX_RESTARTS",
+                   "WANDB_PROJECT", "EXTRA_ARGS")
+
 SCRIPTS = ["scripts/quickstart.sh", "scripts/run_tests.sh", "scripts/setup_env.sh",
            "scripts/pretrain_1b_4exp.sh", "scripts/pretrain_slurm.sbatch", ".ci/run"]
 
@@ -26,7 +32,8 @@ def _launch_argv(tmp_path, **env):
     stub = tmp_path / "python"
     stub.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     stub.chmod(0o755)
-    environment = dict(os.environ, PYTHON=str(stub), SAVE_DIR=str(tmp_path / "ckpt"), **env)
+    inherited = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
+    environment = dict(inherited, PYTHON=str(stub), SAVE_DIR=str(tmp_path / "ckpt"), **env)
     out = subprocess.run(["bash", "scripts/pretrain_1b_4exp.sh"], cwd=REPO, env=environment,
                          capture_output=True, text=True, check=True).stdout.splitlines()
     return out
