@@ -10,7 +10,7 @@ import time
 
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
-ITERS = 6
+ITERS = 20  # far more than the 3 the kill waits for: the run must still be training when it comes
 ARGS = TINY_MOE + ["--train-iters", str(ITERS), "--save-interval", "2", "--expert-model-parallel-size", "2"]
 
 
