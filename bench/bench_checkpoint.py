@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamoe.checkpointing.format import read_metadata
-from megamoe.checkpointing.pieces import persistent_tensors, placements
+from megamoe.checkpointing.box_views import persistent_tensors, placements
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig

@@ -26,9 +26,10 @@ import time
 import torch
 
 from megamoe.checkpointing.format import OPTIMIZER_KINDS, model_config_dict
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.layout import model_specs, stream_groups, target_layout
-from megamoe.checkpointing.sharded_writer import ShardedWriter
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
+from megamoe.checkpointing.convert.target import target_topology
+from megamoe.checkpointing.param_specs import model_specs
+from megamoe.checkpointing.convert.sharded_writer import ShardedWriter
 from megamoe.model.config import ModelConfig
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
@@ -56,9 +57,9 @@ def build_source(root: str, config: ModelConfig) -> tuple[int, int]:
             "bucket_size": None,
         },
         rng=[[rng], [rng]],
-        source_layout=None,
+        source_topology=None,
     )
-    layout, target_config = target_layout(
+    layout, target_config = target_topology(
         config,
         world_size=2,
         tensor_model_parallel_size=1,
@@ -100,7 +101,7 @@ def _status_kib(pid: int, key: str) -> int:
 
 
 BASELINE = (
-    "import time; import megamoe.checkpointing.convert, megamoe.model.gpt; time.sleep(1)"
+    "import time; import megamoe.checkpointing.convert.run, megamoe.model.gpt; time.sleep(1)"
 )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megamoe.checkpointing.convert import TARGETS, convert
+from megamoe.checkpointing.convert.run import TARGETS, convert
 from megamoe.int_list import IntListAction
 
 

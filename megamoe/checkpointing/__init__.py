@@ -1,9 +1,14 @@
-"""megamoe checkpoints: the on-disk format (``format``), saving each tensor once from any layout
-(``sharded_save``) and loading into any layout (``sharded_load``), and the conversion tools:
-consolidate to one layout-free copy and back, export to and import from Hugging Face Mixtral,
-turn version 1 checkpoints into version 2.  ``convert`` is the conversion's entry point;
-``tools/convert_checkpoint.py`` its command line."""
+"""megamoe checkpoints.
 
-from megamoe.checkpointing.convert import ConversionSummary, convert
+The engine (this package): the on-disk format (``format``: paths, ``metadata.json``, the shard
+files, the ``SavedTopology`` a checkpoint records), each parameter's layout-free form
+(``param_specs``), the boxes of global tensors a rank holds (``boxes``, ``box_views``), saving
+each box once from any layout (``save``), loading into any layout (``load``), and which saved
+RNG states a rank of another layout continues from (``rng_map``).
 
-__all__ = ["ConversionSummary", "convert"]
+``convert``: offline conversion through the full (layout-free) state: consolidated copies, the
+version 1 reader, resharding to another layout, the proof that nothing was lost; its entry point
+is ``convert.run.convert``, its command line ``tools/convert_checkpoint.py``.
+
+``hf``: Hugging Face Mixtral / Qwen3-MoE ``config.json``, tensor names, export and import.
+"""

@@ -13,7 +13,7 @@ Layout (version 2)::
         shard_00000.pt ...                # one file per rank: the chunks that rank wrote, its
                                           # RNG states, the checkpoint's id
 
-Every global tensor (``pieces``: model weights and persistent buffers, fp32 master and Adam
+Every global tensor (``box_views``: model weights and persistent buffers, fp32 master and Adam
 moments) is stored once, as chunks: boxes ``(offsets, sizes)`` of the global tensor, each in one
 file.  A rank of any layout loads by reading the chunks that overlap the boxes it holds, so a
 checkpoint loads into any TP, EP, DP and ZeRO-1 layout.  Files are read with
@@ -47,7 +47,6 @@ CONVERT_TOOL = "tools/convert_checkpoint.py"
 OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")  # fp32, each of its parameter's shape
 # The optimizer's scalar state (``megamoe.optim.state_dict``): equal on every rank.
 OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
-PAYLOAD_KEYS = ("model", "optimizer", "rng", "rank")  # of a version 1 rank file; "rng" is absent in imports
 
 
 class CheckpointError(ValueError):
@@ -65,11 +64,6 @@ def published_iterations(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
     return sorted(int(name[len("iter_"):]) for name in os.listdir(root) if re.fullmatch(r"iter_\d+", name))
-
-
-def rank_file(directory: str, rank: int) -> str:
-    """A version 1 rank file."""
-    return os.path.join(directory, f"rank_{rank:05d}.pt")
 
 
 def shard_file(rank: int) -> str:
@@ -92,10 +86,11 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------- layout
+# ---------------------------------------------------------------------------------- topology
 @dataclass(frozen=True)
-class Layout:
-    """The parallel layout a sharded checkpoint is tied to (``metadata.json``'s ``layout``).
+class SavedTopology:
+    """The parallel layout a checkpoint was saved in (``metadata.json``'s ``layout``): which rank
+    wrote which shard file and holds which RNG states.  Any layout loads the checkpoint.
 
     Which rank sits where is ``megamoe.parallel.state``'s rule, asked through ``state(rank)``.
     """
@@ -123,14 +118,14 @@ class Layout:
         return self.world_size // self.tensor_model_parallel_size
 
     @classmethod
-    def from_metadata(cls, layout: dict) -> "Layout":
+    def from_metadata(cls, saved: dict) -> "SavedTopology":
         return cls(
-            world_size=int(layout["world_size"]),
-            tensor_model_parallel_size=int(layout["tensor_model_parallel_size"]),
-            expert_model_parallel_size=tuple(int(e) for e in layout["expert_model_parallel_size"]),
-            use_distributed_optimizer=bool(layout["use_distributed_optimizer"]),
-            expert_tensor_parallel_size=layout.get("expert_tensor_parallel_size"),
-            sequence_parallel=bool(layout.get("sequence_parallel", False)),
+            world_size=int(saved["world_size"]),
+            tensor_model_parallel_size=int(saved["tensor_model_parallel_size"]),
+            expert_model_parallel_size=tuple(int(e) for e in saved["expert_model_parallel_size"]),
+            use_distributed_optimizer=bool(saved["use_distributed_optimizer"]),
+            expert_tensor_parallel_size=saved.get("expert_tensor_parallel_size"),
+            sequence_parallel=bool(saved.get("sequence_parallel", False)),
         )
 
     def to_metadata(self) -> dict:
@@ -214,7 +209,7 @@ def model_config_from_dict(saved: dict) -> ModelConfig:
         raise ValueError(f"the checkpoint's model_config does not match this megamoe's ModelConfig ({err})") from None
 
 
-def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int, layout: Layout,
+def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int, topology: SavedTopology,
                    model_config: dict, args: dict, optimizer: dict | None, params: dict, tensors: dict,
                    files: dict, rng: dict) -> dict:
     """The contents of ``metadata.json``.
@@ -231,7 +226,7 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
         "checkpoint_id": checkpoint_id,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
-        "layout": layout.to_metadata(),
+        "layout": topology.to_metadata(),
         "model_config": model_config,
         "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         "optimizer": optimizer,
@@ -308,23 +303,7 @@ def read_metadata(root: str, *, legacy: bool = False) -> tuple[str, dict] | None
     return None
 
 
-# ---------------------------------------------------------------------------------- rank files
-def load_rank_payload(directory: str, rank: int, device: torch.device, *, mmap: bool = False) -> dict:
-    """One version 1 rank file: ``{"model", "optimizer", "rng", "rank"}``; ``mmap`` maps the
-    tensors from the file instead of reading them (CPU only)."""
-    path = rank_file(directory, rank)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} cannot be read as a megamoe rank file ({type(err).__name__}: {err})") from None
-    required = set(PAYLOAD_KEYS) - {"rng"}
-    if not isinstance(payload, dict) or not required <= set(payload) or payload["rank"] != rank:
-        raise CheckpointError(f"{path} is not the megamoe rank file of rank {rank}")
-    return payload
-
-
+# ---------------------------------------------------------------------------------- shard files
 class ShardFiles:
     """The files of a version 2 checkpoint directory, checked against ``metadata.json`` and
     memory-mapped.  Construction refuses, naming the file, a missing file, one whose size is not

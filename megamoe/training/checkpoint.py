@@ -1,9 +1,9 @@
 """Saving and loading a training run's checkpoint: what the trainer hands to the format.
 
 The format and its engine live in ``megamoe.checkpointing`` (``format``: paths, metadata,
-files; ``sharded_save``: each box written once, optionally in the background;
-``sharded_load``: any layout reads any checkpoint).  This module gathers the run's state (model,
-optimizer shards, RNG states, position) for a save and puts it back on load.
+files; ``save``: each box written once, optionally in the background; ``load``: any layout
+reads any checkpoint).  This module gathers the run's state (model, optimizer shards, RNG
+states, position) for a save and puts it back on load.
 """
 
 from __future__ import annotations
@@ -16,26 +16,26 @@ import torch
 from megamoe.checkpointing.format import (
     OPTIMIZER_SCALARS,
     CheckpointError,
-    Layout,
+    SavedTopology,
     ShardFiles,
     model_config_dict,
     read_metadata,
 )
-from megamoe.checkpointing.layout import ParamSpec
-from megamoe.checkpointing.pieces import model_pieces, optimizer_pieces, placements
-from megamoe.checkpointing.sharded_load import load_model, optimizer_state, rng_states
-from megamoe.checkpointing.sharded_save import PendingSave, SaveRequest, save_sharded
+from megamoe.checkpointing.box_views import model_views, optimizer_views, placements
+from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
+from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.checkpointing.save import PendingSave, SaveRequest, save_sharded
 from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import get_parallel_state
 
-__all__ = ["CheckpointError", "Loaded", "check_same_model", "check_save_dir", "layout_of", "open_checkpoint",
+__all__ = ["CheckpointError", "Loaded", "check_same_model", "check_save_dir", "open_checkpoint", "run_topology",
            "read_metadata", "save_checkpoint"]
 
 
-def layout_of(model_config, use_distributed_optimizer: bool) -> Layout:
-    """The parallel layout of this run."""
+def run_topology(model_config, use_distributed_optimizer: bool) -> SavedTopology:
+    """The topology this run saves its checkpoints in."""
     state = get_parallel_state()
-    return Layout(
+    return SavedTopology(
         world_size=state.world_size,
         tensor_model_parallel_size=state.tp_size,
         expert_model_parallel_size=tuple(model_config.moe_ep_sizes()),
@@ -89,12 +89,12 @@ def save_checkpoint(
         root=root,
         iteration=iteration,
         consumed_samples=consumed_samples,
-        layout=layout_of(model_config, use_distributed_optimizer),
+        topology=run_topology(model_config, use_distributed_optimizer),
         model_config=model_config_dict(model_config),
         args=args,
         optimizer={key: optim[key] for key in OPTIMIZER_SCALARS},
         params=specs,
-        pieces=model_pieces(model, where) + optimizer_pieces(optim["shards"], where),
+        views=model_views(model, where) + optimizer_views(optim["shards"], where),
         rng=_rng_state(),
         keep_last=keep_last,
     )
@@ -126,7 +126,7 @@ class Loaded:
         self.state = get_parallel_state()
         self.iteration = int(metadata["iteration"])
         self.consumed_samples = int(metadata["consumed_samples"])
-        self.saved_layout = Layout.from_metadata(metadata["layout"])
+        self.saved_topology = SavedTopology.from_metadata(metadata["layout"])
         self.has_optimizer = metadata["optimizer"] is not None
 
     def load_model(self, model: torch.nn.Module) -> None:

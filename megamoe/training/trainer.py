@@ -147,7 +147,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
         if not cfg.checkpoint.finetune:
             train_state = TrainState(loaded.iteration, loaded.consumed_samples)
         log.info(f"loaded checkpoint {loaded.directory} (iteration {loaded.iteration}, saved in layout "
-                 f"{loaded.saved_layout.describe()})")
+                 f"{loaded.saved_topology.describe()})")
     optimizer = MixedPrecisionOptimizer(model, cfg.optimizer, state)
     if cfg.train.compile:
         compile_regions(model)

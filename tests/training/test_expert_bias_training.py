@@ -6,7 +6,7 @@ same losses."""
 import torch
 
 from megamoe.checkpointing.format import read_metadata
-from megamoe.checkpointing.sharded_reader import ShardedReader
+from megamoe.checkpointing.convert.sharded_reader import ShardedReader
 from tests.fixtures import TINY_MOE, read_json_log, run_main
 from tests.harness import run_distributed
 

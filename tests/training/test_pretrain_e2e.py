@@ -40,7 +40,7 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
 def _final_params(save_dir, world):
     """Iteration and full parameters of the latest checkpoint (``world``: the ranks that saved it)."""
     from megamoe.checkpointing.format import read_metadata
-    from megamoe.checkpointing.sharded_reader import ShardedReader
+    from megamoe.checkpointing.convert.sharded_reader import ShardedReader
 
     directory, metadata = read_metadata(save_dir)
     assert metadata["layout"]["world_size"] == world
@@ -340,7 +340,7 @@ def test_expert_tensor_parallel_checkpoints_reshard_both_ways(tmp_path):
     over TP (ETP 2, EP 2), directly and through tools/convert_checkpoint.py's
     --target-expert-tensor-parallel-size, and back; every resumed step is the one the saving
     layout takes next."""
-    from megamoe.checkpointing.convert import convert
+    from megamoe.checkpointing.convert.run import convert
 
     sp = TINY_MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"]
     etp1 = sp + ["--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "4"]

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from megamoe.checkpointing.format import Layout
-from megamoe.checkpointing.layout import ParamSpec, model_specs, stream_groups, target_ep_sizes
-from megamoe.checkpointing.optimizer_layout import owned_ranges
+from megamoe.checkpointing.format import SavedTopology
+from megamoe.checkpointing.convert.full_state import stream_groups
+from megamoe.checkpointing.param_specs import ParamSpec, model_specs
 
+from tests.checkpointing.optimizer_ranges import owned_ranges, target_ep_sizes
 from tests.checkpointing.save_load import model_config
 
 EMBEDDING = ParamSpec(
@@ -63,7 +64,7 @@ def test_zero1_ranges_tile_every_tensor_over_its_reduction_group(world, tp, eps)
     config = model_config(eps)
     specs = model_specs(config)
     ep_of = target_ep_sizes(specs, config)
-    layout = Layout(world, tp, eps, use_distributed_optimizer=True)
+    layout = SavedTopology(world, tp, eps, use_distributed_optimizer=True)
     owned = [owned_ranges(specs, ep_of, layout, rank=r, bucket_size=2000) for r in range(world)]
     for name, spec in specs.items():
         ep = ep_of[name]

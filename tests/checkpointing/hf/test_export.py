@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megamoe.checkpointing import convert
-from megamoe.checkpointing.hf_config import check_exportable
+from megamoe.checkpointing.convert.run import convert
+from megamoe.checkpointing.hf.config import check_exportable
 from megamoe.data.tokenizer_training import train_sentencepiece
 from megamoe.model.config import ModelConfig
 from megamoe.checkpointing.format import CheckpointError

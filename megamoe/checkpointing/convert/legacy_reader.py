@@ -11,7 +11,7 @@ assembles the full tensors of a few parameters at a time, so memory stays near o
   compared bitwise;
 * optimizer state: per shard, the copies (without ZeRO-1) or the owned ranges, which must tile
   the flattened local tensor exactly (with ZeRO-1), of the ranks of its reduction group: the DP
-  group for dense parameters, the EDP group for experts (``Layout.holders``).
+  group for dense parameters, the EDP group for experts (``SavedTopology.holders``).
 """
 
 from __future__ import annotations
@@ -22,18 +22,27 @@ import os
 
 import torch
 
-from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.format import (
-    OPTIMIZER_KINDS,
-    OPTIMIZER_SCALARS,
-    CheckpointError,
-    Layout,
-    load_rank_payload,
-    rank_file,
-)
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.layout import ParamSpec
+from megamoe.checkpointing.convert.accounting import Tally
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, CheckpointError, SavedTopology
+from megamoe.checkpointing.param_specs import ParamSpec
 from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
+
+
+_RANK_FILE_KEYS = ("model", "optimizer", "rank")  # and "rng", absent in imports
+
+
+def _load_rank_file(path: str, rank: int) -> dict:
+    """One version 1 rank file, memory-mapped: ``{"model", "optimizer", "rng", "rank"}``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint in {os.path.dirname(path)} is incomplete")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} cannot be read as a megamoe rank file ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or not set(_RANK_FILE_KEYS) <= set(payload) or payload["rank"] != rank:
+        raise CheckpointError(f"{path} is not the megamoe rank file of rank {rank}")
+    return payload
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -45,36 +54,36 @@ class LegacyReader:
 
     def __init__(self, directory: str, metadata: dict) -> None:
         self.directory = directory
-        self.layout = Layout.from_metadata(metadata["layout"])
+        self.topology = SavedTopology.from_metadata(metadata["layout"])
         self.tally = Tally()
         self.ep_of = {name: entry["expert_parallel_size"] for name, entry in metadata["params"].items()}
         self.local_shapes = {name: tuple(entry["local_shape"]) for name, entry in metadata["params"].items()}
-        specs = {name: ParamSpec.from_legacy_entry(name, entry, self.layout) for name, entry in metadata["params"].items()}
+        specs = {name: ParamSpec.from_legacy_entry(name, entry, self.topology) for name, entry in metadata["params"].items()}
         self._check_rank_files()
-        self.payloads = [self._open(rank, specs) for rank in range(self.layout.world_size)]
+        self.payloads = [self._open(rank, specs) for rank in range(self.topology.world_size)]
         optimizer = self._optimizer_scalars()
         self.info = FullStateInfo.from_metadata(
             metadata,
             specs,
             optimizer=optimizer,
             rng=self._rng(),
-            source_layout=self.layout,
+            source_topology=self.topology,
         )
 
     def _path(self, rank: int) -> str:
-        return rank_file(self.directory, rank)
+        return os.path.join(self.directory, f"rank_{rank:05d}.pt")
 
     def _check_rank_files(self) -> None:
-        expected = {self._path(r) for r in range(self.layout.world_size)}
+        expected = {self._path(r) for r in range(self.topology.world_size)}
         for path in sorted(glob.glob(os.path.join(self.directory, "rank_*.pt"))):
             if path not in expected:
                 raise CheckpointError(
-                    f"{path} is not part of the layout recorded in metadata.json ({self.layout.describe()})"
+                    f"{path} is not part of the layout recorded in metadata.json ({self.topology.describe()})"
                 )
 
     def _open(self, rank: int, specs: dict[str, ParamSpec]) -> dict:
         path = self._path(rank)
-        payload = load_rank_payload(self.directory, rank, torch.device("cpu"), mmap=True)
+        payload = _load_rank_file(path, rank)
         model = payload["model"]
         if set(model) != set(specs):
             missing, extra = sorted(set(specs) - set(model)), sorted(set(model) - set(specs))
@@ -102,13 +111,13 @@ class LegacyReader:
             )
         saved = optimizer["layout"]
         if (saved["world_size"], saved["tensor_model_parallel_size"], saved["use_distributed_optimizer"]) != (
-            self.layout.world_size,
-            self.layout.tp,
-            self.layout.use_distributed_optimizer,
+            self.topology.world_size,
+            self.topology.tp,
+            self.topology.use_distributed_optimizer,
         ) or optimizer["rank"] != rank:
             raise CheckpointError(
                 f"{path}: the optimizer state's layout {saved} (rank {optimizer['rank']}) "
-                f"contradicts metadata.json ({self.layout.describe()}, rank {rank})"
+                f"contradicts metadata.json ({self.topology.describe()}, rank {rank})"
             )
         for name, shard in optimizer["shards"].items():
             if name not in self.local_shapes:
@@ -145,12 +154,12 @@ class LegacyReader:
         """RNG states by (DP rank, TP rank); None when the checkpoint has none."""
         if not all("rng" in p for p in self.payloads):
             return None
-        lay = self.layout
-        return [[self.payloads[lay.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(lay.tp)] for d in range(lay.dp)]
+        top = self.topology
+        return [[self.payloads[top.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(top.tp)] for d in range(top.dp)]
 
     # ------------------------------------------------------------------ streaming
     def _model_shard(self, name: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
-        holders = self.layout.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
+        holders = self.topology.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
         canonical = self.payloads[holders[0]]["model"][name]
         self.tally.use(self._path(holders[0]), (name, PARAM))
         for rank in holders[1:]:
@@ -164,7 +173,7 @@ class LegacyReader:
 
     def _optimizer_shard(self, name: str, kind: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
         """The flattened local tensor of one (TP rank, EP rank) shard, from its reduction group."""
-        holders = self.layout.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
+        holders = self.topology.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
         numel = math.prod(self.local_shapes[name])
         pieces = []
         for rank in holders:
@@ -172,7 +181,7 @@ class LegacyReader:
             if shard is not None:
                 pieces.append((shard["start"], shard["end"], rank, shard[kind]))
         files = ", ".join(self._path(rank) for _, _, rank, _ in pieces) or "no file"
-        if not self.layout.use_distributed_optimizer:
+        if not self.topology.use_distributed_optimizer:
             if len(pieces) != len(holders) or any((s, e) != (0, numel) for s, e, _, _ in pieces):
                 raise CheckpointError(f"{files}: the optimizer state of {name} does not cover it whole on every rank")
             _, _, first, canonical = pieces[0]
@@ -196,8 +205,8 @@ class LegacyReader:
         out = {}
         for name in names:
             spec, ep = self.info.specs[name], self.ep_of[name]
-            ep_ranks, tp_ranks = range(ep or 1), range(self.layout.tp)
-            where = f"{self.directory} ({self.layout.describe()})"
+            ep_ranks, tp_ranks = range(ep or 1), range(self.topology.tp)
+            where = f"{self.directory} ({self.topology.describe()})"
             state = {
                 PARAM: spec.unshard([[self._model_shard(name, t, e) for t in tp_ranks] for e in ep_ranks], where=where)
             }

@@ -13,12 +13,12 @@ import os
 
 import torch
 
-from megamoe.checkpointing.accounting import Tally
+from megamoe.checkpointing.convert.accounting import Tally
 from megamoe.checkpointing.boxes import Box
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, Layout, ShardFiles, chunk_name
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.layout import ParamSpec
-from megamoe.checkpointing.pieces import model_key, optimizer_key
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, SavedTopology, ShardFiles, chunk_name
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.checkpointing.box_views import model_key, optimizer_key
 
 
 class ShardedReader:
@@ -27,7 +27,7 @@ class ShardedReader:
     def __init__(self, directory: str, metadata: dict) -> None:
         self.directory = directory
         self.files = ShardFiles(directory, metadata)
-        self.layout = Layout.from_metadata(metadata["layout"])
+        self.topology = SavedTopology.from_metadata(metadata["layout"])
         self.tally = Tally()
         # Every tensor in every file, listed in metadata.json or not: one the reader never uses
         # is one this converter does not know, and the conversion refuses to drop it.
@@ -43,14 +43,14 @@ class ShardedReader:
             optimizer = {**metadata["optimizer"], "bucket_size": None}
         rng = None
         if metadata["rng"]:
-            lay = self.layout
-            rng = [[self.files.rng(lay.rank(dp_rank=d, tp_rank=t)) for t in range(lay.tp)] for d in range(lay.dp)]
+            top = self.topology
+            rng = [[self.files.rng(top.rank(dp_rank=d, tp_rank=t)) for t in range(top.tp)] for d in range(top.dp)]
         self.info = FullStateInfo.from_metadata(
             metadata,
             specs,
             optimizer=optimizer,
             rng=rng,
-            source_layout=self.layout,
+            source_topology=self.topology,
             buffers=buffers,
         )
 

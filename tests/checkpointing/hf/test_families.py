@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megamoe.checkpointing import convert
+from megamoe.checkpointing.convert.run import convert
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
@@ -147,7 +147,7 @@ def test_import_refuses_what_megamoe_cannot_express_in_one_line(tmp_path, change
 
 
 def test_export_picks_qwen3_moe_for_qk_norm_and_names_what_neither_family_has():
-    from megamoe.checkpointing.hf_config import check_exportable, export_family
+    from megamoe.checkpointing.hf.config import check_exportable, export_family
 
     qwen = ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, qk_layernorm=True,
                        num_experts=4, moe_layer_freq=(1, 0), moe_router_pre_softmax=True, moe_router_renormalize=False,

@@ -1,6 +1,6 @@
 """megamoe parameter names <-> Hugging Face tensor names, for Mixtral and Qwen3-MoE.
 
-``i`` a layer, ``j`` an expert; megamoe tensors are full (see ``layout``); ``n`` query heads,
+``i`` a layer, ``j`` an expert; megamoe tensors are full (see ``megamoe.checkpointing.param_specs``); ``n`` query heads,
 ``G`` key/value heads, ``r = n / G``, ``d`` the head dim::
 
     word_embeddings.weight [V, h]               model.embed_tokens.weight
@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from megamoe.checkpointing.hf_config import export_family
+from megamoe.checkpointing.hf.config import export_family
 from megamoe.model.config import ModelConfig
 
 _SIMPLE = {

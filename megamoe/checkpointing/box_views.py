@@ -5,9 +5,9 @@ Keys (one per global tensor)::
     model/NAME                 every entry of model.state_dict(): parameters and persistent buffers
     optim/KIND/NAME            KIND in master, exp_avg, exp_avg_sq: fp32, the parameter's global shape
 
-A ``Piece`` pairs a key and a global box with a view of this rank's tensor holding exactly that
+A ``BoxView`` pairs a key and a global box with a view of this rank's tensor holding exactly that
 box: the source when saving, the destination when loading.  Ranks holding the same box (DP
-replicas, TP-replicated parameters, optimizer state without ZeRO-1) produce equal pieces; the
+replicas, TP-replicated parameters, optimizer state without ZeRO-1) produce equal views; the
 save writes one of them.
 """
 
@@ -31,7 +31,7 @@ def optimizer_key(kind: str, name: str) -> str:
 
 
 @dataclass
-class Piece:
+class BoxView:
     key: str
     shape: tuple[int, ...]  # of the global tensor
     box: Box  # in the global tensor
@@ -53,19 +53,19 @@ def placements(model: torch.nn.Module, state: ParallelState) -> dict[str, Placem
     }
 
 
-def model_pieces(model: torch.nn.Module, where: dict[str, Placement]) -> list[Piece]:
+def model_views(model: torch.nn.Module, where: dict[str, Placement]) -> list[BoxView]:
     out = []
     for name, tensor in persistent_tensors(model).items():
         at = where[name]
         kept = at.to_global(Box((0,) * tensor.dim(), at.local_shape))
         if kept is not None:
             box, index = kept
-            out.append(Piece(model_key(name), at.global_shape, box, tensor.detach()[index]))
+            out.append(BoxView(model_key(name), at.global_shape, box, tensor.detach()[index]))
     return out
 
 
-def optimizer_pieces(shards: dict[str, dict], where: dict[str, Placement]) -> list[Piece]:
-    """Pieces of ``megamoe.optim.state_dict``'s ``shards`` (``{name: {start, end, KIND: flat fp32}}``):
+def optimizer_views(shards: dict[str, dict], where: dict[str, Placement]) -> list[BoxView]:
+    """Box views of ``megamoe.optim.state_dict``'s ``shards`` (``{name: {start, end, KIND: flat fp32}}``):
     each owned range of a flattened local tensor cut into boxes."""
     out = []
     for name, shard in shards.items():
@@ -77,5 +77,5 @@ def optimizer_pieces(shards: dict[str, dict], where: dict[str, Placement]) -> li
             box, index = kept
             for kind in OPTIMIZER_KINDS:
                 view = shard[kind][flat_start - start : flat_end - start].view(local.sizes)[index]
-                out.append(Piece(optimizer_key(kind, name), at.global_shape, box, view))
+                out.append(BoxView(optimizer_key(kind, name), at.global_shape, box, view))
     return out

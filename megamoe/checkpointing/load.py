@@ -1,6 +1,6 @@
 """Load a version 2 checkpoint (``format``) into a model and optimizer of any layout.
 
-Each rank reads, for every box it holds (``pieces``: its parameter shards and persistent
+Each rank reads, for every box it holds (``box_views``: its parameter shards and persistent
 buffers; its ZeRO-1 ranges of the fp32 master and Adam moments, or whole local tensors without
 ZeRO-1), the overlapping parts of the chunks on disk, wherever and by whichever layout they were
 written.  No collective: every rank reads what it needs from the shared files.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, Layout, ShardFiles
-from megamoe.checkpointing.pieces import (
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, SavedTopology, ShardFiles
+from megamoe.checkpointing.box_views import (
     model_key,
-    model_pieces,
-    optimizer_pieces,
+    model_views,
+    optimizer_views,
     persistent_tensors,
     placements,
 )
@@ -49,8 +49,8 @@ def load_model(files: ShardFiles, model: torch.nn.Module, state: ParallelState) 
     check_model_tensors(files, model, state)
     for tensor in persistent_tensors(model).values():
         tensor.zero_()
-    for piece in model_pieces(model, placements(model, state)):
-        files.read_into(piece.key, piece.box, piece.tensor)
+    for view in model_views(model, placements(model, state)):
+        files.read_into(view.key, view.box, view.tensor)
 
 
 def optimizer_state(files: ShardFiles, optimizer, model: torch.nn.Module, state: ParallelState) -> dict:
@@ -69,8 +69,8 @@ def optimizer_state(files: ShardFiles, optimizer, model: torch.nn.Module, state:
         }
         for p in optimizer.pieces
     }
-    for piece in optimizer_pieces(shards, placements(model, state)):
-        files.read_into(piece.key, piece.box, piece.tensor)
+    for view in optimizer_views(shards, placements(model, state)):
+        files.read_into(view.key, view.box, view.tensor)
     return {
         "format": OPTIMIZER_FORMAT,
         "layout": optimizer.layout(),
@@ -82,7 +82,7 @@ def optimizer_state(files: ShardFiles, optimizer, model: torch.nn.Module, state:
 
 def rng_states(files: ShardFiles, state: ParallelState, seed: int) -> dict | None:
     """The RNG states this rank continues from (``rng_map``), None if the checkpoint has none."""
-    saved = Layout.from_metadata(files.metadata["layout"])
+    saved = SavedTopology.from_metadata(files.metadata["layout"])
     dp, tp, fresh = rng_source(saved_dp=saved.dp, saved_tp=saved.tp, dp_rank=state.dp_rank, tp_rank=state.tp_rank)
     states = files.rng(saved.rank(dp_rank=dp, tp_rank=tp))
     if states is None or not fresh:

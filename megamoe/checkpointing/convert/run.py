@@ -24,9 +24,10 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from megamoe.checkpointing import consolidated, hf_checkpoint
-from megamoe.checkpointing.accounting import FullChecksum
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.convert import consolidated
+from megamoe.checkpointing.hf import checkpoint as hf_checkpoint
+from megamoe.checkpointing.convert.accounting import FullChecksum
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
 from megamoe.checkpointing.format import (
     LEGACY_VERSION,
     MARKER,
@@ -34,11 +35,11 @@ from megamoe.checkpointing.format import (
     model_config_from_dict,
     read_metadata,
 )
-from megamoe.checkpointing.hf_config import check_exportable, export_family
-from megamoe.checkpointing.legacy_reader import LegacyReader
-from megamoe.checkpointing.layout import stream_groups, target_layout
-from megamoe.checkpointing.sharded_reader import ShardedReader
-from megamoe.checkpointing.sharded_writer import ShardedWriter
+from megamoe.checkpointing.hf.config import check_exportable, export_family
+from megamoe.checkpointing.convert.legacy_reader import LegacyReader
+from megamoe.checkpointing.convert.sharded_reader import ShardedReader
+from megamoe.checkpointing.convert.sharded_writer import ShardedWriter
+from megamoe.checkpointing.convert.target import target_topology
 
 TARGETS = ("megamoe", "consolidated", "hf")
 
@@ -96,9 +97,9 @@ def open_source(load_dir: str, from_format: str | None):
     directory, metadata = found
     if metadata["version"] == LEGACY_VERSION:
         reader = LegacyReader(directory, metadata)
-        return reader, f"{directory} (version 1, {reader.layout.describe()})"
+        return reader, f"{directory} (version 1, {reader.topology.describe()})"
     reader = ShardedReader(directory, metadata)
-    return reader, f"{directory} ({reader.layout.describe()})"
+    return reader, f"{directory} ({reader.topology.describe()})"
 
 
 def _check_save_dir(load_dir: str, save_dir: str, force: bool) -> None:
@@ -131,7 +132,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     if to == "hf":
         writer = hf_checkpoint.HFWriter(tmp, info, tokenizer_model=tokenizer_model)
         return writer, f"Hugging Face {export_family(writer.config)}"
-    source = info.source_layout
+    source = info.source_topology
     config = model_config_from_dict(info.model_config)
     world = layout_flags["world_size"] or (source.world_size if source else 1)
     tp = layout_flags["tensor_model_parallel_size"] or (source.tp if source else 1)
@@ -142,7 +143,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     zero = layout_flags["use_distributed_optimizer"]
     if zero is None:
         zero = source.use_distributed_optimizer if source else False
-    layout, target_config = target_layout(
+    topology, target_config = target_topology(
         config,
         world_size=world,
         tensor_model_parallel_size=tp,
@@ -150,7 +151,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
         use_distributed_optimizer=zero,
         expert_tensor_parallel_size=etp,
     )
-    return ShardedWriter(tmp, info, layout, target_config), f"megamoe ({layout.describe()})"
+    return ShardedWriter(tmp, info, topology, target_config), f"megamoe ({topology.describe()})"
 
 
 def _stream(reader, writer, progress) -> tuple[FullChecksum, FullChecksum]:

@@ -27,10 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.full_state import FullStateInfo
-from megamoe.checkpointing.format import CheckpointError, Layout, write_atomic
-from megamoe.checkpointing.layout import ParamSpec
+from megamoe.checkpointing.convert.accounting import Tally
+from megamoe.checkpointing.convert.full_state import FullStateInfo
+from megamoe.checkpointing.format import CheckpointError, SavedTopology, write_atomic
+from megamoe.checkpointing.param_specs import ParamSpec
 
 FORMAT = "megamoe-consolidated"
 VERSION = 1
@@ -77,7 +77,7 @@ class ConsolidatedWriter:
             "optimizer": info.optimizer,
             "params": {name: spec.to_entry() for name, spec in info.specs.items()},
             "groups": self.groups,
-            "source_layout": info.source_layout.to_metadata() if info.source_layout else None,
+            "source_layout": info.source_topology.to_metadata() if info.source_topology else None,
         }
         write_atomic(os.path.join(self.root, METADATA), json.dumps(metadata, indent=1))
 
@@ -108,7 +108,7 @@ class ConsolidatedReader:
             specs,
             optimizer=metadata.get("optimizer"),
             rng=rng,
-            source_layout=Layout.from_metadata(layout) if layout else None,
+            source_topology=SavedTopology.from_metadata(layout) if layout else None,
         )
         self.tally = Tally()
         buffers_path = os.path.join(root, BUFFERS_FILE)

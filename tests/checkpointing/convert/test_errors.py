@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from megamoe.checkpointing import convert
+from megamoe.checkpointing.convert.run import convert
 from tests.fixtures import REPO
 
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")

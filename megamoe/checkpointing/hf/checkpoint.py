@@ -1,8 +1,8 @@
 """Hugging Face export and import: the safetensors files, ``config.json`` and the tokenizer.
 
 Export writes one ``model-XXXXX-of-NNNNN.safetensors`` per group plus
-``model.safetensors.index.json``, ``config.json`` (``hf_config``: Mixtral or Qwen3-MoE) and,
-with a sentencepiece model, the tokenizer files; tensor names come from ``hf_names``.  Import
+``model.safetensors.index.json``, ``config.json`` (``config``: Mixtral or Qwen3-MoE) and,
+with a sentencepiece model, the tokenizer files; tensor names come from ``names``.  Import
 accepts that layout or a single ``model.safetensors``; every HF tensor must map onto a megamoe
 parameter, or the import stops.
 """
@@ -18,12 +18,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.hf_config import check_exportable, from_hf_config, to_hf_config
+from megamoe.checkpointing.convert.accounting import Tally
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
+from megamoe.checkpointing.hf.config import check_exportable, from_hf_config, to_hf_config
 from megamoe.checkpointing.format import CheckpointError, model_config_dict, model_config_from_dict, write_atomic
-from megamoe.checkpointing.hf_names import hf_names, join, split
-from megamoe.checkpointing.layout import model_specs, stream_groups
+from megamoe.checkpointing.hf.names import hf_names, join, split
+from megamoe.checkpointing.param_specs import model_specs
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -144,7 +144,7 @@ class HFReader:
             args={},
             optimizer=None,
             rng=None,
-            source_layout=None,
+            source_topology=None,
         )
         for name in self.info.specs:
             absent = [n for n in hf_names(name, config) if n not in self.file_of]

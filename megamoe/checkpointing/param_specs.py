@@ -16,81 +16,14 @@ replicas that must be bitwise equal to it.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
 
-from megamoe.checkpointing.format import Layout, dtype_name
+from megamoe.checkpointing.format import SavedTopology, dtype_name
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import padded_vocab_size
 from megamoe.parallel.params import EXPERT_DIM, param_meta
-from megamoe.parallel.state import validate_parallel_sizes
-
-_LAYER = re.compile(r"^layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    """Transformer layer index of a parameter name (``layers.3.mlp...`` -> 3), None outside the layers."""
-    match = _LAYER.match(name)
-    return int(match.group(1)) if match else None
-
-
-def target_layout(
-    config: ModelConfig,
-    *,
-    world_size: int,
-    tensor_model_parallel_size: int,
-    expert_model_parallel_size: tuple[int, ...],
-    use_distributed_optimizer: bool,
-    expert_tensor_parallel_size: int | None = None,
-) -> tuple[Layout, ModelConfig]:
-    """The target ``Layout`` and the model config with its EP sizes (one value, or one per MoE
-    layer).  ``expert_tensor_parallel_size`` None means TP; an ETP other than TP needs sequence
-    parallelism in training, so the target layout records it on (it moves no parameter).
-    Raises ``ValueError`` naming the flags and the numbers if the layout cannot hold the model."""
-    eps = tuple(expert_model_parallel_size) or (1,)
-    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    sequence_parallel = etp != tensor_model_parallel_size
-    where = (
-        f"world {world_size}, TP {tensor_model_parallel_size}, EP {list(expert_model_parallel_size)}, "
-        f"ETP {etp}, ZeRO-1 {'on' if use_distributed_optimizer else 'off'}"
-    )
-    try:
-        if not config.moe_layers and eps != (1,):
-            raise ValueError(f"--expert-model-parallel-size {list(eps)} was given but the model has no MoE layers")
-        target = dataclasses.replace(config, expert_model_parallel_size=eps)
-        validate_parallel_sizes(
-            world_size=world_size,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            expert_model_parallel_sizes=target.moe_ep_sizes(),
-            expert_tensor_parallel_size=etp,
-            sequence_parallel=sequence_parallel,
-        )
-        target.check_parallel_layout(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            data_parallel_size=world_size // tensor_model_parallel_size,
-            expert_tensor_parallel_size=etp,
-            sequence_parallel=sequence_parallel,
-        )
-    except ValueError as err:
-        message = (
-            str(err)
-            .replace("--tensor-model-parallel-size", "--target-tensor-parallel-size")
-            .replace("--expert-model-parallel-size", "--target-expert-parallel-size")
-            .replace("--expert-tensor-parallel-size", "--target-expert-tensor-parallel-size")
-            .replace("the world size", "--target-world-size")
-        )
-        raise ValueError(f"the target layout ({where}) does not fit the model: {message}") from None
-    layout = Layout(
-        world_size=world_size,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        expert_model_parallel_size=target.moe_ep_sizes(),
-        use_distributed_optimizer=use_distributed_optimizer,
-        expert_tensor_parallel_size=etp,
-        sequence_parallel=sequence_parallel,
-    )
-    return layout, target
 
 
 @dataclass(frozen=True)
@@ -111,14 +44,14 @@ class ParamSpec:
     padded: bool
 
     @classmethod
-    def from_legacy_entry(cls, name: str, entry: dict, layout: Layout) -> "ParamSpec":
+    def from_legacy_entry(cls, name: str, entry: dict, topology: SavedTopology) -> "ParamSpec":
         """From a version 1 ``metadata.json``'s ``params[name]`` (the local shard's shape and tags)
-        of a checkpoint saved in ``layout``."""
+        of a checkpoint saved in ``topology``."""
         shape = list(entry["local_shape"])
         tp_dim = entry["tensor_parallel_dim"]
         ep = entry["expert_parallel_size"]
         if tp_dim is not None:
-            shape[tp_dim] = entry["unpadded_size"] if entry["unpadded_size"] is not None else shape[tp_dim] * layout.tp
+            shape[tp_dim] = entry["unpadded_size"] if entry["unpadded_size"] is not None else shape[tp_dim] * topology.tp
         if ep is not None:
             shape[EXPERT_DIM] *= ep
         return cls(
@@ -214,22 +147,6 @@ class ParamSpec:
         full = torch.cat(per_ep, dim=EXPERT_DIM) if len(per_ep) > 1 else per_ep[0]
         assert tuple(full.shape) == self.shape, (self.name, tuple(full.shape), self.shape)
         return full
-
-
-def target_ep_sizes(specs: dict[str, ParamSpec], config: ModelConfig) -> dict[str, int | None]:
-    """EP size of every parameter in a model laid out by ``config`` (None for dense ones)."""
-    return {name: config.ep_size_for_layer(layer_of(name)) if spec.is_expert else None for name, spec in specs.items()}
-
-
-def stream_groups(names: list[str]) -> list[tuple[str, list[str]]]:
-    """Parameter names grouped by what the conversion streams at once: each transformer layer
-    (``layers.N``), and each top-level module (embeddings, final norm, output layer), in model order."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        layer = layer_of(name)
-        key = f"layers.{layer}" if layer is not None else name.split(".")[0]
-        groups.setdefault(key, []).append(name)
-    return list(groups.items())
 
 
 def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:

@@ -13,21 +13,40 @@ Writers take the same dicts and lay them out for their format.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from megamoe.checkpointing.accounting import Tally
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, Layout
-from megamoe.checkpointing.layout import ParamSpec
+from megamoe.checkpointing.convert.accounting import Tally
+from megamoe.checkpointing.format import OPTIMIZER_KINDS, SavedTopology
+from megamoe.checkpointing.param_specs import ParamSpec
 
 PARAM = "param"
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """Transformer layer index of a parameter name (``layers.3.mlp...`` -> 3), None outside the layers."""
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def stream_groups(names: list[str]) -> list[tuple[str, list[str]]]:
+    """Parameter names grouped by what the conversion streams at once: each transformer layer
+    (``layers.N``), and each top-level module (embeddings, final norm, output layer), in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        layer = layer_of(name)
+        key = f"layers.{layer}" if layer is not None else name.split(".")[0]
+        groups.setdefault(key, []).append(name)
+    return list(groups.items())
 
 
 @dataclass
 class FullStateInfo:
-    model_config: dict  # ``checkpoint.model_config_dict`` form; its EP sizes are the source's
+    model_config: dict  # ``format.model_config_dict`` form; its EP sizes are the source's
     specs: dict[str, ParamSpec]  # every parameter, in ``model.named_parameters()`` order
     iteration: int
     consumed_samples: int
@@ -35,10 +54,10 @@ class FullStateInfo:
     # The optimizer's scalars (OPTIMIZER_SCALARS, plus "bucket_size": the ZeRO-1 bucketing the
     # run used, or None) when the checkpoint has optimizer state, else None.
     optimizer: dict | None
-    # RNG states (``checkpoint._rng_state`` form) of the source's ranks, ``rng[dp_rank][tp_rank]``;
+    # RNG states (``megamoe.training.checkpoint._rng_state`` form) of the source's ranks, ``rng[dp_rank][tp_rank]``;
     # None when the source has none (Hugging Face).
     rng: list[list[dict]] | None
-    source_layout: Layout | None  # None for layout-free sources
+    source_topology: SavedTopology | None  # None for layout-free sources
     # Persistent buffers (model tensors that are not parameters), full and replicated, by name.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -2,7 +2,7 @@
 
 Collective over the world, in three steps:
 
-1. plan: every rank lists its pieces (``pieces``: key, global box, bytes) and all ranks exchange
+1. plan: every rank lists its box views (``box_views``: key, global box, bytes) and all ranks exchange
    the lists (one ``all_gather_object``).  Ranks holding the same box (DP replicas, TP-replicated
    parameters, optimizer state without ZeRO-1) are candidates for one write; every rank runs the
    same greedy assignment (largest box first, to the candidate with the fewest bytes so far), so
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.checkpointing.format import (
-    Layout,
+    SavedTopology,
     build_metadata,
     chunk_name,
     dtype_name,
@@ -42,23 +42,23 @@ from megamoe.checkpointing.format import (
     write_marker,
     write_metadata,
 )
-from megamoe.checkpointing.pieces import Piece
+from megamoe.checkpointing.box_views import BoxView
 from megamoe.parallel.state import ParallelState
 
 
 @dataclass(frozen=True)
 class SaveRequest:
-    """What one rank saves; equal on every rank except ``pieces`` and ``rng``."""
+    """What one rank saves; equal on every rank except ``views`` and ``rng``."""
 
     root: str
     iteration: int
     consumed_samples: int
-    layout: Layout
+    topology: SavedTopology
     model_config: dict  # format.model_config_dict form
     args: dict
     optimizer: dict | None  # the optimizer's scalars, None without optimizer state
     params: dict  # {name: ParamSpec.to_entry()}
-    pieces: list[Piece]
+    views: list[BoxView]
     rng: dict | None
     keep_last: int = 0
 
@@ -132,19 +132,19 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     plan = [(p.key, tuple(p.box.offsets), tuple(p.box.sizes), p.tensor.numel() * p.tensor.element_size(),
-             tuple(p.shape), dtype_name(p.tensor.dtype)) for p in request.pieces]
+             tuple(p.shape), dtype_name(p.tensor.dtype)) for p in request.views]
     gathered: list = [None] * state.world_size
     dist.all_gather_object(gathered, (plan, uuid.uuid4().hex), group=state.world_group)
     plans = [g[0] for g in gathered]
     checkpoint_id = gathered[0][1]
     writer = _assign(plans)
     mine = {}
-    for piece in request.pieces:
-        ident = (piece.key, tuple(piece.box.offsets), tuple(piece.box.sizes))
+    for view in request.views:
+        ident = (view.key, tuple(view.box.offsets), tuple(view.box.sizes))
         if writer[ident] == state.rank:
             # A compact CPU copy: a view would save its whole storage, and training goes on changing it.
-            mine[chunk_name(piece.key, piece.box.offsets)] = torch.empty(
-                piece.box.sizes, dtype=piece.tensor.dtype, device="cpu").copy_(piece.tensor)
+            mine[chunk_name(view.key, view.box.offsets)] = torch.empty(
+                view.box.sizes, dtype=view.tensor.dtype, device="cpu").copy_(view.tensor)
     payload = {"checkpoint": checkpoint_id, "rank": state.rank, "tensors": mine}
     if request.rng is not None:
         payload["rng"] = request.rng
@@ -155,7 +155,7 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
             checkpoint_id=checkpoint_id,
             iteration=request.iteration,
             consumed_samples=request.consumed_samples,
-            layout=request.layout,
+            topology=request.topology,
             model_config=request.model_config,
             args=request.args,
             optimizer=request.optimizer,

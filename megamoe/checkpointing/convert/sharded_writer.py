@@ -2,9 +2,9 @@
 
 Each group of full tensors the conversion streams becomes one file ``full_GGGGG.pt`` holding
 each tensor whole (one chunk per global tensor), so memory stays near one layer.  ``finish``
-writes one ``shard_RANK.pt`` per rank of the target ``layout`` with that rank's RNG states
+writes one ``shard_RANK.pt`` per rank of the target ``topology`` with that rank's RNG states
 (``rng_map``; none when the source has none, as a Hugging Face import), then ``metadata.json``
-and the 'latest' marker.  The layout only decides those RNG states and what ``metadata.json``
+and the 'latest' marker.  The topology only decides those RNG states and what ``metadata.json``
 records as the saving layout: a version 2 checkpoint loads into any layout.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from megamoe.checkpointing.format import (
     OPTIMIZER_SCALARS,
-    Layout,
+    SavedTopology,
     build_metadata,
     chunk_name,
     dtype_name,
@@ -27,8 +27,8 @@ from megamoe.checkpointing.format import (
     write_marker,
     write_metadata,
 )
-from megamoe.checkpointing.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.pieces import model_key, optimizer_key
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.box_views import model_key, optimizer_key
 from megamoe.checkpointing.rng_map import target_rng
 from megamoe.model.config import ModelConfig
 
@@ -37,11 +37,11 @@ _LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use
 
 
 class ShardedWriter:
-    """Writes ``info``'s state into ``root`` (a fresh directory) as saved by ``layout``; ``config``
-    is the model config with the target's EP sizes (``layout.target_layout``)."""
+    """Writes ``info``'s state into ``root`` (a fresh directory) as saved in ``topology``; ``config``
+    is the model config with the target's EP sizes (``target.target_topology``)."""
 
-    def __init__(self, root: str, info: FullStateInfo, layout: Layout, config: ModelConfig) -> None:
-        self.root, self.info, self.layout, self.config = root, info, layout, config
+    def __init__(self, root: str, info: FullStateInfo, topology: SavedTopology, config: ModelConfig) -> None:
+        self.root, self.info, self.topology, self.config = root, info, topology, config
         self.directory = iteration_dir(root, info.iteration)
         os.makedirs(self.directory)
         self.checkpoint_id = uuid.uuid4().hex
@@ -78,9 +78,9 @@ class ShardedWriter:
     def _metadata(self, rng: dict) -> dict:
         args = dict(self.info.args)
         values = {
-            "tensor_model_parallel_size": self.layout.tp,
+            "tensor_model_parallel_size": self.topology.tp,
             "expert_model_parallel_size": list(self.config.expert_model_parallel_size),
-            "use_distributed_optimizer": self.layout.use_distributed_optimizer,
+            "use_distributed_optimizer": self.topology.use_distributed_optimizer,
         }
         args.update({key: values[key] for key in _LAYOUT_ARGS if key in args})
         optimizer = None
@@ -90,7 +90,7 @@ class ShardedWriter:
             checkpoint_id=self.checkpoint_id,
             iteration=self.info.iteration,
             consumed_samples=self.info.consumed_samples,
-            layout=self.layout,
+            topology=self.topology,
             model_config=model_config_dict(self.config),
             args=args,
             optimizer=optimizer,
@@ -105,12 +105,12 @@ class ShardedWriter:
         rng = {}
         if self.info.rng is not None:
             seed = int(self.info.args.get("seed", 0))
-            for rank in range(self.layout.world_size):
-                dp_rank, tp_rank = self.layout.coordinates(rank)
+            for rank in range(self.topology.world_size):
+                dp_rank, tp_rank = self.topology.coordinates(rank)
                 states = target_rng(self.info.rng, dp_rank, tp_rank, seed)
                 self._write_file({}, rank=rank, rng=states, name=shard_file(rank))
                 rng[str(rank)] = shard_file(rank)
             if progress is not None:
-                progress(f"wrote the RNG states of {self.layout.world_size} ranks ({self.layout.describe()})")
+                progress(f"wrote the RNG states of {self.topology.world_size} ranks ({self.topology.describe()})")
         write_metadata(self.directory, self._metadata(rng))
         write_marker(self.root, self.info.iteration)

@@ -1,4 +1,5 @@
-"""Which elements of which parameter each rank's optimizer owns, in a layout no process runs.
+"""Test helpers: which elements of which parameter each rank's optimizer owns, in a layout no
+process runs, and each parameter's EP size in a model config.
 
 The optimizer (``megamoe.optim``) keeps, per rank, the fp32 master and Adam moments of the
 ranges of each parameter's flattened local tensor that fall in this rank's ZeRO-1 shards of the
@@ -13,8 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamoe.checkpointing.format import Layout
-from megamoe.checkpointing.layout import ParamSpec
+from megamoe.checkpointing.convert.full_state import layer_of
+from megamoe.checkpointing.format import SavedTopology
+from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.model.config import ModelConfig
 from megamoe.optim.grad_buffer import build_grad_buffers
 from megamoe.parallel.params import tag_param
 
@@ -29,8 +32,13 @@ class _MetaParams:
         return iter(self._named)
 
 
+def target_ep_sizes(specs: dict[str, ParamSpec], config: ModelConfig) -> dict[str, int | None]:
+    """EP size of every parameter in a model laid out by ``config`` (None for dense ones)."""
+    return {name: config.ep_size_for_layer(layer_of(name)) if spec.is_expert else None for name, spec in specs.items()}
+
+
 def owned_ranges(
-    specs: dict[str, ParamSpec], ep_of: dict[str, int | None], layout: Layout, *, rank: int, bucket_size: int
+    specs: dict[str, ParamSpec], ep_of: dict[str, int | None], layout: SavedTopology, *, rank: int, bucket_size: int
 ) -> dict[str, tuple[int, int]]:
     """``{name: (start, end)}``: the range of each parameter's flattened local tensor whose
     optimizer state rank ``rank`` of ``layout`` owns (parameters it owns none of are absent)."""
