@@ -21,6 +21,7 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 TOKEN_DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # see megamoe.model.moe.aux_losses
 DEFAULT_BIAS_UPDATE_RATE = 1e-3
 
 
@@ -99,6 +100,10 @@ class ModelConfig:
     moe_router_topk: int = flag(2, help="experts per token, k")
     moe_ffn_hidden_size: int | None = flag(None, help="hidden size of each expert", check=positive,
                                            default_text="--ffn-hidden-size")
+    moe_router_load_balancing_type: str = flag(
+        "aux_loss", choices=BALANCING_TYPES,
+        help="the load-balancing loss: aux_loss over the micro-batch (Switch), seq_aux_loss per sequence "
+             "(DeepSeek-V2), global_aux_loss with the expert counts of the whole step on every DP rank; none: no loss")
     moe_aux_loss_coeff: float = flag(0.0, help="weight of the load-balancing loss", check=non_negative)
     moe_z_loss_coeff: float = flag(0.0, help="weight of the router z-loss", check=non_negative)
     moe_router_pre_softmax: bool = flag(False, help="softmax over all experts before top-k")
@@ -219,6 +224,9 @@ class ModelConfig:
                 raise ValueError(f"--moe-router-topk {self.moe_router_topk} must be in [1, {e}] (--num-experts {e})")
 
     def _validate_router(self) -> None:
+        if self.moe_router_load_balancing_type == "none" and self.moe_aux_loss_coeff:
+            raise ValueError(f"--moe-router-load-balancing-type none contradicts --moe-aux-loss-coeff "
+                             f"{self.moe_aux_loss_coeff}: give one of them")
         sigmoid = self.moe_router_score_function == "sigmoid"
         if sigmoid and self.moe_router_pre_softmax:
             raise ValueError("--moe-router-pre-softmax applies to softmax scores, not --moe-router-score-function sigmoid")

@@ -11,10 +11,19 @@ backward, so the collectives still pair up.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from torch.utils.checkpoint import checkpoint
 
 from megamoe.parallel.random import get_rng_tracker
+
+_state = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True inside the second forward of a recomputed layer (state kept across micro-batches,
+    such as ``global_aux_loss``'s counts, must not be updated twice)."""
+    return getattr(_state, "recomputing", False)
 
 
 def _tracker_contexts():
@@ -27,9 +36,11 @@ def _tracker_contexts():
     def replay():
         current = tracker.get_states()
         tracker.set_states(states)
+        _state.recomputing = True
         try:
             yield
         finally:
+            _state.recomputing = False
             tracker.set_states(current)
 
     return contextlib.nullcontext(), replay()

@@ -52,11 +52,6 @@ MEGATRON_FLAGS = (
     MegatronFlag("--pipeline-model-parallel-size", ("1",), "megamoe has no pipeline parallelism"),
     MegatronFlag("--context-parallel-size", ("1",), "megamoe has no context parallelism"),
     MegatronFlag("--moe-token-dispatcher-type", ("alltoall",), "tokens are dispatched by all-to-all over the EP group"),
-    MegatronFlag("--moe-router-load-balancing-type", ("aux_loss", "none"),
-                 "the load-balancing loss is Switch's aux loss, weighted by --moe-aux-loss-coeff (none: its "
-                 "default 0)",
-                 contradicts=lambda value, args: f"--moe-aux-loss-coeff {args.moe_aux_loss_coeff}"
-                 if value == "none" and args.moe_aux_loss_coeff else None),
     MegatronFlag("--moe-grouped-gemm", SWITCH, "grouped GEMM is the default (--no-moe-grouped-gemm turns it off)"),
     MegatronFlag("--moe-router-dtype", ("fp32",), "router scores and top-k are computed in fp32"),
     MegatronFlag("--rotary-percent", ("1.0", "1"), "RoPE rotates the whole head dimension"),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megamoe.data.build import build_train_valid_test_datasets, micro_batches
 from megamoe.model.compile import compile_regions
 from megamoe.model.gpt import GPTModel
-from megamoe.model.moe.balancing import update_expert_biases
+from megamoe.model.moe.balancing import start_step, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
@@ -95,6 +95,7 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
     """
     model.train()
     optimizer.zero_grad()
+    start_step(model)
     step_moe_stats = []
     for index, batch in enumerate(batches):
         batch = prepare_batch(batch, device, eod_mask_token)

@@ -73,3 +73,30 @@ def test_recompute_flags_are_validated():
         (0, 1, True), (1, 2, True), (2, 3, False), (3, 4, False), (4, 5, False)]
     with pytest.raises(ValueError, match=r"--recompute-num-layers 4 must be in \[1, --num-layers 3\]"):
         dataclasses.replace(BASE, recompute_granularity="full", recompute_num_layers=4)
+
+
+def _global_aux_grads(config):
+    from megamoe.model.moe.balancing import start_step
+    from megamoe.model.moe.router import TopKRouter
+
+    layout = ps.single_rank_layout()
+    model = GPTModel(config, layout).initialize(seed=5)
+    model.train()
+    start_step(model)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        tokens, labels = torch.randint(0, 200, (2, 16), generator=g), torch.randint(0, 200, (2, 16), generator=g)
+        model(tokens, labels).loss.backward()
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, [r.step_micro_batches for r in routers]
+
+
+def test_recomputation_counts_each_micro_batch_once_for_the_global_aux_loss():
+    """The recomputed forward reads the step's running counts instead of adding to them again."""
+    config = dataclasses.replace(BASE, hidden_dropout=0.0, attention_dropout=0.0, moe_aux_loss_coeff=1.0,
+                                 moe_router_load_balancing_type="global_aux_loss")
+    stored, counted = _global_aux_grads(config)
+    again, counted_again = _global_aux_grads(dataclasses.replace(config, recompute_granularity="full"))
+    assert counted == counted_again == [2, 2]
+    for name, grad in stored.items():
+        torch.testing.assert_close(again[name], grad, rtol=0, atol=0, msg=name)

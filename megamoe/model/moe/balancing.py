@@ -2,7 +2,7 @@
 
 After each optimizer step that was not skipped, every router with an expert bias moves it by
 ``rate * sign(mean load - load)`` (``router.bias_step``), where the loads are the token-slots
-routed to each expert during the whole step: summed over the step's micro-batches here and over
+each expert processed during the whole step (after capacity dropping, as Megatron counts them): summed over the step's micro-batches here and over
 every rank of the world by one all-reduce, so every rank applies the same update whatever the
 layout.  (TP ranks route the same tokens and so count them TP times; only the signs of the
 load errors matter, and those do not change.)
@@ -15,6 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from megamoe.model.moe.router import TopKRouter
+
+
+def start_step(model: nn.Module) -> None:
+    """Call before each optimizer step's first micro-batch: ``global_aux_loss`` counts the step's
+    micro-batches from here."""
+    for router in model.modules():
+        if isinstance(router, TopKRouter):
+            router.start_step()
 
 
 def biased_routers(model: nn.Module) -> list[TopKRouter]:
@@ -33,7 +41,7 @@ def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
     routers = biased_routers(model)
     if not routers:
         return
-    per_layer = [torch.stack([stats[i].tokens_per_expert for stats in step_moe_stats]).sum(0)
+    per_layer = [torch.stack([stats[i].kept_tokens_per_expert for stats in step_moe_stats]).sum(0)
                  for i in range(len(routers))]
     flat = torch.cat(per_layer)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from megamoe.model.moe.router import count_per_expert
+from megamoe.model.moe.aux_losses import count_per_expert
 
 DROP_POLICIES = ("probs", "position")
 

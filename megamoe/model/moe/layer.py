@@ -31,11 +31,12 @@ from torch import nn
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.mlp import MLP
+from megamoe.model.moe.aux_losses import count_per_expert
 from megamoe.model.moe.capacity import capacity_keep_mask, expert_capacity
 from megamoe.model.moe.dispatcher import TokenDispatcher
 from megamoe.model.moe.experts import GroupedExperts
 from megamoe.model.moe.router import TopKRouter
-from megamoe.parallel.mappings import copy_to_tp_region, reduce_from_tp_region
+from megamoe.parallel.mappings import all_reduce_tp, copy_to_tp_region, reduce_from_tp_region
 from megamoe.parallel.state import ParallelState
 
 
@@ -44,6 +45,7 @@ class MoEStats:
     """Detached per-layer values for logging (tensors: the trainer moves them to the host)."""
 
     tokens_per_expert: torch.Tensor  # [E] int64: token-slots of this rank routed to each global expert, before dropping
+    kept_tokens_per_expert: torch.Tensor  # [E] int64: the same after capacity dropping (the expert-bias loads)
     dropped_fraction: torch.Tensor  # scalar fp32: dropped token-slots / (T * K); 0 when dropless
     aux_loss: torch.Tensor  # scalar fp32: load-balancing loss, un-weighted
     z_loss: torch.Tensor  # scalar fp32: router z-loss, un-weighted
@@ -90,7 +92,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         b, s, hidden = x.shape
         x_TH = x.reshape(b * s, hidden)
-        routing = self.router(x_TH)
+        routing = self.router(x_TH, num_sequences=b)
 
         keep_TK = None
         factor = self._active_capacity_factor()
@@ -118,10 +120,15 @@ class MoELayer(nn.Module):
         loss = self.aux_loss_coeff * routing.load_balancing_loss + self.z_loss_coeff * routing.z_loss
         if keep_TK is None:
             dropped = torch.zeros((), dtype=torch.float32, device=x.device)
+            kept = routing.tokens_per_expert
         else:
             dropped = 1.0 - keep_TK.float().mean()
+            kept = count_per_expert(routing.expert_ids[keep_TK], self.num_experts)
+            if own_tokens:
+                kept = all_reduce_tp(kept, self.layout)
         stats = MoEStats(
             tokens_per_expert=routing.tokens_per_expert.detach(),
+            kept_tokens_per_expert=kept.detach(),
             dropped_fraction=dropped,
             aux_loss=routing.load_balancing_loss.detach(),
             z_loss=routing.z_loss.detach(),

@@ -26,9 +26,14 @@ The expert bias ``[E]`` (fp32, a persistent buffer, saved with the model) moves 
 optimizer step by ``rate * sign(mean load - load)`` (``bias_step``), from the loads of the whole
 global batch, so it is the same on every rank and in every layout (the trainer sums the loads).
 
+The load-balancing loss (``--moe-router-load-balancing-type``) and the z loss are
+``megamoe.model.moe.aux_losses``; their counts come from a plain top-k of the unbiased scores,
+not from the (biased, group-limited) choice above, as in Megatron-Core.
+
 The router weight ``[E, H]`` is a dense parameter replicated over TP.  Without sequence
 parallelism every TP rank sees the same tokens and must route them identically, so everything
-here is computed redundantly on the TP ranks and nothing is communicated.  With sequence
+here is computed redundantly on the TP ranks and nothing is communicated (but
+``global_aux_loss``'s all-reduce of the counts over DP).  With sequence
 parallelism each TP rank routes its own ``T = b * s / TP`` tokens; the aux and z losses stay
 those of the whole micro-batch: the expert counts ``f_e`` are summed over TP (no gradient), each
 rank computes its tokens' share of the loss (sums divided by the micro-batch's token count) and
@@ -41,10 +46,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.moe.aux_losses import (
+    balancing_choice,
+    count_per_expert,
+    load_balancing_loss,
+    sequence_counts,
+    sequence_load_balancing_loss,
+    z_loss,
+)
+from megamoe.model.recompute import is_recomputing
 from megamoe.parallel.mappings import all_reduce_tp, reduce_from_tp_region
 from megamoe.parallel.params import tag_param
 from megamoe.parallel.state import ParallelState
@@ -57,41 +72,8 @@ class Routing:
     expert_ids: torch.Tensor  # [T, K] int64, global expert index of each token-slot
     weights: torch.Tensor  # [T, K] fp32, combine weight of each token-slot
     tokens_per_expert: torch.Tensor  # [E] int64, token-slots routed to each expert (before dropping)
-    load_balancing_loss: torch.Tensor  # scalar fp32, un-weighted
+    load_balancing_loss: torch.Tensor  # scalar fp32, un-weighted, of --moe-router-load-balancing-type
     z_loss: torch.Tensor  # scalar fp32, un-weighted
-
-
-def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[num_experts]`` int64 histogram of ``expert_ids`` (any shape, values in ``[0, num_experts)``).
-
-    A scatter-add rather than ``torch.bincount``, which reads the maximum back to the host on CUDA.
-    """
-    ids = expert_ids.reshape(-1)
-    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
-
-
-def load_balancing_loss(
-    probs_TE: torch.Tensor, tokens_per_expert: torch.Tensor, topk: int, num_tokens: int | None = None
-) -> torch.Tensor:
-    """Switch/GShard loss ``E * sum_e f_e * P_e`` over ``num_tokens`` tokens (default: the ``T``
-    given; more when ``probs_TE`` holds only a share of them).
-
-    ``f_e = tokens_per_expert[e] / (num_tokens * K)`` is the fraction of token-slot assignments
-    that went to expert e (no gradient: it comes from the discrete top-k), ``P_e`` the router
-    probability of expert e (full softmax over all E) summed over the given tokens and divided by
-    ``num_tokens``.  Equals 1 for perfectly uniform routing.
-    """
-    num_experts = probs_TE.shape[1]
-    num_tokens = probs_TE.shape[0] if num_tokens is None else num_tokens
-    fraction_E = tokens_per_expert.to(probs_TE.dtype) / max(num_tokens * topk, 1)
-    return num_experts * (fraction_E * probs_TE.sum(dim=0) / max(num_tokens, 1)).sum()
-
-
-def z_loss(logits_TE: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
-    """Router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps the logits small; the sum
-    over the given tokens is divided by ``num_tokens`` (default: their count)."""
-    num_tokens = logits_TE.shape[0] if num_tokens is None else num_tokens
-    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(num_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -190,12 +172,17 @@ class TopKRouter(nn.Module):
         self.layout = layout
         self.num_experts = num_experts
         self.rule = RoutingRule.from_config(config)
+        self.balancing_type = config.moe_router_load_balancing_type
         self.jitter_eps = config.moe_input_jitter_eps
         self.bias_update_rate = config.expert_bias_update_rate
         expert_bias = None
         if config.moe_router_enable_expert_bias:
             expert_bias = torch.zeros(num_experts, dtype=torch.float32, device=device)
         self.register_buffer("expert_bias", expert_bias, persistent=True)
+        # global_aux_loss: the step's counts so far, summed over its micro-batches and DP ranks.
+        self.register_buffer("step_counts", torch.zeros(num_experts, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.step_micro_batches = 0
         self.weight = tag_param(
             nn.Parameter(torch.empty(num_experts, config.hidden_size, dtype=config.params_dtype, device=device)),
             tensor_parallel_dim=None,
@@ -216,30 +203,59 @@ class TopKRouter(nn.Module):
         noise = torch.empty_like(x_TH).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         return x_TH * noise
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
+    def forward(self, x_TH: torch.Tensor, num_sequences: int = 1) -> Routing:
+        """Route this rank's ``T`` tokens: ``num_sequences`` runs of consecutive tokens, one per
+        sequence of the micro-batch (what ``seq_aux_loss`` averages over)."""
         logits_TE = F.linear(self._jitter(x_TH).float(), self.weight.float())
         expert_ids_TK, weights_TK, probs_TE = route(logits_TE, self.rule, self.expert_bias)
         tokens_per_expert = count_per_expert(expert_ids_TK, self.num_experts)
-        layout, topk = self.layout, self.rule.topk
-        if not layout.sequence_parallel:
-            return Routing(
-                expert_ids=expert_ids_TK,
-                weights=weights_TK,
-                tokens_per_expert=tokens_per_expert,
-                load_balancing_loss=load_balancing_loss(probs_TE, tokens_per_expert, topk),
-                z_loss=z_loss(logits_TE),
-            )
-        tokens_per_expert = all_reduce_tp(tokens_per_expert.clone(), layout)  # the micro-batch's counts
-        num_tokens = x_TH.shape[0] * layout.tp_size
-        share_lb = load_balancing_loss(probs_TE, tokens_per_expert, topk, num_tokens)
-        share_z = z_loss(logits_TE, num_tokens)
-        return Routing(
-            expert_ids=expert_ids_TK,
-            weights=weights_TK,
-            tokens_per_expert=tokens_per_expert,
-            load_balancing_loss=reduce_from_tp_region(share_lb, layout),
-            z_loss=reduce_from_tp_region(share_z, layout),
-        )
+        layout = self.layout
+        sp = layout.sequence_parallel
+        num_tokens = x_TH.shape[0] * (layout.tp_size if sp else 1)  # the micro-batch's
+        balancing = self._balancing_loss(probs_TE, num_sequences, num_tokens)
+        z = z_loss(logits_TE, num_tokens)
+        if sp:
+            tokens_per_expert = all_reduce_tp(tokens_per_expert.clone(), layout)
+            balancing, z = reduce_from_tp_region(balancing, layout), reduce_from_tp_region(z, layout)
+        return Routing(expert_ids=expert_ids_TK, weights=weights_TK, tokens_per_expert=tokens_per_expert,
+                       load_balancing_loss=balancing, z_loss=z)
+
+    def _balancing_loss(self, probs_TE: torch.Tensor, num_sequences: int, num_tokens: int) -> torch.Tensor:
+        """This rank's share of the micro-batch's balancing loss (all of it without sequence
+        parallelism; under it the TP ranks' shares add up to it)."""
+        topk, num_experts, layout = self.rule.topk, self.num_experts, self.layout
+        choice_TK = balancing_choice(probs_TE.detach(), topk)
+        if self.balancing_type == "seq_aux_loss":
+            counts_BE = sequence_counts(choice_TK, num_sequences, num_experts)
+            if layout.sequence_parallel:
+                counts_BE = all_reduce_tp(counts_BE, layout)
+            return sequence_load_balancing_loss(probs_TE, counts_BE, topk, num_tokens // num_sequences)
+        counts_E = count_per_expert(choice_TK, num_experts)
+        if layout.sequence_parallel:
+            counts_E = all_reduce_tp(counts_E, layout)
+        if self.balancing_type == "global_aux_loss" and self.training and torch.is_grad_enabled():
+            counts_E = self._step_mean_counts(counts_E)
+        return load_balancing_loss(probs_TE, counts_E, topk, num_tokens)
+
+    def _step_mean_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """``global_aux_loss``'s counts: the mean over the DP ranks and the step's micro-batches
+        so far of each micro-batch's counts (collective over DP, except when recomputing).
+
+        A recomputed forward (--recompute-granularity full) runs in this micro-batch's backward,
+        before the next micro-batch: it adds nothing and reads the same mean as the forward did.
+        """
+        if not is_recomputing():
+            counts = counts_E.to(torch.float32)
+            if self.layout.dp_size > 1:
+                dist.all_reduce(counts, group=self.layout.dp_group)
+            self.step_counts += counts
+            self.step_micro_batches += 1
+        return self.step_counts / (self.step_micro_batches * self.layout.dp_size)
+
+    def start_step(self) -> None:
+        """Forget the counts of the previous step (``global_aux_loss``)."""
+        self.step_counts.zero_()
+        self.step_micro_batches = 0
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:

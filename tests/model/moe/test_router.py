@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megamoe.model.config import ModelConfig
-from megamoe.model.moe.router import TopKRouter, load_balancing_loss
+from megamoe.model.moe.aux_losses import load_balancing_loss
+from megamoe.model.moe.router import TopKRouter
 from megamoe.parallel.state import single_rank_layout
 from tests.model.moe.reference import reference_routing
 

@@ -136,7 +136,7 @@ def test_bias_moves_by_the_rate_towards_balance():
     loads = torch.tensor([10, 0, 5, 5, 7, 3, 5, 5])  # mean 5
     torch.testing.assert_close(bias_step(loads, 0.01), torch.tensor([-0.01, 0.01, 0, 0, -0.01, 0.01, 0, 0]))
     router = _router(moe_router_bias_update_rate=0.01)
-    stats = [MoEStats(tokens_per_expert=half, dropped_fraction=torch.zeros(()), aux_loss=torch.zeros(()),
+    stats = [MoEStats(tokens_per_expert=half, kept_tokens_per_expert=half, dropped_fraction=torch.zeros(()), aux_loss=torch.zeros(()),
                       z_loss=torch.zeros(())) for half in (loads // 2, loads - loads // 2)]
     model = torch.nn.ModuleDict({"router": router})
     update_expert_biases(model, [[stats[0]], [stats[1]]])  # two micro-batches of one MoE layer
