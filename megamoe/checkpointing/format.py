@@ -211,7 +211,7 @@ def model_config_from_dict(saved: dict) -> ModelConfig:
 
 def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int, topology: SavedTopology,
                    model_config: dict, args: dict, optimizer: dict | None, params: dict, tensors: dict,
-                   files: dict, rng: dict) -> dict:
+                   files: dict, rng: dict, lr_schedule: dict | None = None) -> dict:
     """The contents of ``metadata.json``.
 
     ``model_config``: ``model_config_dict`` form.  ``optimizer``: the optimizer's scalars
@@ -219,6 +219,7 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
     optimizer state.  ``params``: ``{name: ParamSpec.to_entry()}``.  ``tensors``: ``{key: {"shape",
     "dtype", "chunks": [{"file", "offsets", "sizes"}]}}``.  ``files``: ``{file: {"bytes"}}``.
     ``rng``: ``{str(rank): file}``, the file holding each saving rank's RNG states.
+    ``lr_schedule``: the training run's ``LRSchedule.curve()``, None when written by a conversion.
     """
     return {
         "format": FORMAT_NAME,
@@ -234,6 +235,7 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
         "tensors": tensors,
         "files": files,
         "rng": rng,
+        "lr_schedule": lr_schedule,
     }
 
 

@@ -60,6 +60,7 @@ class SaveRequest:
     params: dict  # {name: ParamSpec.to_entry()}
     views: list[BoxView]
     rng: dict | None
+    lr_schedule: dict | None = None  # the run's LRSchedule.curve()
     keep_last: int = 0
 
 
@@ -163,6 +164,7 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
             tensors=_tensors_entry(plans, writer),
             files={shard_file(r): {} for r in range(state.world_size)},
             rng={str(r): shard_file(r) for r in range(state.world_size)} if request.rng is not None else {},
+            lr_schedule=request.lr_schedule,
         )
 
     def write() -> None:

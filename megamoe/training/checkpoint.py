@@ -8,10 +8,13 @@ states, position) for a save and puts it back on load.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from megamoe.checkpointing.format import (
     OPTIMIZER_SCALARS,
@@ -27,8 +30,9 @@ from megamoe.checkpointing.param_specs import ParamSpec
 from megamoe.checkpointing.save import PendingSave, SaveRequest, save_sharded
 from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import get_parallel_state
+from megamoe.training.save_lock import LOCK_FILE, SaveLock
 
-__all__ = ["CheckpointError", "Loaded", "check_same_model", "check_save_dir", "open_checkpoint", "run_topology",
+__all__ = ["CheckpointError", "Loaded", "check_same_model", "claim_save_dir", "open_checkpoint", "run_topology",
            "read_metadata", "save_checkpoint"]
 
 
@@ -75,12 +79,13 @@ def save_checkpoint(
     model_config,
     use_distributed_optimizer: bool,
     args: dict,
+    lr_schedule: dict | None = None,
     keep_last: int = 0,
     async_save: bool = False,
 ) -> PendingSave:
     """Collective over the world: save into ``root/iter_XXXXXXX``.  Without ``async_save`` the
     checkpoint is published when this returns; with it, call ``wait()`` on the result before
-    the next save and before exiting."""
+    the next save and before exiting.  ``lr_schedule``: the run's ``LRSchedule.curve()``."""
     state = get_parallel_state()
     where = placements(model, state)
     optim = optimizer.state_dict()
@@ -93,6 +98,7 @@ def save_checkpoint(
         model_config=model_config_dict(model_config),
         args=args,
         optimizer={key: optim[key] for key in OPTIMIZER_SCALARS},
+        lr_schedule=lr_schedule,
         params=specs,
         views=model_views(model, where) + optimizer_views(optim["shards"], where),
         rng=_rng_state(),
@@ -128,6 +134,7 @@ class Loaded:
         self.consumed_samples = int(metadata["consumed_samples"])
         self.saved_topology = SavedTopology.from_metadata(metadata["layout"])
         self.has_optimizer = metadata["optimizer"] is not None
+        self.lr_schedule = metadata.get("lr_schedule")  # LRSchedule.curve() of the run that saved it
 
     def load_model(self, model: torch.nn.Module) -> None:
         load_model(self.files, model, self.state)
@@ -152,7 +159,7 @@ def open_checkpoint(root: str, model_config) -> Loaded | None:
     return Loaded(*found, model_config)
 
 
-def check_save_dir(root: str) -> None:
+def _check_save_dir(root: str) -> None:
     """Refuse, naming the path, a --save directory that cannot be created or written (at start-up,
     not at the first save)."""
     try:
@@ -163,3 +170,26 @@ def check_save_dir(root: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise CheckpointError(f"--save {root} cannot be written ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def claim_save_dir(root: str, log) -> Iterator[None]:
+    """Collective over the world, for the whole run: ``_check_save_dir`` on every rank, then rank 0
+    holds ``root``'s run lock (``save_lock``) until the block ends.  A directory another run holds
+    is refused on every rank, before any work, naming that run."""
+    _check_save_dir(root)
+    state = get_parallel_state()
+    lock = SaveLock(root) if state.rank == 0 else None
+    outcome = [lock.acquire() if lock is not None else None]
+    dist.broadcast_object_list(outcome, src=0, group=state.world_group)
+    acquired, text = outcome[0]
+    if not acquired:
+        raise CheckpointError(f"--save {root} is in use by another run ({text}; lock file "
+                              f"{os.path.join(root, LOCK_FILE)}): wait for it to end, or give another --save")
+    if text:
+        log.info(text)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

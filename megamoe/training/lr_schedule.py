@@ -1,6 +1,8 @@
 """Learning-rate schedule (Megatron's): linear warmup, then constant / linear / cosine / WSD decay.
 
-``lr_at(iteration)`` is a pure function of the iteration, so a resumed run follows the same curve.
+``lr_at(iteration)`` is a pure function of the iteration and of the values ``curve()`` lists, which
+a checkpoint records: ``resumed`` refuses to resume onto another curve unless one of Megatron's
+two flags says which one to follow.
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ from megamoe.flags import check_fields, derived, flag, non_negative, positive, p
 from megamoe.optim.config import check_lr
 
 DECAY_STYLES = ("constant", "linear", "cosine", "wsd")
+# The values that fix the curve, as a checkpoint records them, with the flags that set each.
+CURVE = (
+    ("lr", "--lr"),
+    ("min_lr", "--min-lr"),
+    ("decay_style", "--lr-decay-style"),
+    ("warmup_iters", "--lr-warmup-iters/-fraction/-samples"),
+    ("decay_iters", "--lr-decay-iters/-samples, default --train-iters"),
+    ("wsd_decay_iters", "--lr-wsd-decay-iters"),
+)
 
 
 @dataclass
@@ -33,10 +44,20 @@ class LRSchedule:
     samples_per_iteration: int = derived(1, help="the global batch: turns the --lr-*-samples flags into iterations")
     wsd_decay_iters: int | None = flag(None, name="--lr-wsd-decay-iters", help="length of wsd's final decay phase",
                                        default_text="10% of --lr-decay-iters")
+    override_opt_param_scheduler: bool = flag(
+        False, name="--override-opt_param-scheduler",
+        help="on resume, follow this command line's schedule (--lr, --min-lr, warmup, decay iterations, decay "
+             "style) and ignore the checkpoint's")
+    use_checkpoint_opt_param_scheduler: bool = flag(
+        False, name="--use-checkpoint-opt_param-scheduler",
+        help="on resume, follow the checkpoint's schedule and ignore this command line's schedule flags")
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_lr(self.lr, self.min_lr)
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                             "exclusive (follow the flags' schedule, or the checkpoint's)")
         # Samples become (fractional) iterations: the curve is Megatron's, whose steps count samples.
         if self.decay_samples is not None:
             if self.decay_iters is not None:
@@ -86,3 +107,40 @@ class LRSchedule:
         if self.decay_style == "linear":
             return self.lr - span * progress
         return self.min_lr + span * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def curve(self) -> dict:
+        """The resolved values ``lr_at`` depends on (warmup and decay in iterations), JSON-ready."""
+        return {name: getattr(self, name) for name, _ in CURVE}
+
+    def resumed(self, saved: dict | None, checkpoint: str) -> tuple["LRSchedule", str | None]:
+        """The schedule a run resumed from ``checkpoint``, whose ``curve()`` was ``saved``, follows,
+        and a line for the log when the two differ (None when they agree).
+
+        As Megatron's: a difference is refused (``ValueError`` naming each value, both sides and
+        the flags) unless ``--override-opt_param-scheduler`` (the flags win) or
+        ``--use-checkpoint-opt_param-scheduler`` (the checkpoint wins) is given.  ``saved`` None:
+        the checkpoint recorded no schedule (written by a conversion), so the flags are followed.
+        """
+        if saved is None:
+            if self.use_checkpoint_opt_param_scheduler:
+                raise ValueError(f"--use-checkpoint-opt_param-scheduler: {checkpoint} records no learning-rate "
+                                 "schedule; give the schedule's flags instead")
+            return self, None
+        now = self.curve()
+        differ = [f"{name} ({flags}): saved {saved.get(name)!r} vs now {now[name]!r}"
+                  for name, flags in CURVE if saved.get(name) != now[name]]
+        if not differ:
+            return self, None
+        details = "; ".join(differ)
+        if self.override_opt_param_scheduler:
+            return self, f"--override-opt_param-scheduler: following the flags' learning-rate schedule ({details})"
+        if self.use_checkpoint_opt_param_scheduler:
+            kept = LRSchedule(**{name: saved[name] for name, _ in CURVE}, train_iters=self.train_iters,
+                              samples_per_iteration=self.samples_per_iteration,
+                              use_checkpoint_opt_param_scheduler=True)
+            return kept, f"--use-checkpoint-opt_param-scheduler: following {checkpoint}'s learning-rate schedule ({details})"
+        raise ValueError(
+            f"{checkpoint} was trained with another learning-rate schedule ({details}); resuming would reshape it: "
+            "give --use-checkpoint-opt_param-scheduler to keep the saved schedule, or --override-opt_param-scheduler "
+            "to follow the flags"
+        )

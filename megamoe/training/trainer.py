@@ -138,12 +138,20 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     if cfg.checkpoint.load and loaded is None:
         log.info(f"no checkpoint found in --load {cfg.checkpoint.load}; starting from scratch")
     load_optim = loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
+    schedule = cfg.schedule
     if loaded is not None:
         if load_optim and not loaded.has_optimizer:
             raise ckpt.CheckpointError(
                 f"{loaded.directory} holds weights but no optimizer state (e.g. imported from Hugging Face): "
                 f"train from it with --finetune, or keep its iteration with --no-load-optim"
             )
+        if load_optim:  # as Megatron: the schedule is resumed with the optimizer state
+            try:
+                schedule, note = cfg.schedule.resumed(loaded.lr_schedule, loaded.directory)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if note:
+                log.info(note)
         loaded.load_model(model)
         if not cfg.checkpoint.finetune:
             train_state = TrainState(loaded.iteration, loaded.consumed_samples)
@@ -157,7 +165,7 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
         loaded.load_optimizer(optimizer, model)
     if loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_rng:
         loaded.restore_rng()
-    return model, optimizer, train_state
+    return model, optimizer, train_state, schedule
 
 
 def _datasets(cfg: RunConfig):
@@ -173,7 +181,7 @@ def _datasets(cfg: RunConfig):
     )
 
 
-def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: TrainingLogger, previous):
+def _save(cfg: RunConfig, model, optimizer, schedule, train_state: TrainState, log: TrainingLogger, previous):
     """Save (collective); returns the pending save.  The previous one must have finished first
     (an --async-save still writing is waited for here)."""
     if previous is not None:
@@ -187,6 +195,7 @@ def _save(cfg: RunConfig, model, optimizer, train_state: TrainState, log: Traini
         model_config=cfg.model,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         args=cfg.args,
+        lr_schedule=schedule.curve(),
         keep_last=cfg.checkpoint.keep_last,
         async_save=cfg.checkpoint.async_save,
     )
@@ -210,7 +219,8 @@ def pretrain(cfg: RunConfig) -> dict:
     state = get_parallel_state()
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
     try:
-        return _train(cfg, device, log, started)
+        with ckpt.claim_save_dir(cfg.checkpoint.save, log) if cfg.checkpoint.save else contextlib.nullcontext():
+            return _train(cfg, device, log, started)
     finally:
         log.close()
         destroy_model_parallel()
@@ -224,9 +234,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         train_ds, valid_ds, _ = _datasets(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if cfg.checkpoint.save:
-        ckpt.check_save_dir(cfg.checkpoint.save)
-    model, optimizer, train_state = _setup(cfg, device, log)
+    model, optimizer, train_state, schedule = _setup(cfg, device, log)
     t = cfg.train
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
@@ -244,7 +252,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     saved_at = None
     pending = None  # the last save, which may still be writing (--async-save)
     while train_state.iteration < t.train_iters:
-        lr = cfg.schedule.lr_at(train_state.iteration)
+        lr = schedule.lr_at(train_state.iteration)
         optimizer.set_lr(lr)
         result = train_step(model, optimizer, next(batches), metrics, device, cfg.eod_mask_token)
         train_state.iteration += 1
@@ -260,7 +268,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
                 _run_eval(cfg, model, valid_ds, train_state, device, log)
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
             with metrics.paused():
-                pending = _save(cfg, model, optimizer, train_state, log, pending)
+                pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
             saved_at = train_state.iteration
         reason = stop.reason()
         if reason is None and t.exit_interval and train_state.iteration % t.exit_interval == 0:
@@ -270,7 +278,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
                      f"{train_state.iteration} and exiting")
             break
     if cfg.checkpoint.save and saved_at != train_state.iteration:
-        pending = _save(cfg, model, optimizer, train_state, log, pending)
+        pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
     if pending is not None:
         pending.wait()
         dist.barrier()  # every rank returns once the last checkpoint is published

@@ -85,14 +85,16 @@ def _resume_body(rank, world, tmp):
     os.environ["WORLD_SIZE"] = str(world)
     save = os.path.join(tmp, "ckpt")
     assert pretrain_moe.main(BASE + ["--save", save, "--save-interval", "1"]) == 0
+    # One more iteration on the saved schedule (--train-iters 2 decayed over 2 iterations).
+    more = TINY_MOE + ["--train-iters", "3", "--lr-decay-iters", "2"]
     for name, load in (("root", save), ("dir", os.path.join(save, "iter_0000002"))):
-        argv = TINY_MOE + ["--train-iters", "3", "--load", load, "--log-json", os.path.join(tmp, f"{name}.jsonl")]
+        argv = more + ["--load", load, "--log-json", os.path.join(tmp, f"{name}.jsonl")]
         assert pretrain_moe.main(argv) == 0
-    old = TINY_MOE + ["--train-iters", "3", "--load", os.path.join(save, "iter_0000001"),
+    old = more + ["--load", os.path.join(save, "iter_0000001"),
                       "--log-json", os.path.join(tmp, "old.jsonl")]
     assert pretrain_moe.main(old) == 0
     # How activations are kept and the loss computed is not the model: such flags may change on resume.
-    memory = TINY_MOE + ["--train-iters", "3", "--load", save, "--log-json", os.path.join(tmp, "memory.jsonl"),
+    memory = more + ["--load", save, "--log-json", os.path.join(tmp, "memory.jsonl"),
                          "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers",
                          "2", "--cross-entropy-chunk-size", "5"]
     assert pretrain_moe.main(memory) == 0

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pretrain_moe
+from megamoe.training.save_lock import LOCK_FILE
 from tests.fixtures import REPO, TINY_MOE, read_json_log, run_main
 from tests.harness import run_distributed
 
@@ -75,6 +76,11 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(pa[name], pb[name]), name
 
 
+def _listing(save: str) -> list[str]:
+    """What a save root holds besides the run lock's file."""
+    return sorted(name for name in os.listdir(save) if name != LOCK_FILE)
+
+
 def _crash_during_second_save(rank, world, argv_first, argv_second):
     os.environ["WORLD_SIZE"] = str(world)
     assert pretrain_moe.main(argv_first) == 0
@@ -97,7 +103,7 @@ def _crash_during_second_save(rank, world, argv_first, argv_second):
 @pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
 def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
     save = str(tmp_path / "ckpt")
-    base = TINY_MOE[:] + ["--save", save] + mode
+    base = TINY_MOE[:] + ["--save", save, "--lr-decay-iters", "4"] + mode
     base[base.index("--global-batch-size") + 1] = "2"
     first = base + ["--train-iters", "2"]
     second = base + ["--train-iters", "4", "--load", save]
@@ -111,7 +117,7 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
     run_distributed(run_main, 1, [resumed], timeout=300)
     assert read_metadata(save)[1]["iteration"] == 3
     # The next published save deletes what the crashed one left.
-    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+    assert _listing(save) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
 def test_async_save_resumes_exactly(tmp_path):
@@ -123,7 +129,7 @@ def test_async_save_resumes_exactly(tmp_path):
     first = base + ["--train-iters", "3", "--save", save, "--save-interval", "1", "--async-save", "--keep-last", "2"]
     second = base + ["--train-iters", "5", "--load", save, "--log-json", str(tmp_path / "resumed.jsonl")]
     run_distributed(run_main, 2, [straight, first], timeout=300)
-    assert sorted(os.listdir(save)) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+    assert _listing(save) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
     run_distributed(run_main, 2, [second], timeout=300)
     want = {r["iteration"]: r for r in read_json_log(tmp_path / "straight.jsonl")}
     got = read_json_log(tmp_path / "resumed.jsonl")
@@ -215,11 +221,12 @@ def test_loading_another_layout_reshards_and_continues_exactly(tmp_path):
     """Saved at EP 2 with ZeRO-1 on 2 ranks, resumed at EP 1 without ZeRO-1 on 1 rank: the steps
     after the load are the ones the 2-rank run takes after its own save."""
     save = str(tmp_path / "ckpt")
-    two = TINY_MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]
+    two = TINY_MOE + ["--expert-model-parallel-size", "2", "--use-distributed-optimizer", "--lr-decay-iters", "4"]
     run_distributed(run_main, 2, [two + ["--train-iters", "2", "--save", save],
                                    two + ["--train-iters", "4", "--load", save, "--log-json", str(tmp_path / "two.jsonl")]],
                     timeout=300)
-    one = TINY_MOE + ["--train-iters", "4", "--load", save, "--log-json", str(tmp_path / "one.jsonl")]
+    one = TINY_MOE + ["--train-iters", "4", "--lr-decay-iters", "4", "--load", save, "--log-json",
+                      str(tmp_path / "one.jsonl")]
     run_distributed(run_main, 1, [one], timeout=300)
     two_log, one_log = read_json_log(tmp_path / "two.jsonl"), read_json_log(tmp_path / "one.jsonl")
     assert [r["iteration"] for r in one_log] == [r["iteration"] for r in two_log] == [3, 4]
@@ -255,7 +262,7 @@ def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
     save = tmp_path / "ckpt"
     argv = TINY_MOE + ["--train-iters", "4", "--save", str(save), "--save-interval", "1", "--keep-last", "2"]
     run_distributed(run_main, 1, [argv], timeout=300)
-    assert sorted(os.listdir(save)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert _listing(save) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
 @pytest.mark.parametrize("world,layout", [(1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])],
@@ -342,7 +349,8 @@ def test_expert_tensor_parallel_checkpoints_reshard_both_ways(tmp_path):
     layout takes next."""
     from megamoe.checkpointing.convert.run import convert
 
-    sp = TINY_MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"]
+    sp = TINY_MOE + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
+                     "--lr-decay-iters", "4"]
     etp1 = sp + ["--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "4"]
     etp2 = sp + ["--expert-tensor-parallel-size", "2", "--expert-model-parallel-size", "2"]
     for name, saver, loader, (etp, ep) in (("1to2", etp1, etp2, (2, 2)), ("2to1", etp2, etp1, (1, 4))):

@@ -130,7 +130,7 @@ PRETRAIN = [
     "--seq-length", "16", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
     "--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
     "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
-    "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "3",
+    "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "3", "--lr-decay-iters", "3",
     "--lr", "1e-2", "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--log-interval", "1",
 ]  # fmt: skip
 
