@@ -7,31 +7,35 @@ With no --data-path and no --mock-data it trains on the built-in default corpus 
 standard-library sources, tokenised on first use into cache/default_corpus).  Every flag is
 validated before any process group is created (the data splits and checkpoints as soon as they
 are opened, before the model is built); a bad combination prints one line
-``pretrain_moe.py: error: ...`` and exits with status 2.
+``pretrain_moe.py: error: ...`` (on rank 0 only) and exits with status 2.  A NaN/inf loss or
+gradient stops the run with one such line and status 1; Ctrl-C stops it with one line and
+status 130 (``megamoe/training/exits.py``).
 """
 
 from __future__ import annotations
 
 import sys
 
-from megamoe.checkpointing.format import CheckpointError
-from megamoe.training.arguments import ConfigError, parse_config
+from megamoe.training.exits import outcome, print_once, sigint_stops
+
+PROG = "pretrain_moe.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as err:
-        print(f"pretrain_moe.py: error: {err}", file=sys.stderr)
-        return 2
-    from megamoe.training.trainer import pretrain
+    with sigint_stops():  # before torch is imported: a Ctrl-C during start-up is clean too
+        try:
+            from megamoe.training.arguments import parse_config
+            from megamoe.training.trainer import pretrain
 
-    try:
-        pretrain(cfg)
-    except (ConfigError, CheckpointError) as err:
-        print(f"pretrain_moe.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            pretrain(parse_config(argv))
+            return 0
+        except BaseException as err:  # sorted by outcome(); a bug, --help or sys.exit is re-raised
+            ended = outcome(err)
+            if ended is None:
+                raise
+    code, line = ended
+    print_once(PROG, line)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ come back as a list indexed by rank.
 The processes are kept for the session, one set per world size: starting a process and
 importing torch costs more than most bodies.  Each call gets a new process group, and afterwards
 each process is put back as it was: the megamoe groups and the process group destroyed, the
-environment, working directory, SIGTERM handler, default dtype and torch's seed restored.  A call
+environment, working directory, SIGTERM and SIGINT handlers, default dtype and torch's seed restored.  A call
 that fails or hangs kills its set; the next call starts a new one.
 """
 
@@ -43,7 +43,7 @@ def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
     from megamoe.parallel.launch import init_distributed
 
     environ, cwd = dict(os.environ), os.getcwd()
-    sigterm, dtype = signal.getsignal(signal.SIGTERM), torch.get_default_dtype()
+    sigterm, sigint, dtype = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), torch.get_default_dtype()
     torch.manual_seed(seed)
     try:
         init_distributed(torch.device("cpu"), rank=rank, world_size=world_size, store_path=store_path)
@@ -66,6 +66,7 @@ def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
         os.environ.update(environ)
         os.chdir(cwd)
         signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, sigint)
         torch.set_default_dtype(dtype)
 
 

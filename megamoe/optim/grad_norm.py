@@ -26,6 +26,12 @@ Each rank's sum of squares and max per part (dense, each EP size) go through one
 ``all_gather`` over the world; every rank then adds the same table in rank order, so all ranks
 get bitwise-identical norms and the same skip decision from that single collective (it is also
 the step's only host sync).
+
+The overflow decision cannot read the norm alone: a non-finite value in a gradient this rank
+does not count (a TP-replicated parameter's copy on TP rank 1, say) would be applied by its
+holder but never seen.  So each rank also checks every gradient it holds (``uncounted``: the
+rest of what it will apply) and, optionally, its loss, and the two flags ride in the same table:
+one collective, and every rank reads the same ranks as having found one.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ class GradNorm:
     l2: float  # global L2 norm; non-finite when any gradient is
     inf: float  # global max |g|
     parts_l2: dict[str, float]  # L2 norm of each part ("dp": dense, "edp(ep=E)": experts of EP size E)
+    nonfinite_grad_ranks: tuple[int, ...] = ()  # ranks holding a non-finite gradient, counted or not
+    nonfinite_loss_ranks: tuple[int, ...] = ()  # ranks whose loss (when given) was non-finite
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.l2) and math.isfinite(self.inf)
+        """No rank holds a non-finite gradient (the step may be applied)."""
+        return math.isfinite(self.l2) and math.isfinite(self.inf) and not self.nonfinite_grad_ranks
 
 
 def counts_toward_norm(meta: ParamMeta, reduction: Reduction, *, sharded: bool, state: ParallelState) -> bool:
@@ -72,29 +81,51 @@ def _total_norm(tensors: list[torch.Tensor], order: float) -> torch.Tensor:
 
 
 def global_grad_norm(
-    parts: dict[str, list[torch.Tensor]], world_group: dist.ProcessGroup, *, device: torch.device
+    parts: dict[str, list[torch.Tensor]],
+    world_group: dist.ProcessGroup,
+    *,
+    device: torch.device,
+    uncounted: list[torch.Tensor] = (),
+    loss: torch.Tensor | None = None,
 ) -> GradNorm:
-    """Norms of the gradients this rank counts (``counts_toward_norm``), grouped by part.
+    """Norms of the gradients this rank counts (``counts_toward_norm``), grouped by part, and which
+    ranks hold a non-finite gradient or loss.
 
     ``parts`` must have the same keys in the same order on every rank (a rank may count no
-    tensor of a part, or none at all).  ``device`` is the model's: the collective's tensors live
-    there on every rank, whatever it counts (NCCL refuses CPU tensors, so a rank owning no
-    gradient must not fall back to the CPU).  One ``all_gather`` over ``world_group``; returns
-    the same numbers on every rank.
+    tensor of a part, or none at all).  ``uncounted``: the other gradients this rank holds (not
+    normed, only checked for NaN/inf); ``loss``: this rank's loss of the step (any shape), checked
+    the same way.  ``device`` is the model's: the collective's tensors live there on every rank,
+    whatever it counts (NCCL refuses CPU tensors, so a rank owning no gradient must not fall back
+    to the CPU).  One ``all_gather`` over ``world_group``; returns the same numbers and the same
+    ranks on every rank.
     """
     names = list(parts)
-    local = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+    # One row per part (sum of squares, max |g|), then (gradient non-finite, loss non-finite).
+    local = torch.zeros(len(names) + 1, 2, dtype=torch.float64, device=device)
     for i, name in enumerate(names):
         if parts[name]:
             local[i, 0] = _total_norm(parts[name], 2.0).square()
             local[i, 1] = _total_norm(parts[name], math.inf)
+    bad_grad = ~torch.isfinite(local[: len(names), 1]).all()
+    if uncounted:
+        bad_grad |= ~torch.isfinite(_total_norm(list(uncounted), math.inf))
+    local[-1, 0] = bad_grad.double()
+    if loss is not None:
+        local[-1, 1] = (~torch.isfinite(loss.detach()).all()).double()
     world = dist.get_world_size(world_group)
-    table = torch.empty(world * len(names), 2, dtype=torch.float64, device=device)
+    table = torch.empty(world * (len(names) + 1), 2, dtype=torch.float64, device=device)
     flat_collective("all_gather_single", "all_gather_into_tensor")(table, local, group=world_group)
-    rows = table.view(world, len(names), 2).tolist()
+    rows = table.view(world, len(names) + 1, 2).tolist()
+    flags = [row.pop() for row in rows]
     parts_sq = {name: math.fsum(row[i][0] for row in rows) for i, name in enumerate(names)}
     inf = max((row[i][1] for row in rows for i in range(len(names))), default=0.0)
     if any(math.isnan(row[i][1]) for row in rows for i in range(len(names))):
         inf = math.nan  # max() would silently skip a NaN that is not first
     l2 = math.sqrt(math.fsum(parts_sq.values()))
-    return GradNorm(l2=l2, inf=inf, parts_l2={name: math.sqrt(sq) for name, sq in parts_sq.items()})
+    return GradNorm(
+        l2=l2,
+        inf=inf,
+        parts_l2={name: math.sqrt(sq) for name, sq in parts_sq.items()},
+        nonfinite_grad_ranks=tuple(r for r, (grad, _) in enumerate(flags) if grad),
+        nonfinite_loss_ranks=tuple(r for r, (_, bad_loss) in enumerate(flags) if bad_loss),
+    )

@@ -15,7 +15,9 @@ Usage (the trainer's step)::
      (``grad_sync``); earlier micro-batches run in ``no_sync()``.
   2. unscale this rank's shard of the fp32 main grads by ``1 / loss_scale`` (fp16).
   3. ``grad_norm.global_grad_norm``: L2 and inf norms with one world collective (the step's one
-     host sync); a non-finite norm means every rank skips the step and the loss scaler backs off.
+     host sync), which also tells every rank which ranks hold a non-finite gradient (any of
+     theirs, normed there or not) or loss; a non-finite gradient anywhere means every rank skips
+     the step and the loss scaler backs off (the trainer stops instead unless fp16).
   4. clip by ``clip_grad / (norm + 1e-6)`` when that is below 1: inside torch's fused AdamW,
      through its ``grad_scale``, where ``adam.fused_adamw_support`` found that this works on the
      device; else a pass over the shard grads.
@@ -54,6 +56,8 @@ class StepResult:
     skipped: bool  # non-finite gradients somewhere: no parameter changed on any rank
     loss_scale: float  # the scale the next scale_loss applies (after this step's update)
     num_skipped_total: int  # skipped steps since construction (or restored from a checkpoint)
+    nonfinite_grad_ranks: tuple[int, ...] = ()  # ranks that held a NaN/inf gradient (the same on every rank)
+    nonfinite_loss_ranks: tuple[int, ...] = ()  # ranks whose ``step(loss=)`` was NaN/inf
 
 
 @dataclass
@@ -106,6 +110,7 @@ class MixedPrecisionOptimizer:
         # The master views each norm counts (``counts_toward_norm``), by reduction group: their
         # ``.grad`` for the grad norm, themselves for params_norm().
         self._norm_masters: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
+        self._unnormed_grads: list[torch.Tensor] = []
         for buf, master in zip(self.buffers, self.masters):
             for piece in buf.pieces():
                 meta = param_meta(piece.param)
@@ -115,6 +120,9 @@ class MixedPrecisionOptimizer:
                 groups.setdefault((meta.weight_decay, meta.expert_parallel_size or 0), []).append(view)
                 if counts_toward_norm(meta, buf.reduction, sharded=buf.sharded, state=self.state):
                     self._norm_masters[buf.reduction.name].append(view)
+                else:
+                    # Applied here but normed elsewhere: still checked here for NaN/inf.
+                    self._unnormed_grads.append(view.grad)
         self._norm_grads = {name: [view.grad for view in views] for name, views in self._norm_masters.items()}
         self.group_keys = sorted(groups)
         param_groups = [
@@ -167,13 +175,17 @@ class MixedPrecisionOptimizer:
             buf.finish_grad_sync()
 
     @torch.no_grad()
-    def step(self) -> StepResult:
+    def step(self, loss: torch.Tensor | None = None) -> StepResult:
+        """Reduce, norm, clip and apply one step; skipped on every rank when any rank holds a
+        non-finite gradient.  ``loss``: this rank's loss of the step, checked for NaN/inf in the
+        norm's collective (``StepResult.nonfinite_loss_ranks``); it does not decide the skip."""
         self.finish_grad_sync()
         shard_grads = [g for buf in self.buffers for g in buf.shard_grads()]
         if self.scaler.scale != 1.0:
             for g in shard_grads:
                 g.mul_(1.0 / self.scaler.scale)
-        norm = self.last_norm = global_grad_norm(self._norm_grads, self.state.world_group, device=self.device)
+        norm = self.last_norm = global_grad_norm(self._norm_grads, self.state.world_group, device=self.device,
+                                                 uncounted=self._unnormed_grads, loss=loss)
         skipped = not norm.finite
         self.scaler.update(skipped)
         if skipped:
@@ -198,6 +210,8 @@ class MixedPrecisionOptimizer:
             skipped=skipped,
             loss_scale=self.scaler.scale,
             num_skipped_total=self.num_skipped,
+            nonfinite_grad_ranks=norm.nonfinite_grad_ranks,
+            nonfinite_loss_ranks=norm.nonfinite_loss_ranks,
         )
 
     @torch.no_grad()

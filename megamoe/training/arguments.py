@@ -10,6 +10,7 @@ any process group exists, and raises ``ConfigError`` (one line, naming the flags
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 
@@ -36,17 +37,37 @@ class ConfigError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (an unknown flag, a malformed number) are one line too, without the
-    usage text: ``pretrain_moe.py: error: ...`` and exit status 2, like a ``ConfigError``."""
+    """argparse's own errors (an unknown flag, a malformed number) are ``ConfigError``s too: one
+    line without the usage text, printed once by ``pretrain_moe.py``.  Abbreviations are off (as
+    in Megatron: ``--num-layer`` must not silently mean ``--num-layers``); an unknown flag names
+    the closest real one."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise ConfigError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise ConfigError(self._unknown(unknown))
+        return parsed
+
+    def _unknown(self, unknown: list[str]) -> str:
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+        if not flags:
+            return f"unrecognized arguments: {' '.join(unknown)}"
+        hints = []
+        for name in flags:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        return f"unrecognized argument{'s' if len(flags) > 1 else ''}: {', '.join(hints)}; see --help"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pretrain_moe.py",
         description="Pretrain a (Mixture-of-Experts) GPT with tensor, data and expert parallelism.",
+        allow_abbrev=False,
     )
     for title, cls in FLAG_GROUPS:
         add_flags(p, cls, title)
@@ -161,7 +182,12 @@ def _resolve_data(args: argparse.Namespace) -> tuple[DataConfig, int, int | None
     for prefix in data.prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
-                raise ConfigError(f"--data-path {prefix}: {prefix + suffix} does not exist")
+                stem, ext = os.path.splitext(prefix)
+                if ext in (".bin", ".idx"):
+                    raise ConfigError(f"--data-path {prefix}: give the prefix without .bin/.idx (--data-path {stem}), "
+                                      f"which names {stem}.bin and {stem}.idx")
+                raise ConfigError(f"--data-path {prefix}: {prefix + suffix} does not exist (give the prefix of "
+                                  f"PREFIX.bin and PREFIX.idx)")
     if not os.path.isfile(data.tokenizer_model):
         raise ConfigError(f"--tokenizer-model {data.tokenizer_model}: no such file")
     from megamoe.data.tokenizer import load_tokenizer

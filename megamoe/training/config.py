@@ -50,7 +50,12 @@ class TrainConfig:
     eval_iters: int = flag(10, help="global batches per evaluation", check=positive)
     device: str | None = flag(None, help="where to train", choices=("cpu", "cuda"),
                               default_text="cuda when available")
-    exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM")
+    exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM or SIGINT (Ctrl-C)")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True, name="--no-check-for-nan-in-loss-and-grad",
+        help="do not stop on a NaN/inf loss or gradient (bf16, fp32): skip the step instead; fp16 always "
+             "skips a step with a non-finite gradient (the loss scaler backs off)",
+    )
     exit_interval: int | None = flag(None, help="save and exit after the first iteration that is a multiple of N",
                                      check=positive)
     exit_duration_in_mins: float | None = flag(None, help="save and exit once this many minutes have passed since "

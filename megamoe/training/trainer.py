@@ -32,16 +32,17 @@ from megamoe.parallel.state import (
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.arguments import ConfigError
 from megamoe.training.config import RunConfig
+from megamoe.training.exits import Interrupted, RunStopped, note_sigint
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.metrics import IntervalMetrics
 
 
 class StopCheck:
-    """Whether to save and stop after this iteration: SIGTERM (``exit_signal_handler``), or
-    ``exit_duration_mins`` passed since ``started`` (``time.monotonic()`` when the run began, setup
-    included: the budget is the job's).  Both are agreed over the world with one all-reduce (a
-    signal may reach one rank only, and clocks differ), run only when one of them is on."""
+    """Whether to save and stop after this iteration: SIGTERM or SIGINT (``exit_signal_handler``),
+    or ``exit_duration_mins`` passed since ``started`` (``time.monotonic()`` when the run began,
+    setup included: the budget is the job's).  Both are agreed over the world with one all-reduce
+    (a signal may reach one rank only, and clocks differ), run only when one of them is on."""
 
     def __init__(self, exit_signal_handler: bool, exit_duration_mins: float | None, device: torch.device,
                  started: float) -> None:
@@ -49,12 +50,15 @@ class StopCheck:
         self.on_signal = exit_signal_handler
         self.deadline = started + 60.0 * exit_duration_mins if exit_duration_mins else None
         self.exit_duration_mins = exit_duration_mins
-        self.received = False
+        self.received = 0  # the signal's number
         if exit_signal_handler:
             signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = True
+        self.received = max(self.received, signum)
+        if signum == signal.SIGINT:
+            note_sigint()
 
     def reason(self) -> str | None:
         """Why to stop now, the same on every rank; None to go on."""
@@ -64,10 +68,26 @@ class StopCheck:
         flags = torch.tensor([float(self.received), float(timed_out)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0].item():
-            return "SIGTERM received"
+            return f"{signal.Signals(int(flags[0].item())).name} received"
         if flags[1].item():
             return f"--exit-duration-in-mins {self.exit_duration_mins} reached"
         return None
+
+
+def check_finite(result, iteration: int, *, stop: bool, fp16: bool) -> None:
+    """Stop the run (``RunStopped``, the same on every rank: the ranks come from the norm's one
+    collective) on a NaN/inf loss, or a NaN/inf gradient outside fp16 (where the loss scaler
+    skips the step).  ``stop`` False (--no-check-for-nan-in-loss-and-grad): never; the optimizer
+    has skipped the step already."""
+    if not stop:
+        return
+    off = "--no-check-for-nan-in-loss-and-grad skips such steps instead"
+    if result.nonfinite_loss_ranks:
+        raise RunStopped(f"iteration {iteration}: the loss is NaN or inf (on ranks "
+                         f"{list(result.nonfinite_loss_ranks)}); stopping ({off})")
+    if result.nonfinite_grad_ranks and not fp16:
+        raise RunStopped(f"iteration {iteration}: a gradient is NaN or inf (on ranks {list(result.nonfinite_grad_ranks)}; "
+                         f"the step was not applied); stopping ({off})")
 
 
 @dataclass
@@ -97,6 +117,7 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
     optimizer.zero_grad()
     start_step(model)
     step_moe_stats = []
+    loss = torch.zeros((), device=device)  # checked for NaN/inf in the optimizer's norm collective
     for index, batch in enumerate(batches):
         batch = prepare_batch(batch, device, eod_mask_token)
         # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
@@ -104,9 +125,10 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
         with contextlib.nullcontext() if last else optimizer.no_sync():
             out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
             optimizer.scale_loss(out.loss / len(batches)).backward()
+        loss += out.loss.detach().float()
         metrics.add_micro_batch(out)
         step_moe_stats.append(out.moe_stats)
-    result = optimizer.step()
+    result = optimizer.step(loss=loss)
     if not result.skipped:
         update_expert_biases(model, step_moe_stats)
     return result
@@ -251,32 +273,37 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     record: dict = {}
     saved_at = None
     pending = None  # the last save, which may still be writing (--async-save)
-    while train_state.iteration < t.train_iters:
-        lr = schedule.lr_at(train_state.iteration)
-        optimizer.set_lr(lr)
-        result = train_step(model, optimizer, next(batches), metrics, device, cfg.eod_mask_token)
-        train_state.iteration += 1
-        train_state.consumed_samples += t.global_batch_size
-        metrics.add_step(result, tokens=t.global_batch_size * t.seq_length)
-        if train_state.iteration % cfg.logging.log_interval == 0 or train_state.iteration == t.train_iters:
-            record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
-            if cfg.logging.log_params_norm:
-                record["params_norm"] = optimizer.params_norm()
-            log.log(record)
-        if t.eval_interval and train_state.iteration % t.eval_interval == 0:
-            with metrics.paused():
-                _run_eval(cfg, model, valid_ds, train_state, device, log)
-        if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
-            with metrics.paused():
-                pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
-            saved_at = train_state.iteration
-        reason = stop.reason()
-        if reason is None and t.exit_interval and train_state.iteration % t.exit_interval == 0:
-            reason = f"--exit-interval {t.exit_interval} reached"
-        if reason is not None:
-            log.info(f"{reason}: {'saving at' if cfg.checkpoint.save else 'stopping after'} iteration "
-                     f"{train_state.iteration} and exiting")
-            break
+    try:
+        while train_state.iteration < t.train_iters:
+            lr = schedule.lr_at(train_state.iteration)
+            optimizer.set_lr(lr)
+            result = train_step(model, optimizer, next(batches), metrics, device, cfg.eod_mask_token)
+            check_finite(result, train_state.iteration + 1, stop=t.check_for_nan_in_loss_and_grad, fp16=t.fp16)
+            train_state.iteration += 1
+            train_state.consumed_samples += t.global_batch_size
+            metrics.add_step(result, tokens=t.global_batch_size * t.seq_length)
+            if train_state.iteration % cfg.logging.log_interval == 0 or train_state.iteration == t.train_iters:
+                record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
+                if cfg.logging.log_params_norm:
+                    record["params_norm"] = optimizer.params_norm()
+                log.log(record)
+            if t.eval_interval and train_state.iteration % t.eval_interval == 0:
+                with metrics.paused():
+                    _run_eval(cfg, model, valid_ds, train_state, device, log)
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
+                with metrics.paused():
+                    pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
+                saved_at = train_state.iteration
+            reason = stop.reason()
+            if reason is None and t.exit_interval and train_state.iteration % t.exit_interval == 0:
+                reason = f"--exit-interval {t.exit_interval} reached"
+            if reason is not None:
+                log.info(f"{reason}: {'saving at' if cfg.checkpoint.save else 'stopping after'} iteration "
+                         f"{train_state.iteration} and exiting")
+                break
+    except Interrupted as err:  # Ctrl-C: say where the run stopped
+        err.iteration = train_state.iteration
+        raise
     if cfg.checkpoint.save and saved_at != train_state.iteration:
         pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
     if pending is not None:

@@ -110,16 +110,24 @@ def test_a_mistake_is_one_config_error_naming_the_flag(extra, world, message):
     "extra,message",
     [
         (["--num-layers", "four"], "argument --num-layers: invalid int value: 'four'"),
-        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--no-such-flag"], "unrecognized argument: --no-such-flag; see --help"),
         (["--moe-layer-freq", "1,x"], "argument --moe-layer-freq: '1,x': give an integer N or a 0/1 pattern"),
+        # No abbreviations (Megatron's allow_abbrev=False): a typo is refused, naming the closest flag.
+        (["--num-layer", "2"], "unrecognized argument: --num-layer (did you mean --num-layers?)"),
+        (["--seq-len", "16"], "unrecognized argument: --seq-len (did you mean --seq-length?)"),
+        (["--hiden-size=8", "--lr-warmup", "3"],
+         "unrecognized arguments: --hiden-size (did you mean --hidden-size?), --lr-warmup (did you mean"),
     ],
 )
-def test_argparse_errors_are_one_line_with_exit_status_2(extra, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_config(MOCK + extra, world_size=1)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"pretrain_moe.py: error: {message}") and err.count("\n") == 1
+def test_argparse_errors_are_one_config_error_and_abbreviations_are_refused(extra, message, capsys):
+    assert_config_error(MOCK + extra, 1, re.escape(message))
+    assert capsys.readouterr().err == ""  # printed once, by pretrain_moe.main, not by argparse
+
+
+def test_data_path_given_with_its_suffix_names_the_prefix_form(tmp_path):
+    assert_config_error(["--data-path", str(tmp_path / "corpus.bin"), "--tokenizer-model", "t.model"], 1,
+                        re.escape(f"--data-path {tmp_path / 'corpus.bin'}: give the prefix without .bin/.idx "
+                                  f"(--data-path {tmp_path / 'corpus'})"))
 
 
 def test_a_sample_based_run_is_its_samples_over_the_global_batch():
