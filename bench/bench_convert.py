@@ -25,12 +25,13 @@ import time
 
 import torch
 
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, model_config_dict
 from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
-from megamoe.checkpointing.convert.target import target_topology
-from megamoe.checkpointing.param_specs import model_specs
 from megamoe.checkpointing.convert.sharded_writer import ShardedWriter
+from megamoe.checkpointing.convert.target import target_topology
+from megamoe.checkpointing.format import model_config_dict
+from megamoe.checkpointing.param_specs import model_specs
 from megamoe.model.config import ModelConfig
+from megamoe.optim.state_dict import OPTIMIZER_KINDS
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.checkpointing.boxes import Box, Placement, flat_range_boxes, placement
-from megamoe.checkpointing.format import OPTIMIZER_KINDS
+from megamoe.checkpointing.boxes import Box, flat_range_boxes, global_box
+from megamoe.optim.state_dict import OPTIMIZER_KINDS
+from megamoe.parallel.sharding import Placement, placement
 from megamoe.parallel.state import ParallelState
 
 
@@ -47,8 +48,9 @@ def persistent_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def placements(model: torch.nn.Module, state: ParallelState) -> dict[str, Placement]:
+    """Where each of ``model``'s persistent tensors sits in its global tensor, on ``state``'s rank."""
     return {
-        name: placement(tensor, getattr(tensor, "megamoe_meta", None), state)
+        name: placement(tensor.shape, getattr(tensor, "megamoe_meta", None), state)
         for name, tensor in persistent_tensors(model).items()
     }
 
@@ -57,7 +59,7 @@ def model_views(model: torch.nn.Module, where: dict[str, Placement]) -> list[Box
     out = []
     for name, tensor in persistent_tensors(model).items():
         at = where[name]
-        kept = at.to_global(Box((0,) * tensor.dim(), at.local_shape))
+        kept = global_box(at, Box((0,) * tensor.dim(), at.local_shape))
         if kept is not None:
             box, index = kept
             out.append(BoxView(model_key(name), at.global_shape, box, tensor.detach()[index]))
@@ -71,7 +73,7 @@ def optimizer_views(shards: dict[str, dict], where: dict[str, Placement]) -> lis
     for name, shard in shards.items():
         at, start = where[name], shard["start"]
         for local, flat_start, flat_end in flat_range_boxes(at.local_shape, start, shard["end"]):
-            kept = at.to_global(local)
+            kept = global_box(at, local)
             if kept is None:
                 continue  # vocabulary padding: not part of the global tensor
             box, index = kept

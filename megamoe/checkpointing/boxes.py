@@ -3,10 +3,10 @@
 A *box* is a rectangular block of a global tensor: ``offsets`` and ``sizes`` per dim.  A
 checkpoint stores every global tensor as boxes (chunks) written by different ranks, and a rank
 loads by intersecting the boxes it needs with the chunks on disk; any layout reshards to any
-other this way, with no rule per parallel dimension beyond ``placement``.
+other this way, with no rule per parallel dimension beyond ``megamoe.parallel.sharding``.
 
-* A parameter's local tensor is one box of its global tensor (``Placement``); vocabulary padding
-  lies outside the global tensor and is clipped off.
+* A parameter's local tensor is one box of its global tensor (``sharding.placement``);
+  vocabulary padding lies outside the global tensor and is clipped off (``global_box``).
 * A ZeRO-1 shard of a parameter's optimizer state is a range ``[start, end)`` of the flattened
   local tensor; ``flat_range_boxes`` cuts it into at most ``2 * ndim - 1`` boxes, each a
   contiguous piece of the range.
@@ -17,10 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from megamoe.parallel.params import EXPERT_DIM, ParamMeta
-from megamoe.parallel.state import ParallelState
+from megamoe.parallel.sharding import Placement
 
 
 @dataclass(frozen=True)
@@ -75,39 +72,12 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[tuple
     return out
 
 
-@dataclass(frozen=True)
-class Placement:
-    """A local tensor of ``local_shape`` at ``offsets`` in a global tensor of ``global_shape``."""
-
-    global_shape: tuple[int, ...]
-    local_shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-
-    def to_global(self, local: Box) -> tuple[Box, tuple[slice, ...]] | None:
-        """Box ``local`` (local coordinates) in global coordinates, clipped to the global tensor,
-        with the index of the kept part inside a tensor holding ``local``; None if nothing is kept."""
-        shifted = Box(tuple(o + p for o, p in zip(local.offsets, self.offsets)), local.sizes)
-        kept = shifted.intersect(Box((0,) * len(self.global_shape), self.global_shape))
-        if kept is None:
-            return None
-        return kept, kept.within(shifted)
-
-
-def placement(tensor: torch.Tensor, meta: ParamMeta | None, state: ParallelState) -> Placement:
-    """Where this rank's ``tensor`` (a parameter tagged with ``meta``, or an untagged buffer,
-    which is replicated) sits in its global tensor.  The one place that knows how the parallel
-    dimensions cut a tensor: TP along ``tensor_parallel_dim`` (the padded vocabulary clipped to
-    ``unpadded_size``) over the TP group for dense parameters and over the expert-TP (ETP) group
-    for experts, EP along the expert dim."""
-    local = tuple(tensor.shape)
-    shape, offsets = list(local), [0] * len(local)
-    groups = state.experts(meta.expert_parallel_size) if meta is not None and meta.is_expert else None
-    if meta is not None and meta.tensor_parallel_dim is not None:
-        dim = meta.tensor_parallel_dim
-        rank, size = (groups.etp_rank, groups.etp_size) if groups is not None else (state.tp_rank, state.tp_size)
-        offsets[dim] = rank * local[dim]
-        shape[dim] = meta.unpadded_size if meta.unpadded_size is not None else local[dim] * size
-    if groups is not None:
-        offsets[EXPERT_DIM] = groups.ep_rank * local[EXPERT_DIM]
-        shape[EXPERT_DIM] = local[EXPERT_DIM] * groups.ep_size
-    return Placement(tuple(shape), local, tuple(offsets))
+def global_box(at: Placement, local: Box) -> tuple[Box, tuple[slice, ...]] | None:
+    """Box ``local`` of a local tensor placed at ``at`` (``megamoe.parallel.sharding``), in global
+    coordinates and clipped to the global tensor (vocabulary padding lies outside it), with the
+    index of the kept part inside a tensor holding ``local``; None if nothing is kept."""
+    shifted = Box(tuple(o + p for o, p in zip(local.offsets, at.offsets)), local.sizes)
+    kept = shifted.intersect(Box((0,) * len(at.global_shape), at.global_shape))
+    if kept is None:
+        return None
+    return kept, kept.within(shifted)

@@ -44,9 +44,6 @@ LEGACY_VERSION = 1  # one file per rank; read by the conversion tool only
 MARKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
 CONVERT_TOOL = "tools/convert_checkpoint.py"
-OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")  # fp32, each of its parameter's shape
-# The optimizer's scalar state (``megamoe.optim.state_dict``): equal on every rank.
-OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
 
 
 class CheckpointError(ValueError):
@@ -159,19 +156,6 @@ class SavedTopology:
         """``(dp_rank, tp_rank)`` of a global rank."""
         state = self.state(rank)
         return state.dp_rank, state.tp_rank
-
-    def ep_rank(self, rank: int, ep_size: int) -> int:
-        """EP rank of global ``rank`` in the EP groups of size ``ep_size``."""
-        return self.state(rank).experts(ep_size).ep_rank
-
-    def holders(self, *, tp_rank: int, ep_size: int | None, ep_rank: int = 0) -> list[int]:
-        """Global ranks holding one shard, canonical (lowest) first: a dense shard (``ep_size``
-        None) is on every rank of TP rank ``tp_rank``'s DP group, an expert shard on the ranks of
-        that DP group at EP rank ``ep_rank`` (one EDP group)."""
-        dp_ranks = self.state(tp_rank).dp_ranks
-        if ep_size is None:
-            return list(dp_ranks)
-        return [r for r in dp_ranks if self.ep_rank(r, ep_size) == ep_rank]
 
 
 @functools.lru_cache(maxsize=4096)

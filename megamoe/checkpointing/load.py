@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, SavedTopology, ShardFiles
 from megamoe.checkpointing.box_views import (
     model_key,
     model_views,
@@ -18,8 +17,9 @@ from megamoe.checkpointing.box_views import (
     persistent_tensors,
     placements,
 )
+from megamoe.checkpointing.format import CheckpointError, SavedTopology, ShardFiles
 from megamoe.checkpointing.rng_map import rng_source, with_fresh_stream
-from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
+from megamoe.optim.state_dict import empty_shards
 from megamoe.parallel.state import ParallelState
 
 
@@ -61,23 +61,10 @@ def optimizer_state(files: ShardFiles, optimizer, model: torch.nn.Module, state:
             f"{files.directory} holds weights but no optimizer state (e.g. imported from Hugging Face): "
             f"train from it with --finetune, or keep its iteration with --no-load-optim"
         )
-    shards = {
-        p.name: {
-            "start": p.start,
-            "end": p.end,
-            **{kind: torch.zeros(p.end - p.start, device=p.master.device) for kind in OPTIMIZER_KINDS},
-        }
-        for p in optimizer.pieces
-    }
+    shards = empty_shards(optimizer)
     for view in optimizer_views(shards, placements(model, state)):
         files.read_into(view.key, view.box, view.tensor)
-    return {
-        "format": OPTIMIZER_FORMAT,
-        "layout": optimizer.layout(),
-        "rank": state.rank,
-        **scalars,
-        "shards": shards,
-    }
+    return {**scalars, "shards": shards}
 
 
 def rng_states(files: ShardFiles, state: ParallelState, seed: int) -> dict | None:

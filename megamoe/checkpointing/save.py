@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megamoe.checkpointing.box_views import BoxView
 from megamoe.checkpointing.format import (
     SavedTopology,
     build_metadata,
@@ -42,7 +43,6 @@ from megamoe.checkpointing.format import (
     write_marker,
     write_metadata,
 )
-from megamoe.checkpointing.box_views import BoxView
 from megamoe.parallel.state import ParallelState
 
 

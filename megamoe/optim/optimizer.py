@@ -93,9 +93,6 @@ class MixedPrecisionOptimizer:
                     f"parameter {name} is {p.dtype} but the optimizer expects {cfg.params_dtype} "
                     f"({PARAMS_DTYPES[cfg.params_dtype]}): build the model with the same precision flag"
                 )
-        self.expert_parallel_sizes = sorted(
-            {param_meta(p).expert_parallel_size for _, p in named if param_meta(p).is_expert}
-        )
         self.buffers = build_grad_buffers(
             model,
             self.state,
@@ -232,20 +229,6 @@ class MixedPrecisionOptimizer:
                 group["lr"] = lr
 
     # ------------------------------------------------------------------ state
-    def layout(self) -> dict:
-        """The layout this optimizer's (sharded) state belongs to."""
-        s = self.state
-        zero = self.cfg.use_distributed_optimizer
-        return {
-            "world_size": s.world_size,
-            "tensor_model_parallel_size": s.tp_size,
-            "data_parallel_size": s.dp_size,
-            "expert_model_parallel_sizes": self.expert_parallel_sizes,
-            "use_distributed_optimizer": zero,
-            # ZeRO-1 shard boundaries depend on the bucketing
-            "bucket_size": self.cfg.bucket_size if zero else None,
-        }
-
     def adam_state(self, piece: MasterPiece) -> dict[str, torch.Tensor]:
         """The Adam moments of one piece (zeros before the first step)."""
         state = self.optimizer.state.get(piece.master, {}) if self.optimizer is not None else {}
@@ -256,8 +239,8 @@ class MixedPrecisionOptimizer:
         return optimizer_state_dict(self)
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore ``state_dict()`` output saved by the same rank of the same layout (``ValueError``
-        naming both layouts otherwise), then copy the masters into the model's parameters."""
+        """Restore ``state_dict()`` output of this rank (``ValueError`` if its owned ranges are not
+        this rank's), then copy the masters into the model's parameters."""
         check_and_load(self, sd)
         self._copy_masters_to_params()
 

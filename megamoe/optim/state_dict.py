@@ -1,42 +1,45 @@
-"""The optimizer's checkpointable state, and the layout check on load.
+"""The optimizer's checkpointable state: its one schema.
 
 One rank's state, keyed by parameter name (names from ``model.named_parameters()``)::
 
     {
-      "format": "megamoe.optim/1",
-      "layout": {world_size, tensor_model_parallel_size, data_parallel_size,
-                 expert_model_parallel_sizes, use_distributed_optimizer, bucket_size},
-      "rank": global rank that saved it,
       "adam_steps": applied (non-skipped) steps, "num_skipped": skipped steps, "lr": float,
-      "loss_scaler": {scale, clean_steps, overflows_left},
-      "shards": {name: {"start", "end",              # owned range of the flattened local param
-                        "master", "exp_avg", "exp_avg_sq"}},  # fp32 [end - start] each
+      "loss_scaler": {scale, clean_steps, overflows_left},     # OPTIMIZER_SCALARS: equal on every rank
+      "shards": {name: {"start", "end",                       # the owned range of the flattened local param
+                        "master", "exp_avg", "exp_avg_sq"}},  # OPTIMIZER_KINDS: fp32 [end - start] each
     }
 
-Only tensors and Python values, so ``torch.load(weights_only=True)`` reads it.  A param's
-full local tensor is the concatenation of its ranges over the ranks of its reduction group
-(ZeRO-1) or the one range (without), which is what a resharding tool needs.
+Only tensors and Python values, so ``torch.load(weights_only=True)`` reads it.  The owned ranges
+are this rank's ZeRO-1 shards of the gradient buffers (``grad_buffer``), each local tensor whole
+without ZeRO-1.  The state records no layout: the ranges are what a layout decides, and
+``load_state_dict`` refuses ranges other than this rank's.  A checkpoint
+(``megamoe.checkpointing``) stores the scalars as they are and every range as boxes of its
+parameter's global tensor, and on load fills ``empty_shards`` of an optimizer of any layout.
 """
 
 from __future__ import annotations
 
 import torch
 
-FORMAT = "megamoe.optim/1"
+OPTIMIZER_SCALARS = ("adam_steps", "num_skipped", "lr", "loss_scaler")
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def describe_layout(layout: dict) -> str:
-    zero = "on" if layout["use_distributed_optimizer"] else "off"
-    bucket = f", bucket size {layout['bucket_size']}" if layout["use_distributed_optimizer"] else ""
-    return (
-        f"world {layout['world_size']}, TP={layout['tensor_model_parallel_size']}, "
-        f"DP={layout['data_parallel_size']}, EP sizes {layout['expert_model_parallel_sizes']}, "
-        f"ZeRO-1 (--use-distributed-optimizer) {zero}{bucket}"
-    )
+def empty_shards(opt) -> dict[str, dict]:
+    """``shards`` of ``opt``'s own ranges (``opt``: a MixedPrecisionOptimizer), zero-filled, for a
+    reader to fill in."""
+    return {
+        p.name: {
+            "start": p.start,
+            "end": p.end,
+            **{kind: torch.zeros(p.end - p.start, device=p.master.device) for kind in OPTIMIZER_KINDS},
+        }
+        for p in opt.pieces
+    }
 
 
 def optimizer_state_dict(opt) -> dict:
-    """``opt``: a MixedPrecisionOptimizer.  Tensors are cloned (a view would save its whole buffer)."""
+    """``opt``'s state.  Tensors are cloned (a view would save its whole buffer)."""
     shards = {}
     for piece in opt.pieces:
         assert piece.name not in shards, f"two owned ranges of {piece.name} on one rank"
@@ -49,9 +52,6 @@ def optimizer_state_dict(opt) -> dict:
             "exp_avg_sq": moments["exp_avg_sq"].detach().clone(),
         }
     return {
-        "format": FORMAT,
-        "layout": opt.layout(),
-        "rank": opt.state.rank,
         "adam_steps": opt.adam_steps,
         "num_skipped": opt.num_skipped,
         "lr": opt.lr,
@@ -61,21 +61,17 @@ def optimizer_state_dict(opt) -> dict:
 
 
 def _check(opt, sd: dict) -> None:
-    if sd.get("format") != FORMAT:
-        raise ValueError(f"not a megamoe optimizer state (format {sd.get('format')!r}, expected {FORMAT!r})")
-    saved, current = sd["layout"], opt.layout()
-    if saved != current:
-        raise ValueError(
-            f"optimizer state was saved with layout [{describe_layout(saved)}] but this run has "
-            f"[{describe_layout(current)}]; reshard the checkpoint or load it without its optimizer state"
-        )
-    if sd["rank"] != opt.state.rank:
-        raise ValueError(f"optimizer state of rank {sd['rank']} cannot be loaded on rank {opt.state.rank}")
+    missing = [key for key in (*OPTIMIZER_SCALARS, "shards") if key not in sd]
+    if missing:
+        raise ValueError(f"not a megamoe optimizer state: it has no {missing}")
     expected = {p.name: (p.start, p.end) for p in opt.pieces}
     got = {name: (s["start"], s["end"]) for name, s in sd["shards"].items()}
     if expected != got:
         differ = sorted(set(expected.items()) ^ set(got.items()))
-        raise ValueError(f"optimizer state does not match this model's parameters; differing (name, range): {differ[:6]}")
+        raise ValueError(
+            "the optimizer state is not this rank's: its owned (name, range) pairs differ from this rank's "
+            f"(another rank, layout, ZeRO-1 setting or bucket size; load a checkpoint to reshard): {differ[:6]}"
+        )
 
 
 @torch.no_grad()

@@ -2,21 +2,21 @@
 
 Every parameter megamoe creates carries one ``ParamMeta`` at ``param.megamoe_meta`` (set by
 ``tag_param``, read by ``param_meta``).  It is the only thing the optimizer, the grad norm and
-the checkpoint code look at to decide how a parameter is sharded and which group reduces it:
+the checkpoint code look at to decide how a parameter is sharded (the rule: ``sharding``) and
+which group reduces it:
 
 * ``tensor_parallel_dim``: the dim split over the TP group (``None``: replicated over TP); for an
   expert parameter, over its ETP group (``--expert-tensor-parallel-size``).
 * ``expert_parallel_size``: EP size of the MoE layer owning it (``None``: a dense parameter).
-  Expert weights are stacked ``[local_experts, ...]`` along ``EXPERT_DIM`` (always 0); rank
-  ``ep_rank`` holds global experts ``ep_rank * local_experts ...``.
+  Expert weights are stacked ``[local_experts, ...]`` along ``sharding.EXPERT_DIM``.
 * ``unpadded_size``: along ``tensor_parallel_dim``, entries at or beyond it are padding (the
   padded vocabulary) and are zero-initialised.
 * ``weight_decay``: whether AdamW decays it (matrices yes, norms and biases no).
 * ``init`` / ``init_std``: how the *full* tensor is drawn.
 
 Initialisation draws the full (global, unsharded) tensor from a generator seeded by
-``(seed, parameter name[, global expert index])`` and keeps this rank's slice, so a model built
-at any TP/EP layout holds the same numbers.
+``(seed, parameter name[, global expert index])`` and keeps this rank's block, so a model built
+at any TP/EP/ETP layout holds the same numbers.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from megamoe.parallel.sharding import EXPERT_DIM, placement
 from megamoe.parallel.state import ParallelState
-
-EXPERT_DIM = 0
 
 
 @dataclass(frozen=True)
@@ -67,61 +66,43 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def full_shape(param: torch.Tensor, layout: ParallelState) -> list[int]:
-    """Global shape of one expert's (or a dense) tensor: local shape (in ``layout``) with the TP
-    (experts: ETP) dim gathered and the expert dim dropped."""
-    meta = param_meta(param)
-    shape = list(param.shape)
-    if meta.tensor_parallel_dim is not None:
-        shape[meta.tensor_parallel_dim] *= layout.etp_size if meta.is_expert else layout.tp_size
-    if meta.is_expert:
-        shape = shape[1:]
-    return shape
-
-
-def _draw_full(meta: ParamMeta, shape: list[int], seed: int, device, dtype) -> torch.Tensor:
+def _draw_full(
+    meta: ParamMeta, shape: tuple[int, ...], padded_shape: tuple[int, ...], seed: int, device, dtype
+) -> torch.Tensor:
+    """The full tensor of ``shape`` drawn from ``seed``, zero-padded to ``padded_shape``."""
     if meta.init == "zeros":
-        return torch.zeros(shape, device=device, dtype=dtype)
+        return torch.zeros(padded_shape, device=device, dtype=dtype)
     if meta.init == "ones":
-        return torch.ones(shape, device=device, dtype=dtype)
+        return torch.ones(padded_shape, device=device, dtype=dtype)
     # Drawn on the CPU whatever the device: CPU and CUDA generators give different numbers, and
     # a model must hold the same weights on every device, not only in every layout.
     generator = torch.Generator()
     generator.manual_seed(seed)
-    draw_shape = list(shape)
-    tp_dim = meta.tensor_parallel_dim
-    if meta.unpadded_size is not None:
-        draw_shape[tp_dim - (1 if meta.is_expert else 0)] = meta.unpadded_size
-    full = torch.empty(draw_shape, dtype=torch.float32)
+    full = torch.empty(shape, dtype=torch.float32)
     full.normal_(0.0, meta.init_std, generator=generator)
-    if draw_shape != shape:
-        padded = torch.zeros(shape, dtype=torch.float32)
-        padded[tuple(slice(0, n) for n in draw_shape)] = full
+    if shape != padded_shape:
+        padded = torch.zeros(padded_shape, dtype=torch.float32)
+        padded[tuple(slice(0, n) for n in shape)] = full
         full = padded
     return full.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def initialize_param_(param: torch.Tensor, name: str, seed: int, layout: ParallelState) -> None:
-    """Fill ``param`` with ``layout``'s rank's slice of the full tensor drawn for ``name`` and
-    ``seed``.  Runs no collective."""
+    """Fill ``param`` with ``layout``'s rank's block (``sharding.placement``) of the full tensor
+    drawn for ``name`` and ``seed``; each expert is drawn on its own, seeded by its global index.
+    Runs no collective."""
     meta = param_meta(param)
-    shape = full_shape(param, layout)
-    tp_dim = meta.tensor_parallel_dim
+    at = placement(param.shape, meta, layout)
     if meta.is_expert:
-        local_experts = param.shape[EXPERT_DIM]
-        groups = layout.experts(meta.expert_parallel_size)
-        first = groups.ep_rank * local_experts
-        for local in range(local_experts):
-            full = _draw_full(meta, shape, _seed_for(seed, f"{name}#expert{first + local}"), param.device, param.dtype)
-            if tp_dim is not None:
-                full = full.chunk(groups.etp_size, dim=tp_dim - 1)[groups.etp_rank]
-            param[local].copy_(full)
+        first = at.offsets[EXPERT_DIM]
+        for local in range(param.shape[EXPERT_DIM]):
+            seed_e = _seed_for(seed, f"{name}#expert{first + local}")
+            full = _draw_full(meta, at.global_shape[1:], at.padded_shape[1:], seed_e, param.device, param.dtype)
+            param[local].copy_(full[at.index[1:]])
         return
-    full = _draw_full(meta, shape, _seed_for(seed, name), param.device, param.dtype)
-    if tp_dim is not None:
-        full = full.chunk(layout.tp_size, dim=tp_dim)[layout.tp_rank]
-    param.copy_(full)
+    full = _draw_full(meta, at.global_shape, at.padded_shape, _seed_for(seed, name), param.device, param.dtype)
+    param.copy_(full[at.index])
 
 
 def initialize_module_(module: torch.nn.Module, seed: int, layout: ParallelState) -> None:

@@ -16,18 +16,18 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from megamoe.checkpointing.box_views import model_views, optimizer_views, placements
 from megamoe.checkpointing.format import (
-    OPTIMIZER_SCALARS,
     CheckpointError,
     SavedTopology,
     ShardFiles,
     model_config_dict,
     read_metadata,
 )
-from megamoe.checkpointing.box_views import model_views, optimizer_views, placements
 from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
 from megamoe.checkpointing.param_specs import ParamSpec
 from megamoe.checkpointing.save import PendingSave, SaveRequest, save_sharded
+from megamoe.optim.state_dict import OPTIMIZER_SCALARS
 from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import get_parallel_state
 from megamoe.training.save_lock import LOCK_FILE, SaveLock

@@ -1,48 +1,17 @@
-"""The shard arithmetic the converter relies on, checked without processes: cutting a full
-tensor into a layout's shards and joining them back is exact, vocabulary padding is made of
-zeros and refused otherwise, and the optimizer ranges a layout's ranks own tile each tensor."""
-
-import math
+"""What a checkpoint records of each parameter, checked without processes: the full forms come
+from the model code, and the optimizer ranges the ranks of a layout own tile every block."""
 
 import pytest
 import torch
 
-from megamoe.checkpointing.format import SavedTopology
 from megamoe.checkpointing.convert.full_state import stream_groups
-from megamoe.checkpointing.param_specs import ParamSpec, model_specs
-
-from tests.checkpointing.optimizer_ranges import owned_ranges, target_ep_sizes
+from megamoe.checkpointing.format import SavedTopology
+from megamoe.checkpointing.param_specs import model_specs
+from megamoe.model.gpt import GPTModel
+from megamoe.optim.grad_buffer import build_grad_buffers, grad_reduction
+from megamoe.parallel.params import param_meta
+from megamoe.parallel.sharding import placement
 from tests.checkpointing.save_load import model_config
-
-EMBEDDING = ParamSpec(
-    "word_embeddings.weight", (300, 8), torch.float32, tensor_parallel_dim=0, is_expert=False, padded=True
-)
-EXPERT_FC1 = ParamSpec(
-    "layers.0.mlp.experts.fc1", (4, 2, 8, 6), torch.float32, tensor_parallel_dim=2, is_expert=True, padded=False
-)
-
-
-@pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("ep", [1, 2, 4])
-def test_cut_and_join_are_exact(tp, ep):
-    for spec in (EMBEDDING, EXPERT_FC1):
-        full = torch.randn(spec.shape)
-        eps = range(ep) if spec.is_expert else range(1)
-        ep_size = ep if spec.is_expert else None
-        shards = [[spec.shard(full, tp=tp, tp_rank=t, ep_size=ep_size, ep_rank=e) for t in range(tp)] for e in eps]
-        for row in shards:
-            for shard in row:
-                assert tuple(shard.shape) == spec.local_shape(tp, ep_size)
-        assert torch.equal(spec.unshard(shards, where="test"), full)
-
-
-def test_vocabulary_padding_is_zero_and_checked():
-    full = torch.randn(EMBEDDING.shape)
-    shards = [[EMBEDDING.shard(full, tp=2, tp_rank=t, ep_size=None, ep_rank=0) for t in range(2)]]
-    assert shards[0][0].shape[0] == 256 and shards[0][1][300 - 256 :].abs().sum() == 0  # 512 rows at TP 2
-    shards[0][1][100, 3] = 1.0
-    with pytest.raises(ValueError, match=r"word_embeddings.weight has non-zero values in its vocabulary padding"):
-        EMBEDDING.unshard(shards, where="test")
 
 
 def test_model_specs_come_from_the_model():
@@ -59,19 +28,29 @@ def test_model_specs_come_from_the_model():
     ]
 
 
-@pytest.mark.parametrize("world, tp, eps", [(4, 2, (2, 1)), (8, 1, (4, 1)), (8, 2, (4, 2))])
-def test_zero1_ranges_tile_every_tensor_over_its_reduction_group(world, tp, eps):
+@pytest.mark.parametrize("world, tp, eps, etp", [(4, 2, (2, 1), 2), (8, 1, (4, 1), 1), (8, 2, (4, 2), 2), (8, 2, (4, 2), 1)])
+def test_zero1_ranges_tile_every_block_over_its_reduction_group(world, tp, eps, etp):
+    """Every rank of the layout is built on the meta device (no process group) with the very grad
+    buffers its optimizer builds.  The ranks holding one block of a parameter (the same
+    ``placement``) form whole reduction groups, each of which owns every element once."""
     config = model_config(eps)
-    specs = model_specs(config)
-    ep_of = target_ep_sizes(specs, config)
-    layout = SavedTopology(world, tp, eps, use_distributed_optimizer=True)
-    owned = [owned_ranges(specs, ep_of, layout, rank=r, bucket_size=2000) for r in range(world)]
-    for name, spec in specs.items():
-        ep = ep_of[name]
-        numel = math.prod(spec.local_shape(tp, ep))
-        for t in range(tp):
-            for e in range(ep or 1):
-                ranges = sorted(
-                    owned[r][name] for r in layout.holders(tp_rank=t, ep_size=ep, ep_rank=e) if name in owned[r]
-                )
-                assert [0] + [end for _, end in ranges] == [start for start, _ in ranges] + [numel], (name, ranges)
+    topology = SavedTopology(world, tp, eps, use_distributed_optimizer=True, expert_tensor_parallel_size=etp,
+                             sequence_parallel=etp != tp)
+    blocks = {}  # (name, offsets) -> [owners per element, holders, reduction group size]
+    for rank in range(world):
+        state = topology.state(rank)
+        model = GPTModel(config, state, device=torch.device("meta"))
+        buffers = build_grad_buffers(model, state, bucket_size=2000, sharded=True)
+        owned = {piece.name: (piece.param_start, piece.param_end) for buf in buffers for piece in buf.pieces()}
+        for name, param in model.named_parameters():
+            meta = param_meta(param)
+            key = (name, placement(param.shape, meta, state).offsets)
+            block = blocks.setdefault(key, [torch.zeros(param.numel(), dtype=torch.int64), 0, 0])
+            block[1] += 1
+            block[2] = grad_reduction(meta, state).size
+            if name in owned:
+                start, end = owned[name]
+                block[0][start:end] += 1
+    for (name, offsets), (owners, holders, group_size) in blocks.items():
+        assert holders % group_size == 0, (name, offsets, holders, group_size)
+        assert bool((owners == holders // group_size).all()), (name, offsets, owners.unique())

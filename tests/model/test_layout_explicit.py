@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel.params import EXPERT_DIM, param_meta
+from megamoe.parallel.params import param_meta
+from megamoe.parallel.sharding import EXPERT_DIM
 from megamoe.parallel.state import build_parallel_state
 from tests.tiny_moe import tiny_config
 

@@ -94,9 +94,9 @@ def _state_body(rank, world):
         assert torch.equal(p, straight_params[name]), name
     ps.destroy_model_parallel()
 
-    for tp, eps, zero, message in ((1, (4, 2), True, r"TP=2.*TP=1"), (2, (2, 2), False, r"ZeRO-1 .* on.*ZeRO-1 .* off")):
+    for tp, eps, zero in ((1, (4, 2), True), (2, (2, 2), False)):  # another TP; ZeRO-1 off
         model, opt = build(tp, eps, **{**layout, "zero": zero})
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=r"the optimizer state is not this rank's: its owned \(name, range\)"):
             opt.load_state_dict(saved)
         ps.destroy_model_parallel()
 

@@ -20,8 +20,9 @@ from typing import Protocol
 import torch
 
 from megamoe.checkpointing.convert.accounting import Tally
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, SavedTopology
+from megamoe.checkpointing.format import SavedTopology
 from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.optim.state_dict import OPTIMIZER_KINDS
 
 PARAM = "param"
 _LAYER = re.compile(r"^layers\.(\d+)\.")

@@ -11,7 +11,8 @@ assembles the full tensors of a few parameters at a time, so memory stays near o
   compared bitwise;
 * optimizer state: per shard, the copies (without ZeRO-1) or the owned ranges, which must tile
   the flattened local tensor exactly (with ZeRO-1), of the ranks of its reduction group: the DP
-  group for dense parameters, the EDP group for experts (``SavedTopology.holders``).
+  group for dense parameters, the EDP group for experts;
+* each full tensor joined from its blocks where ``megamoe.parallel.sharding`` places them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ import torch
 
 from megamoe.checkpointing.convert.accounting import Tally
 from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, OPTIMIZER_SCALARS, CheckpointError, SavedTopology
+from megamoe.checkpointing.format import CheckpointError, SavedTopology
 from megamoe.checkpointing.param_specs import ParamSpec
-from megamoe.optim.state_dict import FORMAT as OPTIMIZER_FORMAT
+from megamoe.optim.state_dict import OPTIMIZER_KINDS, OPTIMIZER_SCALARS
+from megamoe.parallel.sharding import placement
 
 
 _RANK_FILE_KEYS = ("model", "optimizer", "rank")  # and "rng", absent in imports
+# A version 1 rank file holds the optimizer state as the optimizer then wrote it: the schema of
+# ``megamoe.optim.state_dict`` plus this format tag, the saving layout and rank.
+_V1_OPTIMIZER_FORMAT = "megamoe.optim/1"
 
 
 def _load_rank_file(path: str, rank: int) -> dict:
@@ -104,10 +109,10 @@ class LegacyReader:
         return payload
 
     def _check_optimizer(self, path: str, rank: int, optimizer: dict) -> None:
-        if optimizer.get("format") != OPTIMIZER_FORMAT:
+        if optimizer.get("format") != _V1_OPTIMIZER_FORMAT:
             raise CheckpointError(
                 f"{path}: optimizer state format {optimizer.get('format')!r} is not supported "
-                f"(this converter reads {OPTIMIZER_FORMAT!r})"
+                f"(this converter reads {_V1_OPTIMIZER_FORMAT!r})"
             )
         saved = optimizer["layout"]
         if (saved["world_size"], saved["tensor_model_parallel_size"], saved["use_distributed_optimizer"]) != (
@@ -158,8 +163,19 @@ class LegacyReader:
         return [[self.payloads[top.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(top.tp)] for d in range(top.dp)]
 
     # ------------------------------------------------------------------ streaming
-    def _model_shard(self, name: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
-        holders = self.topology.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
+    def _blocks(self, name: str) -> list[list[int]]:
+        """The ranks holding each block of ``name`` (one list per (TP rank, EP rank)), lowest
+        first: version 1 has no ETP, so an expert block is on the ranks of one TP rank's DP group
+        at one EP rank (an EDP group), a dense block on the whole DP group."""
+        top, ep = self.topology, self.ep_of[name]
+        blocks = []
+        for tp_rank in range(top.tp):
+            dp_ranks = top.state(tp_rank).dp_ranks
+            for ep_rank in range(ep or 1):
+                blocks.append([r for r in dp_ranks if ep is None or top.state(r).experts(ep).ep_rank == ep_rank])
+        return blocks
+
+    def _model_shard(self, name: str, holders: list[int]) -> torch.Tensor:
         canonical = self.payloads[holders[0]]["model"][name]
         self.tally.use(self._path(holders[0]), (name, PARAM))
         for rank in holders[1:]:
@@ -171,9 +187,8 @@ class LegacyReader:
             self.tally.replica(self._path(rank), (name, PARAM))
         return canonical
 
-    def _optimizer_shard(self, name: str, kind: str, tp_rank: int, ep_rank: int) -> torch.Tensor:
-        """The flattened local tensor of one (TP rank, EP rank) shard, from its reduction group."""
-        holders = self.topology.holders(tp_rank=tp_rank, ep_size=self.ep_of[name], ep_rank=ep_rank)
+    def _optimizer_shard(self, name: str, kind: str, holders: list[int]) -> torch.Tensor:
+        """The local tensor of one block, from the ranks of its reduction group."""
         numel = math.prod(self.local_shapes[name])
         pieces = []
         for rank in holders:
@@ -190,7 +205,7 @@ class LegacyReader:
                 if not _bitwise_equal(tensor, canonical):
                     raise CheckpointError(f"{self._path(rank)}: optimizer {kind} of {name} differs from rank {first}'s")
                 self.tally.replica(self._path(rank), (name, kind))
-            return canonical
+            return canonical.view(self.local_shapes[name])
         pieces.sort()
         bounds = [(s, e) for s, e, _, _ in pieces]
         if [0] + [e for _, e in bounds] != [s for s, _ in bounds] + [numel]:
@@ -199,22 +214,39 @@ class LegacyReader:
             )
         for _, _, rank, _ in pieces:
             self.tally.use(self._path(rank), (name, kind))
-        return torch.cat([tensor for _, _, _, tensor in pieces])
+        return torch.cat([tensor for _, _, _, tensor in pieces]).view(self.local_shapes[name])
+
+    def _join(self, name: str, blocks: list[tuple[int, torch.Tensor]], what: str) -> torch.Tensor:
+        """The full tensor of ``name`` from ``(holding rank, local tensor)`` of every block, each
+        placed where the sharding rule puts that rank's block.  Refuses non-zero vocabulary
+        padding: dropping it would lose data silently."""
+        meta = self.info.specs[name].meta(self.ep_of[name])
+        full = None
+        for rank, local in blocks:
+            at = placement(local.shape, meta, self.topology.state(rank))
+            if full is None:
+                full = local.new_zeros(at.padded_shape)
+            full[at.index] = local
+        kept = tuple(slice(0, n) for n in at.global_shape)
+        if at.padded_shape != at.global_shape:
+            padding = full.clone()
+            padding[kept] = 0
+            if bool((padding != 0).any()):
+                raise CheckpointError(
+                    f"{self.directory} ({self.topology.describe()}): {what} of {name} has non-zero values in its "
+                    "vocabulary padding; they would be lost by the conversion"
+                )
+        return full[kept]
 
     def read(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for name in names:
-            spec, ep = self.info.specs[name], self.ep_of[name]
-            ep_ranks, tp_ranks = range(ep or 1), range(self.topology.tp)
-            where = f"{self.directory} ({self.topology.describe()})"
-            state = {
-                PARAM: spec.unshard([[self._model_shard(name, t, e) for t in tp_ranks] for e in ep_ranks], where=where)
-            }
+            blocks = self._blocks(name)
+            state = {PARAM: self._join(name, [(b[0], self._model_shard(name, b)) for b in blocks], "the weight")}
             if self.info.optimizer is not None:
-                shape = self.local_shapes[name]
                 for kind in OPTIMIZER_KINDS:
-                    grid = [[self._optimizer_shard(name, kind, t, e).view(shape) for t in tp_ranks] for e in ep_ranks]
-                    state[kind] = spec.unshard(grid, where=f"{where}, optimizer {kind}")
+                    parts = [(b[0], self._optimizer_shard(name, kind, b)) for b in blocks]
+                    state[kind] = self._join(name, parts, f"optimizer {kind}")
             out[name] = state
         return out
 

@@ -25,9 +25,12 @@ import sys
 from dataclasses import dataclass, field
 
 from megamoe.checkpointing.convert import consolidated
-from megamoe.checkpointing.hf import checkpoint as hf_checkpoint
 from megamoe.checkpointing.convert.accounting import FullChecksum
 from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
+from megamoe.checkpointing.convert.legacy_reader import LegacyReader
+from megamoe.checkpointing.convert.sharded_reader import ShardedReader
+from megamoe.checkpointing.convert.sharded_writer import ShardedWriter
+from megamoe.checkpointing.convert.target import target_topology
 from megamoe.checkpointing.format import (
     LEGACY_VERSION,
     MARKER,
@@ -35,11 +38,8 @@ from megamoe.checkpointing.format import (
     model_config_from_dict,
     read_metadata,
 )
+from megamoe.checkpointing.hf import checkpoint as hf_checkpoint
 from megamoe.checkpointing.hf.config import check_exportable, export_family
-from megamoe.checkpointing.convert.legacy_reader import LegacyReader
-from megamoe.checkpointing.convert.sharded_reader import ShardedReader
-from megamoe.checkpointing.convert.sharded_writer import ShardedWriter
-from megamoe.checkpointing.convert.target import target_topology
 
 TARGETS = ("megamoe", "consolidated", "hf")
 

@@ -13,12 +13,13 @@ import os
 
 import torch
 
-from megamoe.checkpointing.convert.accounting import Tally
-from megamoe.checkpointing.boxes import Box
-from megamoe.checkpointing.format import OPTIMIZER_KINDS, CheckpointError, SavedTopology, ShardFiles, chunk_name
-from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.param_specs import ParamSpec
 from megamoe.checkpointing.box_views import model_key, optimizer_key
+from megamoe.checkpointing.boxes import Box
+from megamoe.checkpointing.convert.accounting import Tally
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
+from megamoe.checkpointing.format import CheckpointError, SavedTopology, ShardFiles, chunk_name
+from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.optim.state_dict import OPTIMIZER_KINDS
 
 
 class ShardedReader:

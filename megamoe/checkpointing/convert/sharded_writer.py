@@ -15,8 +15,9 @@ import uuid
 
 import torch
 
+from megamoe.checkpointing.box_views import model_key, optimizer_key
+from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
 from megamoe.checkpointing.format import (
-    OPTIMIZER_SCALARS,
     SavedTopology,
     build_metadata,
     chunk_name,
@@ -27,10 +28,9 @@ from megamoe.checkpointing.format import (
     write_marker,
     write_metadata,
 )
-from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo
-from megamoe.checkpointing.box_views import model_key, optimizer_key
 from megamoe.checkpointing.rng_map import target_rng
 from megamoe.model.config import ModelConfig
+from megamoe.optim.state_dict import OPTIMIZER_SCALARS
 
 # The layout flags of a run, as ``pretrain_moe.py`` saves them in ``args``.
 _LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use_distributed_optimizer")

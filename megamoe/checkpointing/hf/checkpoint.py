@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from megamoe.checkpointing.convert.accounting import Tally
 from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, stream_groups
-from megamoe.checkpointing.hf.config import check_exportable, from_hf_config, to_hf_config
 from megamoe.checkpointing.format import CheckpointError, model_config_dict, model_config_from_dict, write_atomic
+from megamoe.checkpointing.hf.config import check_exportable, from_hf_config, to_hf_config
 from megamoe.checkpointing.hf.names import hf_names, join, split
 from megamoe.checkpointing.param_specs import model_specs
 

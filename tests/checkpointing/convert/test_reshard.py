@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import pretrain_moe
-from megamoe.checkpointing.convert.run import convert
-from megamoe.checkpointing.convert.run import open_source
 from megamoe.checkpointing.convert.full_state import stream_groups
+from megamoe.checkpointing.convert.run import convert, open_source
 from tests.checkpointing.save_load import Run, load_and_step
 from tests.harness import run_distributed
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from megamoe.checkpointing.convert.run import convert
+from megamoe.checkpointing.format import CheckpointError
 from megamoe.checkpointing.hf.config import check_exportable
 from megamoe.data.tokenizer_training import train_sentencepiece
 from megamoe.model.config import ModelConfig
-from megamoe.checkpointing.format import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
