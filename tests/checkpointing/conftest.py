@@ -1,9 +1,10 @@
 """The trained checkpoint every conversion test starts from, made once per session.
 
 Layout A: world 4, TP 2 (DP 2), EP 2 for MoE layer 0 and 1 for layer 1 (two EP sizes in one
-model), ZeRO-1 on; two optimizer steps, then saved by ``megamoe.training.checkpoint`` (format version 2).  The
-session also keeps what the model in A computed: logits of the saved weights, and the loss and
-parameters of the step after the save (what a converted checkpoint must reproduce).
+model), ZeRO-1 on; two optimizer steps, then saved by ``megamoe.training.checkpoint`` (format
+version 2) and, the same state, in format version 1 (``convert/version1.py``).  The session also
+keeps what the model in A computed: logits of the saved weights, and the loss and parameters of
+the step after the save (what a converted checkpoint must reproduce).
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ STEPS = 2
 @dataclass
 class Trained:
     root: str  # the save root (holds latest_checkpointed_iteration.txt)
+    version1_root: str  # the same state saved in format version 1
     run: Run
     steps: int
     tokens: torch.Tensor  # [2, SEQ]
@@ -34,8 +36,11 @@ class Trained:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Trained:
     root = str(tmp_path_factory.mktemp("trained") / "A")
+    version1_root = root + "_v1"
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    out = run_distributed(train_save_continue, LAYOUT_A.world, LAYOUT_A, root, STEPS, tokens, timeout=600)[0]
+    out = run_distributed(train_save_continue, LAYOUT_A.world, LAYOUT_A, root, STEPS, tokens, version1_root,
+                          timeout=600)[0]
     return Trained(
-        root, LAYOUT_A, STEPS, tokens, out["logits"], out["saved_params"], out["next_loss"], out["next_params"]
+        root, version1_root, LAYOUT_A, STEPS, tokens, out["logits"], out["saved_params"], out["next_loss"],
+        out["next_params"],
     )

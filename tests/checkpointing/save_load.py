@@ -17,6 +17,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.parallel import state as ps
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training import checkpoint as ckpt
+from tests.checkpointing.convert.version1 import save_version_1
 from tests.tiny_moe import GLOBAL_BATCH, SEED, build_model, build_optimizer, forward_backward, full_params, tiny_config
 
 VOCAB = 300
@@ -51,10 +52,12 @@ def full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def train_save_continue(rank, world, run: Run, save_root: str, steps: int, tokens: torch.Tensor) -> dict | None:
+def train_save_continue(rank, world, run: Run, save_root: str, steps: int, tokens: torch.Tensor,
+                        version1_root: str | None = None) -> dict | None:
     """Train ``steps`` steps in ``run``'s layout, save, then take one more step (the reference a
     converted checkpoint must reproduce).  Returns the saved model's logits on ``tokens`` and
-    full parameters, and the next step's loss and full parameters."""
+    full parameters, and the next step's loss and full parameters.  ``version1_root``: also save
+    the same state there in format version 1."""
     config = model_config(run.eps)
     model = build_model(config, run.tp)
     opt = build_optimizer(model, zero=run.zero)
@@ -70,6 +73,9 @@ def train_save_continue(rank, world, run: Run, save_root: str, steps: int, token
         use_distributed_optimizer=run.zero,
         args={"seed": SEED},
     )
+    if version1_root is not None:
+        save_version_1(version1_root, iteration=steps, consumed_samples=steps * GLOBAL_BATCH, model=model,
+                       optimizer=opt, model_config=config)
     logits = full_logits(model, tokens)
     saved = full_params(model)
     loss = step(model, opt, steps)
