@@ -55,7 +55,7 @@ def _tokenizer_files(root: str, tokenizer_model: str, max_length: int) -> dict[s
 
 
 class HFWriter:
-    """Exports ``info``'s weights to ``root`` as a Hugging Face model (``hf_config.export_family``)."""
+    """Exports ``info``'s weights to ``root`` as a Hugging Face model (``config.export_family``)."""
 
     def __init__(self, root: str, info: FullStateInfo, *, tokenizer_model: str | None) -> None:
         self.root, self.info = root, info
