@@ -119,13 +119,15 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
         betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
         eps=HYPER["adam_eps"],
     )
-    out = {"loss": [], "l2": [], "inf": [], "bias": [], "grads0": None}
+    out = {"loss": [], "mtp": [], "l2": [], "inf": [], "bias": [], "grads0": None}
     for step in range(steps):
         opt.zero_grad()
         outputs = [model(tokens, labels) for tokens, labels in micro_batches(step)]
         loss = sum(o.loss for o in outputs) / len(outputs)
         loss.backward()
         out["loss"].append(loss.item())
+        if outputs[0].mtp_loss is not None:
+            out["mtp"].append((sum(o.mtp_loss for o in outputs) / len(outputs)).item())
         out["inf"].append(max(p.grad.abs().max().item() for p in params))
         if step == 0:
             out["grads0"] = gather_full_state(model, model.layout, grads=True)
@@ -166,31 +168,35 @@ def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | No
     return model, build_optimizer(model, zero=zero, **overrides)
 
 
-def forward_backward(model, opt, step: int, moe_stats: list | None = None) -> float:
+def forward_backward(model, opt, step: int, moe_stats: list | None = None, mtp_losses: list | None = None) -> float:
     """This rank's micro-batches of ``step`` through forward and backward; returns the global
     loss (mean over DP of this rank's mean micro-batch loss).  Appends each micro-batch's MoE
-    stats to ``moe_stats`` when given."""
+    stats to ``moe_stats`` when given, and the global MTP loss (the same mean) to ``mtp_losses``."""
     batches = local_micro_batches(step, model.config.vocab_size)
     opt.zero_grad()
-    total = torch.zeros(())
+    total = torch.zeros(2)  # loss, MTP loss
     for tokens, labels in batches:
         out = model(tokens, labels)
         loss = out.loss / len(batches)
         opt.scale_loss(loss).backward()
-        total += loss.detach().float()
+        total[0] += loss.detach().float()
+        if out.mtp_loss is not None:
+            total[1] += out.mtp_loss.detach().float() / len(batches)
         if moe_stats is not None:
             moe_stats.append(out.moe_stats)
     state = ps.get_parallel_state()
     dist.all_reduce(total, group=state.dp_group)
-    return total.item() / state.dp_size
+    if mtp_losses is not None:
+        mtp_losses.append(total[1].item() / state.dp_size)
+    return total[0].item() / state.dp_size
 
 
 def train(model, opt, steps, first_step: int = 0) -> dict:
     """``steps`` training steps, as the trainer's ``train_step`` takes them (expert biases included)."""
-    out = {"loss": [], "l2": [], "inf": [], "skipped": [], "bias": []}
+    out = {"loss": [], "mtp": [], "l2": [], "inf": [], "skipped": [], "bias": []}
     for step in range(first_step, first_step + steps):
         moe_stats = []
-        out["loss"].append(forward_backward(model, opt, step, moe_stats))
+        out["loss"].append(forward_backward(model, opt, step, moe_stats, out["mtp"] if model.mtp else None))
         result = opt.step()
         if not result.skipped:
             update_expert_biases(model, moe_stats)

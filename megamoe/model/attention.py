@@ -33,6 +33,18 @@ from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import ParallelState
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout: float, scale: float | None = None,
+                     enable_gqa: bool = False) -> torch.Tensor:
+    """Causal SDPA of this TP rank's heads: q ``[b, n, s, d]``, k ``[b, n or G, s, d]``, v
+    ``[b, n or G, s, dv]`` -> ``[b, n, s, dv]``; ``scale`` None is ``1 / sqrt(d)``.  Attention
+    dropout draws from the TP-sharded RNG stream (the heads differ per TP rank)."""
+    gqa = {"enable_gqa": True} if enable_gqa else {}
+    if dropout > 0.0:
+        with get_rng_tracker().fork():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+
+
 class HeadNorm(Norm):
     """``--normalization`` over the head dim of ``[..., d]``; one weight shared by all heads.
 
@@ -84,7 +96,7 @@ class SelfAttention(nn.Module):
             self.q_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
             self.k_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
         self.rotary = (
-            RotaryEmbedding(config.head_dim, config.rotary_base) if config.position_embedding_type == "rope" else None
+            RotaryEmbedding(config.head_dim, config) if config.position_embedding_type == "rope" else None
         )
 
     def _split_heads(self, x: torch.Tensor):
@@ -111,11 +123,6 @@ class SelfAttention(nn.Module):
             cos, sin = self.rotary.cos_sin(s, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
-        gqa = {"enable_gqa": True} if self.heads_per_group > 1 else {}
-        if dropout > 0.0:
-            with get_rng_tracker().fork():  # heads differ per TP rank: draw from the sharded stream
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        out = causal_attention(q, k, v, dropout=dropout, enable_gqa=self.heads_per_group > 1)
         out = out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim)
         return self.proj(out)

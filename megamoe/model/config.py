@@ -19,6 +19,9 @@ from megamoe.parallel.state import validate_parallel_sizes
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+ROPE_TYPES = ("rope", "yarn")
+# Megatron's defaults of the MLA dims (used when --multi-latent-attention is given without them).
+MLA_DEFAULTS = dict(kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128)
 TOKEN_DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # see megamoe.model.moe.aux_losses
@@ -68,6 +71,41 @@ class ModelConfig:
     swiglu: bool = flag(False, help="SwiGLU MLPs and experts (else GeLU)")
     position_embedding_type: str = flag("rope", help="position encoding", choices=POSITION_EMBEDDINGS)
     rotary_base: float = flag(10000.0, help="RoPE base (theta)", check=positive)
+    rope_type: str | None = flag(None, choices=ROPE_TYPES,
+                                 help="rope: plain RoPE; yarn: YaRN-scaled frequencies (--rotary-scaling-factor, "
+                                      "--original-max-position-embeddings, --beta-fast/--beta-slow) and attention "
+                                      "scale (--mscale, --mscale-all-dim)",
+                                 default_text="yarn with --multi-latent-attention, else rope")
+    rotary_scaling_factor: float = flag(1.0, help="YaRN: the context-extension factor (1: no extension)",
+                                        check=positive)
+    original_max_position_embeddings: int = flag(4096, help="YaRN: the context length the RoPE frequencies "
+                                                           "were trained for", check=positive)
+    beta_fast: float = flag(32.0, help="YaRN: rotations above which a frequency is kept as is", check=positive)
+    beta_slow: float = flag(1.0, help="YaRN: rotations below which a frequency is fully interpolated",
+                            check=positive)
+    mscale: float = flag(1.0, help="YaRN: the cos/sin scale is mscale(factor, --mscale) / mscale(factor, "
+                                   "--mscale-all-dim), with mscale(f, m) = 1 + 0.1 m ln f", check=non_negative)
+    mscale_all_dim: float = flag(0.0, help="YaRN: MLA's softmax scale is multiplied by mscale(factor, this)^2",
+                                 check=non_negative)
+    multi_latent_attention: bool = flag(False, help="DeepSeek's multi-latent attention (MLA): keys and values "
+                                                    "from a shared compressed latent, a decoupled RoPE key")
+    q_lora_rank: int | None = flag(None, help="MLA: rank of the low-rank query projection (none: a plain "
+                                              "projection)", check=positive)
+    kv_lora_rank: int | None = flag(None, help="MLA: rank of the key/value latent", check=positive,
+                                    default_text=f"{MLA_DEFAULTS['kv_lora_rank']} with --multi-latent-attention")
+    qk_head_dim: int | None = flag(None, help="MLA: query/key head dim without position embedding",
+                                   check=positive,
+                                   default_text=f"{MLA_DEFAULTS['qk_head_dim']} with --multi-latent-attention")
+    qk_pos_emb_head_dim: int | None = flag(
+        None, help="MLA: query/key head dim of the RoPE part (one key part shared by all heads)", check=positive,
+        default_text=f"{MLA_DEFAULTS['qk_pos_emb_head_dim']} with --multi-latent-attention")
+    v_head_dim: int | None = flag(None, help="MLA: value head dim", check=positive,
+                                  default_text=f"{MLA_DEFAULTS['v_head_dim']} with --multi-latent-attention")
+    mtp_num_layers: int | None = flag(None, help="multi-token prediction depth: MTP blocks after the last layer, "
+                                                 "depth k predicting the token k + 1 ahead", check=non_negative,
+                                      default_text="none")
+    mtp_loss_scaling_factor: float = flag(0.1, help="the MTP loss added to the LM loss: this x the mean over the "
+                                                    "depths of their cross entropies", check=non_negative)
     add_bias_linear: bool = flag(True, name="--disable-bias-linear", help="no biases in the linear layers")
     untie_embeddings_and_output_weights: bool = flag(False, help="an output layer of its own (else the "
                                                                  "input embedding's transpose)")
@@ -148,16 +186,54 @@ class ModelConfig:
         if self.moe_ffn_hidden_size is None:
             self.moe_ffn_hidden_size = self.ffn_hidden_size
         self._validate()
+        self._validate_mla()
         self._moe_layers = self._compute_moe_layers()
         self._validate_moe()
         self._validate_router()
 
     # ------------------------------------------------------------------ validation
+    def _validate_mla(self) -> None:
+        """MLA's flags need --multi-latent-attention and exclude the head flags of standard
+        attention; with it, the dims not given take Megatron's defaults.  Resolves --rope-type."""
+        mla_flags = {"--q-lora-rank": self.q_lora_rank, "--kv-lora-rank": self.kv_lora_rank,
+                     "--qk-head-dim": self.qk_head_dim, "--qk-pos-emb-head-dim": self.qk_pos_emb_head_dim,
+                     "--v-head-dim": self.v_head_dim}
+        if not self.multi_latent_attention:
+            given = [name for name, value in mla_flags.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} need --multi-latent-attention")
+        else:
+            standard = [name for name, given in (
+                ("--group-query-attention", self.group_query_attention),
+                ("--num-query-groups", self.num_query_groups is not None),
+                ("--kv-channels", self.kv_channels is not None),
+            ) if given]
+            if standard:
+                raise ValueError(
+                    f"--multi-latent-attention has no {', '.join(standard)}: its heads are sized by --qk-head-dim, "
+                    "--qk-pos-emb-head-dim and --v-head-dim, and every head has its own keys and values "
+                    "(from one shared latent, --kv-lora-rank)"
+                )
+            if self.position_embedding_type != "rope":
+                raise ValueError("--multi-latent-attention needs --position-embedding-type rope (its keys carry "
+                                 "a decoupled RoPE part)")
+            for name, value in MLA_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            if self.qk_pos_emb_head_dim % 2 != 0:
+                raise ValueError(f"--qk-pos-emb-head-dim must be even (RoPE rotates pairs), got {self.qk_pos_emb_head_dim}")
+        if self.rope_type is None:
+            self.rope_type = "yarn" if self.multi_latent_attention else "rope"
+        if self.rope_type == "rope" and self.rotary_scaling_factor != 1.0:
+            raise ValueError(f"--rotary-scaling-factor {self.rotary_scaling_factor} needs --rope-type yarn "
+                             "(the default with --multi-latent-attention)")
+
     def _validate(self) -> None:
         check_fields(self)
         if self.vocab_size < 1:
             raise ValueError(f"vocabulary size must be >= 1, got {self.vocab_size}")
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+        mla = self.multi_latent_attention
+        if not mla and self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by "
                 f"--num-attention-heads {self.num_attention_heads}"
@@ -169,7 +245,7 @@ class ModelConfig:
             raise ValueError(
                 f"--num-query-groups {groups} must divide --num-attention-heads {self.num_attention_heads}"
             )
-        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+        if self.position_embedding_type == "rope" and not mla and self.head_dim % 2 != 0:
             raise ValueError(f"rope needs an even head dim (--kv-channels, default --hidden-size / --num-attention-heads), got {self.head_dim}")
         if self.position_embedding_type == "learned_absolute" and self.max_position_embeddings is None:
             raise ValueError("--position-embedding-type learned_absolute needs --max-position-embeddings")
@@ -301,6 +377,11 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def mla_query_head_dim(self) -> int:
+        """MLA: a query (and key) head's dim, its no-position part and its RoPE part."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim
+
+    @property
     def num_kv_heads(self) -> int:
         """Key/value heads: --num-query-groups with --group-query-attention (default 1), else one per query head."""
         if not self.group_query_attention:
@@ -339,15 +420,25 @@ class ModelConfig:
         """Indices of the MoE layers."""
         return self._moe_layers
 
+    @property
+    def mtp_layers(self) -> tuple[int, ...]:
+        """Layer numbers of the MTP blocks (depth k: ``num_layers + k - 1``), after the decoder's."""
+        return tuple(range(self.num_layers, self.num_layers + (self.mtp_num_layers or 0)))
+
+    def _decoder_layer(self, layer: int) -> int:
+        """An MTP block is built like the last decoder layer (MoE when it is, with its experts and EP)."""
+        return min(layer, self.num_layers - 1)
+
     def is_moe_layer(self, layer: int) -> bool:
-        return layer in self._moe_layers
+        return self._decoder_layer(layer) in self._moe_layers
 
     def num_experts_for_layer(self, layer: int) -> int:
-        return self._per_moe_layer(self.num_experts, "--num-experts")[self._moe_layers.index(layer)]
+        index = self._moe_layers.index(self._decoder_layer(layer))
+        return self._per_moe_layer(self.num_experts, "--num-experts")[index]
 
     def ep_size_for_layer(self, layer: int) -> int:
         eps = self._per_moe_layer(self.expert_model_parallel_size, "--expert-model-parallel-size")
-        return eps[self._moe_layers.index(layer)]
+        return eps[self._moe_layers.index(self._decoder_layer(layer))]
 
     def moe_ep_sizes(self) -> tuple[int, ...]:
         """The EP size of every MoE layer, in layer order (pass ``set()`` of it to the groups)."""

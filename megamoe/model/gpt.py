@@ -14,7 +14,10 @@ row-parallel one, and the output layer gathers it once more.
 A layer whose index is in ``config.moe_layers`` uses an MoE block instead of the dense MLP; the
 MoE block returns its auxiliary (load-balancing and z) losses already multiplied by their
 coefficients, and the model adds their sum to ``GPTOutput.loss`` so that they enter the
-backward exactly once and are scaled like the main loss by whoever scales ``loss``.
+backward exactly once and are scaled like the main loss by whoever scales ``loss``.  With
+``--multi-latent-attention`` the layers' attention is MLA (``megamoe.model.mla``); with
+``--mtp-num-layers`` the multi-token-prediction depths (``megamoe.model.mtp``) follow the final
+norm and their scaled loss joins ``GPTOutput.loss`` the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from torch import nn
 
 from megamoe.model.attention import SelfAttention
 from megamoe.model.config import ModelConfig
+from megamoe.model.mla import MultiLatentAttention
 from megamoe.model.mlp import MLP
+from megamoe.model.mtp import MTPDepth, shifted
 from megamoe.model.norm import Norm
 from megamoe.model.recompute import recomputed
 from megamoe.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
@@ -44,11 +49,16 @@ class GPTOutput:
     aux_loss: torch.Tensor  # scalar fp32: sum over MoE layers of coeff * (aux, z) losses
     logits: torch.Tensor | None  # [b, s, V/TP] vocab-parallel; only when no labels were given
     moe_stats: list = field(default_factory=list)  # one entry per MoE layer (see megamoe.model.moe)
+    mtp_loss: torch.Tensor | None = None  # scalar fp32: mean over the MTP depths of their LM losses
+    mtp_loss_scaling_factor: float = 0.0
 
     @property
     def loss(self) -> torch.Tensor:
-        """What the training step back-propagates: the LM loss plus the auxiliary losses."""
-        return self.lm_loss + self.aux_loss
+        """What the training step back-propagates: the LM loss plus the auxiliary and scaled MTP losses."""
+        loss = self.lm_loss + self.aux_loss
+        if self.mtp_loss is not None:
+            loss = loss + self.mtp_loss_scaling_factor * self.mtp_loss
+        return loss
 
 
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: ParallelState) -> torch.Tensor:
@@ -90,7 +100,8 @@ class TransformerLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.input_norm = Norm(config, device=device)
-        self.attention = SelfAttention(config, layout, device=device)
+        attention = MultiLatentAttention if config.multi_latent_attention else SelfAttention
+        self.attention = attention(config, layout, device=device)
         self.post_attention_norm = Norm(config, device=device)
         self.is_moe = config.is_moe_layer(layer_number)
         if self.is_moe:
@@ -161,6 +172,12 @@ class GPTModel(nn.Module):
                 device=device,
             )
             retag(self.output_layer.weight, unpadded_size=config.vocab_size)
+        self.mtp = None
+        if config.mtp_num_layers:
+            self.mtp = nn.ModuleList(
+                MTPDepth(config, layout, TransformerLayer(config, layer, layout, device=device), device=device)
+                for layer in config.mtp_layers
+            )
 
     def initialize(self, seed: int) -> "GPTModel":
         """Layout-independent initialisation (see ``megamoe.parallel.params``)."""
@@ -178,11 +195,7 @@ class GPTModel(nn.Module):
         s = tokens.shape[1]
         max_positions = self.config.max_position_embeddings  # parse_config checks --seq-length against it
         assert max_positions is None or s <= max_positions, f"sequence length {s} > {max_positions} positions"
-        x = self.word_embeddings(tokens)  # [b, s, h], or [b, s / TP, h] with sequence parallelism
-        if self.position_embeddings is not None:
-            first = self.layout.tp_rank * x.shape[1] if self.layout.sequence_parallel else 0
-            x = x + self.position_embeddings[first : first + x.shape[1]]
-        x = hidden_dropout(x, self.config.hidden_dropout, self.training, self.layout)
+        x = self._embed(tokens)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
         for first, end, recompute in self.config.layer_chunks():
@@ -192,29 +205,55 @@ class GPTModel(nn.Module):
                 aux_total = aux_total + aux.loss
                 moe_stats.append(aux.stats)
         x = self.final_norm(x)
-        weight = self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
+        if labels is None:
+            logits = F.linear(tp_input(x, self.layout), self._output_weight())
+            return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
+        weights = _token_weights(labels, loss_mask)
+        lm_loss = self._lm_loss(x, labels, weights)
+        if self.mtp is None:
+            return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)
+        mtp_losses = []
+        for k, depth in enumerate(self.mtp, start=1):
+            x, aux = depth(x, self._embed(torch.roll(tokens, -k, dims=1)))
+            if aux is not None:
+                aux_total = aux_total + aux.loss
+                moe_stats.append(aux.stats)
+            mtp_losses.append(self._lm_loss(x, *shifted(labels, weights, k)))
+        return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats,
+                         mtp_loss=torch.stack(mtp_losses).mean(),
+                         mtp_loss_scaling_factor=self.config.mtp_loss_scaling_factor)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens ``[b, s]`` -> ``[b, s, h]`` (with sequence parallelism ``[b, s / TP, h]``)."""
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            first = self.layout.tp_rank * x.shape[1] if self.layout.sequence_parallel else 0
+            x = x + self.position_embeddings[first : first + x.shape[1]]
+        return hidden_dropout(x, self.config.hidden_dropout, self.training, self.layout)
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.output_layer.weight if self.output_layer is not None else self.word_embeddings.weight
+
+    def _lm_loss(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum(weights * cross entropy)`` of the output layer on ``x`` (after the final norm)
+        against ``labels`` ``[b, s]``; chunked with ``--cross-entropy-chunk-size``."""
         x = tp_input(x, self.layout)
-        if labels is not None and self.config.cross_entropy_chunk_size:
-            lm_loss = chunked_linear_cross_entropy(
+        if self.config.cross_entropy_chunk_size:
+            return chunked_linear_cross_entropy(
                 x.flatten(0, 1),
-                weight,
+                self._output_weight(),
                 labels.flatten(),
-                _token_weights(labels, loss_mask).flatten(),
+                weights.flatten(),
                 vocab_start=self.word_embeddings.vocab_start,
                 vocab_size=self.config.vocab_size,
                 layout=self.layout,
                 chunk_size=self.config.cross_entropy_chunk_size,
             )
-            return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)
-        logits = F.linear(x, weight)
-        if labels is None:
-            return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
         token_loss = vocab_parallel_cross_entropy(
-            logits,
+            F.linear(x, self._output_weight()),
             labels,
             vocab_start=self.word_embeddings.vocab_start,
             vocab_size=self.config.vocab_size,
             layout=self.layout,
         )
-        lm_loss = (token_loss * _token_weights(labels, loss_mask)).sum()
-        return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)
+        return (token_loss * weights).sum()

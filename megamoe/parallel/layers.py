@@ -116,6 +116,40 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class ReplicatedLinear(nn.Module):
+    """``y = x W^T + b`` with W whole on every TP rank; input ``[..., in]``, output ``[..., out]``,
+    no collective.
+
+    Its gradient is complete on every TP rank only if ``y``'s is: feed ``y`` to TP layers through
+    ``tp_input`` (as a ColumnParallelLinear does), whose backward sums the TP ranks' parts.  With
+    sequence parallelism ``x`` is this rank's part of the sequence and the gradient is this
+    rank's share, summed over TP by the optimizer's reduction rule like every TP-replicated one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        init_std: float,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = tag_param(
+            nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device)), init_std=init_std
+        )
+        self.bias = None
+        if bias:
+            self.bias = tag_param(
+                nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)), weight_decay=False, init="zeros"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
     """Vocabulary padded to a multiple of ``multiple * tp_size`` (Megatron's rule)."""
     step = multiple * tp_size

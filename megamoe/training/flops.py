@@ -1,15 +1,20 @@
 """Model FLOPs per token and MFU, in the convention the peer frameworks' benchmarks use, so
 that MFU compares across frameworks:
 
-    N_active = sum over layers of
+    N_active = sum over layers (the decoder's, then the N MTP blocks') of
                  2 h n d + 2 h G d                (q and output, k and v projections: n query heads,
                                                    G key/value heads of dim d; 4 h^2 for plain MHA)
+                 MLA instead: [h rq + rq n (dn + dr)  or  h n (dn + dr)]   (queries, with or without q-lora)
+                              + h (r + dr) + r n (dn + dv) + n dv h     (key/value latent and up, output)
                + dense layer: m h f               (m = 3 for SwiGLU: gate, up, down; 2 for GeLU)
                  MoE layer:   k m h f_moe + h E   (the k routed experts, the router)
                               + m h f_shared      (shared expert, when there is one)
              + h V                                (LM head; the input embedding is a lookup)
-    FLOPs per token = 6 N_active + 12 L n d s     (fwd + bwd of the weights; attention scores
-                                                   and attention x V over the full s x s square)
+             + N (2 h^2 + h V)                    (each MTP depth: eh_proj, and the shared head again)
+    FLOPs per token = 6 N_active + 6 (L + N) n (d_qk + d_v) s
+                                                  (fwd + bwd of the weights; attention scores and
+                                                   attention x V over the full s x s square; d_qk =
+                                                   d_v = d, MLA: d_qk = dn + dr, d_v = dv)
 
 Not counted: norms, softmax, activations, router top-k, the optimizer, biases.
 MFU = achieved TFLOP/s per device / peak TFLOP/s per device (dense bf16; H100/H200 SXM: 989).
@@ -20,12 +25,30 @@ from __future__ import annotations
 from megamoe.model.config import ModelConfig
 
 
+def _attention_parameters(config: ModelConfig) -> int:
+    h, n = config.hidden_size, config.num_attention_heads
+    if not config.multi_latent_attention:
+        return 2 * h * config.head_dim * (n + config.num_kv_heads)
+    dn, dr, dv, r = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim, config.kv_lora_rank
+    rq = config.q_lora_rank
+    queries = h * n * (dn + dr) if rq is None else h * rq + rq * n * (dn + dr)
+    return queries + h * (r + dr) + r * n * (dn + dv) + n * dv * h
+
+
+def _score_width(config: ModelConfig) -> int:
+    """``n (d_qk + d_v)``: the width of one position's attention scores and attention x V."""
+    if config.multi_latent_attention:
+        return config.num_attention_heads * (config.mla_query_head_dim + config.v_head_dim)
+    return 2 * config.num_attention_heads * config.head_dim
+
+
 def active_parameters(config: ModelConfig) -> int:
     h = config.hidden_size
     m = 3 if config.swiglu else 2
-    total = config.hidden_size * config.vocab_size
-    attention = 2 * h * config.head_dim * (config.num_attention_heads + config.num_kv_heads)
-    for layer in range(config.num_layers):
+    depths = config.mtp_num_layers or 0
+    total = config.hidden_size * config.vocab_size + depths * (2 * h * h + h * config.vocab_size)
+    attention = _attention_parameters(config)
+    for layer in (*range(config.num_layers), *config.mtp_layers):
         total += attention
         if config.is_moe_layer(layer):
             experts = config.num_experts_for_layer(layer)
@@ -38,8 +61,8 @@ def active_parameters(config: ModelConfig) -> int:
 
 
 def flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    query_width = config.num_attention_heads * config.head_dim
-    return 6.0 * active_parameters(config) + 12.0 * config.num_layers * query_width * seq_length
+    layers = config.num_layers + (config.mtp_num_layers or 0)
+    return 6.0 * active_parameters(config) + 6.0 * layers * _score_width(config) * seq_length
 
 
 CUDA_PEAK_TFLOPS = 989.0  # dense bf16 of an H100/H200 SXM: the default --peak-tflops-per-device on CUDA

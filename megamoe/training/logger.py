@@ -4,11 +4,13 @@ One record per log step, a dict with these stable snake_case keys (``None`` wher
 not apply, e.g. ``mfu`` on CPU without --peak-tflops-per-device, or ``grad_norm`` of a step
 skipped for fp16 overflow):
 
-    iteration, consumed_samples, lm_loss, aux_loss, z_loss, grad_norm, grad_norm_inf, lr,
+    iteration, consumed_samples, lm_loss, aux_loss, z_loss, mtp_loss, grad_norm, grad_norm_inf, lr,
     loss_scale, skipped_iters, tokens_per_sec, tflops_per_device, mfu, max_memory_gib,
     expert_tokens_min, expert_tokens_max, expert_load_imbalance, dropped_fraction, elapsed_ms_per_iter
 
-Evaluation records have ``{"iteration", "split": "valid", "lm_loss", "ppl"}``.  Only rank 0 writes.
+``mtp_loss`` (with --mtp-num-layers) is the MTP depths' mean cross entropy, before
+--mtp-loss-scaling-factor.  Evaluation records have ``{"iteration", "split": "valid", "lm_loss",
+"ppl"}``: the main model's LM loss, without MTP.  Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import os
 
 RECORD_KEYS = (
-    "iteration", "consumed_samples", "lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf", "lr",
+    "iteration", "consumed_samples", "lm_loss", "aux_loss", "z_loss", "mtp_loss", "grad_norm", "grad_norm_inf", "lr",
     "loss_scale", "skipped_iters", "tokens_per_sec", "tflops_per_device", "mfu", "max_memory_gib",
     "expert_tokens_min", "expert_tokens_max", "expert_load_imbalance", "dropped_fraction", "elapsed_ms_per_iter",
 )
@@ -39,6 +41,8 @@ def format_line(record: dict, train_iters: int) -> str:
         parts.append(f"aux {_fmt(r['aux_loss'], '.4f')}")
     if r.get("z_loss") is not None:
         parts.append(f"z {_fmt(r['z_loss'], '.4f')}")
+    if r.get("mtp_loss") is not None:
+        parts.append(f"mtp {_fmt(r['mtp_loss'], '.4f')}")
     parts += [
         f"grad norm {_fmt(r['grad_norm'], '.4f')}",
         *([f"params norm {_fmt(r['params_norm'], '.4f')}"] if r.get("params_norm") is not None else []),

@@ -2,7 +2,7 @@
 
 Between log steps nothing is copied to the host: losses and expert counts accumulate on the
 device, and ``finish_interval`` does one all-reduce over DP and one host copy.  Averages:
-``lm_loss``/``aux_loss``/``z_loss`` are means over the interval's micro-batches and DP ranks
+``lm_loss``/``aux_loss``/``z_loss``/``mtp_loss`` (unscaled, the mean over the MTP depths) are means over the interval's micro-batches and DP ranks
 (the loss of the global batch); expert token counts are per step, summed over DP ranks, then
 min/max over the experts of every MoE layer.
 """
@@ -28,7 +28,8 @@ class IntervalMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self.losses = torch.zeros(3, device=self.device)  # lm, aux (raw), z (raw)
+        self.losses = torch.zeros(4, device=self.device)  # lm, aux (raw), z (raw), MTP (unscaled)
+        self.has_mtp = False
         self.micro_batches = 0
         self.steps = 0
         self.tokens = 0
@@ -52,6 +53,9 @@ class IntervalMetrics:
         """``out``: the model's GPTOutput for one micro-batch."""
         self.losses[0] += out.lm_loss.detach()
         self.micro_batches += 1
+        if out.mtp_loss is not None:
+            self.losses[3] += out.mtp_loss.detach()
+            self.has_mtp = True
         if not out.moe_stats:
             return
         aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
@@ -84,7 +88,8 @@ class IntervalMetrics:
         elapsed = time.perf_counter() - self.start - self.excluded
         denominator = max(1, self.micro_batches) * state.dp_size
         lm, aux, z = (flat[:3] / denominator).tolist()
-        dropped = flat[3].item() / denominator
+        mtp = flat[3].item() / denominator
+        dropped = flat[4].item() / denominator
         tokens_per_sec = self.tokens / elapsed
         tflops = self.flops_per_token * tokens_per_sec / state.world_size / 1e12
         record = {
@@ -93,6 +98,7 @@ class IntervalMetrics:
             "lm_loss": lm,
             "aux_loss": aux if has_moe else None,
             "z_loss": z if has_moe else None,
+            "mtp_loss": mtp if self.has_mtp else None,
             "grad_norm": result.grad_norm,
             "grad_norm_inf": result.grad_norm_inf,
             "params_norm": None,
@@ -112,7 +118,7 @@ class IntervalMetrics:
             "elapsed_ms_per_iter": 1000.0 * elapsed / max(1, self.steps),
         }
         if has_moe:
-            per_step = flat[4:] / max(1, self.steps)
+            per_step = flat[5:] / max(1, self.steps)
             offset, mins, maxs, imbalance = 0, [], [], []
             for counts in self.expert_tokens:
                 layer = per_step[offset : offset + counts.numel()]

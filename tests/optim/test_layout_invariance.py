@@ -160,3 +160,35 @@ def _sequence_parallel_body(rank, world):
 @pytest.mark.parametrize("world", [4, 8])
 def test_sequence_parallel_and_expert_tensor_parallel_match_single_process_reference(world):
     run_distributed(_sequence_parallel_body, world, timeout=280)
+
+
+# Multi-latent attention (q-lora, latent norms, YaRN) and two MTP depths after the last layer (an
+# MoE layer, so the MTP blocks are MoE too), with sigmoid scores and a moving expert bias: the main
+# and MTP losses, the grad norm and the biases of every step match TP 1 EP 1, with TP 2 under
+# sequence parallelism (MLA's replicated down projections and the shared RoPE key, MTP's
+# row-parallel eh_proj) and EP 4 over two EP sizes.
+MLA_ARCH = dict(ARCH, group_query_attention=False, num_query_groups=None, multi_latent_attention=True, q_lora_rank=12,
+                kv_lora_rank=10, qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=10, rotary_scaling_factor=4.0,
+                original_max_position_embeddings=4, mscale_all_dim=0.7, mtp_num_layers=2, mtp_loss_scaling_factor=0.3)
+MLA_LAYOUTS = [(2, (2, 2), False, None), (2, (2, 2), True, None), (2, (4, 2), True, 1)]
+
+
+def _mla_mtp_body(rank, world):
+    ref = reference_run(ARCH_STEPS, arch=MLA_ARCH)
+    assert len(ref["mtp"]) == ARCH_STEPS and ref["bias"][-1].abs().sum() > 0
+    for tp, eps, zero, etp in MLA_LAYOUTS:
+        sequence_parallel = tp > 1 and (zero or etp is not None)
+        where = f"MLA+MTP TP={tp} SP={sequence_parallel} EP={eps} ETP={etp or tp} ZeRO={zero}"
+        model, opt = build(tp, eps, zero=zero, arch=MLA_ARCH, sequence_parallel=sequence_parallel, etp=etp)
+        got = train(model, opt, ARCH_STEPS)
+        _close(got["loss"], ref["loss"], f"{where} loss")
+        _close(got["mtp"], ref["mtp"], f"{where} MTP loss")
+        _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
+        for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
+            torch.testing.assert_close(g, w, rtol=RTOL, atol=0, msg=lambda m: f"{where} expert bias, step {step}: {m}")
+        ps.destroy_model_parallel()
+
+
+@pytest.mark.timeout(300)
+def test_multi_latent_attention_and_mtp_train_alike_in_every_layout():
+    run_distributed(_mla_mtp_body, 4, timeout=280)
