@@ -167,7 +167,7 @@ def test_sequence_parallel_and_expert_tensor_parallel_match_single_process_refer
 # and MTP losses, the grad norm and the biases of every step match TP 1 EP 1, with TP 2 under
 # sequence parallelism (MLA's replicated down projections and the shared RoPE key, MTP's
 # row-parallel eh_proj) and EP 4 over two EP sizes.
-MLA_ARCH = dict(ARCH, group_query_attention=False, num_query_groups=None, multi_latent_attention=True, q_lora_rank=12,
+MLA_ARCH = dict(ARCH, group_query_attention=False, num_query_groups=None, multi_latent_attention=True, q_lora_rank=8,
                 kv_lora_rank=10, qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=10, rotary_scaling_factor=4.0,
                 original_max_position_embeddings=4, mscale_all_dim=0.7, mtp_num_layers=2, mtp_loss_scaling_factor=0.3)
 MLA_LAYOUTS = [(2, (2, 2), False, None), (2, (2, 2), True, None), (2, (4, 2), True, 1)]
