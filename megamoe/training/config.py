@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = flag(1234, help="seed of the init, the data order and dropout")
     eval_interval: int = flag(0, help="evaluate every N iterations (0: never)", check=non_negative)
     eval_iters: int = flag(10, help="global batches per evaluation", check=positive)
+    skip_train: bool = flag(False, help="evaluate only: set up (and --load), evaluate --eval-iters global batches "
+                                        "of the validation split once, and exit without training or saving")
     device: str | None = flag(None, help="where to train", choices=("cpu", "cuda"),
                               default_text="cuda when available")
     exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM or SIGINT (Ctrl-C)")

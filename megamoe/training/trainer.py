@@ -3,6 +3,7 @@
 Reads top to bottom: ``pretrain(cfg)`` -> ``_setup`` -> per iteration ``train_step`` (micro-batch
 loop with gradient accumulation, one optimizer step) -> log every --log-interval -> eval every
 --eval-interval -> save every --save-interval, on SIGTERM (--exit-signal-handler) and at the end.
+With --skip-train: set up (and --load), evaluate once, return.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
     loaded = ckpt.open_checkpoint(cfg.checkpoint.load, cfg.model) if cfg.checkpoint.load else None
     if cfg.checkpoint.load and loaded is None:
         log.info(f"no checkpoint found in --load {cfg.checkpoint.load}; starting from scratch")
-    load_optim = loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
+    # --skip-train evaluates the weights: no optimizer state (nor its LR schedule) is needed.
+    load_optim = (loaded is not None and not cfg.checkpoint.finetune and not cfg.checkpoint.no_load_optim
+                  and not cfg.train.skip_train)
     schedule = cfg.schedule
     if loaded is not None:
         if load_optim and not loaded.has_optimizer:
@@ -193,6 +196,8 @@ def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
 def _datasets(cfg: RunConfig):
     gbs = cfg.train.global_batch_size
     evals = cfg.train.train_iters // cfg.train.eval_interval + 1 if cfg.train.eval_interval else 0
+    if cfg.train.skip_train:
+        evals = 1
     return build_train_valid_test_datasets(
         cfg.data,
         train_samples=cfg.train.train_iters * gbs,
@@ -258,6 +263,10 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         raise ConfigError(str(err)) from None
     model, optimizer, train_state, schedule = _setup(cfg, device, log)
     t = cfg.train
+    if t.skip_train:
+        log.info(f"--skip-train: evaluating the model of iteration {train_state.iteration} on {t.eval_iters} "
+                 f"global batches of the validation split, then exiting")
+        return _run_eval(cfg, model, valid_ds, train_state.iteration, 0, device, log)
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
     log.info(
@@ -289,7 +298,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
                 log.log(record)
             if t.eval_interval and train_state.iteration % t.eval_interval == 0:
                 with metrics.paused():
-                    _run_eval(cfg, model, valid_ds, train_state, device, log)
+                    _run_eval(cfg, model, valid_ds, train_state.iteration,
+                              train_state.iteration // t.eval_interval - 1, device, log)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
                 with metrics.paused():
                     pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
@@ -312,13 +322,16 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     return record
 
 
-def _run_eval(cfg: RunConfig, model, valid_ds, train_state: TrainState, device, log: TrainingLogger) -> None:
+def _run_eval(cfg: RunConfig, model, valid_ds, iteration: int, window: int, device, log: TrainingLogger) -> dict:
+    """Evaluate the model of ``iteration`` on the ``window``-th run of --eval-iters global batches
+    of the validation split (each evaluation of a run reads batches of its own); log and return the
+    record."""
     t = cfg.train
     state = get_parallel_state()
-    evals_before = train_state.iteration // t.eval_interval - 1
-    start = evals_before * t.eval_iters * t.global_batch_size
+    start = window * t.eval_iters * t.global_batch_size
     valid_iter = micro_batches(valid_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=start)
     loss = evaluate(model, valid_iter, t.eval_iters, device, cfg.eod_mask_token)
-    log.log_eval({"iteration": train_state.iteration, "split": "valid", "lm_loss": loss,
-                  "ppl": math.exp(min(loss, 30.0))})
+    record = {"iteration": iteration, "split": "valid", "lm_loss": loss, "ppl": math.exp(min(loss, 30.0))}
+    log.log_eval(record)
+    return record

@@ -8,7 +8,7 @@ from megamoe.optim.adam import FusedSupport, fused_adamw_support
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
-from tests.tiny_moe import HYPER, assert_params_close, build, train
+from tests.tiny_moe import HYPER, assert_params_close, build, full_params, train
 
 
 class _IgnoresGradScale(torch.optim.AdamW):
@@ -46,3 +46,24 @@ def _body(rank, world):
 
 def test_clipping_in_fused_adam_equals_clipping_the_grads():
     run_distributed(_body, 2)
+
+
+def _inactive_body(rank, world):
+    for in_adam in (True, False):
+        runs = []
+        for clip_grad in (1e3, 0.0):  # far above every norm of this run, and off
+            model, opt = build(1, (2, 2), zero=True, clip_grad=clip_grad)
+            opt.clip_in_adam = in_adam
+            out = train(model, opt, 3)
+            runs.append((out["l2"], full_params(model)))
+            ps.destroy_model_parallel()
+        (above, above_params), (off, off_params) = runs
+        assert max(above) < 1e3 and above == off, (above, off)
+        for name, want in off_params.items():
+            assert torch.equal(above_params[name], want), f"clip_in_adam={in_adam}: {name} changed by an inactive clip"
+
+
+def test_a_clip_above_the_norm_changes_nothing():
+    """Clipping only ever scales down: a norm below --clip-grad leaves the step bitwise that of no
+    clipping (scaling up would change Adam's steps through its epsilon)."""
+    run_distributed(_inactive_body, 2)

@@ -1,7 +1,13 @@
 """Self-healing restarts: under ``torchrun --max-restarts``, a worker killed with SIGKILL is
 restarted with the others, the new round rendezvouses afresh and resumes from the latest
-checkpoint, and the run ends with exactly the losses of an uninterrupted one (CPU, fp32)."""
+checkpoint, and the run ends with exactly the losses of an uninterrupted one (CPU, fp32).
 
+The kill must not race the training: the workers are frozen (SIGSTOP) first, so the iterations
+logged and the checkpoint published are read from a run that cannot move, and the kill lands at
+a known point; whether an iteration runs twice then depends only on those two numbers, never on
+timing."""
+
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +16,7 @@ import time
 
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
-ITERS = 20  # far more than the 3 the kill waits for: the run must still be training when it comes
+ITERS = 12  # more than the 3 the kill waits for: the run is still training when the workers are frozen
 ARGS = TINY_MOE + ["--train-iters", str(ITERS), "--save-interval", "2", "--expert-model-parallel-size", "2"]
 
 
@@ -29,20 +35,36 @@ def _workers(agent_pid: int) -> list[int]:
         return [int(pid) for pid in f.read().split()]
 
 
+def _logged(log) -> list[int]:
+    """The training iterations logged so far (complete lines only: the run may be writing one)."""
+    if not log.exists():
+        return []
+    lines = log.read_text().split("\n")[:-1]
+    return [r["iteration"] for r in map(json.loads, lines) if "split" not in r]
+
+
 def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
     straight_log = tmp_path / "straight.jsonl"
     straight = _torchrun(*ARGS, "--save", str(tmp_path / "straight"), "--log-json", str(straight_log), max_restarts=0)
 
     log = tmp_path / "killed.jsonl"
-    save = str(tmp_path / "killed")
-    run = _torchrun(*ARGS, "--save", save, "--load", save, "--log-json", str(log), max_restarts=1)
-    # Kill rank 1 once iteration 3 is logged: the checkpoint of iteration 2 is the one to resume from.
+    save = tmp_path / "killed"
+    run = _torchrun(*ARGS, "--save", str(save), "--load", str(save), "--log-json", str(log), max_restarts=1)
     deadline = time.time() + 300
     while time.time() < deadline and run.poll() is None:
-        if log.exists() and any(r["iteration"] >= 3 for r in read_json_log(log) if "lm_loss" in r and "split" not in r):
+        if len(_logged(log)) >= 3:
             break
-        time.sleep(0.1)
-    victim = _workers(run.pid)[1]
+        time.sleep(0.02)
+    workers = _workers(run.pid)
+    assert run.poll() is None and len(workers) == 2, "the run ended before it could be frozen"
+    victim = workers[1]
+    os.kill(victim, signal.SIGSTOP)
+    # Every step needs both workers: the other one finishes what it had begun (a log line, a
+    # publish) and then waits in a collective.  Nothing moves after this pause.
+    time.sleep(1.0)
+    logged = _logged(log)
+    published = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert logged[-1] < ITERS, "frozen after the last iteration: the restart would have nothing to redo"
     os.kill(victim, signal.SIGKILL)
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out
@@ -51,9 +73,9 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
 
     want = {r["iteration"]: r for r in read_json_log(straight_log)}
     got = read_json_log(log)
-    iterations = [r["iteration"] for r in got]
-    assert len(iterations) > len(set(iterations)), f"no iteration ran twice, so no restart happened: {iterations}"
-    assert iterations[-1] == ITERS
+    # The first round's iterations, then the second round's from the checkpoint it loaded on.
+    assert [r["iteration"] for r in got] == logged + list(range(published + 1, ITERS + 1)), (logged, published)
+    assert f"loaded checkpoint {save}/iter_{published:07d} (iteration {published}," in out, out
     for record in got:  # both rounds, every iteration: the losses of the uninterrupted run
         assert record["lm_loss"] == want[record["iteration"]]["lm_loss"], (record, want[record["iteration"]])
         assert record["grad_norm"] == want[record["iteration"]]["grad_norm"]

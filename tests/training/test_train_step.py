@@ -58,3 +58,32 @@ def test_loss_scaled_step_matches_the_fp32_step_with_moe_losses():
         assert share > 3 * router_tol, f"the MoE losses must be a visible part of the router gradient ({share})"
         assert err <= router_tol, f"{name}: router gradient off by {err:.1e} relative (MoE losses outside the loss scale?)"
         assert abs(norm - norm32) <= norm_tol * norm32, (name, norm, norm32)
+
+
+def _skipped_step_body(rank, world):
+    layout = ps.initialize_model_parallel(1, (2,))
+    config = model_config((2, 2), torch.float16, moe_router_score_function="sigmoid",
+                          moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01)
+    model = GPTModel(config, layout).initialize(SEED)
+    # 2^40 overflows fp16's backward: the first step is skipped by the loss scaler
+    cfg = OptimizerConfig(**{**HYPER, "params_dtype": torch.float16, "initial_loss_scale": 2.0**40})
+    opt = MixedPrecisionOptimizer(model, cfg, layout)
+    metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+    batches = lambda step: [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)}  # noqa: E731
+                            for t, l in local_micro_batches(step)]
+    biases = lambda: torch.cat([b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")])  # noqa: E731
+    before = biases()
+    assert train_step(model, opt, batches(0), metrics, torch.device("cpu")).skipped
+    after_skip = biases()
+    opt.scaler.scale = 2.0**8
+    assert not train_step(model, opt, batches(1), metrics, torch.device("cpu")).skipped
+    after_step = biases()
+    ps.destroy_model_parallel()
+    return before, after_skip, after_step
+
+
+def test_the_expert_bias_does_not_move_on_a_step_the_loss_scaler_skipped():
+    for before, after_skip, after_step in run_distributed(_skipped_step_body, 2):
+        assert before.numel() > 0
+        assert torch.equal(after_skip, before), "the expert bias moved on a skipped step"
+        assert not torch.equal(after_step, before), "the expert bias must move on an applied step"

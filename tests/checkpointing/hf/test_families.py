@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from megamoe.checkpointing.convert.run import convert
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
+from megamoe.checkpointing.hf.config import from_hf_config
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import state as ps
@@ -193,3 +194,16 @@ def test_imported_qwen3_moe_trains_from_the_command_line(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl") if line.strip()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert all(math.isfinite(r["lm_loss"]) for r in records)
+
+
+@pytest.mark.parametrize("step, dense", [(2, []), (3, []), (2, [3]), (1, [0, 2])])
+def test_qwen3_moe_layer_pattern_is_transformers_own(step, dense):
+    """Which layers are MoE (``decoder_sparse_step``, ``mlp_only_layers``) is read as transformers
+    builds them: a step other than 1 shows an off-by-one."""
+    hf = {**QWEN3, "num_hidden_layers": 6, "decoder_sparse_step": step, "mlp_only_layers": dense}
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**{k: v for k, v in hf.items()
+                                                                           if k != "model_type"}))
+    want = tuple(int(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock") for layer in model.model.layers)
+    assert 0 < sum(want) < len(want), want
+    config = from_hf_config(hf, params_dtype=torch.float32)
+    assert tuple(int(config.is_moe_layer(i)) for i in range(config.num_layers)) == want

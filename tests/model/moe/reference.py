@@ -66,6 +66,8 @@ def reference_moe(x_TH, weights_by_name, *, prefix="", cfg, num_experts, capacit
         x_TH, w("router.weight"), topk=topk, pre_softmax=cfg.moe_router_pre_softmax,
         renormalize=cfg.moe_router_renormalize,
     )
+    if cfg.moe_router_topk_scaling_factor is not None:
+        weights = weights * cfg.moe_router_topk_scaling_factor
     num_tokens = x_TH.shape[0]
     counts = torch.stack([(ids == e).sum() for e in range(num_experts)])
     fraction = counts.to(x_TH.dtype) / (num_tokens * topk)

@@ -15,10 +15,13 @@ import torch.distributed as dist
 
 from megamoe.model.moe.layer import MoELayer
 from megamoe.parallel import state as ps
+from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import initialize_module_
 from megamoe.parallel.random import model_parallel_seed
 from tests.harness import run_distributed
-from tests.model.moe.layer_case import HIDDEN, SEED, Case, check_layer_case, layer_config, micro_batch
+from tests.model.moe.helpers import assert_matches
+from tests.model.moe.layer_case import EXPERTS, HIDDEN, SEED, Case, check_layer_case, layer_config, micro_batch
+from tests.model.moe.reference import reference_moe
 
 DROPLESS = [
     Case(ep=1, overrides=dict(moe_shared_expert_intermediate_size=16)),
@@ -31,6 +34,8 @@ DROPLESS = [
     # biases (Megatron's default without --disable-bias-linear) on the experts and the shared expert
     Case(ep=2, overrides=dict(add_bias_linear=True, moe_shared_expert_intermediate_size=16)),
     Case(ep=4, overrides=dict(add_bias_linear=True, swiglu=False)),
+    # the top-k weights scaled (once: the router applies it, the layer must not again)
+    Case(ep=2, overrides=dict(moe_router_topk_scaling_factor=2.5)),
 ]
 CAPACITY = [
     Case(ep=2, overrides=dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs"), expect_drops=True),
@@ -77,6 +82,30 @@ def _check_jitter_routes_alike_on_tp_ranks() -> None:
     dist.all_gather(gathered, ids, group=state.tp_group)
     assert all(torch.equal(g, ids) for g in gathered), "jitter routed the TP ranks differently"
     assert not torch.equal(ids, plain), "jitter 0.5 changed no routing decision: it is not applied"
+
+
+def _sequence_parallel_capacity_body(rank, world):
+    """TP 2 with sequence parallelism: each TP rank routes its own half of the sequence, and its
+    capacity comes from those T / TP tokens, not the whole micro-batch's T."""
+    state = ps.initialize_model_parallel(2, (1,), sequence_parallel=True)
+    cfg = layer_config(Case(ep=1, overrides=dict(moe_expert_capacity_factor=0.5)))
+    layer = MoELayer(cfg, 0, state)
+    initialize_module_(layer, SEED, state)
+    x_full, _ = micro_batch(state.dp_rank, uneven=False)
+    x = x_full.chunk(state.tp_size, dim=1)[state.tp_rank]  # this rank's positions [b, s / TP, h]
+    out, aux = layer(x)
+    weights = {name: full.double() for name, full in gather_full_state(layer, layer.layout).items()}
+    tokens = x.shape[0] * x.shape[1]
+    ref = reference_moe(x.double().reshape(tokens, HIDDEN), weights, cfg=cfg, num_experts=EXPERTS,
+                        capacity_factor=0.5)
+    assert ref.dropped > 0, "the capacity must bind to test anything"
+    assert_matches(out.reshape(tokens, HIDDEN), ref.out, f"output of TP rank {state.tp_rank}")
+    assert round(aux.stats.dropped_fraction.item() * tokens * cfg.moe_router_topk) == ref.dropped
+    ps.destroy_model_parallel()
+
+
+def test_sequence_parallel_capacity_is_sized_from_each_ranks_tokens():
+    run_distributed(_sequence_parallel_capacity_body, 2)
 
 
 def test_moe_layer_with_tensor_parallel_experts_matches_reference():
