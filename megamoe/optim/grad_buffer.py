@@ -17,6 +17,10 @@ for the expert parameters (reduced over that EP size's EDP group).  Layout of on
 
 A post-accumulate-grad hook adds each ``param.grad`` (param dtype) into ``param.main_grad``
 (fp32) and frees ``param.grad``, so micro-batches accumulate in fp32; it does no host sync.
+``zero_grad`` does not write the buffer: the first gradient of a parameter after it is copied
+into the main grad, later ones are added (``0 + g`` is ``g``, so the sums are the same bits), and
+a parameter that got no gradient is zeroed when its bucket is reduced.  That saves a pass that
+writes and one that reads every main grad per step.
 ``start_bucket_sync`` launches one asynchronous collective per bucket and ``finish_grad_sync``
 waits for them.  By default all run from ``step``; with --overlap-grad-reduce the hook reports
 each ready gradient to ``megamoe.optim.grad_sync``, which launches buckets during backward.
@@ -130,10 +134,13 @@ class Piece:
         return self.param_end - self.param_start
 
 
-def _accumulate_into_main_grad(param: torch.Tensor) -> None:
+def _accumulate_into_main_grad(param: torch.Tensor, first: bool) -> None:
     # fp32 accumulation over micro-batches; freeing .grad keeps at most one low-precision
     # gradient per parameter alive.  No collective, no host sync: this is the backward hot path.
-    param.main_grad.add_(param.grad)
+    if first:
+        param.main_grad.copy_(param.grad)
+    else:
+        param.main_grad.add_(param.grad)
     param.grad = None
 
 
@@ -179,6 +186,8 @@ class GradBuffer:
         self._pending: list = []  # (bucket, comm, handle) in launch order
         self._started: set[int] = set()  # bucket indices launched since the last zero_grad
         self._synced = False  # main grads hold the reduced gradients (until zero_grad)
+        # ids of the params whose main grad holds this step's gradient (all: it starts at zero)
+        self._written: set[int] = {id(r.param) for b in self.buckets for r in b.params}
 
     def _grad_hook(self, bucket_index: int):
         # A weak reference: a parameter's hooks are not traversed by Python's garbage collector,
@@ -187,8 +196,11 @@ class GradBuffer:
         owner = weakref.ref(self)
 
         def hook(param: torch.Tensor) -> None:
-            _accumulate_into_main_grad(param)
             buffer = owner()
+            first = buffer is not None and id(param) not in buffer._written
+            _accumulate_into_main_grad(param, first)
+            if first:
+                buffer._written.add(id(param))
             if buffer is not None and buffer.on_param_ready is not None:
                 buffer.on_param_ready(buffer, bucket_index)
 
@@ -244,8 +256,9 @@ class GradBuffer:
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self) -> None:
+        """Start a new step: every main grad counts as zero (see the module docstring)."""
         assert not self._pending, "zero_grad while a gradient reduction is in flight"
-        self.main_grad.zero_()
+        self._written = set()
         self._started = set()
         self._synced = False
 
@@ -255,12 +268,16 @@ class GradBuffer:
         assert index not in self._started and not self._synced, "bucket reduced twice since zero_grad"
         self._started.add(index)
         b = self.buckets[index]
+        for r in b.params:
+            if id(r.param) not in self._written:  # no gradient this step
+                self.main_grad[r.start : r.end].zero_()
         red = self.reduction
         grad = self.main_grad[b.start : b.end]
+        # x * 1.0 is x: at DP 1 the scale would cost a pass over the bucket and change nothing
         if self.grad_reduce_dtype == torch.float32:
-            comm = grad.mul_(red.scale)
+            comm = grad if red.scale == 1.0 else grad.mul_(red.scale)
         else:
-            comm = (grad * red.scale).to(self.grad_reduce_dtype)
+            comm = (grad if red.scale == 1.0 else grad * red.scale).to(self.grad_reduce_dtype)
         handle = None
         if red.size > 1:
             if self.sharded:

@@ -69,8 +69,29 @@ def test_backward_accumulates_low_precision_grads_into_fp32_main_grads_and_frees
     for p, want in zip(params, expected):
         assert p.main_grad.dtype == torch.float32
         torch.testing.assert_close(p.main_grad, want, rtol=0, atol=0)
-    buf.zero_grad()
-    assert all(p.main_grad.abs().sum() == 0 for p in params)
+
+
+def test_after_zero_grad_the_first_gradient_is_copied_and_a_param_without_one_is_zeroed_at_sync():
+    """zero_grad does not write the buffer: the next step's first gradient overwrites the main
+    grad, later micro-batches add to it, the sums are the bits of zero + add in fp32 (bf16
+    gradients of several magnitudes), and a parameter no loss reached reads zero once reduced."""
+    size = 1
+    buf = GradBuffer(_params(torch.bfloat16), Reduction("dp", group=None, size=size, rank=0, scale=1.0),
+                     bucket_size=100, sharded=False)
+    params = [r.param for b in buf.buckets for r in b.params]
+    g = torch.Generator().manual_seed(1)
+    weights = [[torch.randn(p.shape, generator=g) * 10.0 ** (i % 5 - 2) for p in params] for i in range(3)]
+    for step in range(2):
+        buf.zero_grad()
+        want = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+        reached = range(1 if step else 0, len(params))  # step 1: the loss does not reach params[0]
+        for w in weights:
+            sum((params[i].float() * w[i]).sum() for i in reached).backward()
+            for i in reached:
+                want[i] += w[i].to(torch.bfloat16).float()
+        buf.finish_grad_sync()
+        for p, expected in zip(params, want):
+            assert torch.equal(p.main_grad, expected), "main grad differs from zero + the sum of the gradients"
 
 
 def _fake_state(dp: int, ep: int):
