@@ -8,8 +8,9 @@ Shapes: ``T`` tokens of this rank, ``K`` top-k, ``S = T * K`` token-slots, ``H``
                (the only host sync of the layer)
     dispatch : x_TH -> x_send [kept slots, H] (expert-major) -> all_to_all -> [N, H] ordered
                by (source rank, local expert) -> reorder to local-expert-major for the GEMMs
-    combine  : y_NH -> undo the reorder -> all_to_all back (swapped splits) -> scatter to the
-               slot positions (dropped slots stay zero) -> weighted sum over the K slots -> [T, H]
+    combine  : y_NH -> undo the reorder -> all_to_all back (swapped splits) -> rows to the slot
+               positions (a gather by the inverse of ``order``; dropped slots stay zero) ->
+               weighted sum over the K slots -> [T, H]  (``_WeightedCombine``)
 
 Global expert ``e`` lives on EP rank ``e // L`` as local expert ``e % L``, so the chunk of
 the expert-sorted slots going to rank ``r`` is simply experts ``r*L .. r*L + L - 1``.
@@ -111,6 +112,7 @@ class DispatchPlan:
     num_tokens: int
     topk: int
     order: torch.Tensor  # [kept] int64: slot indices (t * K + j) of the kept slots, expert-major
+    slot_rows: torch.Tensor | None  # [S] int64: the row of ``order`` holding each slot; None when slots are dropped
     send_splits: list[int]  # rows sent to each EP rank
     recv_splits: list[int]  # rows received from each EP rank
     expert_counts: list[int]  # [L] rows each local expert computes (host copy)
@@ -130,18 +132,56 @@ class _GatherSlots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, topk: int) -> torch.Tensor:
-        ctx.save_for_backward(order)
+    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None, topk: int):
+        ctx.save_for_backward(order, slot_rows)
         ctx.topk = topk
         ctx.num_tokens = x_TH.shape[0]
         return x_TH.index_select(0, torch.div(order, topk, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_NH: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        num_tokens, topk, hidden = ctx.num_tokens, ctx.topk, grad_NH.shape[-1]
-        grad_SH = grad_NH.new_zeros(num_tokens * topk, hidden).index_copy_(0, order, grad_NH)
-        return grad_SH.view(num_tokens, topk, hidden).sum(dim=1), None, None
+        order, slot_rows = ctx.saved_tensors
+        grad_SH = _rows_to_slots(grad_NH, order, slot_rows, ctx.num_tokens * ctx.topk)
+        return grad_SH.view(ctx.num_tokens, ctx.topk, -1).sum(dim=1), None, None, None
+
+
+def _rows_to_slots(rows_NH: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None,
+                   num_slots: int) -> torch.Tensor:
+    """``[S, H]``: row ``i`` of ``rows_NH`` at slot ``order[i]``, zero at dropped slots.  Every slot
+    is written once (no atomics): a gather by ``slot_rows`` when no slot is dropped, else a copy
+    into zeros."""
+    if slot_rows is not None:
+        return rows_NH.index_select(0, slot_rows)
+    return rows_NH.new_zeros(num_slots, rows_NH.shape[-1]).index_copy_(0, order, rows_NH)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """``out_TH = sum_j weights_TK[t, j] * y(slot t * K + j)`` in fp32, returned in ``y_NH``'s dtype.
+
+    The same numbers as moving the rows to their slots, casting them to fp32, multiplying by the
+    weights, summing over K and casting back, in fewer passes: the fp32 copy of the rows is never
+    made (the product promotes), and the backward writes the rows' gradient in their dtype
+    directly (one rounding of the same fp32 product) and saves the rows, not their fp32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, y_NH, weights_TK, order, slot_rows):
+        num_tokens, topk = weights_TK.shape
+        y_TKH = _rows_to_slots(y_NH, order, slot_rows, num_tokens * topk).view(num_tokens, topk, -1)
+        ctx.save_for_backward(y_TKH, weights_TK, order)
+        return torch.mul(y_TKH, weights_TK.unsqueeze(-1)).sum(dim=1).to(y_NH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        y_TKH, weights_TK, order = ctx.saved_tensors
+        grad_y = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_TKH = torch.empty_like(y_TKH)
+            torch.mul(grad_TH.unsqueeze(1), weights_TK.unsqueeze(-1), out=grad_TKH)
+            grad_y = grad_TKH.view(-1, y_TKH.shape[-1]).index_select(0, order)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.mul(grad_TH.float().unsqueeze(1), y_TKH).sum(dim=-1)
+        return grad_y, grad_weights, None, None
 
 
 class TokenDispatcher:
@@ -195,6 +235,11 @@ class TokenDispatcher:
         expert_counts = [sum(recv_all[r * num_local + e] for r in range(sources)) for e in range(num_local)]
         etp_splits = [sum(recv_all[t * num_experts : (t + 1) * num_experts]) for t in range(etp)] if etp > 1 else None
         recv_counts_RL = recv_counts_all.view(sources, num_local)
+        kept = sum(send_splits)
+        slot_rows = None
+        if kept == order_S.numel():  # no slot dropped: order is a permutation of the slots
+            slot_rows = torch.empty_like(order_S)
+            slot_rows[order_S] = torch.arange(kept, device=order_S.device)
         to_expert_major = from_expert_major = None
         if sources > 1 and num_local > 1:
             num_recv = sum(expert_counts)
@@ -206,7 +251,8 @@ class TokenDispatcher:
         return DispatchPlan(
             num_tokens=num_tokens,
             topk=topk,
-            order=order_S[: sum(send_splits)],
+            order=order_S[:kept],
+            slot_rows=slot_rows,
             send_splits=send_splits,
             recv_splits=recv_splits,
             expert_counts=expert_counts,
@@ -219,7 +265,7 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
         (``plan.expert_counts`` rows per local expert)."""
-        x_recv = _GatherSlots.apply(x_TH, plan.order, plan.topk)
+        x_recv = _GatherSlots.apply(x_TH, plan.order, plan.slot_rows, plan.topk)
         if self.ep_size > 1:
             x_recv = all_to_all(x_recv, plan.send_splits, plan.recv_splits, self._group())
         if plan.etp_splits is not None:
@@ -238,9 +284,4 @@ class TokenDispatcher:
             y_NH = _ReduceScatterRows.apply(y_NH, plan.etp_splits, self.groups.etp_rank, self.groups.etp_group)
         if self.ep_size > 1:
             y_NH = all_to_all(y_NH, plan.recv_splits, plan.send_splits, self._group())
-        num_tokens, topk = plan.num_tokens, plan.topk
-        hidden = y_NH.shape[-1]
-        # index_copy, not index_add: each slot is written once, so the result is deterministic.
-        y_SH = y_NH.new_zeros(num_tokens * topk, hidden).index_copy(0, plan.order, y_NH)
-        out_TH = (y_SH.view(num_tokens, topk, hidden).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
-        return out_TH.to(y_NH.dtype)
+        return _WeightedCombine.apply(y_NH, weights_TK, plan.order, plan.slot_rows)
