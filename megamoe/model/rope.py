@@ -10,6 +10,12 @@ outwards to whole dims, as transformers and Megatron do.  cos and sin are multip
 ``mscale(f, --mscale) / mscale(f, --mscale-all-dim)``, where ``mscale(f, m) = 1 + 0.1 m ln f``
 (1 for ``f <= 1``); multi-latent attention also multiplies its softmax scale by
 ``mscale(f, --mscale-all-dim)^2`` (``softmax_mscale``).  With ``f = 1`` YaRN is plain RoPE.
+
+``apply_rotary`` computes exactly what ``x * cos + cat(-x2, x1) * sin`` computes (halves ``x1,
+x2``), rounding included (each product rounded to x's dtype, then the sum), in fewer passes: the
+rotated copy of ``x`` is never made, the second products are written into one buffer by halves,
+and the backward (the rotation by minus the angle) is the same three passes instead of
+autograd's chain through ``cat``, ``neg`` and ``chunk``.
 """
 
 from __future__ import annotations
@@ -81,11 +87,39 @@ class RotaryEmbedding(nn.Module):
         return self._cache[3], self._cache[4]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """``x * cos + [-x2 sin1, x1 sin2]`` (``inverse``: ``x * cos + [x2 sin2, -x1 sin1]``), each
+    product rounded to x's dtype before the sum."""
+    m = x.shape[-1] // 2
+    out = torch.mul(x, cos)
+    rotated = torch.empty_like(out)
+    x1, x2 = x[..., :m], x[..., m:]
+    sin1, sin2 = sin[..., :m], sin[..., m:]
+    if inverse:
+        torch.mul(x2, sin2, out=rotated[..., :m])
+        torch.mul(x1, sin1, out=rotated[..., m:])
+        out[..., :m].add_(rotated[..., :m])
+        out[..., m:].sub_(rotated[..., m:])
+    else:
+        torch.mul(x2, sin1, out=rotated[..., :m])
+        torch.mul(x1, sin2, out=rotated[..., m:])
+        out[..., :m].sub_(rotated[..., :m])
+        out[..., m:].add_(rotated[..., m:])
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [b, heads, seq, dim]`` rotated by position."""
-    return x * cos + _rotate_half(x) * sin
+    """``x [b, heads, seq, dim]`` rotated by position (``cos, sin``: ``[seq, dim]``)."""
+    return _Rotary.apply(x, cos, sin)
