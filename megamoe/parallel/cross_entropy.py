@@ -24,15 +24,21 @@ from megamoe.parallel.state import ParallelState
 
 
 def _softmax_and_loss(logits, target, vocab_start, vocab_size, layout):
-    """From fp32 local logits ``[..., V/TP]`` (overwritten): the softmax over the whole vocabulary,
-    the per-token loss, and where each target sits locally (``outside``: on another TP rank)."""
+    """From local logits ``[..., V/TP]`` (any float dtype; not modified): the fp32 softmax over the
+    whole vocabulary, the per-token loss, and where each target sits locally (``outside``: on
+    another TP rank).  The fp32 logits are never copied: ``logits - max`` promotes as it subtracts
+    (the same numbers as subtracting from an fp32 copy)."""
     local_vocab = logits.shape[-1]
-    valid_local = vocab_size - vocab_start
-    if valid_local < local_vocab:
-        logits[..., max(valid_local, 0):] = float("-inf")
-    logits_max = logits.max(dim=-1).values
+    valid_local = min(max(vocab_size - vocab_start, 0), local_vocab)
+    if valid_local > 0:
+        logits_max = logits[..., :valid_local].max(dim=-1).values.float()
+    else:
+        logits_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=torch.float32)
     all_reduce_tp(logits_max, layout, dist.ReduceOp.MAX)
-    shifted = logits.sub_(logits_max.unsqueeze(-1))
+    shifted = torch.sub(logits, logits_max.unsqueeze(-1), out=torch.empty(logits.shape, dtype=torch.float32,
+                                                                               device=logits.device))
+    if valid_local < local_vocab:  # the vocabulary's padding is no class
+        shifted[..., valid_local:] = float("-inf")
 
     local_target = target - vocab_start
     outside = (local_target < 0) | (local_target >= local_vocab)
@@ -49,26 +55,28 @@ def _softmax_and_loss(logits, target, vocab_start, vocab_size, layout):
     return softmax, loss, local_target, outside
 
 
-def _logits_grad_(softmax, local_target, outside, grad_loss):
-    """d loss / d logits, in place of ``softmax``: ``(softmax - onehot(target)) * grad_loss``."""
+def _logits_grad(softmax, local_target, outside, grad_loss, dtype):
+    """d loss / d logits in ``dtype``: ``(softmax - onehot(target)) * grad_loss``, computed in fp32
+    (``softmax`` is overwritten) and rounded once as it is written."""
     onehot = (~outside).to(softmax.dtype).unsqueeze(-1)
     softmax.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
-    return softmax.mul_(grad_loss.unsqueeze(-1))
+    return torch.mul(softmax, grad_loss.unsqueeze(-1), out=torch.empty(softmax.shape, dtype=dtype,
+                                                                        device=softmax.device))
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, layout):
-        # A copy in fp32 (``float()`` of fp32 logits would be the caller's tensor itself).
-        logits = logits.to(torch.float32, copy=True)
         softmax, loss, local_target, outside = _softmax_and_loss(logits, target, vocab_start, vocab_size, layout)
         ctx.save_for_backward(softmax, local_target, outside)
+        ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_target, outside = ctx.saved_tensors
-        return _logits_grad_(softmax, local_target, outside, grad_loss), None, None, None, None
+        grad = _logits_grad(softmax, local_target, outside, grad_loss, ctx.logits_dtype)
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -93,15 +101,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, x.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             x_c = x[rows]
-            # The logits in the weight's dtype, then fp32: what F.linear + the plain cross entropy compute.
-            logits = torch.matmul(x_c, weight.t()).float()
+            # The logits in the weight's dtype, as F.linear computes them for the plain cross entropy.
+            logits = torch.matmul(x_c, weight.t())
             softmax, loss, local_target, outside = _softmax_and_loss(
                 logits, target[rows], vocab_start, vocab_size, layout)
             total += (loss * token_weights[rows]).sum()
             if needs_grad:
-                grad_logits = _logits_grad_(softmax, local_target, outside, unit_weights[rows]).to(weight.dtype)
+                grad_logits = _logits_grad(softmax, local_target, outside, unit_weights[rows], weight.dtype)
                 grad_x[rows] = torch.matmul(grad_logits, weight)
-                grad_weight += torch.matmul(grad_logits.t(), x_c).float()
+                # the chunk's product in the weight's dtype, added in fp32 (the add promotes: no fp32 copy)
+                grad_weight.add_(torch.matmul(grad_logits.t(), x_c))
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_weight, weight_max)
             ctx.weight_dtype = weight.dtype
