@@ -65,6 +65,33 @@ class HeadNorm(Norm):
         return self.normalize(x, copy_to_tp_region(self.weight, self.layout), bias)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """q, k, v out of the fused projection ``[b, s, (r+2) * G * d]``; the backward writes their
+    gradients straight into the projection's layout (three copies), where autograd's would stack
+    them and then copy the stack into that layout."""
+
+    @staticmethod
+    def forward(ctx, x, r: int, groups: int, head_dim: int):
+        b, s, _ = x.shape
+        ctx.shape = (b, s, r + 2, groups, head_dim)
+        qkv = x.view(ctx.shape)
+        q = qkv[:, :, :r].permute(0, 3, 2, 1, 4).reshape(b, groups * r, s, head_dim)
+        return q, qkv[:, :, r].transpose(1, 2), qkv[:, :, r + 1].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        b, s, r_plus_2, groups, head_dim = ctx.shape
+        r = r_plus_2 - 2
+        some = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        grad = torch.empty(ctx.shape, dtype=some.dtype, device=some.device)
+        parts = ((grad[:, :, :r], grad_q, lambda g: g.reshape(b, groups, r, s, head_dim).permute(0, 3, 2, 1, 4)),
+                 (grad[:, :, r], grad_k, lambda g: g.transpose(1, 2)),
+                 (grad[:, :, r + 1], grad_v, lambda g: g.transpose(1, 2)))
+        for part, g, to_layout in parts:
+            part.zero_() if g is None else part.copy_(to_layout(g))
+        return grad.view(b, s, -1), None, None, None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
         super().__init__()
@@ -102,16 +129,7 @@ class SelfAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor):
         """Fused projection ``[b, s, (r+2) * G_local * d]`` -> q ``[b, n_local, s, d]``, k and v
         ``[b, G_local, s, d]`` (views where possible)."""
-        b, s, _ = x.shape
-        r = self.heads_per_group
-        qkv = x.view(b, s, r + 2, self.local_groups, self.head_dim)
-        if r == 1:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            return q, k, v
-        q = qkv[:, :, :r].permute(0, 3, 2, 1, 4).reshape(b, self.local_groups * r, s, self.head_dim)
-        k = qkv[:, :, r].transpose(1, 2)
-        v = qkv[:, :, r + 1].transpose(1, 2)
-        return q, k, v
+        return _SplitHeads.apply(x, self.heads_per_group, self.local_groups, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # the whole sequence, also with sequence parallelism
