@@ -33,8 +33,11 @@ What runs differs from a GPU step only where stated in the output:
   tensor has none, so the bench gives the answer the probe gives on CUDA: torch's fused AdamW,
   clipping through its ``grad_scale``.  torch refuses ``fused=True`` on a device not in its list
   (the kernel itself runs on meta), so the bench adds ``meta`` to that list.
-* the norms: on CUDA ``F.rms_norm`` runs one fused kernel each way; on meta it would run as its
-  decomposition, so megamoe calls the fused op itself (``megamoe.model.norm``).
+* RMSNorm: on CUDA ``F.rms_norm`` runs torch's fused kernel (``aten._fused_rms_norm``), one
+  kernel forward and one backward; a CPU build of torch has only its decomposition (nine ops
+  forward, about twenty backward), so the bench counts each norm as the fused kernels
+  (``FusedRMSNorm``: forward reads x and the weight and writes y and the fp32 1/rms per row;
+  backward reads dy, x, the weight and 1/rms and writes dx and the weight gradient).
 """
 
 from __future__ import annotations
@@ -178,21 +181,53 @@ def _count_step(config: ModelConfig, seq: int, micro_batch: int):
         metrics = IntervalMetrics(device=device, flops_per_token=0.0, peak_tflops=None)
         batch = {k: torch.zeros(micro_batch, seq, dtype=torch.long) for k in ("tokens", "labels")}
         batch["loss_mask"] = torch.ones(micro_batch, seq)
-        with FlashAttention():
-            # the first step also creates Adam's moments; the second, the steady state, is reported
-            for c in counters:
-                _phased(optimizer, c)
-                with c:
-                    result = train_step(model, optimizer, [batch], metrics, device)
+        # the first step also creates Adam's moments; the second, the steady state, is reported
+        for c in counters:
+            _phased(optimizer, c)
+            with CudaKernels(c), c:
+                result = train_step(model, optimizer, [batch], metrics, device)
         assert not result.skipped and abs(result.grad_norm - 2.0) < 1e-6, result
         notes = {"adam": optimizer.adam_kind, "clip_in_adam": optimizer.clip_in_adam,
                  "buffers": [b.reduction.name for b in optimizer.buffers]}
     return counter, shape, notes
 
 
-class FlashAttention(TorchFunctionMode):
-    """``F.scaled_dot_product_attention`` as SDPA runs it on CUDA for causal attention without
-    dropout or mask: the flash kernel's op, whose first output is the attention output."""
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """``F.rms_norm`` counted as CUDA's fused kernels (see the module docstring); computes nothing
+    (meta tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, counter: TrafficCounter):
+        with counter.suppressed():
+            y = torch.empty_like(x)
+        rows = x.numel() // x.shape[-1]
+        ctx.counter, ctx.rstd_bytes = counter, rows * 4
+        ctx.save_for_backward(x, weight)
+        counter.record("_fused_rms_norm", read=_nbytes(x, weight), written=_nbytes(y) + ctx.rstd_bytes)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        with ctx.counter.suppressed():
+            dx, dw = torch.empty_like(x), torch.empty_like(weight)
+        ctx.counter.record("_fused_rms_norm_backward", read=_nbytes(dy, x, weight) + ctx.rstd_bytes,
+                           written=_nbytes(dx, dw))
+        return dx, dw, None, None
+
+
+class CudaKernels(TorchFunctionMode):
+    """The ops whose CUDA kernel is not what a CPU build of torch runs on meta, replaced by it:
+    ``F.scaled_dot_product_attention`` (causal, no dropout or mask) by the flash kernel's op, whose
+    first output is the attention output, and ``F.rms_norm`` by ``FusedRMSNorm``."""
+
+    def __init__(self, counter: TrafficCounter) -> None:
+        super().__init__()
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -200,6 +235,12 @@ class FlashAttention(TorchFunctionMode):
             q, k, v = args[:3]
             assert kwargs.get("is_causal") and not kwargs.get("dropout_p") and not kwargs.get("enable_gqa"), kwargs
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[0]
+        if func in (F.rms_norm, torch.rms_norm):
+            names = ("input", "normalized_shape", "weight", "eps")
+            bound = {**dict(zip(names, args)), **kwargs}
+            x, shape, weight, eps = (bound.get(n) for n in names)
+            assert len(shape) == 1 and weight is not None, "the bench models a RMSNorm over the last dim with a weight"
+            return FusedRMSNorm.apply(x, weight, eps, self.counter)
         return func(*args, **kwargs)
 
 
@@ -280,7 +321,7 @@ def print_report(r: dict) -> None:
     print(f"one training step, {r['shape']}: {r['tokens']:,} tokens, {r['params']:,} parameters, bf16 params, "
           f"fp32 main grads and masters, clip {CLIP_GRAD}, --cross-entropy-chunk-size {r['cross_entropy_chunk_size']}")
     print(f"counted eagerly on the meta device at world size 1 (no gradient collective: buckets are scaled by "
-          f"1/DP in place); balanced routing (T*K/E slots per expert); flash attention; {r['adam']} "
+          f"1/DP in place); balanced routing (T*K/E slots per expert); CUDA's flash attention and fused RMSNorm; {r['adam']} "
           f"(clip in Adam: {r['clip_in_adam']}); {r['host_reads']} host reads")
     print(f"{'category':<24}{unit + ' read':>10}{unit + ' written':>12}{unit + ' total':>10}{'launches':>10}{'minimum ' + unit:>12}"
           f"{'ratio':>8}")

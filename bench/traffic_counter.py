@@ -135,6 +135,20 @@ class TrafficCounter(TorchDispatchMode):
         self.grad_storages = {_storage(t) for t in grad_buffers}
         self.host_value = host_value
         self.host_reads = 0
+        self._suppressed = 0
+
+    @contextlib.contextmanager
+    def suppressed(self):
+        """Ops run inside are not counted: the caller records them as one kernel (``record``)."""
+        self._suppressed += 1
+        try:
+            yield
+        finally:
+            self._suppressed -= 1
+
+    def record(self, name: str, *, read: int, written: int, launches: int = 1, category: str = "other") -> None:
+        """Count a kernel the caller models itself (e.g. one fused kernel for a decomposed op)."""
+        self._add(category, name, read=read, written=written, launches=launches)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -154,6 +168,8 @@ class TrafficCounter(TorchDispatchMode):
         if host is not None:
             return host
         out = func(*args, **kwargs)
+        if self._suppressed:
+            return out
         if func.namespace == "c10d":
             tensors = [t for t in _tensors((args, kwargs))]
             size = sum(distinct_bytes(t) for t in tensors if t.numel())
