@@ -24,7 +24,8 @@ What runs differs from a GPU step only where stated in the output:
   world all-gather runs, on a group of one.
 * balanced routing: the step's host reads (the dispatcher's split sizes, the grad-norm table)
   have no data behind them; the split sizes are answered as T * K / E token-slots per expert, the
-  norm table with values that make the norm 2 (above --clip-grad 1, so clipping runs).
+  norm table with values that make the norm 2 (above --clip-grad 1, so clipping runs) and every
+  gradient and the loss finite.
 * attention: SDPA on meta would run its math fallback (the s x s scores in memory); on an
   H100/H200 it picks the flash kernel for bf16 causal attention of head dim 128, so the bench
   runs that kernel's op (``aten._scaled_dot_product_flash_attention``, forward and backward) in
@@ -135,10 +136,16 @@ def minimum_bytes(s: Shape, a: int = 2) -> dict[str, int]:
     }
 
 
-def _host_value(slots_per_expert: int, norm_table_value: float):
+def _host_value(slots_per_expert: int, parts: int):
+    """The answer to a host read: the dispatcher's split sizes (integers) are T * K / E each; the
+    grad-norm table (floats: per part its sum of squares and max, then the non-finite flags) holds
+    4 / parts per part, so the L2 norm is 2, and no flag."""
+
     def answer(t: torch.Tensor):
-        fill = slots_per_expert if not t.dtype.is_floating_point else norm_table_value
-        return [fill] * t.numel()
+        if not t.dtype.is_floating_point:
+            return [slots_per_expert] * t.numel()
+        assert t.numel() == 2 * (parts + 1), "the grad-norm table of one rank: (parts + flags) x 2"
+        return [4.0 / parts] * (2 * parts) + [0.0, 0.0]
 
     return answer
 
@@ -173,10 +180,9 @@ def _count_step(config: ModelConfig, seq: int, micro_batch: int):
                       layers=config.num_layers, params=params)
         slots_per_expert, rest = divmod(tokens * shape.topk, shape.experts)
         assert rest == 0, "balanced routing needs T * K divisible by E"
-        # the norm table holds (sum of squares, max) per part: value 4 / parts makes the L2 norm 2
         parts = len(optimizer.buffers)
         counters = [TrafficCounter(grad_buffers=[b.main_grad for b in optimizer.buffers],
-                                   host_value=_host_value(slots_per_expert, 4.0 / parts)) for _ in range(2)]
+                                   host_value=_host_value(slots_per_expert, parts)) for _ in range(2)]
         warmup, counter = counters
         metrics = IntervalMetrics(device=device, flops_per_token=0.0, peak_tflops=None)
         batch = {k: torch.zeros(micro_batch, seq, dtype=torch.long) for k in ("tokens", "labels")}
