@@ -13,6 +13,9 @@ Layout (version 2)::
         shard_00000.pt ...                # one file per rank: the chunks that rank wrote, its
                                           # RNG states, the checkpoint's id
 
+``metadata.json`` records the CRC-32 of every chunk and of every file, and its own
+(``integrity``): a damaged byte anywhere is refused on load, naming the file and the tensor.
+
 Every global tensor (``box_views``: model weights and persistent buffers, fp32 master and Adam
 moments) is stored once, as chunks: boxes ``(offsets, sizes)`` of the global tensor, each in one
 file.  A rank of any layout loads by reading the chunks that overlap the boxes it holds, so a
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from megamoe.checkpointing.boxes import Box
+from megamoe.checkpointing.integrity import METADATA_CRC, file_crc32, metadata_crc32, tensor_crc32
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.state import ParallelState, build_parallel_state
 
@@ -201,7 +205,8 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
     ``model_config``: ``model_config_dict`` form.  ``optimizer``: the optimizer's scalars
     (``megamoe.optim.state_dict``: adam_steps, num_skipped, lr, loss_scaler), None without
     optimizer state.  ``params``: ``{name: ParamSpec.to_entry()}``.  ``tensors``: ``{key: {"shape",
-    "dtype", "chunks": [{"file", "offsets", "sizes"}]}}``.  ``files``: ``{file: {"bytes"}}``.
+    "dtype", "chunks": [{"file", "offsets", "sizes", "crc32"}]}}``.  ``files``: ``{file: {"bytes",
+    "crc32"}}``.  The CRC-32s are ``integrity``'s.
     ``rng``: ``{str(rank): file}``, the file holding each saving rank's RNG states.
     ``lr_schedule``: the training run's ``LRSchedule.curve()``, None when written by a conversion.
     """
@@ -224,7 +229,9 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
 
 
 def write_metadata(directory: str, metadata: dict) -> None:
-    write_atomic(os.path.join(directory, METADATA), json.dumps(metadata, indent=1))
+    """Write ``metadata.json`` with its own checksum (``integrity.METADATA_CRC``)."""
+    signed = {**metadata, METADATA_CRC: metadata_crc32(metadata)}
+    write_atomic(os.path.join(directory, METADATA), json.dumps(signed, indent=1))
 
 
 def load_metadata(directory: str, *, legacy: bool = False) -> dict:
@@ -234,11 +241,13 @@ def load_metadata(directory: str, *, legacy: bool = False) -> dict:
     meta_path = os.path.join(directory, METADATA)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path} is missing: {directory} is not a complete megamoe checkpoint")
+    with open(meta_path, "rb") as f:
+        raw = f.read()
     try:
-        metadata = json.load(open(meta_path))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_path} is not valid JSON ({err})") from None
-    if metadata.get("format") != FORMAT_NAME:
+        metadata = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is damaged: it is not valid UTF-8 JSON ({err})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{meta_path} is not a megamoe checkpoint")
     if metadata.get("version") == LEGACY_VERSION and not legacy:
         root = os.path.dirname(os.path.abspath(directory))
@@ -251,6 +260,8 @@ def load_metadata(directory: str, *, legacy: bool = False) -> dict:
             f"{meta_path}: checkpoint format version {metadata.get('version')} is not supported "
             f"(this megamoe reads version {FORMAT_VERSION})"
         )
+    if METADATA_CRC in metadata and metadata[METADATA_CRC] != metadata_crc32(metadata):
+        raise CheckpointError(f"{meta_path} is damaged: its contents do not match the checksum stored in it")
     return metadata
 
 
@@ -270,16 +281,22 @@ def write_marker(root: str, iteration: int) -> None:
 
 
 def read_metadata(root: str, *, legacy: bool = False) -> tuple[str, dict] | None:
-    """``(directory, metadata)`` of the checkpoint ``root`` names: the one its 'latest' marker
-    points at (a save root), or ``root`` itself when it is one iteration's directory (it holds
-    ``metadata.json``).  None when ``root`` holds no checkpoint: a new run.  A root that holds
-    iteration directories but no marker is refused: starting afresh would silently drop them."""
+    """``(directory, metadata)`` of the checkpoint ``root`` names (``checkpoint_dir``), or None
+    when it names none."""
+    directory = checkpoint_dir(root)
+    return None if directory is None else (directory, load_metadata(directory, legacy=legacy))
+
+
+def checkpoint_dir(root: str) -> str | None:
+    """The checkpoint directory ``root`` names: the one its 'latest' marker points at (a save
+    root), or ``root`` itself when it is one iteration's directory (it holds ``metadata.json``).
+    None when ``root`` holds no checkpoint: a new run.  A root that holds iteration directories
+    but no marker is refused: starting afresh would silently drop them."""
     iteration = read_marker(root)
     if iteration is not None:
-        directory = iteration_dir(root, iteration)
-        return directory, load_metadata(directory, legacy=legacy)
+        return iteration_dir(root, iteration)
     if os.path.isfile(os.path.join(root, METADATA)):
-        return root, load_metadata(root, legacy=legacy)
+        return root
     published = [os.path.basename(iteration_dir(root, i)) for i in published_iterations(root)]
     if published:
         raise CheckpointError(
@@ -337,6 +354,23 @@ class ShardFiles:
                 f"{path} belongs to another checkpoint (its id is not {checkpoint_id}, the one in {METADATA})"
             )
         return payload
+
+    def verify(self, names) -> str | None:
+        """Check the files ``names`` against their CRC-32s in ``metadata.json`` (reading each
+        whole); one line naming the first damaged file and, where one is, the damaged tensor.
+        None when all match (or the checkpoint predates checksums)."""
+        for name in names:
+            path, recorded = os.path.join(self.directory, name), self.metadata["files"][name].get("crc32")
+            if recorded is None or file_crc32(path) == recorded:
+                continue
+            for key, entry in self.tensors.items():
+                for chunk in entry["chunks"]:
+                    stored = self.payloads[name]["tensors"].get(chunk_name(key, chunk["offsets"]))
+                    if chunk["file"] == name and tensor_crc32(stored) != chunk["crc32"]:
+                        return (f"{path} is damaged: tensor {key} (chunk at offsets {chunk['offsets']}) does not "
+                                f"match its checksum in {METADATA}")
+            return f"{path} is damaged: its bytes do not match the checksum in {METADATA} (its RNG states or structure)"
+        return None
 
     def chunks(self, key: str) -> list[tuple[str, Box, torch.Tensor]]:
         """``(file, box, tensor)`` of every chunk of global tensor ``key``."""

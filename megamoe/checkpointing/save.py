@@ -6,25 +6,30 @@ Collective over the world, in three steps:
    the lists (one ``all_gather_object``).  Ranks holding the same box (DP replicas, TP-replicated
    parameters, optimizer state without ZeRO-1) are candidates for one write; every rank runs the
    same greedy assignment (largest box first, to the candidate with the fewest bytes so far), so
-   each box is written exactly once and the bytes spread over the ranks.
-2. write: each rank copies its assigned boxes and its RNG states to CPU and writes
-   ``shard_RANK.pt`` into ``iter_XXXXXXX.partial/`` (write to ``.tmp``, then rename).
-3. publish (rank 0, once every rank's file is there): ``metadata.json``, rename the directory to
-   ``iter_XXXXXXX``, replace the 'latest' marker, delete the ``.partial`` directories that
-   crashed saves left, prune (``keep_last``).
+   each box is written exactly once and the bytes spread over the ranks.  Rank 0 checks that the
+   file system has room for the whole checkpoint before anything is written.
+2. write: each rank copies its assigned boxes and its RNG states to CPU, refuses state holding a
+   NaN or an infinity, and writes ``shard_RANK.pt`` into ``iter_XXXXXXX.partial/`` (to ``.tmp``,
+   fsync, rename), with the CRC-32 of each chunk and of the file (``integrity``).
+3. publish (rank 0, once every rank has reported its file complete and flushed, through one
+   ``all_gather_object``): ``metadata.json`` with the checksums, rename the directory to
+   ``iter_XXXXXXX``, replace the 'latest' marker, delete the ``.partial`` directories that crashed
+   saves left, prune (``keep_last``).  A rank whose state is not finite, or whose write failed
+   (a full disk), stops the publication: the ``.partial`` directory is removed, the previous
+   checkpoint stays the latest, and every rank raises the same one-line ``CheckpointError``.
 
 With ``async_save`` steps 2 and 3 run in a background thread: training continues once the boxes
-are copied.  Rank 0's thread publishes only after every rank's file exists, by polling the
-directory (no collective outside the main thread); a rank that dies mid-save leaves the
+are copied.  The threads agree over a gloo group of their own, made for the save (no collective
+of the training's groups runs outside the main thread); a rank that dies mid-save leaves the
 ``.partial`` directory unpublished and the previous checkpoint loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -33,15 +38,24 @@ import torch.distributed as dist
 
 from megamoe.checkpointing.box_views import BoxView
 from megamoe.checkpointing.format import (
+    CheckpointError,
     SavedTopology,
     build_metadata,
     chunk_name,
     dtype_name,
     iteration_dir,
     published_iterations,
+    read_marker,
     shard_file,
     write_marker,
     write_metadata,
+)
+from megamoe.checkpointing.integrity import (
+    Crc32Writer,
+    check_free_space,
+    first_nonfinite,
+    free_bytes,
+    tensor_crc32,
 )
 from megamoe.parallel.state import ParallelState
 
@@ -97,17 +111,15 @@ def _tensors_entry(plans: list[list[tuple]], writer: dict[tuple, int]) -> dict:
 
 
 class PendingSave:
-    """A save whose files may still be written; ``wait()`` returns once this rank's part is done
-    (on rank 0: once the checkpoint is published) and re-raises an error of the writer."""
+    """A save that may still be writing (``async_save``).  ``wait()`` returns once it is published,
+    and raises, the same ``CheckpointError`` on every rank, when it was not."""
 
-    def __init__(self, target, background: bool) -> None:
+    def __init__(self, target=None, group=None) -> None:
         self.error: BaseException | None = None
-        self.thread = None
-        if background:
+        self.thread, self.group = None, group
+        if target is not None:
             self.thread = threading.Thread(target=self._run, args=(target,), daemon=True, name="megamoe-save")
             self.thread.start()
-        else:
-            target()
 
     def _run(self, target) -> None:
         try:
@@ -119,26 +131,79 @@ class PendingSave:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+            dist.destroy_process_group(self.group)
         if self.error is not None:
             error, self.error = self.error, None
             raise error
 
 
-def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool = False) -> PendingSave:
-    """Collective: plan, then write (in the background with ``async_save``); see the module docstring."""
+def _bytes_needed(plans: list[list[tuple]], writer: dict[tuple, int]) -> int:
+    """What the checkpoint will take on disk, from above: the chunks' bytes, plus 1 KiB per chunk
+    (its zip records, its entry in metadata.json) and 64 KiB per file (RNG states, structure)."""
+    sizes = {(key, offsets, sizes): nbytes for plan in plans for key, offsets, sizes, nbytes, *_ in plan}
+    return sum(sizes[ident] for ident in writer) + 1024 * len(writer) + 65536 * len(plans)
+
+
+def _still_latest(root: str) -> str:
+    latest = read_marker(root)
+    return f"iteration {latest} stays the latest checkpoint" if latest is not None else "no checkpoint is published there"
+
+
+def _write(payload: dict, path: str) -> dict:
+    """Write this rank's file, flushed to the disk (fsync) before it is renamed into place.
+    Returns the rank's report for rank 0: ``{"bytes", "crc32", "chunks": {chunk: crc32}}``, or
+    ``{"nonfinite": chunk}`` (nothing written), or ``{"failed": why}``."""
+    bad = first_nonfinite(payload["tensors"])
+    if bad is not None:
+        return {"nonfinite": bad}
+    chunks = {name: tensor_crc32(tensor) for name, tensor in payload["tensors"].items()}
+    out = None
+    try:
+        with open(path + ".tmp", "wb") as raw:
+            out = Crc32Writer(raw)
+            torch.save(payload, out)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # torch turns a failed write into a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        cause = out.error if out is not None and out.error is not None else err
+        reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
+        return {"failed": f"writing {path} failed ({reason})"}
+    return {"bytes": os.path.getsize(path), "crc32": out.crc32, "chunks": chunks}
+
+
+def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool = False,
+                 on_published=None) -> PendingSave:
+    """Collective: plan, check the free space, then write and publish (in the background with
+    ``async_save``); see the module docstring.  A save that cannot be written raises
+    ``CheckpointError`` on every rank (with ``async_save``: from ``wait()``), naming why, with the
+    previous checkpoint still the latest and no ``.partial`` directory left.  ``on_published``
+    is called on rank 0 once the checkpoint is published."""
     final = iteration_dir(request.root, request.iteration)
     partial = final + ".partial"
     if state.rank == 0:
         os.makedirs(request.root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-    plan = [(p.key, tuple(p.box.offsets), tuple(p.box.sizes), p.tensor.numel() * p.tensor.element_size(),
-             tuple(p.shape), dtype_name(p.tensor.dtype)) for p in request.views]
+    plan = [(v.key, tuple(v.box.offsets), tuple(v.box.sizes), v.tensor.numel() * v.tensor.element_size(),
+             tuple(v.shape), dtype_name(v.tensor.dtype)) for v in request.views]
     gathered: list = [None] * state.world_size
     dist.all_gather_object(gathered, (plan, uuid.uuid4().hex), group=state.world_group)
     plans = [g[0] for g in gathered]
     checkpoint_id = gathered[0][1]
     writer = _assign(plans)
+    needed = _bytes_needed(plans, writer)
+    refusal = [None]
+    if state.rank == 0:
+        short = check_free_space(partial, needed, f"the checkpoint of iteration {request.iteration}")
+        if short is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            refusal[0] = f"not saving to {request.root}: {short}; {_still_latest(request.root)}"
+    dist.broadcast_object_list(refusal, src=0, group=state.world_group)
+    if refusal[0] is not None:
+        raise CheckpointError(refusal[0])
     mine = {}
     for view in request.views:
         ident = (view.key, tuple(view.box.offsets), tuple(view.box.sizes))
@@ -167,39 +232,60 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
             lr_schedule=request.lr_schedule,
         )
 
-    def write() -> None:
-        torch.save(payload, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    def publish() -> None:
-        for name in metadata["files"]:
-            metadata["files"][name] = {"bytes": os.path.getsize(os.path.join(partial, name))}
-        write_metadata(partial, metadata)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        write_marker(request.root, request.iteration)
+    def publish(reports: list[dict]) -> str | None:
+        """Rank 0, once every rank reported: publish, or remove the ``.partial`` directory and
+        say why not."""
+        unsaved = f"iteration {request.iteration} was not saved to {request.root}"
+        for rank, report in enumerate(reports):
+            if "nonfinite" in report:
+                shutil.rmtree(partial, ignore_errors=True)
+                return (f"{unsaved}: {report['nonfinite']} (rank {rank}'s part) holds NaN or infinite values; "
+                        f"{_still_latest(request.root)}")
+            if "failed" in report:
+                shutil.rmtree(partial, ignore_errors=True)
+                return (f"{unsaved}: {report['failed']}; it needs {needed:,} bytes, {free_bytes(request.root):,} "
+                        f"free now; {_still_latest(request.root)}")
+        by_file = {shard_file(rank): report for rank, report in enumerate(reports)}
+        for name, report in by_file.items():
+            metadata["files"][name] = {"bytes": report["bytes"], "crc32": report["crc32"]}
+        for key, entry in metadata["tensors"].items():
+            for chunk in entry["chunks"]:
+                chunk["crc32"] = by_file[chunk["file"]]["chunks"][chunk_name(key, chunk["offsets"])]
+        try:
+            write_metadata(partial, metadata)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            write_marker(request.root, request.iteration)
+        except OSError as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            return (f"{unsaved}: publishing it failed ({err.strerror or err}); it needs {needed:,} bytes, "
+                    f"{free_bytes(request.root):,} free now; {_still_latest(request.root)}")
         _remove_abandoned(request.root)
         if request.keep_last:
             _prune(request.root, request.keep_last)
+        return None
+
+    def write_and_publish(group) -> None:
+        """Collective over ``group``: every rank writes and reports; rank 0 publishes once all
+        reports are in (each file complete and flushed); every rank learns the outcome."""
+        reports: list = [None] * state.world_size
+        dist.all_gather_object(reports, _write(payload, path), group=group)
+        outcome = [publish(reports) if state.rank == 0 else None]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        if outcome[0] is not None:
+            raise CheckpointError(outcome[0])
+        if state.rank == 0 and on_published is not None:
+            on_published()
 
     if not async_save:
-        pending = PendingSave(write, background=False)
-        dist.barrier(group=state.world_group)
-        if state.rank == 0:
-            publish()
-        dist.barrier(group=state.world_group)
-        return pending
-
-    def write_then_publish() -> None:
-        write()
-        if state.rank == 0:
-            files = [os.path.join(partial, name) for name in metadata["files"]]
-            while not all(os.path.exists(f) for f in files):
-                time.sleep(0.05)
-            publish()
-
-    return PendingSave(write_then_publish, background=True)
+        write_and_publish(state.world_group)
+        return PendingSave()
+    # The background threads agree over a group of their own: no collective of the training's
+    # groups may run outside the main thread.
+    group = dist.new_group(backend="gloo")
+    return PendingSave(lambda: write_and_publish(group), group)
 
 
 def _remove_abandoned(root: str) -> None:

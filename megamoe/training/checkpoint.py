@@ -21,7 +21,11 @@ from megamoe.checkpointing.format import (
     CheckpointError,
     SavedTopology,
     ShardFiles,
+    checkpoint_dir,
+    iteration_dir,
+    load_metadata,
     model_config_dict,
+    published_iterations,
     read_metadata,
 )
 from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
@@ -82,10 +86,14 @@ def save_checkpoint(
     lr_schedule: dict | None = None,
     keep_last: int = 0,
     async_save: bool = False,
+    on_published=None,
 ) -> PendingSave:
     """Collective over the world: save into ``root/iter_XXXXXXX``.  Without ``async_save`` the
     checkpoint is published when this returns; with it, call ``wait()`` on the result before
-    the next save and before exiting.  ``lr_schedule``: the run's ``LRSchedule.curve()``."""
+    the next save and before exiting.  ``lr_schedule``: the run's ``LRSchedule.curve()``;
+    ``on_published``: called on rank 0 once the checkpoint is published.  A checkpoint that
+    cannot be saved (state not finite, disk full) raises ``CheckpointError`` on every rank, with
+    ``async_save`` from ``wait()``; the previous one stays the latest."""
     state = get_parallel_state()
     where = placements(model, state)
     optim = optimizer.state_dict()
@@ -104,7 +112,7 @@ def save_checkpoint(
         rng=_rng_state(),
         keep_last=keep_last,
     )
-    return save_sharded(request, state, async_save=async_save)
+    return save_sharded(request, state, async_save=async_save, on_published=on_published)
 
 
 def check_same_model(directory: str, metadata: dict, model_config) -> None:
@@ -123,12 +131,10 @@ def check_same_model(directory: str, metadata: dict, model_config) -> None:
 
 
 class Loaded:
-    """A checkpoint opened and checked (files, model shapes) for this run; nothing applied yet."""
+    """A checkpoint opened and checked (files, checksums, model) for this run; nothing applied yet."""
 
-    def __init__(self, directory: str, metadata: dict, model_config) -> None:
-        check_same_model(directory, metadata, model_config)
-        self.directory, self.metadata = directory, metadata
-        self.files = ShardFiles(directory, metadata)
+    def __init__(self, directory: str, metadata: dict, files: ShardFiles) -> None:
+        self.directory, self.metadata, self.files = directory, metadata, files
         self.state = get_parallel_state()
         self.iteration = int(metadata["iteration"])
         self.consumed_samples = int(metadata["consumed_samples"])
@@ -152,11 +158,55 @@ class Loaded:
 
 
 def open_checkpoint(root: str, model_config) -> Loaded | None:
-    """The latest checkpoint under ``root``, checked, or None if there is none."""
-    found = read_metadata(root)
-    if found is None:
+    """Collective over the world: the checkpoint ``root`` names, checked, or None if there is
+    none.  A damaged one (its metadata.json, or any byte of its files: ``integrity``) is refused
+    on every rank, naming the file and the tensor, and the newest intact checkpoint beside it to
+    ``--load`` instead."""
+    directory = checkpoint_dir(root)
+    if directory is None:
         return None
-    return Loaded(*found, model_config)
+    state = get_parallel_state()
+    metadata = _or_newest_intact(directory, state, lambda: load_metadata(directory))
+    check_same_model(directory, metadata, model_config)
+    files = _or_newest_intact(directory, state, lambda: _verified_files(directory, metadata, state))
+    return Loaded(directory, metadata, files)
+
+
+def _verified_files(directory: str, metadata: dict, state) -> ShardFiles:
+    """Collective: ``directory``'s files, opened and checked against their checksums, each file
+    read by one rank; the first damage found is raised on every rank."""
+    files = ShardFiles(directory, metadata)
+    names = sorted(metadata["files"])
+    problems: list = [None] * state.world_size
+    dist.all_gather_object(problems, files.verify(names[state.rank::state.world_size]), group=state.world_group)
+    problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return files
+
+
+def _or_newest_intact(directory: str, state, opening):
+    """``opening()``; a ``CheckpointError`` it raises gains what to load instead."""
+    try:
+        return opening()
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {_newest_intact(directory, state)}") from None
+
+
+def _newest_intact(directory: str, state) -> str:
+    """Collective: the newest checkpoint beside the unusable ``directory`` that opens and
+    verifies, as a suggestion (verification reads each candidate whole, on this error path only)."""
+    root = os.path.dirname(os.path.normpath(directory))
+    for iteration in reversed(published_iterations(root)):
+        candidate = iteration_dir(root, iteration)
+        if os.path.samefile(candidate, directory):
+            continue
+        try:
+            _verified_files(candidate, load_metadata(candidate), state)
+        except CheckpointError:
+            continue
+        return f"the newest intact checkpoint is {candidate}: --load {candidate} instead"
+    return f"no other intact checkpoint is in {root}"
 
 
 def _check_save_dir(root: str) -> None:

@@ -213,6 +213,7 @@ def _save(cfg: RunConfig, model, optimizer, schedule, train_state: TrainState, l
     (an --async-save still writing is waited for here)."""
     if previous is not None:
         previous.wait()
+    where = f"{cfg.checkpoint.save} at iteration {train_state.iteration}"
     pending = ckpt.save_checkpoint(
         cfg.checkpoint.save,
         iteration=train_state.iteration,
@@ -225,8 +226,8 @@ def _save(cfg: RunConfig, model, optimizer, schedule, train_state: TrainState, l
         lr_schedule=schedule.curve(),
         keep_last=cfg.checkpoint.keep_last,
         async_save=cfg.checkpoint.async_save,
+        on_published=lambda: log.info(f"background save complete: {where} is the latest checkpoint"),
     )
-    where = f"{cfg.checkpoint.save} at iteration {train_state.iteration}"
     log.info(f"saving checkpoint to {where} in the background" if cfg.checkpoint.async_save
              else f"saved checkpoint to {where}")
     return pending

@@ -49,6 +49,20 @@ def _body(rank, world, tmp):
     root, shard = damaged("truncated", truncate)
     _refused(BASE + ["--load", root], re.escape(shard) + r" is \d+ bytes but metadata.json recorded \d+", log)
 
+    def overwrite(path):  # 4 KiB of zeros in the middle, the size unchanged: loaded silently before
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b"\0" * 4096)
+
+    root, shard = damaged("overwritten", overwrite)
+    _refused(BASE + ["--load", root], re.escape(shard) + " is damaged: .*; no other intact checkpoint is in "
+             + re.escape(root), log)
+    root = os.path.join(tmp, "meta")
+    shutil.copytree(good, root)
+    meta = os.path.join(root, "iter_0000002", "metadata.json")
+    overwrite(meta)
+    _refused(BASE + ["--load", root], re.escape(meta) + " is damaged: it is not valid UTF-8 JSON", log)
+
     other_shard = os.path.join(other, "iter_0000002", "shard_00000.pt")
     root, shard = damaged("foreign", lambda path: shutil.copyfile(other_shard, path))
     _refused(BASE + ["--load", root], re.escape(shard) + " (belongs to another checkpoint|is .* bytes)", log)

@@ -1,8 +1,12 @@
 """pretrain_moe.py end to end, on CPU ranks with gloo: layout invariance of the logged loss and
 grad norm, exact resume, crash-safe saves, SIGTERM, and the command line's error messages."""
 
+import contextlib
+import io
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -81,43 +85,58 @@ def _listing(save: str) -> list[str]:
     return sorted(name for name in os.listdir(save) if name != LOCK_FILE)
 
 
-def _crash_during_second_save(rank, world, argv_first, argv_second):
+def _second_save_fails(rank, world, argv_first, argv_second):
+    """The first run saves; the second may write files of at most half the first's shard
+    (RLIMIT_FSIZE: the kernel fails the write, EFBIG).  Returns the second run's exit status and
+    what it printed on stderr."""
     os.environ["WORLD_SIZE"] = str(world)
     assert pretrain_moe.main(argv_first) == 0
-    from megamoe.training import checkpoint
-
-    real_save = torch.save
-
-    def failing_save(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        raise OSError("disk full (injected)")
-
-    checkpoint.torch.save = failing_save
+    save = argv_first[argv_first.index("--save") + 1]
+    limit = os.path.getsize(os.path.join(save, "iter_0000002", "shard_00000.pt")) // 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    stderr = io.StringIO()
     try:
-        with pytest.raises(OSError, match="injected"):
-            pretrain_moe.main(argv_second)
+        with contextlib.redirect_stderr(stderr):
+            status = pretrain_moe.main(argv_second)
     finally:
-        checkpoint.torch.save = real_save
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    return status, stderr.getvalue()
 
 
 @pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
-def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):
+def test_failed_save_exits_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, mode):
     save = str(tmp_path / "ckpt")
     base = TINY_MOE[:] + ["--save", save, "--lr-decay-iters", "4"] + mode
     base[base.index("--global-batch-size") + 1] = "2"
     first = base + ["--train-iters", "2"]
     second = base + ["--train-iters", "4", "--load", save]
-    run_distributed(_crash_during_second_save, 1, first, second, timeout=300)
+    (status, stderr), = run_distributed(_second_save_fails, 1, first, second, timeout=300)
+    shard = os.path.join(save, "iter_0000004.partial", "shard_00000.pt")
+    assert status == 2
+    assert re.fullmatch(re.escape(f"pretrain_moe.py: error: iteration 4 was not saved to {save}: writing {shard} "
+                                  "failed (File too large); it needs ") + r"[\d,]+ bytes, [\d,]+ free now; "
+                        r"iteration 2 stays the latest checkpoint\n", stderr), stderr
     from megamoe.checkpointing.format import read_metadata
 
-    directory, metadata = read_metadata(save)
-    assert metadata["iteration"] == 2
-    assert os.path.isdir(os.path.join(save, "iter_0000004.partial"))
+    assert read_metadata(save)[1]["iteration"] == 2
+    assert _listing(save) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    # What a save killed midway leaves, the next published save deletes.
+    os.makedirs(os.path.join(save, "iter_0000009.partial"))
     resumed = base + ["--train-iters", "3", "--load", save]
     run_distributed(run_main, 1, [resumed], timeout=300)
     assert read_metadata(save)[1]["iteration"] == 3
-    # The next published save deletes what the crashed one left.
     assert _listing(save) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+
+
+def _stdout_of_main(rank, world, argv):
+    os.environ["WORLD_SIZE"] = str(world)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert pretrain_moe.main(argv) == 0
+    return stdout.getvalue()
 
 
 def test_async_save_resumes_exactly(tmp_path):
@@ -128,8 +147,12 @@ def test_async_save_resumes_exactly(tmp_path):
     straight = base + ["--train-iters", "5", "--log-json", str(tmp_path / "straight.jsonl")]
     first = base + ["--train-iters", "3", "--save", save, "--save-interval", "1", "--async-save", "--keep-last", "2"]
     second = base + ["--train-iters", "5", "--load", save, "--log-json", str(tmp_path / "resumed.jsonl")]
-    run_distributed(run_main, 2, [straight, first], timeout=300)
+    run_distributed(run_main, 2, [straight], timeout=300)
+    printed = run_distributed(_stdout_of_main, 2, first, timeout=300)[0]
     assert _listing(save) == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+    # Each background save says when it is complete and published.
+    done = [line for line in printed.splitlines() if line.startswith("background save complete")]
+    assert done == [f"background save complete: {save} at iteration {i} is the latest checkpoint" for i in (1, 2, 3)]
     run_distributed(run_main, 2, [second], timeout=300)
     want = {r["iteration"]: r for r in read_json_log(tmp_path / "straight.jsonl")}
     got = read_json_log(tmp_path / "resumed.jsonl")

@@ -28,6 +28,9 @@ class ShardedReader:
     def __init__(self, directory: str, metadata: dict) -> None:
         self.directory = directory
         self.files = ShardFiles(directory, metadata)
+        damage = self.files.verify(sorted(metadata["files"]))
+        if damage is not None:
+            raise CheckpointError(damage)
         self.topology = SavedTopology.from_metadata(metadata["layout"])
         self.tally = Tally()
         # Every tensor in every file, listed in metadata.json or not: one the reader never uses

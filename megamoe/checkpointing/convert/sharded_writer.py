@@ -28,6 +28,7 @@ from megamoe.checkpointing.format import (
     write_marker,
     write_metadata,
 )
+from megamoe.checkpointing.integrity import Crc32Writer, tensor_crc32
 from megamoe.checkpointing.rng_map import target_rng
 from megamoe.model.config import ModelConfig
 from megamoe.optim.state_dict import OPTIMIZER_SCALARS
@@ -46,7 +47,7 @@ class ShardedWriter:
         os.makedirs(self.directory)
         self.checkpoint_id = uuid.uuid4().hex
         self.tensors: dict[str, dict] = {}
-        self.files: list[str] = []
+        self.files: dict[str, int] = {}  # name: CRC-32 of the file
         if info.buffers:
             self._write_file({model_key(name): tensor for name, tensor in info.buffers.items()})
 
@@ -56,16 +57,19 @@ class ShardedWriter:
         payload = {"checkpoint": self.checkpoint_id, "rank": rank, "tensors": {}}
         for key, tensor in tensors.items():
             offsets = [0] * tensor.dim()
-            payload["tensors"][chunk_name(key, offsets)] = tensor.contiguous()
+            payload["tensors"][chunk_name(key, offsets)] = tensor = tensor.contiguous()
             self.tensors[key] = {
                 "shape": list(tensor.shape),
                 "dtype": dtype_name(tensor.dtype),
-                "chunks": [{"file": name, "offsets": offsets, "sizes": list(tensor.shape)}],
+                "chunks": [{"file": name, "offsets": offsets, "sizes": list(tensor.shape),
+                            "crc32": tensor_crc32(tensor)}],
             }
         if rng is not None:
             payload["rng"] = rng
-        torch.save(payload, os.path.join(self.directory, name))
-        self.files.append(name)
+        with open(os.path.join(self.directory, name), "wb") as raw:
+            out = Crc32Writer(raw)
+            torch.save(payload, out)
+        self.files[name] = out.crc32
 
     def write(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
         """Write one group's parameters (``{name: {kind: full tensor}}``)."""
@@ -96,7 +100,8 @@ class ShardedWriter:
             optimizer=optimizer,
             params={name: spec.to_entry() for name, spec in self.info.specs.items()},
             tensors=self.tensors,
-            files={name: {"bytes": os.path.getsize(os.path.join(self.directory, name))} for name in self.files},
+            files={name: {"bytes": os.path.getsize(os.path.join(self.directory, name)), "crc32": crc}
+                   for name, crc in self.files.items()},
             rng=rng,
         )
 

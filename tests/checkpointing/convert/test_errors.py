@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from megamoe.checkpointing.convert.run import convert
+from megamoe.checkpointing.format import load_metadata, write_metadata
+from megamoe.checkpointing.integrity import file_crc32
 from tests.fixtures import REPO
 
 TOOL = os.path.join(REPO, "tools", "convert_checkpoint.py")
@@ -32,12 +34,13 @@ def _shard(root: str, rank: int) -> str:
 
 
 def _resave(path: str, payload: dict) -> None:
-    """Write a changed shard file and record its new size, as a file of the checkpoint would be."""
+    """Write a changed shard file and record its new size and checksum, as a file of the
+    checkpoint would be."""
     torch.save(payload, path)
-    meta_path = os.path.join(os.path.dirname(path), "metadata.json")
-    metadata = json.load(open(meta_path))
-    metadata["files"][os.path.basename(path)]["bytes"] = os.path.getsize(path)
-    json.dump(metadata, open(meta_path, "w"))
+    directory = os.path.dirname(path)
+    metadata = load_metadata(directory)
+    metadata["files"][os.path.basename(path)].update(bytes=os.path.getsize(path), crc32=file_crc32(path))
+    write_metadata(directory, metadata)
 
 
 def _refused(root: str, tmp_path, match: str, **flags):
@@ -81,6 +84,17 @@ def test_unknown_tensor_is_refused_not_dropped(copy, tmp_path):
     payload["tensors"]["model/layers.0.mlp.bias@0"] = torch.zeros(4)
     _resave(path, payload)
     _refused(copy, tmp_path, re.escape(path) + r": 1 tensors were not converted .*model/layers.0.mlp.bias@0")
+
+
+def test_damaged_shard_is_refused_naming_the_tensor(copy, tmp_path):
+    path = _shard(copy, 1)
+    payload = torch.load(path, weights_only=True)
+    key, tensor = next((k, t) for k, t in payload["tensors"].items() if k.startswith("model/") and t.numel() >= 4)
+    data = open(path, "rb").read()
+    with open(path, "r+b") as f:  # the file keeps its size
+        f.seek(data.find(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()))
+        f.write(b"\xa5" * 8)
+    _refused(copy, tmp_path, re.escape(f"{path} is damaged: tensor {key.split('@')[0]} (chunk at offsets "))
 
 
 def test_not_a_megamoe_checkpoint(tmp_path):

@@ -31,10 +31,11 @@ def _flags(run: Run) -> dict:
 
 
 def _load(root: str):
-    """``(metadata without its file and chunk lists, FullStateInfo, every full tensor)`` of a checkpoint."""
+    """``(metadata without its file and chunk lists and its own checksum, FullStateInfo, every full
+    tensor)`` of a checkpoint."""
     reader, _ = open_source(root, None)
     metadata = dict(reader.files.metadata)
-    for key in ("checkpoint_id", "tensors", "files", "rng"):
+    for key in ("checkpoint_id", "tensors", "files", "rng", "metadata_crc32"):
         metadata.pop(key)
     full = {}
     for _, names in stream_groups(list(reader.info.specs)):
