@@ -208,7 +208,8 @@ def build_metadata(*, checkpoint_id: str, iteration: int, consumed_samples: int,
     "dtype", "chunks": [{"file", "offsets", "sizes", "crc32"}]}}``.  ``files``: ``{file: {"bytes",
     "crc32"}}``.  The CRC-32s are ``integrity``'s.
     ``rng``: ``{str(rank): file}``, the file holding each saving rank's RNG states.
-    ``lr_schedule``: the training run's ``LRSchedule.curve()``, None when written by a conversion.
+    ``lr_schedule``: the training run's ``LRSchedule.curve()``, None when none was recorded (a
+    Hugging Face import).
     """
     return {
         "format": FORMAT_NAME,
@@ -363,10 +364,12 @@ class ShardFiles:
             path, recorded = os.path.join(self.directory, name), self.metadata["files"][name].get("crc32")
             if recorded is None or file_crc32(path) == recorded:
                 continue
+            stored = self.payloads[name]["tensors"]
             for key, entry in self.tensors.items():
                 for chunk in entry["chunks"]:
-                    stored = self.payloads[name]["tensors"].get(chunk_name(key, chunk["offsets"]))
-                    if chunk["file"] == name and tensor_crc32(stored) != chunk["crc32"]:
+                    if chunk["file"] != name:
+                        continue
+                    if tensor_crc32(stored[chunk_name(key, chunk["offsets"])]) != chunk["crc32"]:
                         return (f"{path} is damaged: tensor {key} (chunk at offsets {chunk['offsets']}) does not "
                                 f"match its checksum in {METADATA}")
             return f"{path} is damaged: its bytes do not match the checksum in {METADATA} (its RNG states or structure)"

@@ -146,7 +146,9 @@ def _bytes_needed(plans: list[list[tuple]], writer: dict[tuple, int]) -> int:
 
 def _still_latest(root: str) -> str:
     latest = read_marker(root)
-    return f"iteration {latest} stays the latest checkpoint" if latest is not None else "no checkpoint is published there"
+    if latest is None:
+        return "no checkpoint is published there"
+    return f"iteration {latest} stays the latest checkpoint"
 
 
 def _write(payload: dict, path: str) -> dict:
@@ -187,8 +189,8 @@ def save_sharded(request: SaveRequest, state: ParallelState, *, async_save: bool
         os.makedirs(request.root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-    plan = [(v.key, tuple(v.box.offsets), tuple(v.box.sizes), v.tensor.numel() * v.tensor.element_size(),
-             tuple(v.shape), dtype_name(v.tensor.dtype)) for v in request.views]
+    plan = [(p.key, tuple(p.box.offsets), tuple(p.box.sizes), p.tensor.numel() * p.tensor.element_size(),
+             tuple(p.shape), dtype_name(p.tensor.dtype)) for p in request.views]
     gathered: list = [None] * state.world_size
     dist.all_gather_object(gathered, (plan, uuid.uuid4().hex), group=state.world_group)
     plans = [g[0] for g in gathered]

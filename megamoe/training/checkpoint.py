@@ -199,7 +199,7 @@ def _newest_intact(directory: str, state) -> str:
     root = os.path.dirname(os.path.normpath(directory))
     for iteration in reversed(published_iterations(root)):
         candidate = iteration_dir(root, iteration)
-        if os.path.samefile(candidate, directory):
+        if os.path.abspath(candidate) == os.path.abspath(directory):
             continue
         try:
             _verified_files(candidate, load_metadata(candidate), state)

@@ -119,7 +119,7 @@ class LRSchedule:
         As Megatron's: a difference is refused (``ValueError`` naming each value, both sides and
         the flags) unless ``--override-opt_param-scheduler`` (the flags win) or
         ``--use-checkpoint-opt_param-scheduler`` (the checkpoint wins) is given.  ``saved`` None:
-        the checkpoint recorded no schedule (written by a conversion), so the flags are followed.
+        the checkpoint recorded no schedule (a Hugging Face import), so the flags are followed.
         """
         if saved is None:
             if self.use_checkpoint_opt_param_scheduler:
@@ -138,7 +138,8 @@ class LRSchedule:
             kept = LRSchedule(**{name: saved[name] for name, _ in CURVE}, train_iters=self.train_iters,
                               samples_per_iteration=self.samples_per_iteration,
                               use_checkpoint_opt_param_scheduler=True)
-            return kept, f"--use-checkpoint-opt_param-scheduler: following {checkpoint}'s learning-rate schedule ({details})"
+            return kept, (f"--use-checkpoint-opt_param-scheduler: following {checkpoint}'s learning-rate schedule "
+                          f"({details})")
         raise ValueError(
             f"{checkpoint} was trained with another learning-rate schedule ({details}); resuming would reshape it: "
             "give --use-checkpoint-opt_param-scheduler to keep the saved schedule, or --override-opt_param-scheduler "

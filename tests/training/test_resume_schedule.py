@@ -26,6 +26,13 @@ def _body(rank, world, tmp):
     save = os.path.join(tmp, "ckpt")
     assert pretrain_moe.main(_iters(4) + ["--save", save, "--exit-interval", "2"]) == 0
     never = os.path.join(tmp, "never.jsonl")
+    # A converted checkpoint (here to the consolidated form and back) keeps the recorded curve.
+    from megamoe.checkpointing.convert.run import convert
+
+    convert(save, os.path.join(tmp, "consolidated"), to="consolidated", progress=None)
+    convert(os.path.join(tmp, "consolidated"), os.path.join(tmp, "converted"), progress=None)
+    with pytest.raises(ConfigError, match="saved 4 vs now 8"):
+        pretrain(parse_config(_iters(8) + ["--load", os.path.join(tmp, "converted"), "--log-json", never]))
     for changed, field in ((_iters(8), r"decay_iters \(--lr-decay-iters/-samples, default --train-iters\): saved 4 vs now 8"),
                            (_iters(4) + ["--lr", "2e-2"], r"lr \(--lr\): saved 0.01 vs now 0.02"),
                            (_iters(4) + ["--lr-warmup-iters", "2"], r"warmup_iters .*: saved 1 vs now 2")):

@@ -74,6 +74,7 @@ class ConsolidatedWriter:
             "consumed_samples": info.consumed_samples,
             "model_config": info.model_config,
             "args": info.args,
+            "lr_schedule": info.lr_schedule,
             "optimizer": info.optimizer,
             "params": {name: spec.to_entry() for name, spec in info.specs.items()},
             "groups": self.groups,

@@ -61,18 +61,21 @@ class FullStateInfo:
     source_topology: SavedTopology | None  # None for layout-free sources
     # Persistent buffers (model tensors that are not parameters), full and replicated, by name.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The training run's learning-rate curve (``LRSchedule.curve()``), None when not recorded.
+    lr_schedule: dict | None = None
 
     @classmethod
     def from_metadata(cls, metadata: dict, specs: dict[str, ParamSpec], **rest) -> "FullStateInfo":
         """The info of a checkpoint whose metadata holds ``model_config``, ``iteration``,
-        ``consumed_samples`` and optionally ``args`` (every format writes these the same way);
-        ``rest`` gives the fields each format stores its own way."""
+        ``consumed_samples`` and optionally ``args`` and ``lr_schedule`` (every format writes these
+        the same way); ``rest`` gives the fields each format stores its own way."""
         return cls(
             model_config=metadata["model_config"],
             specs=specs,
             iteration=int(metadata["iteration"]),
             consumed_samples=int(metadata["consumed_samples"]),
             args=dict(metadata.get("args", {})),
+            lr_schedule=metadata.get("lr_schedule"),
             **rest,
         )
 

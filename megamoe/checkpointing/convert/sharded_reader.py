@@ -1,9 +1,9 @@
 """Read a version 2 megamoe checkpoint (``format``) as full tensors, for the conversion tool.
 
 ``format.ShardFiles`` checks every file first (present, of the recorded size, of this
-checkpoint, every chunk of the recorded shape); ``read`` then assembles each full tensor from
-its chunks, which must cover it exactly.  Persistent buffers (model tensors that are not
-parameters) are read at once into ``info.buffers``.
+checkpoint, every chunk of the recorded shape, every byte against its CRC-32); ``read`` then
+assembles each full tensor from its chunks, which must cover it exactly.  Persistent buffers
+(model tensors that are not parameters) are read at once into ``info.buffers``.
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ class ShardedWriter:
             files={name: {"bytes": os.path.getsize(os.path.join(self.directory, name)), "crc32": crc}
                    for name, crc in self.files.items()},
             rng=rng,
+            lr_schedule=self.info.lr_schedule,
         )
 
     def finish(self, progress=None) -> None:
