@@ -33,7 +33,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.router import TopKRouter
 from megamoe.parallel import state as ps
-from tests.harness import run_distributed
+from megamoe.parallel.launch import spawn_cpu_ranks
 
 WORLD, TP = 4, 2
 # (name, sequence parallel, ETP (None: TP), EP)
@@ -141,7 +141,7 @@ def _body(rank, world, args):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    per_rank = run_distributed(_body, WORLD, args)
+    per_rank = spawn_cpu_ranks(_body, WORLD, args)
     print(f"{WORLD} CPU ranks, TP {TP}; micro-batch [{args.batch}, {args.seq}] per DP rank, hidden {args.hidden}, "
           f"{args.experts} experts, top-{args.topk}, fp32; forward bytes per rank per MoE layer")
     header = ("layout", "rank", "layer", "dispatch", "dispatch_analytic", "a2a_fwd", "a2a_uniform", "saved", "saved_bsh",

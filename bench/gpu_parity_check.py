@@ -1,6 +1,6 @@
 """One-off GPU check: a model at TP=1 on CUDA (NCCL) matches the same model at TP=2 on CPU (gloo).
 
-    python -m bench.gpu_parity_check     # from the repository root (it uses tests/harness.py)
+    python bench/gpu_parity_check.py     # or python -m bench.gpu_parity_check
 
 Both in fp32 with TF32 off; prints the max relative difference of the loss, the logits and every
 gradient (gathered to full tensors), for a dense and an MoE GPT.  Not part of the test suite
@@ -9,6 +9,7 @@ gradient (gathered to full tensors), for a dense and an MoE GPT.  Not part of th
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -18,9 +19,8 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
-from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.launch import init_distributed, spawn_cpu_ranks
 from megamoe.parallel.mappings import gather_from_tp_region
-from tests.harness import run_distributed
 
 CONFIGS = {
     "dense": dict(num_experts=()),
@@ -43,7 +43,11 @@ def _run(variant, layout, device):
 
 
 def _cpu_body(rank, world):
-    return {v: _run(v, ps.get_parallel_state(), torch.device("cpu")) for v in CONFIGS}
+    layout = ps.initialize_model_parallel(2, (1,))
+    try:
+        return {v: _run(v, layout, torch.device("cpu")) for v in CONFIGS}
+    finally:
+        ps.destroy_model_parallel()
 
 
 def _rel(a, b):
@@ -51,9 +55,10 @@ def _rel(a, b):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    cpu = run_distributed(_cpu_body, 2, tensor_model_parallel_size=2)[0]
+    cpu = spawn_cpu_ranks(_cpu_body, 2)[0]
     init_distributed(torch.device("cuda"))
     layout = ps.initialize_model_parallel(1, (1,))
     for variant in CONFIGS:

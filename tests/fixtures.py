@@ -7,6 +7,8 @@
 * ``read_json_log``: the records of a ``--log-json`` file.
 * ``make_documents``, ``write_jsonl``: small varied text corpora for the data tests.
 * ``assert_config_error``: a command line ``parse_config`` refuses with one line.
+* ``script_env``: the environment of a script run as a user runs it (``python bench/x.py``): this
+  checkout's ``megamoe`` importable, the test package not.
 """
 
 from __future__ import annotations
@@ -77,3 +79,15 @@ def assert_config_error(argv: list[str], world_size: int, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
         parse_config(argv, world_size=world_size)
     assert "\n" not in str(info.value), str(info.value)
+
+
+def script_env(tmp_path) -> dict:
+    """``os.environ`` for running this checkout's scripts as a user would: ``PYTHONPATH`` holds a
+    directory with only a ``megamoe`` link to this checkout (what the editable install provides),
+    so a script that imports the tests (``No module named 'tests'`` for a user) fails here too."""
+    only = tmp_path / "megamoe_only"
+    only.mkdir(exist_ok=True)
+    link = only / "megamoe"
+    if not link.exists():
+        link.symlink_to(os.path.join(REPO, "megamoe"))
+    return dict(os.environ, PYTHONPATH=str(only), OMP_NUM_THREADS="1")

@@ -2,6 +2,7 @@
 
     init_distributed(device)                     # torchrun's environment, or a 1-rank job without it
     init_distributed(device, rank=r, world_size=w, store_path=path)   # spawned workers, a file store
+    spawn_cpu_ranks(body, world_size, *args)     # a script's own gloo ranks (the benchmarks)
 
 The backend follows the device (NCCL on CUDA, gloo on CPU).  The megamoe groups are built
 afterwards by ``megamoe.parallel.state.initialize_model_parallel``.
@@ -10,11 +11,15 @@ afterwards by ``megamoe.parallel.state.initialize_model_parallel``.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import tempfile
+import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from megamoe.parallel.state import default_backend
 
@@ -60,3 +65,45 @@ def init_distributed(device: torch.device, *, rank: int | None = None, world_siz
                           MASTER_PORT=str(_free_port()))
     dist.init_process_group(backend, store=_round_store(), rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), **options)
+
+
+def _spawned(rank, world_size, store_path, queue, body, args) -> None:
+    torch.set_num_threads(1)
+    try:
+        init_distributed(torch.device("cpu"), rank=rank, world_size=world_size, store_path=store_path)
+        # Plain pickle copies tensors into the message (the queue's pickler would send shared-memory
+        # handles that die with this process).
+        queue.put((rank, None, pickle.dumps(body(rank, world_size, *args))))
+    except BaseException:
+        queue.put((rank, traceback.format_exc(), None))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_cpu_ranks(body, world_size: int, *args) -> list:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` spawned CPU processes joined by gloo
+    over a file store; returns their picklable results (tensors included) indexed by rank.
+    ``body`` must be a module-level function.  A failing rank's traceback is raised here as a
+    ``RuntimeError``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = mp.start_processes(_spawned, args=(world_size, os.path.join(tmp, "store"), queue, body, args),
+                                   nprocs=world_size, start_method="spawn", join=False)
+        # Read before joining: a result larger than the pipe's buffer blocks its sender until then.
+        results, failure = {}, None
+        for _ in range(world_size):
+            rank, error, payload = queue.get()
+            if error is not None:
+                failure = failure or f"rank {rank} failed:\n{error}"
+                break
+            results[rank] = pickle.loads(payload)
+        if failure is not None:
+            for process in procs.processes:
+                process.kill()
+            raise RuntimeError(failure)
+        while not procs.join():
+            pass
+    return [results[rank] for rank in range(world_size)]

@@ -4,18 +4,18 @@ they add up to 1/TP of the bytes without it), and the residual-stream activation
 backward fall by TP.  The bench prints the figures (run as a script, as a user would); this only
 checks them."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.fixtures import script_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TP = 2
 
 
-def test_sequence_parallel_bench_counts_fall_by_tp():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sequence_parallel.py")], cwd=ROOT, env=env,
+def test_sequence_parallel_bench_counts_fall_by_tp(tmp_path):
+    out = subprocess.run([sys.executable, "bench/bench_sequence_parallel.py"], cwd=ROOT, env=script_env(tmp_path),
                          capture_output=True, text=True, timeout=600, check=True).stdout
     lines = out.splitlines()
     header = lines[1].split()
