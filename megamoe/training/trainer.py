@@ -87,8 +87,8 @@ def check_finite(result, iteration: int, *, stop: bool, fp16: bool) -> None:
         raise RunStopped(f"iteration {iteration}: the loss is NaN or inf (on ranks "
                          f"{list(result.nonfinite_loss_ranks)}); stopping ({off})")
     if result.nonfinite_grad_ranks and not fp16:
-        raise RunStopped(f"iteration {iteration}: a gradient is NaN or inf (on ranks {list(result.nonfinite_grad_ranks)}; "
-                         f"the step was not applied); stopping ({off})")
+        raise RunStopped(f"iteration {iteration}: a gradient is NaN or inf (on ranks "
+                         f"{list(result.nonfinite_grad_ranks)}; the step was not applied); stopping ({off})")
 
 
 @dataclass

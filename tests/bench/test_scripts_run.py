@@ -1,8 +1,8 @@
-"""Every script in bench/ and tools/ runs as the README writes it, ``python bench/x.py ...``, from
-the repository root with megamoe installed and nothing else importable (a bench that imported
-the tests failed for users with ``No module named 'tests'``): each answers ``--help``.  One
-process runs them all (torch is imported once), each as ``__main__`` with its own directory
-first on ``sys.path``, as Python does for a script."""
+"""Every script in bench/ and tools/ (a file with a ``__main__`` block) runs as the README writes
+it, ``python bench/x.py ...``, from the repository root with megamoe installed and nothing else
+importable (a bench that imported the tests failed for users with ``No module named 'tests'``):
+each answers ``--help``.  One process runs them all (torch is imported once), each as
+``__main__`` with its own directory first on ``sys.path``, as Python does for a script."""
 
 import glob
 import json
@@ -12,7 +12,8 @@ import sys
 
 from tests.fixtures import REPO, script_env
 
-SCRIPTS = sorted(glob.glob(os.path.join(REPO, "bench", "*.py")) + glob.glob(os.path.join(REPO, "tools", "*.py")))
+SCRIPTS = sorted(path for folder in ("bench", "tools") for path in glob.glob(os.path.join(REPO, folder, "*.py"))
+                 if '__name__ == "__main__"' in open(path).read())  # not the modules the scripts import
 
 DRIVER = """
 import json, os, runpy, sys, traceback
