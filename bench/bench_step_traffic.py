@@ -353,11 +353,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="moe-1b-4e")
     parser.add_argument("--cross-entropy-chunk-size", type=int, default=None,
-                        help="the model's --cross-entropy-chunk-size (default: the command line's default)")
+                        help="the model's --cross-entropy-chunk-size (default: what it is on CUDA when not given)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
-    chunk = ModelConfig(vocab_size=1).cross_entropy_chunk_size if args.cross_entropy_chunk_size is None \
-        else args.cross_entropy_chunk_size
+    chunk = ModelConfig(vocab_size=1).cross_entropy_chunk_for(torch.device("cuda")) \
+        if args.cross_entropy_chunk_size is None else args.cross_entropy_chunk_size
     counter, shape, notes = count_step(args.shape, chunk)
     r = report(args.shape, chunk, counter, shape, notes)
     if args.json:

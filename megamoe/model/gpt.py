@@ -236,9 +236,10 @@ class GPTModel(nn.Module):
 
     def _lm_loss(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum(weights * cross entropy)`` of the output layer on ``x`` (after the final norm)
-        against ``labels`` ``[b, s]``; chunked with ``--cross-entropy-chunk-size``."""
+        against ``labels`` ``[b, s]``; chunked by ``ModelConfig.cross_entropy_chunk_for`` x's device."""
         x = tp_input(x, self.layout)
-        if self.config.cross_entropy_chunk_size:
+        chunk_size = self.config.cross_entropy_chunk_for(x.device)
+        if chunk_size:
             return chunked_linear_cross_entropy(
                 x.flatten(0, 1),
                 self._output_weight(),
@@ -247,7 +248,7 @@ class GPTModel(nn.Module):
                 vocab_start=self.word_embeddings.vocab_start,
                 vocab_size=self.config.vocab_size,
                 layout=self.layout,
-                chunk_size=self.config.cross_entropy_chunk_size,
+                chunk_size=chunk_size,
             )
         token_loss = vocab_parallel_cross_entropy(
             F.linear(x, self._output_weight()),

@@ -108,3 +108,15 @@ def test_fp16_gradients_of_small_token_weights_are_not_flushed_to_zero():
     for got, want in ((x.grad, gx_ref), (weight.grad, gw_ref)):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 1e-3, f"fp16 gradient off by {err:.1e} relative"
+
+
+def test_chunked_by_default_on_cuda_only_and_an_explicit_size_wins():
+    from megamoe.model.config import CUDA_CROSS_ENTROPY_CHUNK, ModelConfig
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    default = ModelConfig(vocab_size=VOCAB)
+    assert default.cross_entropy_chunk_for(cuda) == CUDA_CROSS_ENTROPY_CHUNK > 0
+    assert default.cross_entropy_chunk_for(cpu) == 0
+    for size in (0, 7):
+        given = ModelConfig(vocab_size=VOCAB, cross_entropy_chunk_size=size)
+        assert given.cross_entropy_chunk_for(cuda) == given.cross_entropy_chunk_for(cpu) == size
