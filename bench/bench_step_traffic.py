@@ -20,7 +20,7 @@ parameters with fp32 main grads and master weights, clipping at 1.0.
 What runs differs from a GPU step only where stated in the output:
 
 * world size 1 (one process, no GPU): the gradient buckets are reduced over groups of size 1, so
-  the code launches no reduction (it scales each bucket by 1 / DP in place); the grad norm's one
+  the code launches no reduction (and skips the 1 / DP scale, which is 1); the grad norm's one
   world all-gather runs, on a group of one.
 * balanced routing: the step's host reads (the dispatcher's split sizes, the grad-norm table)
   have no data behind them; the split sizes are answered as T * K / E token-slots per expert, the
@@ -326,8 +326,8 @@ def print_report(r: dict) -> None:
     unit, scale = ("GB", GB) if r["tokens"] >= 4096 else ("MB", 1e6)
     print(f"one training step, {r['shape']}: {r['tokens']:,} tokens, {r['params']:,} parameters, bf16 params, "
           f"fp32 main grads and masters, clip {CLIP_GRAD}, --cross-entropy-chunk-size {r['cross_entropy_chunk_size']}")
-    print(f"counted eagerly on the meta device at world size 1 (no gradient collective: buckets are scaled by "
-          f"1/DP in place); balanced routing (T*K/E slots per expert); CUDA's flash attention and fused RMSNorm; {r['adam']} "
+    print(f"counted eagerly on the meta device at world size 1 (no gradient collective runs: "
+          f"DP 1); balanced routing (T*K/E slots per expert); CUDA's flash attention and fused RMSNorm; {r['adam']} "
           f"(clip in Adam: {r['clip_in_adam']}); {r['host_reads']} host reads")
     print(f"{'category':<24}{unit + ' read':>10}{unit + ' written':>12}{unit + ' total':>10}{'launches':>10}{'minimum ' + unit:>12}"
           f"{'ratio':>8}")

@@ -171,8 +171,7 @@ class TrafficCounter(TorchDispatchMode):
         if self._suppressed:
             return out
         if func.namespace == "c10d":
-            tensors = [t for t in _tensors((args, kwargs))]
-            size = sum(distinct_bytes(t) for t in tensors if t.numel())
+            size = sum(distinct_bytes(t) for t in _tensors((args, kwargs)))
             self._add("comm", name, read=size, written=size, launches=1)
             return out
         self._count(func, name, args, kwargs, out)
