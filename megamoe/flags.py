@@ -188,6 +188,36 @@ def from_args(cls, args: argparse.Namespace, **derived_values: Any):
     return cls(**{**values, **derived_values})
 
 
+def _typed(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def to_argv(obj, *, exclude: Sequence[str] = ()) -> list[str]:
+    """The flags that give ``obj`` (a flag dataclass) its values: those of its flag fields that
+    differ from their defaults, except the fields named in ``exclude``; ``from_args`` of them
+    parsed gives ``obj`` back (with the same derived values).  Lists print comma-separated."""
+    argv = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if flag_of(f) is None or f.name in exclude or value is None or value == _default(f):
+            continue
+        if isinstance(_default(f), bool):
+            argv.append(flag_name(f))  # store_true, or the negating name of a default-True field
+        else:
+            argv += [flag_name(f), _typed(value)]
+    return argv
+
+
+def set_args_from(obj, args: argparse.Namespace, *, exclude: Sequence[str] = ()) -> None:
+    """Put ``obj``'s flag fields into parsed ``args`` as if typed (``exclude``: fields left as given)."""
+    for f in dataclasses.fields(obj):
+        if flag_of(f) is not None and f.name not in exclude:
+            value = getattr(obj, f.name)
+            setattr(args, _dest(f), (not value) if _default(f) is True else value)
+
+
 def flag_fields(classes: Sequence[type]) -> dict[str, str]:
     """``{flag: "Class.field"}`` over ``classes``: what ``--help`` lists, for tests and docs."""
     return {flag_name(f): f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)

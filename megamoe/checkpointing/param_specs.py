@@ -123,3 +123,15 @@ def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
         name: ParamSpec.of(name, param, placement(param.shape, param_meta(param), state).global_shape)
         for name, param in model.named_parameters()
     }
+
+
+def buffer_names(config: ModelConfig) -> list[str]:
+    """Names of the persistent buffers of ``GPTModel(config)`` (the routers' expert biases), in
+    ``state_dict`` order; built like ``model_specs``."""
+    from megamoe.model.gpt import GPTModel
+    from megamoe.parallel.state import single_rank_layout
+
+    model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), single_rank_layout(),
+                     device=torch.device("meta"))
+    params = dict(model.named_parameters())
+    return [name for name in model.state_dict() if name not in params]

@@ -30,6 +30,10 @@ DEFAULT_BIAS_UPDATE_RATE = 1e-3
 # the 2.1 GB of fp32 logits (and their softmax, kept for backward) for about 1% more memory traffic
 # (bench/bench_step_traffic.py); elsewhere (CPU) the plain path stays the default.
 CUDA_CROSS_ENTROPY_CHUNK = 4096
+# Fields that say how a run computes rather than what the model is: --use-checkpoint-args leaves
+# them to the command line, and the flags printed for an imported model omit them.
+RUNTIME_FIELDS = ("expert_model_parallel_size", "recompute_granularity", "recompute_method", "recompute_num_layers",
+                  "cross_entropy_chunk_size", "moe_grouped_gemm")
 
 
 def layer_pattern(text: str) -> int | tuple[int, ...]:
@@ -413,6 +417,14 @@ class ModelConfig:
         """The expert-bias step of --moe-router-bias-update-rate, with its default."""
         rate = self.moe_router_bias_update_rate
         return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
+
+    def training_flags(self) -> list[str]:
+        """The command-line flags that build this model (its architecture and precision; the EP
+        sizes and other run choices are the run's own), as ``pretrain_moe.py`` takes them."""
+        from megamoe.flags import to_argv
+
+        precision = {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(self.params_dtype, [])
+        return to_argv(self, exclude=RUNTIME_FIELDS) + precision
 
     def layer_chunks(self) -> list[tuple[int, int, bool]]:
         """``(first, end, recompute)`` spans of layers in order, covering every layer: what

@@ -15,8 +15,8 @@ import importlib
 import os
 
 from megamoe.data.build import MOCK_VOCAB_SIZE, DataConfig
-from megamoe.flags import add_flags, from_args
-from megamoe.model.config import ModelConfig
+from megamoe.flags import add_flags, from_args, set_args_from
+from megamoe.model.config import RUNTIME_FIELDS, ModelConfig
 from megamoe.optim import OptimizerConfig
 from megamoe.parallel.state import resolve_device, validate_parallel_sizes
 from megamoe.training.config import (
@@ -87,8 +87,26 @@ def parse_config(argv: list[str] | None = None, *, world_size: int | None = None
         raise ConfigError(str(err)) from None
 
 
+def _checkpoint_model_args(args: argparse.Namespace) -> None:
+    """--use-checkpoint-args: the model flags of --load's checkpoint replace the command line's
+    (Megatron's flag); with --mock-data and no --vocab-size, its vocabulary size too."""
+    from megamoe.checkpointing.format import model_config_from_dict, read_metadata
+
+    found = read_metadata(args.load) if os.path.isdir(args.load) else None
+    if found is None:
+        raise ConfigError(f"--use-checkpoint-args: --load {args.load} holds no megamoe checkpoint to take the model from")
+    model = model_config_from_dict(found[1]["model_config"])
+    set_args_from(model, args, exclude=RUNTIME_FIELDS)
+    if args.mock_data and args.vocab_size is None:
+        args.vocab_size = model.vocab_size
+
+
 def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The dataclasses from the flags, then the checks that span several of them."""
+    if args.use_checkpoint_args:
+        if not args.load:
+            raise ConfigError("--use-checkpoint-args needs --load DIR")
+        _checkpoint_model_args(args)
     notices = check_megatron_flags(args)
     if args.compile and args.recompute_granularity == "full":
         raise ConfigError(

@@ -95,6 +95,8 @@ class CheckpointConfig:
                               check=non_negative)
     keep_last: int = flag(0, help="keep the newest N checkpoints (0: all)", check=non_negative)
     finetune: bool = flag(False, help="load weights only: reset iteration, optimizer and data position")
+    use_checkpoint_args: bool = flag(False, help="the model's architecture flags from --load's checkpoint, in place of "
+                                                 "the command line's (e.g. an imported Hugging Face model)")
     no_load_optim: bool = flag(False, help="do not load the optimizer state")
     no_load_rng: bool = flag(False, help="do not load the RNG states")
     async_save: bool = flag(False, help="write checkpoints in the background while training continues; the "
@@ -108,6 +110,8 @@ class CheckpointConfig:
                 raise ValueError(f"{needs} needs --save DIR")
         if self.finetune and not self.load:
             raise ValueError("--finetune needs --load DIR")
+        if self.use_checkpoint_args and not self.load:
+            raise ValueError("--use-checkpoint-args needs --load DIR")
 
 
 @dataclass

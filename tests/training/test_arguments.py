@@ -100,6 +100,7 @@ def test_derived_values():
         (["--expert-model-parallel-size", "2"], 2, "--expert-model-parallel-size needs --num-experts"),
         (["--save-interval", "5"], 1, "--save-interval needs --save DIR"),
         (["--finetune"], 1, "--finetune needs --load DIR"),
+        (["--use-checkpoint-args"], 1, "--use-checkpoint-args needs --load DIR"),
     ],
 )
 def test_a_mistake_is_one_config_error_naming_the_flag(extra, world, message):
@@ -141,3 +142,23 @@ def test_a_sample_based_run_is_its_samples_over_the_global_batch():
     assert_config_error(base + ["--train-samples", "100", "--train-iters", "5"], 2,
                         "--train-samples and --train-iters are mutually exclusive")
     assert_config_error(base + ["--train-samples", "4"], 2, re.escape("--train-samples 4 is less than one global batch (8)"))
+
+
+def test_a_models_training_flags_rebuild_it():
+    """What an import prints (``ModelConfig.training_flags``) parses back to the same model."""
+    import torch
+
+    deepseek = ModelConfig(
+        vocab_size=96, num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, max_position_embeddings=64,
+        norm_epsilon=1e-6, swiglu=True, add_bias_linear=False, untie_embeddings_and_output_weights=True,
+        multi_latent_attention=True, q_lora_rank=16, kv_lora_rank=12, qk_head_dim=10, qk_pos_emb_head_dim=8,
+        v_head_dim=6, qk_layernorm=True, rotary_scaling_factor=4.0, original_max_position_embeddings=16,
+        mscale_all_dim=0.8, mtp_num_layers=1, num_experts=8, moe_layer_freq=(0, 1, 1), moe_router_topk=4,
+        moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_renormalize=False, params_dtype=torch.bfloat16)
+    gqa = ModelConfig(vocab_size=96, num_layers=2, group_query_attention=True, num_query_groups=2, kv_channels=16,
+                      max_position_embeddings=32, num_experts=(4, 8), moe_router_pre_softmax=True)
+    for model in (deepseek, gqa):
+        argv = ["--device", "cpu", "--mock-data", "--vocab-size", "96", "--seq-length", "16", *model.training_flags()]
+        assert parse_config(argv, world_size=1).model == model, model.training_flags()

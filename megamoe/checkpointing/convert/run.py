@@ -55,6 +55,7 @@ class ConversionSummary:
     source_full: FullChecksum  # every full tensor read from the source
     target_full: FullChecksum  # the same, read back from the finished target
     not_exported: list[str] = field(default_factory=list)  # what the target format cannot hold, said aloud
+    model_flags: list[str] = field(default_factory=list)  # a megamoe target: the flags that train its model
 
     def lines(self) -> list[str]:
         out = [
@@ -66,6 +67,9 @@ class ConversionSummary:
             f"  read back: {self.target_full}",
         ]
         out += [f"  not exported: {item}" for item in self.not_exported]
+        if self.model_flags:
+            out.append("  train it with --load and --use-checkpoint-args, or with these model flags (--vocab-size "
+                       "with --mock-data; real data takes it from --tokenizer-model): " + " ".join(self.model_flags))
         return out
 
 
@@ -73,12 +77,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def open_source(load_dir: str, from_format: str | None):
-    """A ``FullStateReader`` for ``load_dir`` and a one-line description of it."""
+def open_source(load_dir: str, from_format: str | None, progress=None):
+    """A ``FullStateReader`` for ``load_dir`` and a one-line description of it; ``progress``
+    receives what a Hugging Face import leaves out."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"--load-dir {load_dir} is not a directory")
     if from_format == "hf":
-        reader = hf_checkpoint.HFReader(load_dir)
+        reader = hf_checkpoint.HFReader(load_dir, progress)
         return reader, f"{load_dir} (Hugging Face {reader.family})"
     if from_format is not None:
         raise ValueError(f"--from {from_format!r}: valid values are ['hf'] (megamoe formats are detected)")
@@ -209,7 +214,7 @@ def convert(
     if tokenizer_model is not None and to != "hf":
         raise ValueError("--tokenizer-model only applies to --to hf")
     _check_save_dir(load_dir, save_dir, force)
-    reader, source_text = open_source(load_dir, from_format)
+    reader, source_text = open_source(load_dir, from_format, progress)
     if to == "hf":
         check_exportable(model_config_from_dict(reader.info.model_config))
     tmp = f"{os.path.abspath(save_dir)}.tmp-{os.getpid()}"
@@ -265,4 +270,14 @@ def convert(
         source_full=source_full,
         target_full=target_full,
         not_exported=not_exported,
+        model_flags=_model_flags(save_dir) if to == "megamoe" else [],
     )
+
+
+def _model_flags(save_dir: str) -> list[str]:
+    """The training flags of the model of the megamoe checkpoint just written to ``save_dir``
+    (its EP sizes included: the layout it was written for)."""
+    config = model_config_from_dict(read_metadata(save_dir)[1]["model_config"])
+    eps = ["--expert-model-parallel-size", ",".join(map(str, config.expert_model_parallel_size))]
+    return config.training_flags() + (eps if config.expert_model_parallel_size != (1,) else []) + [
+        "--vocab-size", str(config.vocab_size)]

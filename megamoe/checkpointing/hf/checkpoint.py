@@ -23,9 +23,10 @@ from megamoe.checkpointing.convert.full_state import PARAM, FullStateInfo, strea
 from megamoe.checkpointing.format import CheckpointError, model_config_dict, model_config_from_dict, write_atomic
 from megamoe.checkpointing.hf.config import check_exportable, from_hf_config, to_hf_config
 from megamoe.checkpointing.hf.names import hf_names, join, split
-from megamoe.checkpointing.param_specs import model_specs
+from megamoe.checkpointing.param_specs import buffer_names, model_specs
 
 INDEX = "model.safetensors.index.json"
+_FP32_ROUTER = (".mlp.gate.e_score_correction_bias", ".mlp.gate.weight")
 SINGLE = "model.safetensors"
 
 
@@ -66,10 +67,14 @@ class HFWriter:
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
         self.tokenizer_model = tokenizer_model
+        self.buffers = dict(info.buffers)  # written with the first group (DeepSeek-V3's expert biases)
 
     def write(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
         filename = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.num_files:05d}.safetensors"
         tensors = {}
+        for name, tensor in self.buffers.items():
+            tensors.update(split(name, tensor, self.config))
+        self.buffers = {}
         for name, state in full.items():
             tensors.update(split(name, state[PARAM], self.config))
         save_file(tensors, os.path.join(self.root, filename), metadata={"format": "pt"})
@@ -100,9 +105,11 @@ def _open(path: str):
 
 
 class HFReader:
-    """A ``FullStateReader`` over a Hugging Face Mixtral or Qwen3-MoE directory (weights only)."""
+    """A ``FullStateReader`` over a Hugging Face Mixtral, Qwen3-MoE or DeepSeek-V3 directory
+    (weights, and DeepSeek-V3's expert biases as buffers).  DeepSeek-V3's MTP depths are imported
+    when the files hold their weights (``model.layers.{num_hidden_layers}.*``)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, progress=None) -> None:
         self.root = root
         config_path = os.path.join(root, "config.json")
         if not os.path.isfile(config_path):
@@ -112,6 +119,8 @@ class HFReader:
             config = from_hf_config(hf, params_dtype=torch.float32)
         except ValueError as err:
             raise CheckpointError(f"{config_path}: {err}") from None
+        except KeyError as err:
+            raise CheckpointError(f"{config_path}: no field {err} (model_type {hf.get('model_type')!r} needs it)") from None
         index_path = os.path.join(root, INDEX)
         if os.path.isfile(index_path):
             weight_map = json.load(open(index_path))["weight_map"]
@@ -127,15 +136,25 @@ class HFReader:
         missing_in_files = sorted(set(weight_map) - set(self.file_of))
         if missing_in_files:
             raise CheckpointError(f"{index_path} lists tensors no file holds: {missing_in_files[:5]}")
-        dtypes = {self.handles[file].get_slice(key).get_dtype() for key, file in self.file_of.items()}
+        # DeepSeek-V3 keeps its router in fp32 whatever the weights' dtype: the router weight is
+        # read in the model's dtype, the expert bias (a buffer) stays fp32 as megamoe's.
+        dtypes = {self.handles[file].get_slice(key).get_dtype() for key, file in self.file_of.items()
+                  if not key.endswith(_FP32_ROUTER)}
         if len(dtypes) != 1:
             raise CheckpointError(f"{root}: the weights mix dtypes {sorted(dtypes)}; megamoe models have one dtype")
         params_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
         if params_dtype is None:
             raise CheckpointError(f"{root}: weight dtype is not fp32, bf16 or fp16")
+        self.family = hf["model_type"]
+        self.rope_interleaved = bool(hf.get("rope_interleave", True))
+        mtp = hf.get("num_nextn_predict_layers") or 0
+        if self.family == "deepseek_v3" and mtp and f"model.layers.{config.num_layers}.eh_proj.weight" in self.file_of:
+            config = dataclasses.replace(config, mtp_num_layers=mtp)
+        elif self.family == "deepseek_v3" and mtp and progress is not None:
+            progress(f"config.json has num_nextn_predict_layers {mtp} but the files hold no MTP weights "
+                     f"(model.layers.{config.num_layers}.*): imported without multi-token prediction")
         config = dataclasses.replace(config, params_dtype=params_dtype)
         self.config = config
-        self.family = hf["model_type"]
         self.info = FullStateInfo(
             model_config=model_config_dict(config),
             specs=model_specs(config),
@@ -146,21 +165,30 @@ class HFReader:
             rng=None,
             source_topology=None,
         )
-        for name in self.info.specs:
+        for name in [*self.info.specs, *buffer_names(config)]:
             absent = [n for n in hf_names(name, config) if n not in self.file_of]
             if absent:
                 raise CheckpointError(f"{root}: no tensor {absent[0]} for megamoe parameter {name}")
+        self.info.buffers = {name: self._join(name) for name in buffer_names(config)}
+
+    def _join(self, name: str) -> torch.Tensor:
+        parts = []
+        for hf_name in hf_names(name, self.config):
+            file = self.file_of[hf_name]
+            parts.append(self.handles[file].get_tensor(hf_name))
+            self.tally.use(os.path.join(self.root, file), hf_name)
+        try:
+            return join(name, parts, self.config, rope_interleaved=self.rope_interleaved)
+        except ValueError as err:
+            raise CheckpointError(f"{self.root}: {err}") from None
 
     def read(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for name in names:
             spec = self.info.specs[name]
-            parts = []
-            for hf_name in hf_names(name, self.config):
-                file = self.file_of[hf_name]
-                parts.append(self.handles[file].get_tensor(hf_name))
-                self.tally.use(os.path.join(self.root, file), hf_name)
-            full = join(name, parts, self.config)
+            full = self._join(name)
+            if name.endswith("mlp.router.weight") and full.is_floating_point():
+                full = full.to(spec.dtype)  # DeepSeek-V3's fp32 router in a bf16 checkpoint
             if tuple(full.shape) != spec.shape or full.dtype != spec.dtype:
                 raise CheckpointError(
                     f"{self.root}: {name} assembles to {full.dtype} {tuple(full.shape)} from "

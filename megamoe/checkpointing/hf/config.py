@@ -1,4 +1,4 @@
-"""megamoe ``ModelConfig`` <-> Hugging Face ``config.json``, for two model families.
+"""megamoe ``ModelConfig`` <-> Hugging Face ``config.json``, for three model families.
 
 * ``mixtral`` (``MixtralForCausalLM``): RMSNorm, RoPE (rotate-half, as megamoe's), multi-head
   or grouped-query attention, an MoE block in every layer with one expert count, SwiGLU experts
@@ -10,8 +10,12 @@
   layers of ``intermediate_size`` where ``mlp_only_layers`` / ``decoder_sparse_step`` say so
   (``--moe-layer-freq``).
 
-A megamoe model is exported as ``qwen3_moe`` when it has ``--qk-layernorm`` (Mixtral has no
-QK-norm), else as ``mixtral``.  Options of the model that the family has no equivalent for are
+* ``deepseek_v3`` (``DeepseekV3ForCausalLM``): multi-latent attention, YaRN, dense first layers,
+  shared experts, sigmoid routing with an expert bias, multi-token prediction; its mapping is
+  ``megamoe.checkpointing.hf.deepseek_v3``.
+
+A megamoe model is exported as ``deepseek_v3`` when it has ``--multi-latent-attention``, else as
+``qwen3_moe`` when it has ``--qk-layernorm`` (Mixtral has no QK-norm), else as ``mixtral``.  Options of the model that the family has no equivalent for are
 refused by ``check_exportable``, all at once, naming the flags.  Options that only act during
 training (aux and z loss coefficients, router jitter, dropout, the grouped-GEMM switch) do not
 change the function the model computes and are exported: those the family has are mapped, the
@@ -26,9 +30,11 @@ from __future__ import annotations
 
 import torch
 
+from megamoe.checkpointing.hf import deepseek_v3
 from megamoe.model.config import ModelConfig
 
-FAMILIES = ("mixtral", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen3_moe", deepseek_v3.FAMILY)
+_NAMES = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE", deepseek_v3.FAMILY: deepseek_v3.NAME}
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # Fields a family's config cannot hold (or holds in another form); kept under "megamoe" in config.json.
@@ -57,14 +63,19 @@ _UNSUPPORTED_FIELDS = {
 
 
 def export_family(config: ModelConfig) -> str:
-    """The Hugging Face family ``config`` exports to: ``qwen3_moe`` with QK-norm, else ``mixtral``."""
+    """The Hugging Face family ``config`` exports to: ``deepseek_v3`` with MLA, ``qwen3_moe`` with
+    QK-norm, else ``mixtral``."""
+    if config.multi_latent_attention:
+        return deepseek_v3.FAMILY
     return "qwen3_moe" if config.qk_layernorm else "mixtral"
 
 
 def export_problems(config: ModelConfig) -> list[str]:
     """Why ``config``'s model cannot be its ``export_family`` (empty when it can)."""
     family = export_family(config)
-    name = "Mixtral" if family == "mixtral" else "Qwen3-MoE"
+    if family == deepseek_v3.FAMILY:
+        return deepseek_v3.export_problems(config)
+    name = _NAMES[family]
     problems = []
     if config.normalization != "RMSNorm":
         problems.append(f"--normalization {config.normalization} ({name} uses RMSNorm)")
@@ -96,6 +107,10 @@ def export_problems(config: ModelConfig) -> list[str]:
         problems.append(f"--moe-router-score-function {config.moe_router_score_function} ({name}'s router is a softmax)")
     if config.moe_router_enable_expert_bias:
         problems.append(f"--moe-router-enable-expert-bias ({name}'s router has no expert bias)")
+    if config.mtp_num_layers:
+        problems.append(f"--mtp-num-layers {config.mtp_num_layers} ({name} has no multi-token prediction)")
+    if config.rope_type != "rope":
+        problems.append(f"--rope-type {config.rope_type} ({name} exports plain RoPE)")
     if config.moe_router_topk_scaling_factor is not None:
         problems.append(f"--moe-router-topk-scaling-factor ({name} does not scale the top-k weights)")
     if config.moe_router_num_groups is not None:
@@ -113,7 +128,7 @@ def check_exportable(config: ModelConfig) -> None:
     """Raise ``ValueError`` listing every option of ``config`` without an equivalent in its family."""
     problems = export_problems(config)
     if problems:
-        name = "Mixtral" if export_family(config) == "mixtral" else "Qwen3-MoE"
+        name = _NAMES[export_family(config)]
         raise ValueError(
             f"this model cannot be exported as Hugging Face {name}; these megamoe options have no equivalent there: "
             + "; ".join(problems)
@@ -123,6 +138,8 @@ def check_exportable(config: ModelConfig) -> None:
 def to_hf_config(config: ModelConfig, *, dtype: torch.dtype, special_ids: dict[str, int] | None) -> dict:
     """``config.json`` of the Hugging Face model computing ``config``'s model (check_exportable first)."""
     family = export_family(config)
+    if family == deepseek_v3.FAMILY:
+        return {**deepseek_v3.to_hf_config(config, dtype=dtype), **(special_ids or {})}
     out = {
         "architectures": [_ARCHITECTURES[family]],
         "model_type": family,
@@ -220,11 +237,19 @@ def _expressible(hf: dict, family: str) -> list[str]:
 
 
 def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
-    """The megamoe ``ModelConfig`` of a Mixtral or Qwen3-MoE ``config.json`` (EP size 1; set the
-    target's later).  Raises ``ValueError`` naming the HF field megamoe cannot express."""
+    """The megamoe ``ModelConfig`` of a Mixtral, Qwen3-MoE or DeepSeek-V3 ``config.json`` (EP
+    size 1, no MTP; set the target's later).  Raises ``ValueError`` naming the HF field megamoe
+    cannot express."""
     family = hf.get("model_type")
+    if family == deepseek_v3.FAMILY:
+        problems = deepseek_v3.problems(hf)
+        if problems:
+            raise ValueError("config.json describes a model megamoe cannot express: " + "; ".join(problems))
+        return deepseek_v3.from_hf_config(hf, params_dtype=params_dtype)
     if family not in FAMILIES:
-        found = "; ".join(_unsupported_fields(hf))
+        found = "; ".join(_unsupported_fields(hf) + (
+            ["DeepSeek-V2's routing (softmax scores, greedy or group-limited-greedy top-k, no expert bias): megamoe "
+             "imports deepseek_v3"] if family == "deepseek_v2" else []))
         raise ValueError(
             f"config.json: model_type {family!r}{f' ({found})' if found else ''}; megamoe imports {list(FAMILIES)}"
         )

@@ -115,7 +115,7 @@ class MoELayer(nn.Module):
         if not own_tokens:
             out_TH = reduce_from_tp_region(out_TH, self.layout)
         if self.shared_expert is not None:
-            out_TH = out_TH + self.shared_expert(x).view(b * s, hidden)
+            out_TH = out_TH + self.shared_expert(x).reshape(b * s, hidden)  # with SP, a non-contiguous [b, s/TP, h]
 
         loss = self.aux_loss_coeff * routing.load_balancing_loss + self.z_loss_coeff * routing.z_loss
         if keep_TK is None:
