@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability
+from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability, to_argv
 from megamoe.int_list import IntListAction, parse_int_list
 from megamoe.parallel.state import validate_parallel_sizes
 
@@ -421,8 +421,6 @@ class ModelConfig:
     def training_flags(self) -> list[str]:
         """The command-line flags that build this model (its architecture and precision; the EP
         sizes and other run choices are the run's own), as ``pretrain_moe.py`` takes them."""
-        from megamoe.flags import to_argv
-
         precision = {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(self.params_dtype, [])
         return to_argv(self, exclude=RUNTIME_FIELDS) + precision
 

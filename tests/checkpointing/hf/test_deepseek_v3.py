@@ -130,7 +130,7 @@ def test_imported_deepseek_v3_computes_transformers_logits_at_every_layout(hf_mo
 
 
 def test_export_of_the_import_equals_the_original_tensor_for_tensor(hf_model, tmp_path):
-    root, _, _, mtp = hf_model
+    root, logits, tokens, mtp = hf_model
     imported, exported, again = (str(tmp_path / n) for n in ("imported", "exported", "again"))
     convert(root, imported, from_format="hf", target_world_size=2, target_tensor_parallel_size=2, progress=None)
     convert(imported, exported, to="hf", progress=None)
@@ -150,6 +150,9 @@ def test_export_of_the_import_equals_the_original_tensor_for_tensor(hf_model, tm
         assert exported_config.get(key) == original.get(key), key
     for key in ("factor", "original_max_position_embeddings", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
         assert exported_config["rope_scaling"][key] == original["rope_parameters"][key], key
+    reloaded = transformers.DeepseekV3ForCausalLM.from_pretrained(exported).float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, logits, rtol=0, atol=0)  # transformers reads the export
     convert(exported, again, from_format="hf", target_world_size=2, target_tensor_parallel_size=2, progress=None)
     configs = [read_metadata(d)[1]["model_config"] for d in (imported, again)]
     assert configs[0] == configs[1]
