@@ -227,3 +227,45 @@ def test_imported_deepseek_v3_trains_at_ep_2_with_use_checkpoint_args(hf_model, 
     assert all(math.isfinite(r["lm_loss"]) and math.isfinite(r["mtp_loss"]) for r in train)
     (evaluation,) = [r for r in records if r.get("split") == "valid"]
     assert math.isfinite(evaluation["lm_loss"]) and "mtp_loss" not in evaluation
+
+
+# DeepSeek-V3's published config.json (its fp8 quantization_config left out: the bf16 copy).
+PUBLISHED = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_deepseek_v3s_published_config_is_megatrons_deepseek_v3_recipe():
+    from megamoe.checkpointing.hf.config import from_hf_config
+    from megamoe.training.flops import active_parameters
+
+    config = from_hf_config(PUBLISHED, params_dtype=torch.bfloat16)
+    flags = " ".join(config.training_flags())
+    for expected in ("--num-layers 61", "--hidden-size 7168", "--ffn-hidden-size 18432", "--num-attention-heads 128",
+                     "--multi-latent-attention", "--q-lora-rank 1536", "--kv-lora-rank 512", "--qk-layernorm",
+                     "--rotary-scaling-factor 40.0", "--mscale-all-dim 1.0", "--max-position-embeddings 163840",
+                     "--norm-epsilon 1e-06", "--num-experts 256", "--moe-layer-freq " + ",".join(["0"] * 3 + ["1"] * 58),
+                     "--moe-router-topk 8", "--moe-ffn-hidden-size 2048", "--moe-shared-expert-intermediate-size 2048",
+                     "--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias",
+                     "--moe-router-topk-scaling-factor 2.5", "--moe-router-num-groups 8", "--moe-router-group-topk 4",
+                     "--moe-router-load-balancing-type seq_aux_loss", "--moe-aux-loss-coeff 0.001", "--swiglu",
+                     "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--bf16"):
+        assert expected in flags, expected
+    # Megatron's defaults already are DeepSeek-V3's head dims and YaRN context; MTP comes with the weights.
+    assert (config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim) == (128, 64, 128)
+    assert config.original_max_position_embeddings == 4096 and config.mscale == 1.0 and config.mtp_num_layers is None
+    assert abs(active_parameters(config) - 36.6e9) < 0.05e9
+    with pytest.raises(ValueError, match=re.escape("quantization_config (fp8 weights: dequantize them to bf16 first)")):
+        from_hf_config({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}}, params_dtype=torch.bfloat16)
