@@ -80,24 +80,30 @@ def _add_mtp_weights(model, root):
 MODELS = {"q-lora-mtp": 16, "no-q-lora": None}
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def hf_model(request, tmp_path_factory):
-    """(directory of the saved HF model, its logits for the tokens, tokens, whether it has MTP)."""
+def _save(name: str, root: str):
+    """Save the model ``name`` of MODELS to ``root``; returns it."""
     torch.manual_seed(0)
-    mtp = request.param.endswith("mtp")
-    config = _config(MODELS[request.param]) if mtp else _config(None, n_group=1, topk_group=1, norm_topk_prob=False)
+    mtp = name.endswith("mtp")
+    config = _config(MODELS[name]) if mtp else _config(None, n_group=1, topk_group=1, norm_topk_prob=False)
     model = _randomised(config)
-    root = str(tmp_path_factory.mktemp(request.param) / "hf")
     model.save_pretrained(root)
     if mtp:
         _add_mtp_weights(model, root)
     else:
         config_path = os.path.join(root, "config.json")
         json.dump({**json.load(open(config_path)), "num_nextn_predict_layers": 0}, open(config_path, "w"))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def hf_model(request, tmp_path_factory):
+    """(directory of the saved HF model, its logits for the tokens, tokens, whether it has MTP)."""
+    root = str(tmp_path_factory.mktemp(request.param) / "hf")
+    model = _save(request.param, root)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(tokens).logits
-    return root, logits, tokens, mtp
+    return root, logits, tokens, request.param.endswith("mtp")
 
 
 def _logits_at_layouts(rank, world, roots, tokens):
@@ -206,12 +212,11 @@ def _train(rank, world, argv):
     assert pretrain_moe.main(argv) == 0
 
 
-def test_imported_deepseek_v3_trains_at_ep_2_with_use_checkpoint_args(hf_model, tmp_path, capsys):
+def test_imported_deepseek_v3_trains_at_ep_2_with_use_checkpoint_args(tmp_path):
     """The README's recipe at toy size: import at EP 2; pretrain_moe.py takes the model from the
     checkpoint (--use-checkpoint-args), trains with its MTP loss logged, evaluates the main loss."""
-    root, _, _, mtp = hf_model
-    if not mtp:
-        pytest.skip("the MTP model is the one trained")
+    root = str(tmp_path / "hf")
+    _save("q-lora-mtp", root)
     summary = convert(root, str(tmp_path / "ckpt"), from_format="hf", target_world_size=2,
                       target_expert_parallel_size=(2,), progress=None)
     flags = summary.lines()[-1]
