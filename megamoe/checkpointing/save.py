@@ -89,7 +89,9 @@ def _assign(plans: list[list[tuple]]) -> dict[tuple, int]:
             size[ident] = nbytes
     load = [0] * len(plans)
     writer = {}
-    for ident in sorted(holders, key=lambda i: (-size[i], i)):
+    # Boxes with one holder (ZeRO-1 shards, experts of EP = DP) have no choice: place them first,
+    # then each replicated box, largest first, on its least loaded holder, to even out the files.
+    for ident in sorted(holders, key=lambda i: (len(holders[i]) > 1, -size[i], i)):
         rank = min(holders[ident], key=lambda r: (load[r], r))
         writer[ident] = rank
         load[rank] += size[ident]
