@@ -9,6 +9,8 @@
 * ``assert_config_error``: a command line ``parse_config`` refuses with one line.
 * ``script_env``: the environment of a script run as a user runs it (``python bench/x.py``): this
   checkout's ``megamoe`` importable, the test package not.
+* ``make_hf_tokenizer``: a small Hugging Face tokenizer directory (byte-level BPE trained on the
+  given texts, saved with transformers), for --tokenizer-type HuggingFaceTokenizer without network.
 """
 
 from __future__ import annotations
@@ -91,3 +93,18 @@ def script_env(tmp_path) -> dict:
     if not link.exists():
         link.symlink_to(os.path.join(REPO, "megamoe"))
     return dict(os.environ, PYTHONPATH=str(only), OMP_NUM_THREADS="1")
+def make_hf_tokenizer(directory, texts, vocab_size: int = 400) -> str:
+    """A byte-level BPE tokenizer trained on ``texts`` with EOS ``<|endoftext|>``, saved by
+    transformers into ``directory`` (what AutoTokenizer loads); returns the directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>").save_pretrained(
+        str(directory))
+    return str(directory)

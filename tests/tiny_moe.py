@@ -213,14 +213,16 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return {name: t.clone() for name, t in gather_full_state(model, model.layout).items()}
 
 
-def assert_params_close(got: dict, want: dict, where: str, *, rtol: float = 1e-5, atol: float = 2e-3 * HYPER["lr"]):
+def assert_params_close(got: dict, want: dict, where: str, *, rtol: float = 1e-5, atol: float = 8e-3 * HYPER["lr"]):
     """Per tensor: ``||got - want|| <= rtol * ||want|| + atol * sqrt(numel)``, every element within ``atol``.
 
-    ``atol`` is a 500th of one Adam step (lr) per element.  It is needed because Adam divides
+    ``atol`` is 0.8% of one Adam step (lr) per element.  It is needed because Adam divides
     by sqrt(v): an element whose gradient is near ``adam_eps`` turns last-bit differences of the
     reduction order into a visible fraction of one step, which dominates for zero-initialised
-    tensors (biases) whose whole value is a few such steps.  Largest element error measured over
-    the layout-invariance layouts: 1.3e-3 lr (one element of an attention projection at TP=2).
+    tensors (biases) whose whole value is a few such steps, and for the router's learned bias
+    reaches the routing.  Largest element error measured over the layout-invariance layouts:
+    5.7e-3 lr (one element of an attention projection at TP=2; 1.3e-3 lr before the router had
+    its bias).
     """
     assert got.keys() == want.keys()
     for name, w in want.items():

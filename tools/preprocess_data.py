@@ -14,6 +14,7 @@ import sys
 
 from megamoe.data.documents import INPUT_FORMATS
 from megamoe.data.preprocess import format_summary, preprocess
+from megamoe.data.tokenizer import TOKENIZER_TYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: jsonl for .json/.jsonl[.gz], else one document per line")
     parser.add_argument("--json-keys", nargs="+", default=["text"],
                         help="JSON keys holding the text; several keys write one dataset each (PREFIX_KEY)")
-    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    parser.add_argument("--tokenizer-model", required=True,
+                        help="sentencepiece .model file, or with --tokenizer-type HuggingFaceTokenizer a Hugging "
+                             "Face tokenizer directory or hub name")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                        help="Megatron's tokenizer names (default: sentencepiece)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD token (default: on)")
@@ -37,6 +42,7 @@ def main(argv=None) -> None:
         stats = preprocess(
             args.input,
             tokenizer_model=args.tokenizer_model,
+            tokenizer_type=args.tokenizer_type,
             output_prefix=args.output_prefix,
             json_keys=args.json_keys,
             input_format=args.input_format,

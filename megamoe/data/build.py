@@ -24,7 +24,8 @@ import torch
 from megamoe.data.blending import BlendedDataset, load_blend_schedule, normalize_weights
 from megamoe.data.gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir
 from megamoe.data.indexed_dataset import IndexedDataset
-from megamoe.flags import flag
+from megamoe.data.tokenizer import TOKENIZER_TYPES
+from megamoe.flags import check_fields, flag
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -47,10 +48,14 @@ class DataConfig:
                                   default_text=f"{MOCK_VOCAB_SIZE} with --mock-data")
     cache_dir: str | None = flag(None, name="--data-cache-path", help="where index arrays are cached",
                                  default_text="index_cache beside each dataset")
-    tokenizer_model: str | None = flag(None, help="the sentencepiece .model the data was made with",
+    tokenizer_type: str | None = flag(None, help="the kind of --tokenizer-model (Megatron's names): a sentencepiece "
+                                                 ".model file, or a Hugging Face tokenizer directory or hub name",
+                                      choices=TOKENIZER_TYPES, default_text="SentencePieceTokenizer")
+    tokenizer_model: str | None = flag(None, help="the tokenizer the data was made with (see --tokenizer-type)",
                                        default_text="the built-in corpus's")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.split_fractions = parse_split(self.split)
         if self.mock_data:
             if self.data_path:
@@ -119,8 +124,10 @@ def build_train_valid_test_datasets(
 
     Each dataset maps ``ds[i]`` to ``{"tokens", "labels": LongTensor[seq_length], "loss_mask":
     FloatTensor[seq_length]}``; ``ds[i]`` depends only on (seed, data, split, seq_length, i).
-    A split asked for 0 samples is None.  Raises ValueError naming the flag when a split asked
-    for samples has no documents (``--split``) or too few tokens, or a file is missing/corrupt.
+    A split asked for 0 samples is None, and so is a validation or test split that ``--split``
+    leaves without documents (in every dataset): Megatron then skips evaluation.  Raises
+    ValueError naming the flag when the train split, or a split of some of the datasets only,
+    asked for samples has no documents, or too few tokens, or a file is missing/corrupt.
     """
     if seq_length < 1:
         raise ValueError(f"--seq-length {seq_length}: must be positive")
@@ -141,7 +148,8 @@ def build_train_valid_test_datasets(
         weights = normalize_weights([ds.num_tokens for ds in indexed]).tolist()
     result = []
     for s, (name, num_samples) in enumerate(zip(SPLIT_NAMES, counts)):
-        if num_samples == 0:
+        empty = [_empty(ds, data_config, s) for ds in indexed]
+        if num_samples == 0 or (name != "train" and all(empty)):
             result.append(None)
             continue
         if len(indexed) == 1:
@@ -157,9 +165,14 @@ def build_train_valid_test_datasets(
     return tuple(result)
 
 
+def _empty(indexed: IndexedDataset, config: DataConfig, s: int) -> bool:
+    first, last = split_ranges(len(indexed), config.split_fractions)[s]
+    return last <= first
+
+
 def _split_dataset(indexed: IndexedDataset, config: DataConfig, s: int, name: str, num_samples: int, seq_length: int, seed: int):
     first, last = split_ranges(len(indexed), config.split_fractions)[s]
-    if last <= first:
+    if _empty(indexed, config, s):
         raise ValueError(
             f"--split {config.split}: the {name} split of {indexed.prefix} ({len(indexed)} documents) is empty, "
             f"but {name} needs samples; give it a larger share"

@@ -47,8 +47,9 @@ class _Encoder:
     """Turns one batch ``(path, fmt, [(line, raw bytes), ...])`` into, per key, the bytes of its
     documents' token ids and their lengths (plus the number of empty documents skipped)."""
 
-    def __init__(self, tokenizer_model: str, json_keys: tuple[str, ...], append_eod: bool, dtype):
-        self.tokenizer = load_tokenizer(tokenizer_model)
+    def __init__(self, tokenizer_model: str, tokenizer_type: str | None, json_keys: tuple[str, ...],
+                 append_eod: bool, dtype):
+        self.tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
         self.json_keys = json_keys
         self.append_eod = append_eod
         self.dtype = np.dtype(dtype)
@@ -133,6 +134,7 @@ def preprocess(
     inputs: list[str],
     *,
     tokenizer_model: str,
+    tokenizer_type: str | None = None,
     output_prefix: str,
     json_keys=("text",),
     input_format: str = "auto",
@@ -152,13 +154,13 @@ def preprocess(
     if not json_keys or len(set(json_keys)) != len(json_keys):
         raise ValueError(f"--json-keys {' '.join(json_keys)}: give one or more distinct keys")
     paths = expand_inputs(inputs)
-    tokenizer = load_tokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
     dtype = best_dtype(tokenizer.vocab_size)
     prefixes = [output_prefix] if len(json_keys) == 1 else [f"{output_prefix}_{k}" for k in json_keys]
     stats = PreprocessStats(dtype=np.dtype(dtype).name)
     plain = not any(p.endswith(".gz") for p in paths)
     bar = _Progress(progress, sum(os.path.getsize(p) for p in paths) if plain else None)
-    encoder_args = (tokenizer_model, json_keys, append_eod, dtype)
+    encoder_args = (tokenizer_model, tokenizer_type, json_keys, append_eod, dtype)
     writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
     try:
         if workers == 1:

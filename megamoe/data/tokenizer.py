@@ -1,13 +1,21 @@
-"""Tokenizers: the interface the pipeline needs, and its sentencepiece implementation.
+"""Tokenizers: the interface the pipeline needs, a sentencepiece and a Hugging Face implementation.
 
     tok = load_tokenizer("cache/default_corpus/tokenizer.model")
+    tok = load_tokenizer("path/to/hf_tokenizer_dir", "HuggingFaceTokenizer")   # or a hub name
     ids = tok.encode("def f(x):\\n    return x")      # list[int]
     text = tok.decode(ids)
 
-The special ids follow the convention ``train_sentencepiece`` writes (unk 0, bos 1, eos 2,
-pad 3).  For GPT pretraining the end-of-document token (EOD) is the EOS piece, as in
-Megatron's sentencepiece tokenizer; a model without an EOS piece is refused, because documents
-could not be separated.
+``--tokenizer-type`` takes Megatron's names: the sentencepiece ones (SentencePieceTokenizer,
+GPTSentencePieceTokenizer, Llama2Tokenizer; the default) read a ``.model`` file,
+HuggingFaceTokenizer reads a tokenizer directory or hub name through ``transformers``'
+AutoTokenizer (an optional dependency: ``pip install megamoe[hf]``).
+
+For GPT pretraining the end-of-document token (EOD) is the EOS token, as in Megatron's
+tokenizers; a tokenizer without one is refused, because documents could not be separated.
+Sentencepiece special ids follow the convention ``train_sentencepiece`` writes (unk 0, bos 1,
+eos 2, pad 3).  The vocabulary size of a Hugging Face tokenizer counts its added tokens
+(``len(tokenizer)``, Megatron's), and text is encoded with the tokenizer's own special tokens
+(a BOS where it adds one), as Megatron's HuggingFaceTokenizer encodes it.
 """
 
 from __future__ import annotations
@@ -79,6 +87,50 @@ class SentencePieceTokenizer(Tokenizer):
         self.__init__(state["model_path"])
 
 
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (directory or hub name) through ``transformers.AutoTokenizer``."""
+
+    def __init__(self, name_or_path: str):
+        self.name_or_path = name_or_path
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs the transformers package: "
+                             "pip install 'megamoe[hf]' (or pip install transformers)") from None
+        try:
+            self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--tokenizer-model {name_or_path}: not a Hugging Face tokenizer directory or hub "
+                             f"name ({first_line})") from None
+        self.vocab_size = len(self._tok)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"--tokenizer-model {name_or_path}: the tokenizer has no EOS token, which GPT data "
+                             "needs to mark the end of each document")
+        self.eos_id = self.eod_id = self._tok.eos_token_id
+        self.bos_id = self._tok.bos_token_id if self._tok.bos_token_id is not None else self.eod_id
+        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eod_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok(text)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._tok(texts)["input_ids"] if texts else []
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __getstate__(self):
+        return {"name_or_path": self.name_or_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["name_or_path"])
+
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + ("HuggingFaceTokenizer",)
+
+
 def _load_processor(model_path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(model_path):
         raise ValueError(f"tokenizer model {model_path}: no such file (--tokenizer-model)")
@@ -91,10 +143,14 @@ def _load_processor(model_path: str) -> spm.SentencePieceProcessor:
         ) from None
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Load the sentencepiece model at ``path``.
+def load_tokenizer(path: str, tokenizer_type: str | None = None) -> Tokenizer:
+    """The tokenizer ``--tokenizer-type`` names (None: sentencepiece) at ``path``.
 
-    Raises ``ValueError`` naming ``path`` if the file is missing, is not a sentencepiece model,
-    or has no EOS piece to serve as the end-of-document token.
+    Raises ``ValueError`` naming ``path`` if it is missing or not a tokenizer of that type, if
+    the tokenizer has no EOS token for the end of documents, or if transformers is missing.
     """
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(path)
+    if tokenizer_type not in (None,) + SENTENCEPIECE_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type}: valid types are {list(TOKENIZER_TYPES)}")
     return SentencePieceTokenizer(path)

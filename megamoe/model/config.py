@@ -8,6 +8,7 @@ layout adds.  Both raise ``ValueError`` with the flags and the valid values.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 from dataclasses import dataclass
 
@@ -36,8 +37,37 @@ RUNTIME_FIELDS = ("expert_model_parallel_size", "recompute_granularity", "recomp
                   "cross_entropy_chunk_size", "moe_grouped_gemm")
 
 
+def _list_expression(node: ast.AST) -> list[int] | int:
+    """The value of Megatron's pattern expressions: integers, lists of them, ``+`` of lists and
+    ``*`` of a list by an integer, in parentheses; anything else is refused (never evaluated)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.List):
+        items = [_list_expression(item) for item in node.elts]
+        if all(isinstance(item, int) for item in items):
+            return items
+    if isinstance(node, ast.BinOp):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+            return left + right
+        if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+            items, times = (left, right) if isinstance(left, list) else (right, left)
+            if 0 <= len(items) * times <= 100_000:  # a pattern has one entry per layer
+                return items * times
+    raise ValueError("not a list expression")
+
+
 def layer_pattern(text: str) -> int | tuple[int, ...]:
-    """--moe-layer-freq: ``"2"`` -> 2 (every 2nd layer), ``"1,0,1,0"`` -> (1, 0, 1, 0)."""
+    """--moe-layer-freq: ``"2"`` -> 2 (every 2nd layer), ``"1,0,1,0"`` -> (1, 0, 1, 0), and
+    Megatron's Python-list form ``"([0]*3+[1]*58)"`` -> (0, 0, 0, 1, ...), read without eval."""
+    if any(c in text for c in "[(*+"):
+        try:
+            values = _list_expression(ast.parse(text.strip(), mode="eval").body)
+        except (SyntaxError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give an integer N, a 0/1 pattern like 1,0,1,0, or a list expression like "
+                f"'([0]*3+[1]*58)' (integers, lists, + and *)") from None
+        return values if isinstance(values, int) else tuple(values)
     try:
         values = parse_int_list(text)
     except ValueError:
@@ -60,7 +90,9 @@ class ModelConfig:
 
     # --- dense transformer ---
     vocab_size: int = derived(help="from the tokenizer (or --vocab-size with --mock-data); padded to a "
-                                   "multiple of 128 x TP inside the model")
+                                   "multiple of --make-vocab-size-divisible-by x TP inside the model")
+    make_vocab_size_divisible_by: int = flag(128, help="pad the vocabulary (embedding and output rows) to a "
+                                                       "multiple of this x TP", check=positive)
     num_layers: int = flag(4, help="transformer layers", check=positive)
     hidden_size: int = flag(128, help="model width", check=positive)
     num_attention_heads: int = flag(4, help="attention heads", check=positive)
@@ -114,6 +146,8 @@ class ModelConfig:
                                       default_text="none")
     mtp_loss_scaling_factor: float = flag(0.1, help="the MTP loss added to the LM loss: this x the mean over the "
                                                     "depths of their cross entropies", check=non_negative)
+    rotary_seq_len_interpolation_factor: int | None = flag(
+        None, help="RoPE position interpolation: positions are divided by this", check=positive, default_text="1")
     add_bias_linear: bool = flag(True, name="--disable-bias-linear", help="no biases in the linear layers")
     untie_embeddings_and_output_weights: bool = flag(False, help="an output layer of its own (else the "
                                                                  "input embedding's transpose)")
@@ -153,9 +187,13 @@ class ModelConfig:
              "(DeepSeek-V2), global_aux_loss with the expert counts of the whole step on every DP rank; none: no loss")
     moe_aux_loss_coeff: float = flag(0.0, help="weight of the load-balancing loss", check=non_negative)
     moe_z_loss_coeff: float = flag(0.0, help="weight of the router z-loss", check=non_negative)
-    moe_router_pre_softmax: bool = flag(False, help="softmax over all experts before top-k")
+    moe_router_pre_softmax: bool = flag(False, help="softmax over all experts, then top-k: the weights are the "
+                                                    "chosen probabilities, not renormalised (else a softmax over "
+                                                    "the top-k logits, which sums to 1)")
     moe_router_renormalize: bool = flag(True, name="--no-moe-router-renormalize",
-                                        help="with --moe-router-pre-softmax, keep the raw top-k probabilities")
+                                        help="megamoe only (Hugging Face's norm_topk_prob false): with sigmoid scores, "
+                                             "keep the raw top-k scores; Megatron always divides them by their sum "
+                                             "when k > 1")
     moe_router_score_function: str = flag("softmax", help="router scores", choices=SCORE_FUNCTIONS)
     moe_router_enable_expert_bias: bool = flag(False, help="aux-loss-free balancing: a per-expert bias in the "
                                                            "top-k choice only (sigmoid scores)")
@@ -167,6 +205,9 @@ class ModelConfig:
                                              check=at_least_one)
     moe_router_group_topk: int | None = flag(None, help="groups each token may route to (with "
                                                         "--moe-router-num-groups)", check=at_least_one)
+    moe_router_force_load_balancing: bool = flag(
+        False, help="benchmarking only: route by random logits (the gradient passes to the real ones), so the "
+                    "experts get balanced loads whatever the router learns")
     moe_input_jitter_eps: float = flag(0.0, help="multiply the router input by U(1-eps, 1+eps) in training",
                                        check=non_negative)
     moe_expert_capacity_factor: float | None = flag(None, help="token-slots per expert, in units of the even "
@@ -215,7 +256,6 @@ class ModelConfig:
             standard = [name for name, given in (
                 ("--group-query-attention", self.group_query_attention),
                 ("--num-query-groups", self.num_query_groups is not None),
-                ("--kv-channels", self.kv_channels is not None),
             ) if given]
             if standard:
                 raise ValueError(
@@ -313,6 +353,12 @@ class ModelConfig:
             raise ValueError(f"--moe-router-load-balancing-type none contradicts --moe-aux-loss-coeff "
                              f"{self.moe_aux_loss_coeff}: give one of them")
         sigmoid = self.moe_router_score_function == "sigmoid"
+        if self.num_experts and self.moe_router_topk == 1 and not sigmoid and not self.moe_router_pre_softmax:
+            raise ValueError("--moe-router-topk 1 with softmax after the top-k gives every token the weight 1.0 and "
+                             "the router no gradient: add --moe-router-pre-softmax (as Megatron requires)")
+        if not self.moe_router_renormalize and not sigmoid:
+            raise ValueError("--no-moe-router-renormalize applies to --moe-router-score-function sigmoid: softmax after "
+                             "the top-k sums to 1, and --moe-router-pre-softmax keeps the probabilities (as Megatron)")
         if sigmoid and self.moe_router_pre_softmax:
             raise ValueError("--moe-router-pre-softmax applies to softmax scores, not --moe-router-score-function sigmoid")
         if self.moe_router_enable_expert_bias and not sigmoid:

@@ -147,6 +147,7 @@ class GPTModel(nn.Module):
             config.hidden_size,
             layout=layout,
             init_std=config.init_method_std,
+            pad_multiple=config.make_vocab_size_divisible_by,
             dtype=dtype,
             device=device,
         )

@@ -74,12 +74,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.scale = 1.0
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interpolation_factor = config.rotary_seq_len_interpolation_factor or 1
         self._cache: tuple[int, torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of shape ``[seq, dim]`` (times the YaRN scale); cached per (length, device, dtype)."""
         if self._cache is None or self._cache[:3] != (seq_len, device, dtype):
-            positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+            positions = torch.arange(seq_len, device=device, dtype=torch.float32) / self.interpolation_factor
             freqs = torch.outer(positions, self.inv_freq.to(device))
             angles = torch.cat([freqs, freqs], dim=-1)
             cos, sin = angles.cos() * self.scale, angles.sin() * self.scale

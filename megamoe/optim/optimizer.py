@@ -36,6 +36,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megamoe.optim.adam import build_adam
@@ -216,6 +217,17 @@ class MixedPrecisionOptimizer:
         """The L2 norm of the whole model's fp32 master weights, each element counted once (the
         grad norm's rule and function); the same on every rank.  Collective over the world."""
         return global_grad_norm(self._norm_masters, self.state.world_group, device=self.device).l2
+
+    def num_zeros_in_grad(self) -> int:
+        """How many elements of the whole model's last reduced gradient are exactly zero, each
+        element counted once (the grad norm's ownership rule); the same on every rank.  Read
+        after ``step`` and before the next ``zero_grad``.  Collective over the world."""
+        zeros = torch.zeros((), dtype=torch.int64, device=self.device)
+        for grads in self._norm_grads.values():
+            for grad in grads:
+                zeros += grad.numel() - torch.count_nonzero(grad)
+        dist.all_reduce(zeros, group=self.state.world_group)
+        return int(zeros.item())
 
     def _copy_masters_to_params(self) -> None:
         for buf, master in zip(self.buffers, self.masters):

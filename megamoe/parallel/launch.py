@@ -45,17 +45,20 @@ def _round_store() -> dist.Store:
 
 
 def init_distributed(device: torch.device, *, rank: int | None = None, world_size: int | None = None,
-                     store_path: str | None = None) -> None:
+                     store_path: str | None = None, timeout: timedelta | None = None) -> None:
     """Initialise the default process group once (a no-op when it exists).
 
     Without ``store_path``: from torchrun's environment, or, when there is none, as a 1-rank job
     on a free local port (RANK, LOCAL_RANK and WORLD_SIZE are set as torchrun would).  With
     ``store_path``: ``world_size`` processes meet through that file, this one as ``rank`` (no
-    port to collide on; the tests and the benchmarks that spawn their own workers)."""
+    port to collide on; the tests and the benchmarks that spawn their own workers).  ``timeout``
+    (--distributed-timeout-minutes): how long a collective waits; None: torch's default."""
     if dist.is_initialized():
         return
     backend = default_backend(device)
     options = {"device_id": device} if backend == "nccl" else {}
+    if timeout is not None:
+        options["timeout"] = timeout
     if store_path is not None:
         dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 **options)

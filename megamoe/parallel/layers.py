@@ -171,13 +171,14 @@ class VocabParallelEmbedding(nn.Module):
         *,
         layout: ParallelState,
         init_std: float,
+        pad_multiple: int = 128,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
         self.vocab_size = vocab_size
-        self.padded_vocab_size = padded_vocab_size(vocab_size, layout.tp_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, layout.tp_size, pad_multiple)
         self.local_vocab = self.padded_vocab_size // layout.tp_size
         self.vocab_start = layout.tp_rank * self.local_vocab
         self.weight = tag_param(

@@ -113,7 +113,14 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
             "--compile and --recompute-granularity cannot be combined yet (the recomputation re-enters the "
             "compiled regions with a different graph, which torch.utils.checkpoint refuses); use one of them"
         )
+    if args.multi_latent_attention and args.kv_channels is not None:
+        notices.append(f"--kv-channels {args.kv_channels} with --multi-latent-attention: unused, as in Megatron "
+                       f"(MLA's heads are sized by --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim)")
     parallel = from_args(ParallelConfig, args, world_size=world_size)
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        parallel.sequence_parallel = False
+        notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
+                       "does): it splits activations over the TP ranks, and there is one")
     validate_parallel_sizes(world_size=world_size, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                             expert_model_parallel_sizes=(),
                             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
@@ -181,17 +188,25 @@ def _check_logging(logging: LoggingConfig) -> None:
 
 def _resolve_data(args: argparse.Namespace) -> tuple[DataConfig, int, int | None]:
     """The data source: --mock-data, --data-path with --tokenizer-model, or the built-in corpus.
-    Returns the data config, the vocabulary size and the EOD id (None with --mock-data)."""
+    Returns the data config, the vocabulary size and the EOD id (None with --mock-data without a
+    tokenizer; with one, as in Megatron, the vocabulary and EOD are the tokenizer's)."""
+    from megamoe.data.tokenizer import load_tokenizer
+
     if args.mock_data:
+        if args.tokenizer_model and not args.vocab_size:
+            tokenizer = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
+            data = from_args(DataConfig, args, vocab_size=tokenizer.vocab_size)
+            return data, data.vocab_size, tokenizer.eod_id
         data = from_args(DataConfig, args, vocab_size=args.vocab_size or MOCK_VOCAB_SIZE)
         return data, data.vocab_size, None
     if args.data_path:
         if not args.tokenizer_model:
-            raise ConfigError("--data-path needs --tokenizer-model (the sentencepiece model the data was made with)")
+            raise ConfigError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
         data = from_args(DataConfig, args)
     else:
-        if args.tokenizer_model:
-            raise ConfigError("--tokenizer-model without --data-path: give --data-path too, or neither for the built-in corpus")
+        if args.tokenizer_model or args.tokenizer_type:
+            raise ConfigError("--tokenizer-model/--tokenizer-type without --data-path: give --data-path too, or "
+                              "neither for the built-in corpus (tokenized with its own sentencepiece model)")
         from megamoe.data.default_corpus import ensure_default_corpus
 
         prefix, tokenizer_model = ensure_default_corpus()
@@ -206,11 +221,10 @@ def _resolve_data(args: argparse.Namespace) -> tuple[DataConfig, int, int | None
                                       f"which names {stem}.bin and {stem}.idx")
                 raise ConfigError(f"--data-path {prefix}: {prefix + suffix} does not exist (give the prefix of "
                                   f"PREFIX.bin and PREFIX.idx)")
-    if not os.path.isfile(data.tokenizer_model):
+    hugging_face = data.tokenizer_type == "HuggingFaceTokenizer"
+    if not hugging_face and not os.path.isfile(data.tokenizer_model):
         raise ConfigError(f"--tokenizer-model {data.tokenizer_model}: no such file")
-    from megamoe.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(data.tokenizer_model)
+    tokenizer = load_tokenizer(data.tokenizer_model, data.tokenizer_type)
     _check_token_ids(data.prefixes, data.tokenizer_model, tokenizer.vocab_size)
     return data, tokenizer.vocab_size, tokenizer.eod_id
 

@@ -87,13 +87,15 @@ def save_checkpoint(
     keep_last: int = 0,
     async_save: bool = False,
     on_published=None,
+    save_optimizer: bool = True,
 ) -> PendingSave:
     """Collective over the world: save into ``root/iter_XXXXXXX``.  Without ``async_save`` the
     checkpoint is published when this returns; with it, call ``wait()`` on the result before
     the next save and before exiting.  ``lr_schedule``: the run's ``LRSchedule.curve()``;
     ``on_published``: called on rank 0 once the checkpoint is published.  A checkpoint that
     cannot be saved (state not finite, disk full) raises ``CheckpointError`` on every rank, with
-    ``async_save`` from ``wait()``; the previous one stays the latest."""
+    ``async_save`` from ``wait()``; the previous one stays the latest.  Without ``save_optimizer``
+    (--no-save-optim) it holds the weights only, as an imported one does."""
     state = get_parallel_state()
     where = placements(model, state)
     optim = optimizer.state_dict()
@@ -105,10 +107,10 @@ def save_checkpoint(
         topology=run_topology(model_config, use_distributed_optimizer),
         model_config=model_config_dict(model_config),
         args=args,
-        optimizer={key: optim[key] for key in OPTIMIZER_SCALARS},
+        optimizer={key: optim[key] for key in OPTIMIZER_SCALARS} if save_optimizer else None,
         lr_schedule=lr_schedule,
         params=specs,
-        views=model_views(model, where) + optimizer_views(optim["shards"], where),
+        views=model_views(model, where) + (optimizer_views(optim["shards"], where) if save_optimizer else []),
         rng=_rng_state(),
         keep_last=keep_last,
     )
@@ -124,6 +126,9 @@ def check_same_model(directory: str, metadata: dict, model_config) -> None:
     # change the weights either.
     not_model = ("params_dtype", "expert_model_parallel_size", "moe_grouped_gemm", "recompute_granularity",
                  "recompute_method", "recompute_num_layers", "cross_entropy_chunk_size")
+    # A field a checkpoint predates has its default (the value the model had before the field existed).
+    defaults = model_config_dict(type(model_config)(vocab_size=model_config.vocab_size))
+    saved_model = {**defaults, **saved_model}
     differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in not_model]
     if differ:
         details = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current_model[k]!r}" for k in differ)

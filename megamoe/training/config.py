@@ -24,6 +24,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = flag(1, help="TP: ranks that split each layer's matrices", check=positive)
     sequence_parallel: bool = flag(False, help="split the activations outside the TP GEMMs (norms, dropout, "
                                    "residuals, routing) along the sequence over TP; needs TP > 1")
+    distributed_timeout_minutes: int | None = flag(
+        None, help="how long a collective may wait for the other ranks before the run fails", check=positive,
+        default_text="torch's: 30 with gloo, 10 with NCCL")
     expert_tensor_parallel_size: int | None = flag(
         None, help="ETP: ranks that split each expert; the EP groups are formed from the other ranks, "
         "so EP x ETP may span TP and DP (ETP other than TP needs --sequence-parallel)",
@@ -63,6 +66,11 @@ class TrainConfig:
     exit_duration_in_mins: float | None = flag(None, help="save and exit once this many minutes have passed since "
                                                           "the run started (agreed over the ranks)", check=positive)
     compile: bool = flag(False, help="regional torch.compile of attention, norms and dense MLPs")
+    manual_gc: bool = flag(False, help="turn Python's automatic garbage collection off (no pauses at random "
+                                       "steps, different on each rank); collect at --manual-gc-interval and "
+                                       "around evaluations")
+    manual_gc_interval: int = flag(0, help="with --manual-gc: collect every N iterations (0: only at the start "
+                                           "and around evaluations)", check=non_negative)
     eod_mask_loss: bool = flag(False, help="no loss on positions whose input token is EOD")
     bf16: bool = flag(False, help="bf16 parameters with fp32 main grads and master weights")
     fp16: bool = flag(False, help="fp16 parameters with loss scaling, fp32 main grads and master weights")
@@ -70,6 +78,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.manual_gc_interval and not self.manual_gc:
+            raise ValueError("--manual-gc-interval needs --manual-gc")
         if self.bf16 and self.fp16:
             raise ValueError("--bf16 and --fp16 are mutually exclusive")
         if self.train_samples is not None:
@@ -99,6 +109,8 @@ class CheckpointConfig:
                                                  "the command line's (e.g. an imported Hugging Face model)")
     no_load_optim: bool = flag(False, help="do not load the optimizer state")
     no_load_rng: bool = flag(False, help="do not load the RNG states")
+    no_save_optim: bool = flag(False, help="save the weights only, no optimizer state (resume such a checkpoint "
+                                           "with --finetune or --no-load-optim)")
     async_save: bool = flag(False, help="write checkpoints in the background while training continues; the "
                                         "'latest' marker moves once every rank's file is written")
 
@@ -126,6 +138,15 @@ class LoggingConfig:
     tensorboard_dir: str | None = flag(None, help="write tensorboard scalars here")
     log_params_norm: bool = flag(False, help="log the L2 norm of the parameters (fp32 masters): one more "
                                              "collective per log line")
+    log_num_zeros_in_grad: bool = flag(False, help="log how many entries of the reduced gradient are exactly "
+                                                   "zero: one more collective per step")
+    log_throughput: bool = flag(False, help="add tokens/s, TFLOP/s per device and MFU to the console line "
+                                            "(the --log-json record always has them)")
+    log_timers_to_tensorboard: bool = flag(False, help="write the iteration time (and, with --log-throughput, "
+                                                       "the throughput) to tensorboard / wandb")
+    log_memory_to_tensorboard: bool = flag(False, help="write the peak memory to tensorboard / wandb")
+    log_validation_ppl_to_tensorboard: bool = flag(False, help="write the validation perplexity to "
+                                                               "tensorboard / wandb")
     peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak for the MFU",
                                      check=positive, default_text=f"{CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU")
 

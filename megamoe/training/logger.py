@@ -10,7 +10,14 @@ skipped for fp16 overflow):
 
 ``mtp_loss`` (with --mtp-num-layers) is the MTP depths' mean cross entropy, before
 --mtp-loss-scaling-factor.  Evaluation records have ``{"iteration", "split": "valid", "lm_loss",
-"ppl"}``: the main model's LM loss, without MTP.  Only rank 0 writes.
+"ppl"}``: the main model's LM loss, without MTP.  With --log-num-zeros-in-grad records have
+``num_zeros_in_grad``, with --log-params-norm ``params_norm``.  Only rank 0 writes.
+
+The console line shows the throughput (tokens/s, TFLOP/s per device, MFU) with --log-throughput;
+tensorboard and wandb get the iteration time with --log-timers-to-tensorboard (and the
+throughput when --log-throughput is on too), the memory with --log-memory-to-tensorboard and
+the validation perplexity with --log-validation-ppl-to-tensorboard, as Megatron writes them.
+The --log-json record always has every key.
 """
 
 from __future__ import annotations
@@ -30,7 +37,27 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def format_line(record: dict, train_iters: int) -> str:
+TIMER_KEYS = ("elapsed_ms_per_iter",)
+THROUGHPUT_KEYS = ("tokens_per_sec", "tflops_per_device", "mfu")
+MEMORY_KEYS = ("max_memory_gib",)
+
+
+def dashboard_keys_left_out(logging_config) -> set[str]:
+    """The record keys tensorboard and wandb do not get, by the --log-*-to-tensorboard flags."""
+    cfg = logging_config
+    left_out = set()
+    if not cfg.log_timers_to_tensorboard:
+        left_out.update(TIMER_KEYS)
+    if not (cfg.log_timers_to_tensorboard and cfg.log_throughput):
+        left_out.update(THROUGHPUT_KEYS)
+    if not cfg.log_memory_to_tensorboard:
+        left_out.update(MEMORY_KEYS)
+    if not cfg.log_validation_ppl_to_tensorboard:
+        left_out.add("ppl")
+    return left_out
+
+
+def format_line(record: dict, train_iters: int, *, throughput: bool = True) -> str:
     r = record
     parts = [
         f"iter {r['iteration']:>6d}/{train_iters}",
@@ -46,14 +73,19 @@ def format_line(record: dict, train_iters: int) -> str:
     parts += [
         f"grad norm {_fmt(r['grad_norm'], '.4f')}",
         *([f"params norm {_fmt(r['params_norm'], '.4f')}"] if r.get("params_norm") is not None else []),
+        *([f"zeros in grad {r['num_zeros_in_grad']}"] if r.get("num_zeros_in_grad") is not None else []),
         f"lr {_fmt(r['lr'], '.3e')}",
         f"loss scale {_fmt(r['loss_scale'], 'g')}",
         f"skipped {r['skipped_iters']}",
-        f"{_fmt(r['tokens_per_sec'], ',.0f')} tok/s",
-        f"{_fmt(r['tflops_per_device'], '.2f')} TFLOP/s/dev",
-        "MFU n/a" if r["mfu"] is None else f"MFU {100 * r['mfu']:.1f}%",
-        f"mem {_fmt(r['max_memory_gib'], '.2f')} GiB",
+        f"{_fmt(r['elapsed_ms_per_iter'], '.1f')} ms/iter",
     ]
+    if throughput:
+        parts += [
+            f"{_fmt(r['tokens_per_sec'], ',.0f')} tok/s",
+            f"{_fmt(r['tflops_per_device'], '.2f')} TFLOP/s/dev",
+            "MFU n/a" if r["mfu"] is None else f"MFU {100 * r['mfu']:.1f}%",
+        ]
+    parts.append(f"mem {_fmt(r['max_memory_gib'], '.2f')} GiB")
     if r.get("expert_tokens_max") is not None:
         parts.append(
             f"experts min/max {_fmt(r['expert_tokens_min'], '.0f')}/{_fmt(r['expert_tokens_max'], '.0f')}"
@@ -98,7 +130,7 @@ class TrainingLogger:
     def log(self, record: dict) -> None:
         if not self.active:
             return
-        print(format_line(record, self.train_iters), flush=True)
+        print(format_line(record, self.train_iters, throughput=self.cfg.log_throughput), flush=True)
         self._write(record, prefix="train")
 
     def log_eval(self, record: dict) -> None:
@@ -121,7 +153,8 @@ class TrainingLogger:
             strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             self.json_file.write(json.dumps(strict, allow_nan=False) + "\n")
             self.json_file.flush()
-        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+        left_out = dashboard_keys_left_out(self.cfg) | {"iteration"}
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in left_out}
         if self.wandb is not None:
             self.wandb.log({f"{prefix}/{k}": v for k, v in numeric.items()}, step=record["iteration"])
         if self.tensorboard is not None:

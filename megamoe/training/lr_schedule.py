@@ -30,7 +30,9 @@ class LRSchedule:
     lr: float = derived(help="--lr (OptimizerConfig): peak learning rate")
     min_lr: float = derived(0.0, help="--min-lr (OptimizerConfig)")
     decay_style: str = flag("cosine", name="--lr-decay-style", help="decay after warmup", choices=DECAY_STYLES)
-    warmup_iters: int | float = flag(0, name="--lr-warmup-iters", type=int, help="linear warmup from 0",
+    warmup_init: float = flag(0.0, name="--lr-warmup-init", help="the learning rate the linear warmup starts "
+                                                                  "from", check=non_negative)
+    warmup_iters: int | float = flag(0, name="--lr-warmup-iters", type=int, help="linear warmup from --lr-warmup-init",
                                      check=non_negative)  # a float when set by --lr-warmup-fraction
     warmup_fraction: float | None = flag(None, name="--lr-warmup-fraction", check=probability,
                                          help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
@@ -92,7 +94,7 @@ class LRSchedule:
     def lr_at(self, iteration: int) -> float:
         """Learning rate for the step that produces iteration ``iteration + 1`` (0-based step index)."""
         if self.warmup_iters > 0 and iteration + 1 <= self.warmup_iters:
-            return self.lr * (iteration + 1) / self.warmup_iters
+            return self.warmup_init + (self.lr - self.warmup_init) * (iteration + 1) / self.warmup_iters
         if self.decay_style == "constant":
             return self.lr
         if iteration >= self.decay_iters:

@@ -1,11 +1,12 @@
 """Megatron-LM flags that megamoe accepts so that a Megatron launch script runs as it is.
 
-Each of these flags selects, in Megatron, something megamoe always does (a kernel choice, the
-only dispatcher it has, a size of 1 for a parallelism it does not have).  Given with a value
-that describes what megamoe does, the flag is accepted and the run's log says, once, what it
-means here; with any other value it is a ``ValueError`` naming the flag and the values that
-would be valid.  Flags whose effect megamoe does not reproduce are not here: argparse refuses
-them as unknown.
+Each of these flags selects, in Megatron, something megamoe always does or does not need: a
+kernel, a fusion, a communication overlap, a file-reading or logging extra, a size of 1 for a
+parallelism it does not have.  None of them changes what is computed.  Given with a value that
+describes what megamoe does, the flag is accepted and the run's log says, once, what megamoe
+does instead; with any other value it is a ``ValueError`` naming the flag and the values that
+would be valid.  Flags whose effect megamoe reproduces are real flags of its config dataclasses;
+flags whose effect it does not reproduce are not here: argparse refuses them as unknown.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class MegatronFlag:
     name: str
     accepts: tuple[str, ...] | None  # valid values; SWITCH or ANY_INT
     meaning: str  # what megamoe does, which the flag then describes
+    several: bool = False  # the flag takes one or more of ``accepts`` (nargs="+")
     # (value, parsed flags) -> the megamoe flag and value it contradicts, or None
     contradicts: Callable[[object, argparse.Namespace], str | None] | None = None
 
@@ -51,7 +53,21 @@ MEGATRON_FLAGS = (
     MegatronFlag("--distributed-backend", ("nccl", "gloo"), "the backend follows --device: NCCL on cuda, gloo on cpu"),
     MegatronFlag("--pipeline-model-parallel-size", ("1",), "megamoe has no pipeline parallelism"),
     MegatronFlag("--context-parallel-size", ("1",), "megamoe has no context parallelism"),
-    MegatronFlag("--moe-token-dispatcher-type", ("alltoall",), "tokens are dispatched by all-to-all over the EP group"),
+    MegatronFlag("--moe-token-dispatcher-type", ("alltoall", "flex"),
+                 "tokens are dispatched by all-to-all over the EP group (flex, DeepEP/HybridEP's CUDA kernels for "
+                 "the same exchange, runs as this all-to-all)"),
+    MegatronFlag("--moe-flex-dispatcher-backend", ("deepep", "hybridep"),
+                 "tokens are dispatched by megamoe's all-to-all over the EP group"),
+    MegatronFlag("--moe-router-fusion", SWITCH,
+                 "the router's scores, top-k and auxiliary losses are plain torch operations computing the same"),
+    MegatronFlag("--moe-permute-fusion", SWITCH, "tokens are permuted by megamoe's sort-based dispatcher"),
+    MegatronFlag("--cross-entropy-loss-fusion", SWITCH,
+                 "the loss is megamoe's vocab-parallel cross entropy (--cross-entropy-chunk-size bounds its memory)"),
+    MegatronFlag("--cross-entropy-fusion-impl", ("native", "te"),
+                 "the loss is megamoe's vocab-parallel cross entropy (--cross-entropy-chunk-size bounds its memory)"),
+    MegatronFlag("--tp-comm-overlap", SWITCH,
+                 "TP collectives run between the GEMMs, not overlapped with them (that needs TransformerEngine's "
+                 "userbuffers)"),
     MegatronFlag("--moe-grouped-gemm", SWITCH, "grouped GEMM is the default (--no-moe-grouped-gemm turns it off)"),
     MegatronFlag("--moe-router-dtype", ("fp32",), "router scores and top-k are computed in fp32"),
     MegatronFlag("--rotary-percent", ("1.0", "1"), "RoPE rotates the whole head dimension"),
@@ -59,17 +75,30 @@ MEGATRON_FLAGS = (
                  "no learned position table: positions come from --position-embedding-type rope",
                  contradicts=lambda value, args: f"--position-embedding-type {args.position_embedding_type}"
                  if args.position_embedding_type != "rope" else None),
-    MegatronFlag("--make-vocab-size-divisible-by", ("128",),
-                 "the vocabulary is padded to a multiple of 128 x --tensor-model-parallel-size"),
-    MegatronFlag("--tokenizer-type", ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"),
-                 "--tokenizer-model is a sentencepiece model"),
     MegatronFlag("--optimizer", ("adam",), "the optimizer is Adam with decoupled weight decay (AdamW), as Megatron's adam"),
     MegatronFlag("--dataloader-type", ("single",),
                  "each global batch is the next run of samples of the seeded, precomputed order"),
     MegatronFlag("--num-workers", ANY_INT, "samples are read from the memory-mapped data in the training process"),
-    MegatronFlag("--log-throughput", SWITCH, "tokens/s, TFLOP/s per device and MFU are always logged"),
+    MegatronFlag("--no-mmap-bin-files", SWITCH,
+                 "the .bin files are memory-mapped; the samples read are the same"),
+    MegatronFlag("--no-create-attention-mask-in-dataloader", SWITCH,
+                 "the data loader never builds an attention mask: SDPA applies the causal mask itself"),
     MegatronFlag("--ckpt-format", ("torch", "torch_dist"),
                  "checkpoints are megamoe's sharded format, loadable into any layout"),
+    MegatronFlag("--auto-detect-ckpt-format", SWITCH,
+                 "--load reads megamoe's sharded format, whatever layout and version saved it"),
+    MegatronFlag("--dist-ckpt-strictness",
+                 ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+                  "return_unexpected", "return_all", "ignore_all"),
+                 "--load is strict: a checkpoint must hold exactly the model's tensors, and one that differs is "
+                 "refused naming what differs, before training"),
+    MegatronFlag("--logging-level", ANY_INT, "megamoe's log lines are printed by rank 0 whatever the level"),
+    MegatronFlag("--enable-experimental", SWITCH, "megamoe has no experimental code paths to enable"),
+    MegatronFlag("--recompute-modules",
+                 ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"),
+                 "selective recomputation is core attention's, which SDPA already is (it keeps no attention "
+                 "scores); the other modules keep their activations (memory only, the same results: "
+                 "--recompute-granularity full recomputes whole layers)", several=True),
     MegatronFlag("--overlap-param-gather", SWITCH,
                  "ZeRO-1's parameter all-gather runs after the optimizer step, not overlapped with the next forward"),
     MegatronFlag("--empty-unused-memory-level", ANY_INT, "the CUDA cache is never emptied between steps"),
@@ -84,6 +113,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(f.name, dest=f.dest, action="store_true", help=f.meaning)
         elif f.accepts is ANY_INT:
             group.add_argument(f.name, dest=f.dest, type=int, metavar="N", help=f.meaning)
+        elif f.several:
+            group.add_argument(f.name, dest=f.dest, nargs="+", metavar="VALUE",
+                               help=f"{f.meaning} (valid: {', '.join(f.accepts)})")
         else:
             group.add_argument(f.name, dest=f.dest, metavar="VALUE",
                                help=f"{f.meaning} (valid: {', '.join(f.accepts)})")
@@ -97,9 +129,11 @@ def check_megatron_flags(args: argparse.Namespace) -> list[str]:
         value = getattr(args, f.dest, None)
         if value is None or value is False:
             continue
-        if f.accepts not in (SWITCH, ANY_INT) and value not in f.accepts:
-            raise ValueError(f"{f.name} {value}: megamoe supports only {', '.join(f.accepts)} ({f.meaning})")
-        shown = f.name if value is True else f"{f.name} {value}"
+        values = value if f.several else [value]
+        for one in values:
+            if f.accepts not in (SWITCH, ANY_INT) and one not in f.accepts:
+                raise ValueError(f"{f.name} {one}: megamoe supports only {', '.join(f.accepts)} ({f.meaning})")
+        shown = f.name if value is True else f"{f.name} {' '.join(str(v) for v in values)}"
         conflict = f.contradicts(value, args) if f.contradicts else None
         if conflict:
             raise ValueError(f"{shown} contradicts {conflict}")

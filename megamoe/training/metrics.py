@@ -102,6 +102,7 @@ class IntervalMetrics:
             "grad_norm": result.grad_norm,
             "grad_norm_inf": result.grad_norm_inf,
             "params_norm": None,
+            "num_zeros_in_grad": None,
             "lr": lr,
             "loss_scale": result.loss_scale,
             "skipped_iters": self.skipped_total,

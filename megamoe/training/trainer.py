@@ -13,6 +13,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from megamoe.training.config import RunConfig
 from megamoe.training.exits import Interrupted, RunStopped, note_sigint
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
+from megamoe.training.manual_gc import ManualGC
 from megamoe.training.metrics import IntervalMetrics
 
 
@@ -227,6 +229,7 @@ def _save(cfg: RunConfig, model, optimizer, schedule, train_state: TrainState, l
         keep_last=cfg.checkpoint.keep_last,
         async_save=cfg.checkpoint.async_save,
         on_published=lambda: log.info(f"background save complete: {where} is the latest checkpoint"),
+        save_optimizer=not cfg.checkpoint.no_save_optim,
     )
     log.info(f"saving checkpoint to {where} in the background" if cfg.checkpoint.async_save
              else f"saved checkpoint to {where}")
@@ -237,7 +240,8 @@ def pretrain(cfg: RunConfig) -> dict:
     """Train as configured; returns the last log record.  Collective: call on every rank."""
     started = time.monotonic()
     device = device_from_environment(cfg.train.device)
-    init_distributed(device)
+    minutes = cfg.parallel.distributed_timeout_minutes
+    init_distributed(device, timeout=timedelta(minutes=minutes) if minutes else None)
     initialize_model_parallel(
         cfg.parallel.tensor_model_parallel_size,
         set(cfg.model.moe_ep_sizes()),
@@ -262,9 +266,16 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         train_ds, valid_ds, _ = _datasets(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    evaluate_every = cfg.train.eval_interval
+    if evaluate_every and valid_ds is None:
+        log.info(f"--split {cfg.data.split}: the validation split is empty; evaluation is skipped "
+                 f"(as Megatron does)")
+        evaluate_every = 0
     model, optimizer, train_state, schedule = _setup(cfg, device, log)
     t = cfg.train
     if t.skip_train:
+        if valid_ds is None:
+            raise ConfigError(f"--skip-train evaluates, and --split {cfg.data.split} leaves no validation documents")
         log.info(f"--skip-train: evaluating the model of iteration {train_state.iteration} on {t.eval_iters} "
                  f"global batches of the validation split, then exiting")
         return _run_eval(cfg, model, valid_ds, train_state.iteration, 0, device, log)
@@ -283,6 +294,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     record: dict = {}
     saved_at = None
     pending = None  # the last save, which may still be writing (--async-save)
+    gc_policy = ManualGC(enabled=t.manual_gc, interval=t.manual_gc_interval)
+    gc_policy.start()
     try:
         while train_state.iteration < t.train_iters:
             lr = schedule.lr_at(train_state.iteration)
@@ -296,9 +309,12 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
                 record = metrics.finish_interval(train_state.iteration, train_state.consumed_samples, lr, result)
                 if cfg.logging.log_params_norm:
                     record["params_norm"] = optimizer.params_norm()
+                if cfg.logging.log_num_zeros_in_grad:
+                    record["num_zeros_in_grad"] = optimizer.num_zeros_in_grad()
                 log.log(record)
-            if t.eval_interval and train_state.iteration % t.eval_interval == 0:
-                with metrics.paused():
+            gc_policy.after_step(train_state.iteration)
+            if evaluate_every and train_state.iteration % evaluate_every == 0:
+                with metrics.paused(), gc_policy.around_eval():
                     _run_eval(cfg, model, valid_ds, train_state.iteration,
                               train_state.iteration // t.eval_interval - 1, device, log)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
@@ -315,6 +331,8 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     except Interrupted as err:  # Ctrl-C: say where the run stopped
         err.iteration = train_state.iteration
         raise
+    finally:
+        gc_policy.stop()
     if cfg.checkpoint.save and saved_at != train_state.iteration:
         pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
     if pending is not None:

@@ -111,13 +111,17 @@ def test_config_mistakes_name_the_flag(kwargs, message):
         DataConfig(**kwargs)
 
 
-def test_an_empty_split_that_is_asked_for_samples_is_refused(corpus_prefix, tmp_path):
+def test_an_empty_validation_split_is_none_and_an_empty_train_split_is_refused(corpus_prefix, tmp_path):
+    """Megatron skips evaluation when --split leaves the validation split without documents
+    (its scripts' 99990,8,2 on a small corpus); the train split cannot be empty."""
     config = DataConfig([corpus_prefix], split="100,0,0", cache_dir=str(tmp_path))
-    train, valid, _ = build_train_valid_test_datasets(config, train_samples=4, valid_samples=0, test_samples=0,
-                                                      seq_length=8, seed=0)
-    assert len(train) == 4 and valid is None
-    with pytest.raises(ValueError, match="--split 100,0,0: the valid split of .*corpus .* is empty"):
-        build_train_valid_test_datasets(config, train_samples=4, valid_samples=4, test_samples=0, seq_length=8, seed=0)
+    train, valid, test = build_train_valid_test_datasets(config, train_samples=4, valid_samples=4, test_samples=4,
+                                                         seq_length=8, seed=0)
+    assert len(train) == 4 and valid is None and test is None
+    no_train = DataConfig([corpus_prefix], split="0,1,0", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--split 0,1,0: the train split of .*corpus .* is empty"):
+        build_train_valid_test_datasets(no_train, train_samples=4, valid_samples=0, test_samples=0, seq_length=8,
+                                        seed=0)
     with pytest.raises(ValueError, match="corpusx.idx: no such file"):
         build_train_valid_test_datasets(DataConfig([corpus_prefix + "x"]), train_samples=4, valid_samples=0,
                                         test_samples=0, seq_length=8, seed=0)

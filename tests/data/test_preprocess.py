@@ -16,6 +16,9 @@ from megamoe.data.preprocess import preprocess
 from megamoe.data.tokenizer import load_tokenizer
 from tests.fixtures import REPO, make_documents, write_jsonl
 
+# The tools import megamoe from this checkout, not from wherever the package is installed.
+TOOL_ENV = {**os.environ, "PYTHONPATH": REPO}
+
 
 def _expected_documents(tok, docs, append_eod=True):
     out = []
@@ -118,7 +121,8 @@ def test_flag_errors_name_the_flag(tmp_path, corpus, tokenizer_model):
 
 def test_command_line_tools_train_a_tokenizer_and_preprocess_with_a_summary(tmp_path, corpus):
     path, docs = corpus
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True)
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
+                                       env=TOOL_ENV)
     trained = run(os.path.join(REPO, "tools/train_tokenizer.py"), "--input", path, "--model-prefix", "tok",
                   "--vocab-size", "300", "--model-type", "unigram")
     assert trained.returncode == 0, trained.stderr
@@ -131,3 +135,22 @@ def test_command_line_tools_train_a_tokenizer_and_preprocess_with_a_summary(tmp_
     failed = run(os.path.join(REPO, "tools/preprocess_data.py"), "--input", path, "--tokenizer-model", "nope.model",
                  "--output-prefix", "x")
     assert failed.returncode != 0 and "nope.model: no such file" in failed.stderr
+
+
+def test_preprocess_data_reads_a_hugging_face_tokenizer(tmp_path, corpus):
+    """tools/preprocess_data.py --tokenizer-type HuggingFaceTokenizer: each document is the
+    tokenizer's ids then its EOS, the vocabulary decides the dtype."""
+    pytest.importorskip("transformers")
+    from tests.fixtures import make_hf_tokenizer
+
+    path, docs = corpus
+    tok_dir = make_hf_tokenizer(tmp_path / "tok", docs[:200])
+    done = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", path, "--tokenizer-type",
+                            "HuggingFaceTokenizer", "--tokenizer-model", tok_dir, "--output-prefix",
+                           str(tmp_path / "c"), "--workers", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=TOOL_ENV)
+    assert done.returncode == 0, done.stderr
+    tok = load_tokenizer(tok_dir, "HuggingFaceTokenizer")
+    ds = IndexedDataset(str(tmp_path / "c"))
+    assert ds.dtype == np.uint16
+    assert [ds[i].tolist() for i in range(len(ds))] == _expected_documents(tok, docs)

@@ -54,3 +54,39 @@ def test_training_errors_name_the_flag_and_leave_no_model(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: key 'text' is missing"):
         train_sentencepiece((t[0] for t in iter_documents([str(bad)])), model_prefix=prefix, vocab_size=300)
     assert os.listdir(tmp_path) == ["bad.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(corpus, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tests.fixtures import make_hf_tokenizer
+
+    return make_hf_tokenizer(tmp_path_factory.mktemp("hf_tok"), corpus[1][:200])
+
+
+def test_a_hugging_face_tokenizer_gives_its_own_ids_vocabulary_and_eod(hf_tokenizer_dir, corpus):
+    """--tokenizer-type HuggingFaceTokenizer: AutoTokenizer's ids; the vocabulary counts every id
+    (len(tokenizer), added tokens included, as Megatron's) and EOD is its EOS token."""
+    import pickle
+
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    tok = load_tokenizer(hf_tokenizer_dir, "HuggingFaceTokenizer")
+    assert tok.vocab_size == len(reference) and tok.eod_id == reference.convert_tokens_to_ids("<|endoftext|>")
+    docs = [d for d in corpus[1][:20] if d]
+    assert tok.encode_batch(docs) == [reference(d)["input_ids"] for d in docs]
+    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    again = pickle.loads(pickle.dumps(tok))  # what preprocessing workers receive
+    assert again.encode(docs[0]) == tok.encode(docs[0])
+
+
+def test_hugging_face_tokenizer_errors_name_the_flag(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match=f"--tokenizer-model {tmp_path}: not a Hugging Face tokenizer directory"):
+        load_tokenizer(str(tmp_path), "HuggingFaceTokenizer")
+    with pytest.raises(ValueError, match="--tokenizer-type GPT2BPETokenizer: valid types are"):
+        load_tokenizer(str(tmp_path), "GPT2BPETokenizer")
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"HuggingFaceTokenizer needs the transformers package: pip install 'megamoe\[hf\]'"):
+        load_tokenizer(str(tmp_path), "HuggingFaceTokenizer")

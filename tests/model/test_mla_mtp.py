@@ -26,7 +26,6 @@ MLA = dict(multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=10, qk_head
     [
         (["--multi-latent-attention", "--group-query-attention", "--num-query-groups", "2"],
          "--multi-latent-attention has no --group-query-attention, --num-query-groups"),
-        (["--multi-latent-attention", "--kv-channels", "8"], "--multi-latent-attention has no --kv-channels"),
         (["--kv-lora-rank", "16"], "--kv-lora-rank need --multi-latent-attention"),
         (["--q-lora-rank", "8", "--v-head-dim", "8"], "--q-lora-rank, --v-head-dim need --multi-latent-attention"),
         (["--mtp-loss-scaling-factor", "-0.1"], "--mtp-loss-scaling-factor must be >= 0, got -0.1"),

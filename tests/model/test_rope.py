@@ -1,4 +1,5 @@
-"""RoPE's fewer-pass kernel sequence gives the bits of the plain formula, forward and backward."""
+"""RoPE's fewer-pass kernel sequence gives the bits of the plain formula, forward and backward;
+--rotary-seq-len-interpolation-factor divides the positions."""
 
 import pytest
 import torch
@@ -28,3 +29,21 @@ def test_rotary_gives_the_bits_of_x_cos_plus_rotate_half_sin_forward_and_backwar
     (got,) = torch.autograd.grad(ours, qkv, grads)
     (want,) = torch.autograd.grad(plain, qkv, grads)
     assert torch.equal(got, want)
+
+
+def test_rotary_seq_len_interpolation_factor_divides_the_positions():
+    """--rotary-seq-len-interpolation-factor N (Megatron's position interpolation): position p is
+    rotated as position p / N."""
+    from megamoe.model.config import ModelConfig
+    from megamoe.model.rope import RotaryEmbedding
+
+    def table(factor, length):
+        config = ModelConfig(vocab_size=16, rotary_seq_len_interpolation_factor=factor)
+        return RotaryEmbedding(8, config).cos_sin(length, torch.device("cpu"), torch.float32)
+
+    cos1, sin1 = table(None, 8)
+    cos2, sin2 = table(2, 16)
+    torch.testing.assert_close(cos2[::2], cos1)
+    torch.testing.assert_close(sin2[::2], sin1)
+    assert not torch.allclose(cos2[1], cos1[1])
+    assert torch.equal(table(1, 8)[0], cos1)

@@ -4,9 +4,10 @@ inf) of every step and the final full parameters match a single-process fp32 ref
 torch AdamW + clip_grad_norm_), with clipping active.
 
 Tolerances, relative, with the largest error measured over these layouts in brackets: loss and L2
-norm 1e-6 [9e-8, 4.4e-7]; the inf norm is one gradient element, not a sum, and from step 2 on it
-carries the parameters' own differences: 5e-6 [2.3e-6]; parameters: ``assert_params_close``
-with rtol 1e-6 (its per-element floor, a 500th of an Adam step, dominates).
+norm 3e-6 [1.9e-6]; the inf norm is one gradient element, not a sum, and from step 2 on it
+carries the parameters' own differences: 8e-6 [4.6e-6]; parameters: ``assert_params_close``
+with rtol 3e-6 (its per-element floor, 0.8% of an Adam step, dominates).  (Before the router had
+its learned bias: 4.4e-7, 2.3e-6 and 0.13% of a step; see RTOL.)
 
 The 4-rank layouts run in one launch (spawning costs more than the steps); the reference is
 computed once per rank.  Layout tuples: (TP, EP per MoE layer, ZeRO-1, bucket size[, cross-entropy
@@ -42,8 +43,12 @@ LAYOUTS = [
     (1, (4, 2), False, 40_000_000, 7),
 ]
 LAYOUTS_8 = [(2, (4, 4), False, 5_000), (2, (4, 2), True, 5_000)]  # 2 steps: 8 ranks on few cores
-RTOL = 1e-6
-INF_RTOL = 5e-6
+# Measured over these layouts: 1.9e-6 (L2 norm, TP 2) and 4.6e-6 (inf norm); 3e-7 and 2.3e-6
+# before the router had its learned bias (Megatron's, with linear biases on).  That bias's
+# gradient is a sum of terms that nearly cancel, and Adam moves each element by about lr
+# whatever its size, so last-bit differences of the reduction order reach the routing.
+RTOL = 3e-6
+INF_RTOL = 8e-6
 
 
 def _close(got, want, what, rtol=RTOL):

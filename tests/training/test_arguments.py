@@ -67,10 +67,9 @@ def test_dataclass_defaults_are_the_command_line_model():
     assert cfg.model == ModelConfig(vocab_size=200, max_position_embeddings=128)
     assert cfg.optimizer == OptimizerConfig()
     assert not cfg.model.swiglu and cfg.model.add_bias_linear
-    assert cfg.model.moe_router_renormalize and cfg.model.moe_grouped_gemm
-    negated = parse_config(MOCK + ["--disable-bias-linear", "--no-moe-router-renormalize", "--no-moe-grouped-gemm"],
-                           world_size=1).model
-    assert not negated.add_bias_linear and not negated.moe_router_renormalize and not negated.moe_grouped_gemm
+    assert cfg.model.moe_grouped_gemm
+    negated = parse_config(MOCK + ["--disable-bias-linear", "--no-moe-grouped-gemm"], world_size=1).model
+    assert not negated.add_bias_linear and not negated.moe_grouped_gemm
 
 
 def test_derived_values():

@@ -65,3 +65,13 @@ def test_sample_based_schedule_is_the_iteration_schedule_of_samples_over_the_glo
     between = LRSchedule(lr=1.0, warmup_samples=20, train_iters=50, samples_per_iteration=8)
     assert between.decay_iters == 50
     assert between.lr_at(1) == pytest.approx(16 / 20) and between.lr_at(2) == pytest.approx(1.0)
+
+
+def test_lr_warmup_init_is_where_the_warmup_starts():
+    """Megatron: lr = init + (lr - init) * step / warmup during the warmup (DeepSeek-V3's config
+    warms up from a tenth of the peak)."""
+    s = LRSchedule(lr=1.0, min_lr=0.1, decay_style="cosine", warmup_iters=10, decay_iters=110, warmup_init=0.1)
+    assert s.lr_at(0) == pytest.approx(0.1 + 0.9 * 1 / 10)
+    assert s.lr_at(4) == pytest.approx(0.1 + 0.9 * 5 / 10)
+    assert s.lr_at(9) == pytest.approx(1.0)
+    assert s.lr_at(60) == pytest.approx(LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110).lr_at(60))

@@ -12,7 +12,6 @@ BASE = ["--device", "cpu", "--mock-data", "--vocab-size", "64", "--num-layers", 
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--sequence-parallel"], r"--sequence-parallel needs --tensor-model-parallel-size > 1 \(got 1\)"),
     (["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"],
      "--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2: that needs --sequence-parallel"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--expert-tensor-parallel-size", "3"],

@@ -179,7 +179,6 @@ def _cli(*args, env_extra=None):
         (["--compile", "--recompute-granularity", "full"], "--compile and --recompute-granularity cannot be combined"),
         (["--recompute-granularity", "partial"], "--recompute-granularity 'partial': valid values are ['full', 'selective']"),
         (["--data-path", "/nonexistent/corpus", "--tokenizer-model", "x.model"], None),
-        (["--split", "100,0,0", "--eval-interval", "2"], "--split 100,0,0: the valid split of"),
     ],
 )
 def test_bad_flags_give_one_line_errors(extra, message, capsys, monkeypatch):

@@ -2,11 +2,13 @@
 
 * ``mixtral`` (``MixtralForCausalLM``): RMSNorm, RoPE (rotate-half, as megamoe's), multi-head
   or grouped-query attention, an MoE block in every layer with one expert count, SwiGLU experts
-  without biases, softmax routing with the top-k probabilities renormalised.
+  without biases, softmax routing with the top-k probabilities renormalised (megamoe's default
+  softmax after the top-k, which is the same function).
 * ``qwen3_moe`` (``Qwen3MoeForCausalLM``): the same plus a per-head RMSNorm of queries and keys
   (``--qk-layernorm``), softmax over all experts before the top-k with or without
-  renormalisation (``norm_topk_prob``: ``--moe-router-pre-softmax`` with or without
-  ``--no-moe-router-renormalize``), experts of ``moe_intermediate_size``, and dense SwiGLU
+  renormalisation (``norm_topk_prob`` true: megamoe's default softmax after the top-k; false:
+  ``--moe-router-pre-softmax``, Megatron's, which keeps the probabilities), experts of
+  ``moe_intermediate_size``, and dense SwiGLU
   layers of ``intermediate_size`` where ``mlp_only_layers`` / ``decoder_sparse_step`` say so
   (``--moe-layer-freq``).
 
@@ -45,8 +47,8 @@ MEGAMOE_ONLY = (
     "num_query_groups",
     "moe_layer_freq",
     "moe_z_loss_coeff",
-    "moe_router_pre_softmax",
-    "moe_router_renormalize",
+    "moe_router_load_balancing_type",
+    "make_vocab_size_divisible_by",
     "moe_input_jitter_eps",
     "moe_grouped_gemm",
     "hidden_dropout",
@@ -81,6 +83,11 @@ def export_problems(config: ModelConfig) -> list[str]:
         problems.append(f"--normalization {config.normalization} ({name} uses RMSNorm)")
     if config.position_embedding_type != "rope":
         problems.append(f"--position-embedding-type {config.position_embedding_type} ({name} uses RoPE)")
+    if (config.rotary_seq_len_interpolation_factor or 1) != 1:
+        problems.append(f"--rotary-seq-len-interpolation-factor {config.rotary_seq_len_interpolation_factor} "
+                        f"({name}'s RoPE is not interpolated)")
+    if config.moe_router_force_load_balancing:
+        problems.append(f"--moe-router-force-load-balancing ({name} routes by its router)")
     if not config.swiglu:
         problems.append(f"GeLU MLPs, no --swiglu ({name}'s MLPs are SwiGLU)")
     if config.add_bias_linear:
@@ -98,10 +105,10 @@ def export_problems(config: ModelConfig) -> list[str]:
             problems.append(f"--num-experts {list(config.num_experts)} per layer ({name} has one expert count)")
     if config.moe_shared_expert_intermediate_size:
         problems.append(f"--moe-shared-expert-intermediate-size ({name} has no shared expert)")
-    if family == "mixtral" and config.moe_router_pre_softmax and not config.moe_router_renormalize:
+    if family == "mixtral" and config.moe_router_pre_softmax:
         problems.append(
-            "--moe-router-pre-softmax with --no-moe-router-renormalize (Mixtral renormalises the top-k "
-            "probabilities; Qwen3-MoE, chosen with --qk-layernorm, can keep them)"
+            "--moe-router-pre-softmax (Mixtral renormalises the top-k probabilities, which is softmax after the "
+            "top-k; Qwen3-MoE, chosen with --qk-layernorm, can keep them)"
         )
     if config.moe_router_score_function != "softmax":
         problems.append(f"--moe-router-score-function {config.moe_router_score_function} ({name}'s router is a softmax)")
@@ -178,7 +185,7 @@ def to_hf_config(config: ModelConfig, *, dtype: torch.dtype, special_ids: dict[s
             num_experts=config.num_experts[0],
             decoder_sparse_step=1,
             mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe_layer(i)],
-            norm_topk_prob=config.moe_router_renormalize or not config.moe_router_pre_softmax,
+            norm_topk_prob=not config.moe_router_pre_softmax,
             attention_bias=False,
             use_sliding_window=False,
         )
@@ -297,8 +304,7 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
             moe_ffn_hidden_size=hf["moe_intermediate_size"],
             num_experts=(hf.get("num_experts") or hf["num_local_experts"],),
             moe_layer_freq=1 if all(pattern) else pattern,
-            moe_router_pre_softmax=True,
-            moe_router_renormalize=bool(hf.get("norm_topk_prob", False)),
+            moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
         )
     fields.update(hf.get("megamoe", {}))
     return ModelConfig(**fields)

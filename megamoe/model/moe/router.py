@@ -12,11 +12,19 @@ layer, ``K`` = ``--moe-router-topk``, ``G`` = ``--moe-router-num-groups``.
 * softmax, the default (softmax after top-k): choose on the logits, ``weights = softmax(chosen
   logits)``, which already sums to 1.
 * softmax with ``--moe-router-pre-softmax``: ``scores = softmax(logits)`` over all E, choose on
-  them, ``weights = chosen scores``, renormalised to sum to 1 unless --no-moe-router-renormalize.
+  them, ``weights = chosen scores``, not renormalised (they sum to less than 1).
 * sigmoid: ``scores = sigmoid(logits)``, choose on them, ``weights = chosen scores``, divided by
-  their sum when K > 1 unless --no-moe-router-renormalize.  With --moe-router-enable-expert-bias
+  their sum when K > 1 (unless --no-moe-router-renormalize, a megamoe-only option for Hugging
+  Face models with ``norm_topk_prob`` false).  With --moe-router-enable-expert-bias
   the choice is made on ``scores + expert_bias`` while the weights keep the unbiased scores
   (aux-loss-free balancing: the bias steers the choice and never enters the gradient).
+
+These are Megatron-Core's rules (``topk_routing_with_score_function``), so a Megatron launch
+script's router flags mean the same here.  With linear biases on (no --disable-bias-linear) the
+router has a learned bias ``[E]`` added to the logits, as Megatron-Core's.  It starts at zero,
+like megamoe's other biases (Megatron-Core draws it like the weight): a random initial shift of
+the logits changes no function the model can learn, and a zero start keeps the first routing
+that of the weight alone.
 
 Group-limited routing (``--moe-router-num-groups G --moe-router-group-topk g``): the E experts
 form G consecutive groups; each group is scored by the sum of its top ``K // g`` choice scores,
@@ -83,7 +91,7 @@ class RoutingRule:
     topk: int
     score_function: str = "softmax"
     pre_softmax: bool = False
-    renormalize: bool = True
+    renormalize: bool = True  # sigmoid only (--no-moe-router-renormalize)
     scaling_factor: float | None = None
     num_groups: int | None = None
     group_topk: int | None = None
@@ -116,8 +124,6 @@ def _choose(choice_TE: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
     return torch.topk(choice_TE.masked_fill(~allowed_TE, float("-inf")), rule.topk, dim=-1).indices
 
 
-def _normalised(weights_TK: torch.Tensor) -> torch.Tensor:
-    return weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
 def route(
@@ -136,21 +142,32 @@ def route(
         expert_ids_TK = _choose(choice_TE, rule)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if rule.renormalize and rule.topk > 1:
-            weights_TK = _normalised(weights_TK)
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         assert expert_bias is None, "the expert bias is for sigmoid scores"
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if rule.pre_softmax:
             expert_ids_TK = _choose(probs_TE, rule)
             weights_TK = probs_TE.gather(1, expert_ids_TK)
-            if rule.renormalize:
-                weights_TK = _normalised(weights_TK)
         else:
             expert_ids_TK = _choose(logits_TE, rule)
             weights_TK = torch.softmax(logits_TE.gather(1, expert_ids_TK), dim=-1)
     if rule.scaling_factor is not None:
         weights_TK = weights_TK * rule.scaling_factor
     return expert_ids_TK, weights_TK, probs_TE
+
+
+class _RandomLogits(torch.autograd.Function):
+    """--moe-router-force-load-balancing: standard-normal logits in the forward (from the default
+    RNG stream, the same on the TP ranks), the gradient passed unchanged to the real ones."""
+
+    @staticmethod
+    def forward(ctx, logits_TE: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(logits_TE)
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor) -> torch.Tensor:
+        return grad_TE
 
 
 def bias_step(tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
@@ -174,6 +191,7 @@ class TopKRouter(nn.Module):
         self.rule = RoutingRule.from_config(config)
         self.balancing_type = config.moe_router_load_balancing_type
         self.jitter_eps = config.moe_input_jitter_eps
+        self.force_load_balancing = config.moe_router_force_load_balancing
         self.bias_update_rate = config.expert_bias_update_rate
         expert_bias = None
         if config.moe_router_enable_expert_bias:
@@ -189,6 +207,15 @@ class TopKRouter(nn.Module):
             expert_parallel_size=None,
             init_std=config.init_method_std,
         )
+        self.bias = None
+        if config.add_bias_linear:
+            self.bias = tag_param(
+                nn.Parameter(torch.empty(num_experts, dtype=config.params_dtype, device=device)),
+                tensor_parallel_dim=None,
+                expert_parallel_size=None,
+                weight_decay=False,
+                init="zeros",
+            )
 
     def _jitter(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Multiply the router input by ``U(1 - eps, 1 + eps)`` noise (training only).
@@ -206,7 +233,10 @@ class TopKRouter(nn.Module):
     def forward(self, x_TH: torch.Tensor, num_sequences: int = 1) -> Routing:
         """Route this rank's ``T`` tokens: ``num_sequences`` runs of consecutive tokens, one per
         sequence of the micro-batch (what ``seq_aux_loss`` averages over)."""
-        logits_TE = F.linear(self._jitter(x_TH).float(), self.weight.float())
+        bias = None if self.bias is None else self.bias.float()
+        logits_TE = F.linear(self._jitter(x_TH).float(), self.weight.float(), bias)
+        if self.force_load_balancing:
+            logits_TE = _RandomLogits.apply(logits_TE)
         expert_ids_TK, weights_TK, probs_TE = route(logits_TE, self.rule, self.expert_bias)
         tokens_per_expert = count_per_expert(expert_ids_TK, self.num_experts)
         layout = self.layout

@@ -157,7 +157,6 @@ def test_export_refuses_options_without_a_mixtral_equivalent():
         moe_shared_expert_intermediate_size=16,
         moe_expert_capacity_factor=1.25,
         moe_router_pre_softmax=True,
-        moe_router_renormalize=False,
     )
     with pytest.raises(ValueError) as err:
         check_exportable(config)
@@ -169,7 +168,7 @@ def test_export_refuses_options_without_a_mixtral_equivalent():
         "--num-experts [4, 8]",
         "--moe-shared-expert-intermediate-size",
         "--moe-expert-capacity-factor 1.25",
-        "--no-moe-router-renormalize",
+        "--moe-router-pre-softmax",
     ):
         assert flag in str(err.value), flag
     dense_every_other = ModelConfig(

@@ -152,7 +152,7 @@ def test_export_picks_qwen3_moe_for_qk_norm_and_names_what_neither_family_has():
     from megamoe.checkpointing.hf.config import check_exportable, export_family
 
     qwen = ModelConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, qk_layernorm=True,
-                       num_experts=4, moe_layer_freq=(1, 0), moe_router_pre_softmax=True, moe_router_renormalize=False,
+                       num_experts=4, moe_layer_freq=(1, 0), moe_router_pre_softmax=True,
                        swiglu=True, add_bias_linear=False)
     assert export_family(qwen) == "qwen3_moe"
     check_exportable(qwen)
@@ -186,7 +186,7 @@ def test_imported_qwen3_moe_trains_from_the_command_line(tmp_path):
         "--max-position-embeddings", "32", "--normalization", "RMSNorm", "--norm-epsilon", "1e-6", "--swiglu",
         "--rotary-base", "10000", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
         "--init-method-std", "0.2", "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
-        "--moe-router-pre-softmax", "--no-moe-router-renormalize", "--moe-aux-loss-coeff", "0.001",
+        "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "0.001",
         "--moe-layer-freq", "1,0,1", "--expert-model-parallel-size", "2",
         "--load", str(tmp_path / "ckpt"), "--finetune", "--train-iters", "2", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--log-json", str(tmp_path / "log.jsonl"),

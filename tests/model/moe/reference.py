@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def reference_routing(x_TH, router_weight, *, topk, pre_softmax, renormalize):
+def reference_routing(x_TH, router_weight, *, topk, pre_softmax, router_bias=None):
     """-> (expert_ids [T, K], weights [T, K], probs [T, E], logits [T, E])."""
     logits = x_TH @ router_weight.t()
+    if router_bias is not None:
+        logits = logits + router_bias
     probs = torch.softmax(logits, dim=-1)
     if pre_softmax:
         weights, ids = torch.topk(probs, topk, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
     else:
         top, ids = torch.topk(logits, topk, dim=-1)
         weights = torch.softmax(top, dim=-1)
@@ -64,7 +64,7 @@ def reference_moe(x_TH, weights_by_name, *, prefix="", cfg, num_experts, capacit
     topk = cfg.moe_router_topk
     ids, weights, probs, logits = reference_routing(
         x_TH, w("router.weight"), topk=topk, pre_softmax=cfg.moe_router_pre_softmax,
-        renormalize=cfg.moe_router_renormalize,
+        router_bias=weights_by_name.get(prefix + "router.bias"),
     )
     if cfg.moe_router_topk_scaling_factor is not None:
         weights = weights * cfg.moe_router_topk_scaling_factor

@@ -99,7 +99,7 @@ def test_gpt_with_moe_matches_reference_with_tensor_parallel_experts():
 def _world8_body(rank, world):
     _gpt_body(rank, world, 2, [(4, 4, SHARED)])
     check_layer_case(Case(ep=4, overrides=SHARED))
-    check_layer_case(Case(ep=4, overrides=dict(moe_router_topk=1), uneven=True))
+    check_layer_case(Case(ep=4, overrides=dict(moe_router_topk=1, moe_router_pre_softmax=True), uneven=True))
 
 
 def test_tensor_parallel_2_with_expert_parallel_4_on_8_ranks():

@@ -27,11 +27,9 @@ DROPLESS = [
     Case(ep=1, overrides=dict(moe_shared_expert_intermediate_size=16)),
     Case(ep=2, overrides=dict(moe_shared_expert_intermediate_size=16)),
     Case(ep=4, overrides=dict(moe_shared_expert_intermediate_size=16)),
-    # softmax before top-k without renormalisation, GeLU experts, the per-expert fallback GEMM
-    Case(ep=2, overrides=dict(moe_router_pre_softmax=True, moe_router_renormalize=False, swiglu=False,
-                              moe_grouped_gemm=False)),
-    Case(ep=4, overrides=dict(moe_router_pre_softmax=True, moe_grouped_gemm=False)),
-    # biases (Megatron's default without --disable-bias-linear) on the experts and the shared expert
+    # softmax before top-k (no renormalisation), GeLU experts, the per-expert fallback GEMM
+    Case(ep=2, overrides=dict(moe_router_pre_softmax=True, swiglu=False, moe_grouped_gemm=False)),
+    # biases (Megatron's default without --disable-bias-linear) on the router, the experts and the shared expert
     Case(ep=2, overrides=dict(add_bias_linear=True, moe_shared_expert_intermediate_size=16)),
     Case(ep=4, overrides=dict(add_bias_linear=True, swiglu=False)),
     # the top-k weights scaled (once: the router applies it, the layer must not again)
@@ -44,10 +42,11 @@ CAPACITY = [
     Case(ep=2, overrides=dict(moe_expert_capacity_factor=0.5, moe_eval_capacity_factor=2.0), train=False),
 ]
 UNEVEN = [
-    Case(ep=4, overrides=dict(moe_router_topk=1), uneven=True),  # one expert takes every token
+    Case(ep=4, overrides=dict(moe_router_topk=1, moe_router_pre_softmax=True), uneven=True),  # one expert takes every token
     Case(ep=2, uneven=True),  # experts 0 and 1 (EP rank 0) take everything, EP rank 1 gets nothing
-    Case(ep=4, overrides=dict(moe_router_topk=1, moe_grouped_gemm=False), uneven=True),
-    Case(ep=4, overrides=dict(moe_router_topk=1, moe_expert_capacity_factor=1.0), uneven=True, expect_drops=True),
+    Case(ep=4, overrides=dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_grouped_gemm=False), uneven=True),
+    Case(ep=4, overrides=dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
+                              moe_token_drop_policy="position"), uneven=True, expect_drops=True),
 ]
 
 

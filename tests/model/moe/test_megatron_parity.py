@@ -13,7 +13,7 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.moe import aux_losses
 from megamoe.model.moe.balancing import start_step
 from megamoe.model.moe.layer import MoELayer
-from megamoe.model.moe.router import TopKRouter
+from megamoe.model.moe.router import RoutingRule, TopKRouter, route
 from megamoe.parallel.state import single_rank_layout
 from tests.model.moe import megatron_reference as mcore
 
@@ -53,6 +53,75 @@ def _megatron_logits(router, x_TH):
     """The router's logits in Megatron's sequence-major token order."""
     logits = x_TH @ router.weight.detach().t()
     return logits.view(BATCH, SEQ, EXPERTS).transpose(0, 1).reshape(SEQ * BATCH, EXPERTS)
+
+
+MODES = {  # every routing mode: RoutingRule options, with an expert bias or not
+    "softmax-after-topk": (dict(topk=2), False),
+    "pre-softmax": (dict(topk=3, pre_softmax=True), False),
+    "pre-softmax-top1": (dict(topk=1, pre_softmax=True), False),
+    "pre-softmax-scaled": (dict(topk=3, pre_softmax=True, scaling_factor=2.5), False),
+    "softmax-groups": (dict(topk=4, num_groups=4, group_topk=2), False),
+    "pre-softmax-groups": (dict(topk=4, pre_softmax=True, num_groups=2, group_topk=1), False),
+    "sigmoid": (dict(topk=2, score_function="sigmoid"), False),
+    "sigmoid-top1": (dict(topk=1, score_function="sigmoid"), False),
+    "sigmoid-scaled-groups": (dict(topk=4, score_function="sigmoid", num_groups=4, group_topk=2, scaling_factor=2.5),
+                              False),
+    "sigmoid-bias": (dict(topk=2, score_function="sigmoid"), True),
+    "sigmoid-bias-groups": (dict(topk=4, score_function="sigmoid", num_groups=4, group_topk=2), True),
+}
+
+
+@pytest.mark.parametrize("options,with_bias", MODES.values(), ids=MODES.keys())
+def test_every_routing_mode_gives_megatrons_choice_and_weights(options, with_bias):
+    g = torch.Generator().manual_seed(7)
+    logits = 2.0 * torch.randn(64, EXPERTS, generator=g)
+    bias = 0.3 * torch.randn(EXPERTS, generator=g) if with_bias else None
+    rule = RoutingRule(**options)
+    ids, weights, _ = route(logits, rule, bias)
+    want_probs, want_map = mcore.topk_routing(
+        logits, rule.topk, pre_softmax=rule.pre_softmax, num_groups=rule.num_groups, group_topk=rule.group_topk,
+        scaling_factor=rule.scaling_factor, score_function=rule.score_function, expert_bias=bias)
+    got_map = torch.zeros_like(want_map).scatter(1, ids, True)
+    assert torch.equal(got_map, want_map)
+    torch.testing.assert_close(torch.zeros_like(logits).scatter(1, ids, weights), want_probs, rtol=1e-6, atol=1e-7)
+
+
+def test_pre_softmax_weights_are_the_probabilities_themselves():
+    """Megatron keeps the chosen softmax probabilities (they sum to less than 1)."""
+    logits = torch.randn(16, EXPERTS, generator=torch.Generator().manual_seed(8))
+    _, weights, probs = route(logits, RoutingRule(topk=2, pre_softmax=True))
+    assert (weights.sum(-1) < 1).all()
+    torch.testing.assert_close(weights, probs.topk(2, dim=-1).values)
+
+
+def test_the_router_has_megatrons_learned_bias_with_linear_biases():
+    """Without --disable-bias-linear Megatron-Core's router adds a learned bias [E] to its logits."""
+    router = TopKRouter(_config(add_bias_linear=True), EXPERTS, single_rank_layout())
+    assert _router().bias is None
+    from megamoe.parallel.params import param_meta
+
+    meta = param_meta(router.bias)
+    assert router.bias.shape == (EXPERTS,) and meta.init == "zeros"
+    assert not meta.weight_decay and meta.tensor_parallel_dim is None and not meta.is_expert
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=g))
+        router.bias.copy_(torch.randn(EXPERTS, generator=g))
+    x = _tokens(4)
+    routing = router(x, num_sequences=BATCH)
+    logits = x @ router.weight.detach().t() + router.bias.detach()
+    want_probs, _ = mcore.topk_routing(logits, 2)
+    torch.testing.assert_close(torch.zeros_like(logits).scatter(1, routing.expert_ids, routing.weights), want_probs,
+                               **FP32)
+    routing.load_balancing_loss.backward()
+    assert router.bias.grad.abs().sum() > 0
+
+
+def test_top_1_with_softmax_after_top_k_is_refused_naming_pre_softmax():
+    with pytest.raises(ValueError, match="--moe-router-topk 1 .*add --moe-router-pre-softmax"):
+        _config(moe_router_topk=1)
+    _config(moe_router_topk=1, moe_router_pre_softmax=True)
+    _config(moe_router_topk=1, moe_router_score_function="sigmoid")
 
 
 @pytest.mark.parametrize("router_options", ROUTERS.values(), ids=ROUTERS.keys())
@@ -166,3 +235,17 @@ def test_sequence_and_global_balancing_losses_under_sequence_and_data_parallelis
     from tests.harness import run_distributed
 
     run_distributed(_distributed_balancing_body, 4, kind)
+
+
+def test_force_load_balancing_routes_by_random_logits_and_passes_the_gradient_to_the_real_ones():
+    """--moe-router-force-load-balancing (Megatron's benchmarking switch): the choice ignores the
+    router, the loads come out even, and the router weight still gets the gradient."""
+    router = _router(moe_router_topk=2, moe_router_force_load_balancing=True)
+    with torch.no_grad():
+        router.weight.zero_()[0] = 5.0  # a router that would send every token to expert 0
+    x = torch.randn(4096, HIDDEN, generator=torch.Generator().manual_seed(5)).abs()
+    routing = router(x, num_sequences=1)
+    loads = routing.tokens_per_expert.float()
+    assert loads.max() / loads.mean() < 1.1
+    routing.weights.square().sum().backward()
+    assert router.weight.grad.abs().sum() > 0

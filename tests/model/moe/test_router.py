@@ -30,16 +30,16 @@ def _tokens(dtype=torch.float32):
     return torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
-@pytest.mark.parametrize("pre_softmax,renormalize", [(False, True), (True, True), (True, False)])
-def test_top_k_choice_and_weights_follow_the_softmax_order_option(pre_softmax, renormalize):
-    router = _router(moe_router_pre_softmax=pre_softmax, moe_router_renormalize=renormalize, moe_router_topk=3)
+@pytest.mark.parametrize("pre_softmax", [False, True])
+def test_top_k_choice_and_weights_follow_the_softmax_order_option(pre_softmax):
+    router = _router(moe_router_pre_softmax=pre_softmax, moe_router_topk=3)
     got = router(_tokens())
     ids, weights, _, _ = reference_routing(_tokens().double(), router.weight.detach().double(), topk=3,
-                                           pre_softmax=pre_softmax, renormalize=renormalize)
+                                           pre_softmax=pre_softmax)
     assert torch.equal(got.expert_ids, ids)
     torch.testing.assert_close(got.weights.double(), weights, rtol=1e-6, atol=1e-7)
     sums = got.weights.sum(-1)
-    if renormalize or not pre_softmax:
+    if not pre_softmax:
         torch.testing.assert_close(sums, torch.ones_like(sums))
     else:
         assert (sums < 1).all()
@@ -51,7 +51,7 @@ def test_logits_are_fp32_for_a_bf16_model():
     got = router(_tokens(torch.bfloat16))
     assert got.weights.dtype == torch.float32 and got.z_loss.dtype == torch.float32
     _, weights, _, logits = reference_routing(_tokens(torch.bfloat16).double(), router.weight.detach().double(),
-                                              topk=2, pre_softmax=False, renormalize=True)
+                                              topk=2, pre_softmax=False)
     torch.testing.assert_close(got.weights.double(), weights, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.z_loss.double(), torch.logsumexp(logits, -1).pow(2).mean(), rtol=1e-5, atol=0)
 
@@ -75,7 +75,7 @@ def test_aux_and_z_losses_reach_the_router_weight():
     (0.1 * routing.load_balancing_loss + 0.01 * routing.z_loss).backward()
 
     weight = router.weight.detach().double().requires_grad_()
-    ids, _, probs, logits = reference_routing(_tokens().double(), weight, topk=2, pre_softmax=False, renormalize=True)
+    ids, _, probs, logits = reference_routing(_tokens().double(), weight, topk=2, pre_softmax=False)
     fraction = torch.stack([(ids == e).sum() for e in range(EXPERTS)]).double() / (TOKENS * 2)
     want = 0.1 * EXPERTS * (fraction * probs.mean(0)).sum() + 0.01 * torch.logsumexp(logits, -1).pow(2).mean()
     want.backward()

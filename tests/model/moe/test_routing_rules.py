@@ -43,7 +43,7 @@ def reference_token(logits, *, rule: RoutingRule, bias=None) -> dict[int, float]
         weights = [math.exp(logits[e]) / total for e in chosen]
     else:
         weights = [scores[e] for e in chosen]
-        if rule.renormalize and (rule.score_function == "softmax" or rule.topk > 1):
+        if rule.score_function == "sigmoid" and rule.renormalize and rule.topk > 1:
             weights = [w / sum(weights) for w in weights]
     factor = rule.scaling_factor or 1.0
     return {e: w * factor for e, w in zip(chosen, weights)}
@@ -64,7 +64,7 @@ def _reference_dense(logits, rule, bias=None) -> torch.Tensor:
 RULES = [
     RoutingRule(topk=2),
     RoutingRule(topk=3, pre_softmax=True),
-    RoutingRule(topk=3, pre_softmax=True, renormalize=False, scaling_factor=2.5),
+    RoutingRule(topk=3, pre_softmax=True, scaling_factor=2.5),
     RoutingRule(topk=2, score_function="sigmoid"),
     RoutingRule(topk=1, score_function="sigmoid"),
     RoutingRule(topk=3, score_function="sigmoid", renormalize=False),
@@ -112,7 +112,7 @@ def test_expert_bias_changes_the_choice_but_not_the_weights():
 
 def _router(**overrides) -> TopKRouter:
     fields = dict(vocab_size=16, hidden_size=16, num_attention_heads=2, num_experts=EXPERTS, moe_router_topk=2,
-                  moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+                  moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, add_bias_linear=False)
     fields.update(overrides)
     return TopKRouter(ModelConfig(**fields), EXPERTS, single_rank_layout())
 
