@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
+from megamoe.data.tokenizer import TOKENIZER_TYPES
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.mappings import gather_from_tp_region
@@ -42,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample softmax(logits / T)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--tokenizer-model", default=None, help="sentencepiece model (default: the run's)")
+    p.add_argument("--tokenizer-model", default=None, help="sentencepiece model, or with --tokenizer-type "
+                                                           "HuggingFaceTokenizer a tokenizer directory or hub name "
+                                                           "(default: the run's)")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="Megatron's tokenizer names (default: the run's; sentencepiece)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     return p
 
@@ -115,9 +120,10 @@ def main(argv=None) -> int:
         device = torch.device(resolve_device(args.device))
         model, metadata = load_for_generation(args.load, device)
         tokenizer_model = args.tokenizer_model or run_tokenizer_model(metadata["args"])
-        if not os.path.isfile(tokenizer_model):
+        tokenizer_type = args.tokenizer_type or (None if args.tokenizer_model else metadata["args"].get("tokenizer_type"))
+        if tokenizer_type != "HuggingFaceTokenizer" and not os.path.isfile(tokenizer_model):
             raise ValueError(f"tokenizer {tokenizer_model} (the run's) does not exist here: give --tokenizer-model")
-        tokenizer = load_tokenizer(tokenizer_model)
+        tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
         prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod_id]
         generator = torch.Generator().manual_seed(args.seed)
         new = generate(model, prompt, max_new_tokens=args.max_new_tokens, vocab_size=tokenizer.vocab_size,
