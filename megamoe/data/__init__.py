@@ -1,6 +1,6 @@
 """Data pipeline: tokenizer, indexed datasets, GPT samples, blending, the default corpus.
 
-    tokenizer.py           Tokenizer interface, sentencepiece implementation, load_tokenizer
+    tokenizer.py           Tokenizer interface, sentencepiece and Hugging Face implementations, load_tokenizer
     tokenizer_training.py  train a sentencepiece model (tools/train_tokenizer.py)
     documents.py           read documents from text / JSONL files
     preprocess.py          documents -> .bin/.idx with worker processes (tools/preprocess_data.py)
