@@ -14,10 +14,7 @@ from megamoe.data import preprocess as preprocess_module
 from megamoe.data.indexed_dataset import IndexedDataset
 from megamoe.data.preprocess import preprocess
 from megamoe.data.tokenizer import load_tokenizer
-from tests.fixtures import REPO, make_documents, write_jsonl
-
-# The tools import megamoe from this checkout, not from wherever the package is installed.
-TOOL_ENV = {**os.environ, "PYTHONPATH": REPO}
+from tests.fixtures import REPO, make_documents, script_env, write_jsonl
 
 
 def _expected_documents(tok, docs, append_eod=True):
@@ -121,8 +118,9 @@ def test_flag_errors_name_the_flag(tmp_path, corpus, tokenizer_model):
 
 def test_command_line_tools_train_a_tokenizer_and_preprocess_with_a_summary(tmp_path, corpus):
     path, docs = corpus
+    env = script_env(tmp_path)
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
-                                       env=TOOL_ENV)
+                                       env=env)
     trained = run(os.path.join(REPO, "tools/train_tokenizer.py"), "--input", path, "--model-prefix", "tok",
                   "--vocab-size", "300", "--model-type", "unigram")
     assert trained.returncode == 0, trained.stderr
@@ -148,7 +146,7 @@ def test_preprocess_data_reads_a_hugging_face_tokenizer(tmp_path, corpus):
     done = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", path, "--tokenizer-type",
                             "HuggingFaceTokenizer", "--tokenizer-model", tok_dir, "--output-prefix",
                            str(tmp_path / "c"), "--workers", "2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=TOOL_ENV)
+                          timeout=300, env=script_env(tmp_path))
     assert done.returncode == 0, done.stderr
     tok = load_tokenizer(tok_dir, "HuggingFaceTokenizer")
     ds = IndexedDataset(str(tmp_path / "c"))

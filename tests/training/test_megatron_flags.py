@@ -130,3 +130,18 @@ def test_megatron_flags_that_change_the_run_set_megamoes_config():
     assert log.log_throughput and log.log_num_zeros_in_grad and log.log_timers_to_tensorboard
     assert log.log_memory_to_tensorboard and log.log_validation_ppl_to_tensorboard and cfg.checkpoint.no_save_optim
     assert cfg.notices == []
+
+
+def test_mock_data_with_a_tokenizer_takes_its_vocabulary_and_eod(tmp_path):
+    """As in Megatron, --mock-data with a tokenizer sizes the vocabulary by the tokenizer."""
+    pytest.importorskip("transformers")
+    from tests.fixtures import make_documents, make_hf_tokenizer
+
+    tok_dir = make_hf_tokenizer(tmp_path / "tok", make_documents(50))
+    argv = [a for a in TINY_MOE]
+    del argv[argv.index("--vocab-size"):argv.index("--vocab-size") + 2]
+    cfg = parse_config(argv + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir], world_size=1)
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tok_dir)
+    assert cfg.model.vocab_size == len(reference) and cfg.eod_token_id == reference.eos_token_id

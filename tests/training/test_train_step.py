@@ -87,3 +87,32 @@ def test_the_expert_bias_does_not_move_on_a_step_the_loss_scaler_skipped():
         assert before.numel() > 0
         assert torch.equal(after_skip, before), "the expert bias moved on a skipped step"
         assert not torch.equal(after_step, before), "the expert bias must move on an applied step"
+
+
+def _global_aux_body(rank, world):
+    """Two steps of ``global_aux_loss`` at DP 2: each step's counts start afresh (the trainer
+    calls ``start_step``) and hold the step's micro-batches of both ranks."""
+    from megamoe.model.moe.router import TopKRouter
+
+    layout = ps.initialize_model_parallel(1, (1,))
+    model = GPTModel(model_config((1, 1), moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
+                     layout).initialize(SEED)
+    opt = MixedPrecisionOptimizer(model, OptimizerConfig(**HYPER), layout)
+    metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+    router = next(m for m in model.modules() if isinstance(m, TopKRouter))
+    seen = []
+    for step in range(2):
+        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(step)]
+        train_step(model, opt, batches, metrics, torch.device("cpu"))
+        seen.append((router.step_micro_batches, router.step_counts.sum().item(), len(batches)))
+    ps.destroy_model_parallel()
+    return seen
+
+
+def test_global_aux_loss_counts_start_afresh_every_step_and_cover_every_dp_rank():
+    from tests.tiny_moe import SEQ
+
+    for per_step in run_distributed(_global_aux_body, 2):
+        for micro_batches, counted, local_batches in per_step:
+            assert micro_batches == local_batches
+            assert counted == local_batches * 2 * SEQ * 2, "each micro-batch's top-2 slots of both DP ranks"
