@@ -30,11 +30,13 @@ import torch.multiprocessing as mp
 from megamoe.checkpointing.format import read_metadata
 from megamoe.checkpointing.box_views import persistent_tensors, placements
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
-from megamoe.parallel.state import destroy_model_parallel, initialize_model_parallel
+from megamoe.parallel.config import ParallelConfig
+from megamoe.parallel.state import initialize_model_parallel
 from megamoe.training import checkpoint as ckpt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,33 +68,33 @@ def body(rank, world, store, args, layout, root, out):
     tp, dp, ep, zero = layout
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"), rank=rank, world_size=world, store_path=store)
-    state = initialize_model_parallel(tp, (ep,))
     dtype = DTYPES[args.dtype]
     config = ModelConfig(
         vocab_size=args.vocab, num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8,
         ffn_hidden_size=args.hidden * 2, max_position_embeddings=64, num_experts=args.experts, moe_router_topk=2,
-        moe_ffn_hidden_size=args.hidden * 2, expert_model_parallel_size=ep, params_dtype=dtype,
-        untie_embeddings_and_output_weights=True,
+        moe_ffn_hidden_size=args.hidden * 2, untie_embeddings_and_output_weights=True,
     )
+    state = initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=(ep,)),
+                                      config.experts_by_layer())
     model_parallel_seed(1, state)
-    model = GPTModel(config, state).initialize(seed=1)
+    model = GPTModel(config, state, ExecutionConfig(params_dtype=dtype)).initialize(seed=1)
     opt = MixedPrecisionOptimizer(model, OptimizerConfig(lr=1e-4, params_dtype=dtype, use_distributed_optimizer=zero),
                                   state)
     tokens = torch.randint(0, args.vocab, (2, 64), generator=torch.Generator().manual_seed(state.dp_rank))
     opt.zero_grad()
     opt.scale_loss(model(tokens, tokens).loss).backward()
     opt.step()
-    rng = torch.tensor([_rng_bytes(ckpt._rng_state())], dtype=torch.float64)
+    rng = torch.tensor([_rng_bytes(ckpt._rng_state(state.rng))], dtype=torch.float64)
     dist.all_reduce(rng)
 
     dist.barrier()
     start = time.perf_counter()
     ckpt.save_checkpoint(root, iteration=1, consumed_samples=2, model=model, optimizer=opt, model_config=config,
-                         use_distributed_optimizer=zero, args={"seed": 1})
+                         layout=state, use_distributed_optimizer=zero, args={"seed": 1})
     times = [time.perf_counter() - start]
     dist.barrier()
     start = time.perf_counter()
-    loaded = ckpt.open_checkpoint(root, config)
+    loaded = ckpt.open_checkpoint(root, config, state)
     loaded.load_model(model)
     loaded.load_optimizer(opt, model)
     times.append(time.perf_counter() - start)
@@ -109,7 +111,6 @@ def body(rank, world, store, args, layout, root, out):
             unique += numel * (tensor.element_size() + (12 if name in params else 0))
         shards = [e["bytes"] for e in metadata["files"].values()]
         out.put((on_disk, unique, max(shards), min(shards), slowest[0].item(), slowest[1].item()))
-    destroy_model_parallel()
     dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def build_source(root: str, config: ModelConfig) -> tuple[int, int]:
     """Write a synthetic world-2, EP-2, ZeRO-1 checkpoint; return (full-state bytes, largest group bytes)."""
-    specs = model_specs(config)
+    specs = model_specs(config, torch.float32)
     rng = {
         "python": random.getstate(),
         "torch_cpu": torch.get_rng_state(),
@@ -60,14 +60,14 @@ def build_source(root: str, config: ModelConfig) -> tuple[int, int]:
         rng=[[rng], [rng]],
         source_topology=None,
     )
-    layout, target_config = target_topology(
+    topology = target_topology(
         config,
         world_size=2,
         tensor_model_parallel_size=1,
         expert_model_parallel_size=(2,),
         use_distributed_optimizer=True,
     )
-    writer = ShardedWriter(root, info, layout, target_config)
+    writer = ShardedWriter(root, info, topology)
     total = largest = 0
     for _, names in stream_groups(list(specs)):
         group = {}
@@ -148,7 +148,6 @@ def main() -> None:
         max_position_embeddings=2048,
         num_experts=args.experts,
         moe_ffn_hidden_size=args.moe_ffn,
-        expert_model_parallel_size=(2,),
         untie_embeddings_and_output_weights=True,
         swiglu=True,
         add_bias_linear=False,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megamoe.model.config import ModelConfig
 from megamoe.model.moe.experts import grouped_mm_supported
 from megamoe.model.moe.layer import MoELayer
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.params import initialize_module_
 from megamoe.parallel.state import initialize_model_parallel
@@ -53,9 +54,9 @@ def build(args, layout, device, dtype, grouped: bool):
     config = ModelConfig(
         vocab_size=128, num_layers=2, hidden_size=args.hidden, swiglu=True, add_bias_linear=False, num_attention_heads=1, num_experts=args.experts,
         moe_router_topk=args.topk, moe_ffn_hidden_size=args.ffn, moe_aux_loss_coeff=0.01,
-        moe_z_loss_coeff=0.001, moe_grouped_gemm=grouped, expert_model_parallel_size=args.ep, params_dtype=dtype,
+        moe_z_loss_coeff=0.001,
     )
-    layer = MoELayer(config, 0, layout, device=device)
+    layer = MoELayer(config, 0, layout, dtype=dtype, grouped_gemm=grouped, device=device)
     initialize_module_(layer, 1234, layout)
     return layer
 
@@ -83,7 +84,7 @@ def main():
     init_distributed(device)
     if dist.get_world_size() != args.ep:
         raise ValueError(f"--ep {args.ep} must equal the number of processes ({dist.get_world_size()})")
-    layout = initialize_model_parallel(1, (args.ep,))
+    layout = initialize_model_parallel(ParallelConfig(expert_model_parallel_size=(args.ep,)), {0: args.experts})
     if dist.get_rank() == 0:
         print(f"MoE layer fwd+bwd: tokens/rank={args.tokens} hidden={args.hidden} ffn={args.ffn} "
               f"experts={args.experts} top-{args.topk} EP={args.ep} {args.dtype} on {device} "

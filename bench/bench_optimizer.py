@@ -33,12 +33,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
 from megamoe.optim.grad_buffer import grad_reduction
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.params import param_meta
-from megamoe.parallel.state import destroy_model_parallel, get_parallel_state, initialize_model_parallel
+from megamoe.parallel.state import initialize_model_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -102,16 +104,17 @@ def analytic_minimum(model, state, zero: bool) -> dict[str, float]:
     return out
 
 
-def run_layout(args, zero: bool, recorder: CommRecorder):
-    state = get_parallel_state()
-    dtype = DTYPES[args.dtype]
-    config = ModelConfig(
+def model_config(args) -> ModelConfig:
+    return ModelConfig(
         vocab_size=4096, num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=8,
         max_position_embeddings=128, num_experts=args.experts, moe_router_topk=2,
-        moe_ffn_hidden_size=args.hidden * 2, expert_model_parallel_size=args.ep, params_dtype=dtype,
-        swiglu=True, add_bias_linear=False,
+        moe_ffn_hidden_size=args.hidden * 2, swiglu=True, add_bias_linear=False,
     )
-    model = GPTModel(config, state).initialize(seed=1)
+
+
+def run_layout(args, state, zero: bool, recorder: CommRecorder):
+    dtype = DTYPES[args.dtype]
+    model = GPTModel(model_config(args), state, ExecutionConfig(params_dtype=dtype)).initialize(seed=1)
     opt = MixedPrecisionOptimizer(
         model,
         OptimizerConfig(lr=1e-4, params_dtype=dtype, use_distributed_optimizer=zero, bucket_size=args.bucket_size),
@@ -148,17 +151,16 @@ def run_layout(args, zero: bool, recorder: CommRecorder):
 def worker(rank, args, store):
     torch.set_num_threads(1)
     init_distributed(torch.device("cpu"), rank=rank, world_size=args.world_size, store_path=store)
-    initialize_model_parallel(args.tp, (args.ep,))
-    state = get_parallel_state()
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tp, expert_model_parallel_size=(args.ep,))
+    state = initialize_model_parallel(parallel, model_config(args).experts_by_layer())
     recorder = CommRecorder(group_names(state))
     for zero in (False, True):
         recorder.sent = {}
-        times, stats, minimum = run_layout(args, zero, recorder)
+        times, stats, minimum = run_layout(args, state, zero, recorder)
         everyone = [None] * args.world_size
         dist.all_gather_object(everyone, (rank, stats))
         if rank == 0:
             report(args, zero, times, recorder.sent, minimum, everyone)
-    destroy_model_parallel()
     dist.destroy_process_group()
 
 

@@ -32,8 +32,9 @@ import torch.distributed as dist
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.router import TopKRouter
-from megamoe.parallel import state as ps
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.launch import spawn_cpu_ranks
+from megamoe.parallel.state import initialize_model_parallel
 
 WORLD, TP = 4, 2
 # (name, sequence parallel, ETP (None: TP), EP)
@@ -50,16 +51,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _config(args, ep: int) -> ModelConfig:
+def _config(args) -> ModelConfig:
     return ModelConfig(
         vocab_size=256, num_layers=2, hidden_size=args.hidden, num_attention_heads=4, ffn_hidden_size=2 * args.hidden,
         max_position_embeddings=args.seq, num_experts=args.experts, moe_router_topk=args.topk,
-        moe_ffn_hidden_size=2 * args.hidden, expert_model_parallel_size=ep, swiglu=True,
+        moe_ffn_hidden_size=2 * args.hidden, swiglu=True,
     )
 
 
 def _measure(args, layout, ep: int, tokens: torch.Tensor) -> list[dict]:
-    model = GPTModel(_config(args, ep), layout).initialize(seed=1)
+    model = GPTModel(_config(args), layout).initialize(seed=1)
     groups = layout.experts(ep)
     current = {"layer": None}
     per_layer = {i: {"sends": [], "dispatch_analytic": 0, "saved": {}, "bsh": {}, "shape": None}
@@ -131,11 +132,12 @@ def _measure(args, layout, ep: int, tokens: torch.Tensor) -> list[dict]:
 def _body(rank, world, args):
     results = {}
     for name, sp, etp, ep in LAYOUTS:
-        layout = ps.initialize_model_parallel(TP, (ep,), expert_tensor_parallel_size=etp, sequence_parallel=sp)
+        parallel = ParallelConfig(tensor_model_parallel_size=TP, expert_model_parallel_size=(ep,),
+                                  expert_tensor_parallel_size=etp, sequence_parallel=sp)
+        layout = initialize_model_parallel(parallel, _config(args).experts_by_layer())
         g = torch.Generator().manual_seed(100 + layout.dp_rank)  # each DP rank its own micro-batch
         tokens = torch.randint(0, 256, (args.batch, args.seq), generator=g)
         results[name] = _measure(args, layout, ep, tokens)
-        ps.destroy_model_parallel()
     return results
 
 

@@ -63,10 +63,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from traffic_counter import TrafficCounter  # noqa: E402
 
 from megamoe.model.config import ModelConfig  # noqa: E402
+from megamoe.model.execution import ExecutionConfig  # noqa: E402
 from megamoe.model.gpt import GPTModel  # noqa: E402
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig  # noqa: E402
 from megamoe.optim import adam as adam_module  # noqa: E402
-from megamoe.parallel.state import destroy_model_parallel, initialize_model_parallel  # noqa: E402
+from megamoe.parallel.config import ParallelConfig  # noqa: E402
+from megamoe.parallel.state import initialize_model_parallel  # noqa: E402
 from megamoe.training.metrics import IntervalMetrics  # noqa: E402
 from megamoe.training.trainer import train_step  # noqa: E402
 
@@ -93,16 +95,15 @@ class Shape:
     params: int  # P, trainable parameter elements
 
 
-def build_config(name: str, chunk_size: int) -> tuple[ModelConfig, int, int]:
+def build_config(name: str, chunk_size: int) -> tuple[ModelConfig, ExecutionConfig, int, int]:
     shape = dict(SHAPES[name])
     seq, micro_batch = shape.pop("seq"), shape.pop("micro_batch")
     config = ModelConfig(
         **shape, max_position_embeddings=seq, swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
-        add_bias_linear=False, untie_embeddings_and_output_weights=True, params_dtype=torch.bfloat16,
+        add_bias_linear=False, untie_embeddings_and_output_weights=True,
         num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001,
-        cross_entropy_chunk_size=chunk_size,
     )
-    return config, seq, micro_batch
+    return config, ExecutionConfig(params_dtype=torch.bfloat16, cross_entropy_chunk_size=chunk_size), seq, micro_batch
 
 
 def minimum_bytes(s: Shape, a: int = 2) -> dict[str, int]:
@@ -152,24 +153,23 @@ def _host_value(slots_per_expert: int, parts: int):
 
 def count_step(shape_name: str, chunk_size: int) -> tuple[TrafficCounter, Shape, dict]:
     """Run one training step at ``shape_name`` on the meta device under a ``TrafficCounter``."""
-    config, seq, micro_batch = build_config(shape_name, chunk_size)
+    config, execution, seq, micro_batch = build_config(shape_name, chunk_size)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
         try:
-            return _count_step(config, seq, micro_batch)
+            return _count_step(config, execution, seq, micro_batch)
         finally:
-            destroy_model_parallel()
             dist.destroy_process_group()
 
 
-def _count_step(config: ModelConfig, seq: int, micro_batch: int):
-    layout = initialize_model_parallel(1, (1,))
+def _count_step(config: ModelConfig, execution: ExecutionConfig, seq: int, micro_batch: int):
+    layout = initialize_model_parallel(ParallelConfig(), config.experts_by_layer())
     cuda_answer = adam_module.FusedSupport(runs=True, applies_grad_scale=True)
     fused_devices = [*_get_fused_kernels_supported_devices(), "meta"]
     with mock.patch.object(adam_module, "fused_adamw_support", lambda device, cls=None: cuda_answer), \
             mock.patch.object(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: fused_devices):
         device = torch.device("meta")
-        model = GPTModel(config, layout, device=device)
+        model = GPTModel(config, layout, execution, device=device)
         optimizer = MixedPrecisionOptimizer(
             model, OptimizerConfig(lr=1e-4, weight_decay=0.1, clip_grad=CLIP_GRAD, params_dtype=torch.bfloat16), layout
         )
@@ -184,7 +184,7 @@ def _count_step(config: ModelConfig, seq: int, micro_batch: int):
         counters = [TrafficCounter(grad_buffers=[b.main_grad for b in optimizer.buffers],
                                    host_value=_host_value(slots_per_expert, parts)) for _ in range(2)]
         warmup, counter = counters
-        metrics = IntervalMetrics(device=device, flops_per_token=0.0, peak_tflops=None)
+        metrics = IntervalMetrics(layout=layout, device=device, flops_per_token=0.0, peak_tflops=None)
         batch = {k: torch.zeros(micro_batch, seq, dtype=torch.long) for k in ("tokens", "labels")}
         batch["loss_mask"] = torch.ones(micro_batch, seq)
         # the first step also creates Adam's moments; the second, the steady state, is reported
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
                         help="the model's --cross-entropy-chunk-size (default: what it is on CUDA when not given)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
-    chunk = ModelConfig(vocab_size=1).cross_entropy_chunk_for(torch.device("cuda")) \
+    chunk = ExecutionConfig().cross_entropy_chunk_for(torch.device("cuda")) \
         if args.cross_entropy_chunk_size is None else args.cross_entropy_chunk_size
     counter, shape, notes = count_step(args.shape, chunk)
     r = report(args.shape, chunk, counter, shape, notes)

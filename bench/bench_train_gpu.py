@@ -24,12 +24,14 @@ import torch.distributed as dist
 
 from megamoe.model.compile import compile_regions
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
 from megamoe.parallel.state import initialize_model_parallel
-from megamoe.training.flops import CUDA_PEAK_TFLOPS, flops_per_token, mfu
+from megamoe.training.flops import flops_per_token, mfu, peak_tflops_of
 
 
 def main() -> None:
@@ -44,8 +46,6 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     init_distributed(device)
-    layout = initialize_model_parallel(1, (1,))
-    model_parallel_seed(1234, layout, device)
     if args.tiny:
         shape = dict(vocab_size=512, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq=64)
     else:
@@ -54,10 +54,13 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = ModelConfig(
         **shape, max_position_embeddings=seq, swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
-        add_bias_linear=False, untie_embeddings_and_output_weights=True, params_dtype=dtype,
-        num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_grouped_gemm=not args.no_grouped_gemm,
+        add_bias_linear=False, untie_embeddings_and_output_weights=True,
+        num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01,
     )
-    model = GPTModel(config, layout, device=device).initialize(1234)
+    layout = initialize_model_parallel(ParallelConfig(), config.experts_by_layer())
+    model_parallel_seed(1234, layout, device)
+    execution = ExecutionConfig(params_dtype=dtype, moe_grouped_gemm=not args.no_grouped_gemm)
+    model = GPTModel(config, layout, execution, device=device).initialize(1234)
     if args.compile:
         compile_regions(model)
     optimizer = MixedPrecisionOptimizer(
@@ -104,7 +107,7 @@ def main() -> None:
         "optimizer_ms": round(1000 * opt, 1),
         "tokens_per_s": round(tokens_per_s),
         "tflops_per_gpu": round(tflops, 1),
-        "mfu_vs_989": round(mfu(tflops, CUDA_PEAK_TFLOPS), 4),
+        "mfu": mfu(tflops, peak_tflops_of(torch.cuda.get_device_name()) if device.type == "cuda" else None),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         "optimizer": optimizer.adam_kind,
     }), flush=True)

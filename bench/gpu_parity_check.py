@@ -17,10 +17,11 @@ import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel import state as ps
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.launch import init_distributed, spawn_cpu_ranks
 from megamoe.parallel.mappings import gather_from_tp_region
+from megamoe.parallel.state import initialize_model_parallel
 
 CONFIGS = {
     "dense": dict(num_experts=()),
@@ -28,9 +29,10 @@ CONFIGS = {
 }
 
 
-def _run(variant, layout, device):
+def _run(variant, parallel: ParallelConfig, device):
     cfg = ModelConfig(vocab_size=300, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                       max_position_embeddings=32, swiglu=True, add_bias_linear=False, **CONFIGS[variant])
+    layout = initialize_model_parallel(parallel, cfg.experts_by_layer())
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 300, (2, 32), generator=g).to(device)
     labels = torch.randint(0, 300, (2, 32), generator=g).to(device)
@@ -43,11 +45,7 @@ def _run(variant, layout, device):
 
 
 def _cpu_body(rank, world):
-    layout = ps.initialize_model_parallel(2, (1,))
-    try:
-        return {v: _run(v, layout, torch.device("cpu")) for v in CONFIGS}
-    finally:
-        ps.destroy_model_parallel()
+    return {v: _run(v, ParallelConfig(tensor_model_parallel_size=2), torch.device("cpu")) for v in CONFIGS}
 
 
 def _rel(a, b):
@@ -60,9 +58,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     cpu = spawn_cpu_ranks(_cpu_body, 2)[0]
     init_distributed(torch.device("cuda"))
-    layout = ps.initialize_model_parallel(1, (1,))
     for variant in CONFIGS:
-        gpu = _run(variant, layout, torch.device("cuda"))
+        gpu = _run(variant, ParallelConfig(), torch.device("cuda"))
         ref = cpu[variant]
         worst = max(_rel(gpu["grads"][k], ref["grads"][k]) for k in ref["grads"])
         print(json.dumps({

@@ -222,3 +222,4 @@ def flag_fields(classes: Sequence[type]) -> dict[str, str]:
     """``{flag: "Class.field"}`` over ``classes``: what ``--help`` lists, for tests and docs."""
     return {flag_name(f): f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
             if flag_of(f) is not None}
+

@@ -1,8 +1,8 @@
 """What several test modules share, in one place (test modules never import each other).
 
 * ``REPO``: the repository root (the tools and ``pretrain_moe.py`` run from it).
-* ``TINY_MOE``: the command line of the tiny MoE every end-to-end test trains (2 layers, hidden 32,
-  4 experts top-2, mock data, sequence 16, global batch 8).
+* ``TINY_MOE``: the command line of the tiny MoE every end-to-end test trains: ``tiny_moe``'s model
+  (2 layers, hidden 32, 4 experts top-2, sequence 16) on mock data, global batch 8.
 * ``run_main``: a ``run_distributed`` body that runs ``pretrain_moe.main`` once per argv.
 * ``read_json_log``: the records of a ``--log-json`` file.
 * ``make_documents``, ``write_jsonl``: small varied text corpora for the data tests.
@@ -15,19 +15,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 
 import pytest
 
+from megamoe.flags import to_argv
+from megamoe.model.config import ModelConfig
+from tests.tiny_moe import SEQ, TINY_ARCH
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The tiny model of tests/tiny_moe.py as flags, then what the end-to-end runs add.
 TINY_MOE = [
-    "--device", "cpu", "--mock-data", "--vocab-size", "200",
-    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "48",
-    "--seq-length", "16", "--swiglu", "--disable-bias-linear",
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+    "--device", "cpu", "--mock-data", "--vocab-size", str(TINY_ARCH["vocab_size"]), "--seq-length", str(SEQ),
+    *to_argv(ModelConfig(**TINY_ARCH), exclude=[f.name for f in dataclasses.fields(ModelConfig) if f.name not in TINY_ARCH]),
     "--micro-batch-size", "2", "--global-batch-size", "8",
     "--lr", "1e-2", "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--log-interval", "1", "--seed", "7",
 ]

@@ -3,7 +3,8 @@
 ``run_distributed(body, world_size, *args, tensor_model_parallel_size=..., expert_model_parallel_sizes=...)``
 runs ``body(rank, world_size, *args)`` on ``world_size`` processes that have brought up
 ``torch.distributed`` with gloo over a fresh file store (no port to collide on) and, optionally,
-the megamoe groups.  ``body`` must be a module-level function (it is pickled by name).  The first
+the megamoe groups, which the body reads with ``current_layout()``.  ``init_layout(...)`` builds
+another layout inside a body (megamoe keeps none in module state: the tests hold theirs here).  ``body`` must be a module-level function (it is pickled by name).  The first
 failing rank's traceback becomes the pytest failure; a rank that hangs past ``timeout`` or dies
 fails the test instead of stalling CI.  Return values of ``body`` (picklable, tensors included)
 come back as a list indexed by rank.
@@ -33,13 +34,40 @@ DEFAULT_TIMEOUT = 240.0
 _POLL = 0.5  # seconds between checks that every worker is still alive
 
 
+_LAYOUT = None  # the layout the current body runs in (init_layout), per worker process
+
+
+def init_layout(tp: int = 1, ep_sizes=(1,), *, etp: int | None = None, sp: bool = False, experts_by_layer=None):
+    """Build the megamoe groups of TP ``tp``, EP ``ep_sizes`` (one value, or one per MoE layer of
+    ``experts_by_layer``: ``ModelConfig.experts_by_layer()``), ETP ``etp`` and sequence
+    parallelism ``sp`` over the running world; it becomes ``current_layout()``."""
+    global _LAYOUT
+    from megamoe.parallel.config import ParallelConfig
+    from megamoe.parallel.state import initialize_model_parallel
+
+    config = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=tuple(ep_sizes),
+                            expert_tensor_parallel_size=etp, sequence_parallel=sp)
+    _LAYOUT = initialize_model_parallel(config, experts_by_layer)
+    return _LAYOUT
+
+
+def current_layout():
+    """The layout of the last ``init_layout`` of this call (the harness's own, by default)."""
+    assert _LAYOUT is not None, "no layout: pass tensor_model_parallel_size to run_distributed, or call init_layout"
+    return _LAYOUT
+
+
+def _forget_layout() -> None:
+    global _LAYOUT
+    _LAYOUT = None
+
+
 def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
     """One call of ``body`` on this rank, the process put back as it was afterwards; torch's
     default generator starts from ``seed``, as in a new process."""
     import torch
     import torch.distributed as dist
 
-    from megamoe.parallel import state as ps
     from megamoe.parallel.launch import init_distributed
 
     environ, cwd = dict(os.environ), os.getcwd()
@@ -48,7 +76,7 @@ def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
     try:
         init_distributed(torch.device("cpu"), rank=rank, world_size=world_size, store_path=store_path)
         if groups is not None:
-            ps.initialize_model_parallel(*groups)
+            init_layout(*groups)
         value = body(rank, world_size, *args)
         # No rank tears its sockets down while another is still connecting a group.
         dist.barrier()
@@ -58,8 +86,7 @@ def _isolated_call(rank, world_size, store_path, body, args, groups, seed):
         # groups before the groups are destroyed; a group destroyed while still referenced keeps
         # its gloo threads for the life of the process.
         gc.collect()
-        if ps.is_initialized():
-            ps.destroy_model_parallel()
+        _forget_layout()
         if dist.is_initialized():
             dist.destroy_process_group()
         os.environ.clear()

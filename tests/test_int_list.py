@@ -37,7 +37,7 @@ def test_bad_values_are_refused_with_the_text():
 def test_pretrain_takes_per_layer_experts_and_ep_sizes_space_or_comma_separated(experts, eps):
     cfg = parse_config(PYRAMID + ["--num-experts", *experts, "--expert-model-parallel-size", *eps], world_size=8)
     assert cfg.model.num_experts == (4, 8)
-    assert cfg.model.expert_model_parallel_size == (4, 2)
+    assert cfg.parallel.expert_model_parallel_size == (4, 2)
 
 
 def test_pretrain_refuses_a_bad_list_naming_the_flag():

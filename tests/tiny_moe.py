@@ -4,7 +4,8 @@ pieces that train it in a given layout.  Test modules import from here; they nev
 ``tiny_config(**fields)`` is the one base of every tiny model: 2 layers, hidden 32, 4 heads, FFN
 48, sequence 16, vocabulary 200, 4 experts of FFN 32 in every layer, top-2, aux and z losses on,
 SwiGLU, no biases, tied embeddings.  A test states what its model changes as ``fields``
-(``num_experts=None`` for a dense model).
+(``num_experts=None`` for a dense model).  ``TINY_ARCH`` is that architecture as fields; the
+end-to-end tests' command line (``tests.fixtures.TINY_MOE``) is derived from it.
 
 ``model_config`` is the optimizer tests' variant: 3 layers (MoE, dense, MoE), a shared expert and
 biases (TP-sharded and TP-replicated, dense and expert), so every kind of parameter and every
@@ -26,49 +27,55 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.balancing import biased_routers, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
 from megamoe.parallel.random import model_parallel_seed
+from megamoe.parallel.state import single_rank_layout
+from tests.harness import init_layout
 
 SEED = 1234
 VOCAB = 200
 SEQ = 16
 GLOBAL_BATCH = 8
-HYPER = dict(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=0.3)
+# adam_eps 1e-6, not 1e-8: Adam divides by sqrt(v) + eps, so an element whose gradient is near eps turns
+# last-bit differences of the summation order into a visible part of a step.  With 1e-8, another CPU's
+# GEMM kernels alone moved one element of a TP 2 run by 5.7e-3 lr from the reference after 4 steps.
+HYPER = dict(lr=3e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-6, clip_grad=0.3)
+
+
+TINY_ARCH = dict(
+    vocab_size=VOCAB,
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=48,
+    max_position_embeddings=SEQ,
+    num_experts=4,
+    moe_ffn_hidden_size=32,
+    moe_router_topk=2,
+    moe_aux_loss_coeff=1e-2,
+    moe_z_loss_coeff=1e-3,
+    swiglu=True,
+    add_bias_linear=False,
+)
 
 
 def tiny_config(**fields) -> ModelConfig:
     """The tiny base model with ``fields`` changed."""
-    return ModelConfig(**{**dict(
-        vocab_size=VOCAB,
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=48,
-        max_position_embeddings=SEQ,
-        num_experts=4,
-        moe_ffn_hidden_size=32,
-        moe_router_topk=2,
-        moe_aux_loss_coeff=1e-2,
-        moe_z_loss_coeff=1e-3,
-        swiglu=True,
-        add_bias_linear=False,
-    ), **fields})
+    return ModelConfig(**{**TINY_ARCH, **fields})
 
 
-def model_config(ep_sizes=(1, 1), dtype=torch.float32, **fields) -> ModelConfig:
-    """The optimizer tests' model at EP sizes ``ep_sizes`` (one per MoE layer); ``fields`` override it."""
+def model_config(**fields) -> ModelConfig:
+    """The optimizer tests' model (MoE, dense, MoE); ``fields`` override it."""
     return tiny_config(**{**dict(
         num_layers=3,
         moe_layer_freq=(1, 0, 1),
         moe_shared_expert_intermediate_size=16,
-        expert_model_parallel_size=tuple(ep_sizes),
         add_bias_linear=True,
-        params_dtype=dtype,
     ), **fields})
 
 
@@ -79,9 +86,9 @@ def micro_batches(step: int, vocab: int = VOCAB) -> list[tuple[torch.Tensor, tor
     return [(data[i : i + 1, :-1], data[i : i + 1, 1:]) for i in range(GLOBAL_BATCH)]
 
 
-def local_micro_batches(step: int, vocab: int = VOCAB) -> list:
-    """This DP rank's share of ``micro_batches(step)``."""
-    state = ps.get_parallel_state()
+def local_micro_batches(step: int, layout, vocab: int = VOCAB) -> list:
+    """``layout``'s DP rank's share of ``micro_batches(step)``."""
+    state = layout
     batches = micro_batches(step, vocab)
     n = len(batches) // state.dp_size
     return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
@@ -108,8 +115,8 @@ def decays(name: str, param: torch.Tensor) -> bool:
 def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: dict | None = None) -> dict:
     """Single-process fp32 training of ``model_config``; builds its own TP=1/EP=1 groups and tears
     them down.  ``arch``: model field overrides; expert biases, if any, are updated after every step."""
-    layout = ps.initialize_model_parallel(1, (1,))
-    model = GPTModel(model_config((1, 1), **(arch or {})), layout).initialize(SEED)
+    config = model_config(**(arch or {}))
+    model = GPTModel(config, single_rank_layout(config.experts_by_layer())).initialize(SEED)
     params = list(model.parameters())
     decay = [p for n, p in model.named_parameters() if decays(n, p)]
     no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
@@ -137,34 +144,33 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
         update_expert_biases(model, [o.moe_stats for o in outputs])
         out["bias"].append(expert_biases(model))
     out["params"] = gather_full_state(model, model.layout)
-    ps.destroy_model_parallel()
     return out
 
 
-def build_model(config: ModelConfig, tp: int, *, sequence_parallel: bool = False, etp: int | None = None,
-                seed: int = SEED) -> GPTModel:
-    """Groups of the layout (TP ``tp``, the EP sizes of ``config``, ETP ``etp``), the model-parallel
-    RNG seeded, and ``config``'s model initialised from ``seed`` (``ps.destroy_model_parallel`` after)."""
-    layout = ps.initialize_model_parallel(
-        tp, tuple(set(config.expert_model_parallel_size)), expert_tensor_parallel_size=etp,
-        sequence_parallel=sequence_parallel,
-    )
+def build_model(config: ModelConfig, tp: int = 1, ep_sizes=(1,), *, sequence_parallel: bool = False,
+                etp: int | None = None, dtype=torch.float32, seed: int = SEED, **execution) -> GPTModel:
+    """Groups of the layout (TP ``tp``, EP ``ep_sizes``: one value or one per MoE layer, ETP
+    ``etp``) over the running world, the model-parallel RNG seeded, and ``config``'s model in
+    ``dtype`` initialised from ``seed``; ``execution``: other ``ExecutionConfig`` fields."""
+    layout = init_layout(tp, ep_sizes, etp=etp, sp=sequence_parallel, experts_by_layer=config.experts_by_layer())
     model_parallel_seed(SEED, layout)
-    return GPTModel(config, layout).initialize(seed)
+    return GPTModel(config, layout, ExecutionConfig(params_dtype=dtype, **execution)).initialize(seed)
 
 
 def build_optimizer(model: GPTModel, *, zero: bool, **overrides) -> MixedPrecisionOptimizer:
     """``HYPER``'s optimizer with ZeRO-1 ``zero``, in the model's dtype; ``overrides`` change its config."""
-    fields = {**HYPER, "use_distributed_optimizer": zero, "params_dtype": model.config.params_dtype, **overrides}
+    fields = {**HYPER, "use_distributed_optimizer": zero, "params_dtype": model.execution.params_dtype, **overrides}
     return MixedPrecisionOptimizer(model, OptimizerConfig(**fields), model.layout)
 
 
 def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None,
-          sequence_parallel: bool = False, etp: int | None = None, **overrides):
-    """Groups, ``model_config`` model and optimizer of one layout (``ps.destroy_model_parallel``
-    after); ``arch`` overrides model fields, ``overrides`` optimizer ones; ``etp``: the expert-TP size."""
-    config = model_config(ep_sizes, dtype, **(arch or {}))
-    model = build_model(config, tp, sequence_parallel=sequence_parallel, etp=etp)
+          execution: dict | None = None, sequence_parallel: bool = False, etp: int | None = None, **overrides):
+    """Groups, ``model_config`` model and optimizer of one layout (EP ``ep_sizes``, one per MoE
+    layer); ``arch`` overrides model fields, ``execution`` ``ExecutionConfig`` ones, ``overrides``
+    optimizer ones; ``etp``: the expert-TP size."""
+    config = model_config(**(arch or {}))
+    model = build_model(config, tp, ep_sizes, sequence_parallel=sequence_parallel, etp=etp, dtype=dtype,
+                        **(execution or {}))
     return model, build_optimizer(model, zero=zero, **overrides)
 
 
@@ -172,7 +178,7 @@ def forward_backward(model, opt, step: int, moe_stats: list | None = None, mtp_l
     """This rank's micro-batches of ``step`` through forward and backward; returns the global
     loss (mean over DP of this rank's mean micro-batch loss).  Appends each micro-batch's MoE
     stats to ``moe_stats`` when given, and the global MTP loss (the same mean) to ``mtp_losses``."""
-    batches = local_micro_batches(step, model.config.vocab_size)
+    batches = local_micro_batches(step, model.layout, model.config.vocab_size)
     opt.zero_grad()
     total = torch.zeros(2)  # loss, MTP loss
     for tokens, labels in batches:
@@ -184,7 +190,7 @@ def forward_backward(model, opt, step: int, moe_stats: list | None = None, mtp_l
             total[1] += out.mtp_loss.detach().float() / len(batches)
         if moe_stats is not None:
             moe_stats.append(out.moe_stats)
-    state = ps.get_parallel_state()
+    state = model.layout
     dist.all_reduce(total, group=state.dp_group)
     if mtp_losses is not None:
         mtp_losses.append(total[1].item() / state.dp_size)
@@ -234,7 +240,7 @@ def assert_params_close(got: dict, want: dict, where: str, *, rtol: float = 1e-5
 
 def assert_replicas_identical(model) -> None:
     """Dense params bitwise equal over DP, expert params over their EDP group."""
-    state = ps.get_parallel_state()
+    state = model.layout
     for name, p in model.named_parameters():
         meta = param_meta(p)
         if meta.is_expert:

@@ -17,7 +17,6 @@ continuation.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -27,9 +26,10 @@ import torch.distributed as dist
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
 from megamoe.data.tokenizer import TOKENIZER_TYPES
 from megamoe.model.gpt import GPTModel
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.mappings import gather_from_tp_region
-from megamoe.parallel.state import destroy_model_parallel, initialize_model_parallel, resolve_device
+from megamoe.parallel.state import initialize_model_parallel, resolve_device
 from megamoe.training.checkpoint import open_checkpoint
 
 PROG = "generate.py"
@@ -95,17 +95,17 @@ def generate(model: GPTModel, prompt_ids: list[int], *, max_new_tokens: int, voc
 
 
 def load_for_generation(root: str, device: torch.device) -> tuple[GPTModel, dict]:
-    """The checkpoint's model in a 1-rank layout (any saved layout reshards into it) and its metadata."""
+    """The checkpoint's model in a 1-rank layout (any saved layout reshards into it), its weights in
+    fp32 whatever they were trained in, and its metadata."""
     found = read_metadata(root)
     if found is None:
         raise CheckpointError(f"--load {root}: no checkpoint there")
     _, metadata = found
     config = model_config_from_dict(metadata["model_config"])
-    config = dataclasses.replace(config, expert_model_parallel_size=(1,))
     init_distributed(device)
-    layout = initialize_model_parallel(1, (1,))
+    layout = initialize_model_parallel(ParallelConfig(), config.experts_by_layer())
     model = GPTModel(config, layout, device=device).initialize(seed=0)  # then every tensor is overwritten
-    open_checkpoint(root, config).load_model(model)
+    open_checkpoint(root, config, layout).load_model(model)
     return model, metadata
 
 
@@ -132,7 +132,6 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
     print(args.prompt + tokenizer.decode([t for t in new if t != tokenizer.eod_id]))

@@ -28,6 +28,7 @@ read only by the conversion tool, which turns it into version 2.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -40,6 +41,8 @@ import torch
 from megamoe.checkpointing.boxes import Box
 from megamoe.checkpointing.integrity import METADATA_CRC, file_crc32, metadata_crc32, tensor_crc32
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.state import ParallelState, build_parallel_state
 
 FORMAT_NAME = "megamoe"
@@ -166,10 +169,9 @@ class SavedTopology:
 def _groupless_state(
     world_size: int, tp: int, eps: tuple[int, ...], rank: int, etp: int, sequence_parallel: bool
 ) -> ParallelState:
-    return build_parallel_state(
-        world_size=world_size, rank=rank, tensor_model_parallel_size=tp, expert_model_parallel_sizes=eps,
-        create_groups=False, expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel,
-    )
+    parallel = ParallelConfig(world_size=world_size, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+                              expert_model_parallel_size=tuple(sorted(set(eps))), expert_tensor_parallel_size=etp)
+    return build_parallel_state(parallel, rank=rank, create_groups=False)
 
 
 # ---------------------------------------------------------------------------------- metadata
@@ -188,9 +190,11 @@ def model_config_dict(model_config) -> dict:
 
 
 def model_config_from_dict(saved: dict) -> ModelConfig:
-    """The ``ModelConfig`` a checkpoint recorded (``model_config_dict``'s inverse)."""
-    fields = {k: v for k, v in saved.items() if not k.startswith("_")}
-    fields["params_dtype"] = getattr(torch, str(fields.get("params_dtype", "float32")))
+    """The ``ModelConfig`` a checkpoint recorded (``model_config_dict``'s inverse).  Checkpoints
+    written before the architecture had a config of its own also recorded the layout and
+    execution choices beside it (EP sizes, precision, recomputation, ...); those are not model."""
+    not_model = {f.name for cls in (ParallelConfig, ExecutionConfig) for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in saved.items() if not k.startswith("_") and k not in not_model}
     try:
         return ModelConfig(**fields)
     except TypeError as err:

@@ -18,7 +18,6 @@ layout loads the boxes it holds (``load``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -108,17 +107,19 @@ class ParamSpec:
         )
 
 
-def model_specs(config: ModelConfig) -> dict[str, ParamSpec]:
-    """``ParamSpec`` of every parameter of ``GPTModel(config)``, in ``named_parameters`` order.
+def model_specs(config: ModelConfig, params_dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """``ParamSpec`` of every parameter of ``GPTModel(config)`` in ``params_dtype``, in
+    ``named_parameters`` order.
 
     The names and sharding tags come from the model code itself: the model is built on the meta
     device for rank 0 of a one-rank layout without process groups.
     """
+    from megamoe.model.execution import ExecutionConfig
     from megamoe.model.gpt import GPTModel
     from megamoe.parallel.state import single_rank_layout
 
-    state = single_rank_layout()
-    model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), state, device=torch.device("meta"))
+    state = single_rank_layout(config.experts_by_layer())
+    model = GPTModel(config, state, ExecutionConfig(params_dtype=params_dtype), device=torch.device("meta"))
     return {
         name: ParamSpec.of(name, param, placement(param.shape, param_meta(param), state).global_shape)
         for name, param in model.named_parameters()
@@ -131,7 +132,6 @@ def buffer_names(config: ModelConfig) -> list[str]:
     from megamoe.model.gpt import GPTModel
     from megamoe.parallel.state import single_rank_layout
 
-    model = GPTModel(dataclasses.replace(config, expert_model_parallel_size=(1,)), single_rank_layout(),
-                     device=torch.device("meta"))
+    model = GPTModel(config, single_rank_layout(config.experts_by_layer()), device=torch.device("meta"))
     params = dict(model.named_parameters())
     return [name for name in model.state_dict() if name not in params]

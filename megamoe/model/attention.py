@@ -29,18 +29,18 @@ from megamoe.model.norm import Norm
 from megamoe.model.rope import RotaryEmbedding, apply_rotary
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamoe.parallel.mappings import copy_to_tp_region
-from megamoe.parallel.random import get_rng_tracker
+from megamoe.parallel.random import RNGStatesTracker
 from megamoe.parallel.state import ParallelState
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout: float, scale: float | None = None,
-                     enable_gqa: bool = False) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout: float, rng: RNGStatesTracker,
+                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Causal SDPA of this TP rank's heads: q ``[b, n, s, d]``, k ``[b, n or G, s, d]``, v
     ``[b, n or G, s, dv]`` -> ``[b, n, s, dv]``; ``scale`` None is ``1 / sqrt(d)``.  Attention
-    dropout draws from the TP-sharded RNG stream (the heads differ per TP rank)."""
+    dropout draws from the TP-sharded stream of ``rng`` (the layout's: the heads differ per TP rank)."""
     gqa = {"enable_gqa": True} if enable_gqa else {}
     if dropout > 0.0:
-        with get_rng_tracker().fork():
+        with rng.fork():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, **gqa)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
 
@@ -93,9 +93,11 @@ class _SplitHeads(torch.autograd.Function):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
+    def __init__(self, config: ModelConfig, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         tp = layout.tp_size
+        self.rng = layout.rng
         self.local_groups = config.num_kv_heads // tp
         self.heads_per_group = config.num_attention_heads // config.num_kv_heads
         self.head_dim = config.head_dim
@@ -106,7 +108,7 @@ class SelfAttention(nn.Module):
             layout=layout,
             bias=config.add_bias_linear,
             init_std=config.init_method_std,
-            dtype=config.params_dtype,
+            dtype=dtype,
             device=device,
         )
         self.proj = RowParallelLinear(
@@ -115,13 +117,13 @@ class SelfAttention(nn.Module):
             layout=layout,
             bias=config.add_bias_linear,
             init_std=config.output_layer_init_std,
-            dtype=config.params_dtype,
+            dtype=dtype,
             device=device,
         )
         self.q_norm = self.k_norm = None
         if config.qk_layernorm:
-            self.q_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
-            self.k_norm = HeadNorm(config, layout, size=config.head_dim, device=device)
+            self.q_norm = HeadNorm(config, layout, size=config.head_dim, dtype=dtype, device=device)
+            self.k_norm = HeadNorm(config, layout, size=config.head_dim, dtype=dtype, device=device)
         self.rotary = (
             RotaryEmbedding(config.head_dim, config) if config.position_embedding_type == "rope" else None
         )
@@ -141,6 +143,6 @@ class SelfAttention(nn.Module):
             cos, sin = self.rotary.cos_sin(s, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, dropout=dropout, enable_gqa=self.heads_per_group > 1)
+        out = causal_attention(q, k, v, dropout=dropout, rng=self.rng, enable_gqa=self.heads_per_group > 1)
         out = out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim)
         return self.proj(out)

@@ -1,8 +1,12 @@
 """ModelConfig: the architecture of a GPT / MoE GPT, validated in one place.
 
-Each field declares the Megatron flag that sets it (``megamoe.flags``).  ``__post_init__``
-checks what the architecture alone must satisfy; ``check_parallel_layout`` checks what a (TP, DP)
-layout adds.  Both raise ``ValueError`` with the flags and the valid values.
+Only what a checkpoint and a Hugging Face ``config.json`` describe lives here: the function the
+model computes.  How it is laid out over ranks is ``megamoe.parallel.config.ParallelConfig``;
+how it runs (precision, recomputation, chunked cross entropy, the GEMM path) is
+``megamoe.model.execution.ExecutionConfig``.  Each field declares the Megatron flag that sets it
+(``megamoe.flags``).  ``__post_init__`` checks what the architecture alone must satisfy;
+``check_tensor_parallel`` what splitting it over TP adds.  Both raise ``ValueError`` with the
+flags and the valid values.
 """
 
 from __future__ import annotations
@@ -12,11 +16,8 @@ import ast
 import math
 from dataclasses import dataclass
 
-import torch
-
 from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability, to_argv
 from megamoe.int_list import IntListAction, parse_int_list
-from megamoe.parallel.state import validate_parallel_sizes
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
@@ -27,14 +28,6 @@ TOKEN_DROP_POLICIES = ("probs", "position")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # see megamoe.model.moe.aux_losses
 DEFAULT_BIAS_UPDATE_RATE = 1e-3
-# The chunk of --cross-entropy-chunk-size when it is not given, on CUDA: a moe-1b-4e step never holds
-# the 2.1 GB of fp32 logits (and their softmax, kept for backward) for about 1% more memory traffic
-# (bench/bench_step_traffic.py); elsewhere (CPU) the plain path stays the default.
-CUDA_CROSS_ENTROPY_CHUNK = 4096
-# Fields that say how a run computes rather than what the model is: --use-checkpoint-args leaves
-# them to the command line, and the flags printed for an imported model omit them.
-RUNTIME_FIELDS = ("expert_model_parallel_size", "recompute_granularity", "recompute_method", "recompute_num_layers",
-                  "cross_entropy_chunk_size", "moe_grouped_gemm")
 
 
 def _list_expression(node: ast.AST) -> list[int] | int:
@@ -73,6 +66,10 @@ def layer_pattern(text: str) -> int | tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give an integer N or a 0/1 pattern like 1,0,1,0") from None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _as_tuple(value) -> tuple[int, ...]:
@@ -154,23 +151,6 @@ class ModelConfig:
     init_method_std: float = flag(0.02, help="std of the normal weight init", check=positive)
     hidden_dropout: float = flag(0.0, help="dropout after attention and MLP", check=probability)
     attention_dropout: float = flag(0.0, help="dropout of the attention probabilities", check=probability)
-    params_dtype: torch.dtype = derived(torch.float32, help="--bf16 / --fp16")
-    cross_entropy_chunk_size: int | None = flag(
-        None, help="output layer and cross entropy this many tokens at a time, their gradients computed in "
-                   "forward: the logits of the whole micro-batch never exist (0: all at once)", check=non_negative,
-        default_text=f"{CUDA_CROSS_ENTROPY_CHUNK} on CUDA, 0 elsewhere")
-    recompute_granularity: str | None = flag(
-        None, choices=("full", "selective"),
-        help="full: recompute layers in backward (see --recompute-method); selective: Megatron's core-attention "
-             "recompute, which SDPA already is: it keeps no attention-score matrix, so nothing more is recomputed")
-    recompute_method: str | None = flag(
-        None, choices=("uniform", "block"),
-        help="with --recompute-granularity full: uniform: every layer, in chunks of --recompute-num-layers layers "
-             "that keep only their input; block: only the first --recompute-num-layers layers, each on its own",
-        default_text="block with --recompute-num-layers, else uniform")
-    recompute_num_layers: int | None = flag(None, help="with --recompute-granularity full: layers per chunk "
-                                                       "(uniform) or recomputed layers (block)",
-                                            default_text="1 (uniform), all (block)")
 
     # --- mixture of experts ---
     num_experts: tuple[int, ...] = flag(
@@ -218,17 +198,11 @@ class ModelConfig:
                                       choices=TOKEN_DROP_POLICIES)
     moe_shared_expert_intermediate_size: int | None = flag(None, help="hidden size of a dense shared expert "
                                                            "applied to every token", check=positive)
-    moe_grouped_gemm: bool = flag(True, name="--no-moe-grouped-gemm", help="one matmul per expert instead of "
-                                                                           "torch._grouped_mm")
-    expert_model_parallel_size: tuple[int, ...] = flag(
-        (1,), action=IntListAction, help="EP: ranks that split each MoE layer's experts; one value, or one per "
-                                         "MoE layer (space- or comma-separated)")
 
     _moe_layers: tuple[int, ...] = derived((), help="indices of the MoE layers", init=False)
 
     def __post_init__(self) -> None:
         self.num_experts = _as_tuple(self.num_experts)
-        self.expert_model_parallel_size = _as_tuple(self.expert_model_parallel_size) or (1,)
         if isinstance(self.moe_layer_freq, (list, tuple)):
             self.moe_layer_freq = tuple(int(v) for v in self.moe_layer_freq)
         if self.ffn_hidden_size is None:
@@ -298,12 +272,6 @@ class ModelConfig:
             raise ValueError(f"rope needs an even head dim (--kv-channels, default --hidden-size / --num-attention-heads), got {self.head_dim}")
         if self.position_embedding_type == "learned_absolute" and self.max_position_embeddings is None:
             raise ValueError("--position-embedding-type learned_absolute needs --max-position-embeddings")
-        if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
-            raise ValueError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
-        if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= self.num_layers:
-            raise ValueError(
-                f"--recompute-num-layers {self.recompute_num_layers} must be in [1, --num-layers {self.num_layers}]"
-            )
 
     def _compute_moe_layers(self) -> tuple[int, ...]:
         if not self.num_experts:
@@ -335,16 +303,9 @@ class ModelConfig:
         if not self.num_experts:
             return
         experts = self._per_moe_layer(self.num_experts, "--num-experts")
-        eps = self._per_moe_layer(self.expert_model_parallel_size, "--expert-model-parallel-size")
-        for layer, e, ep in zip(self._moe_layers, experts, eps):
+        for layer, e in zip(self._moe_layers, experts):
             if e < 1:
                 raise ValueError(f"--num-experts must be >= 1, got {e} for layer {layer}")
-            if ep < 1 or e % ep != 0:
-                valid = [d for d in range(1, e + 1) if e % d == 0]
-                raise ValueError(
-                    f"--num-experts {e} (layer {layer}) is not divisible by --expert-model-parallel-size {ep}; "
-                    f"valid expert-parallel sizes: {valid}"
-                )
             if not 1 <= self.moe_router_topk <= e:
                 raise ValueError(f"--moe-router-topk {self.moe_router_topk} must be in [1, {e}] (--num-experts {e})")
 
@@ -385,18 +346,10 @@ class ModelConfig:
                     f"--moe-router-num-groups {groups}) hold fewer than --moe-router-topk {k} experts"
                 )
 
-    def check_parallel_layout(
-        self,
-        *,
-        tensor_model_parallel_size: int,
-        data_parallel_size: int,
-        expert_tensor_parallel_size: int | None = None,
-        sequence_parallel: bool = False,
-    ) -> None:
-        """Raise ``ValueError`` if this model cannot be laid out at (TP, DP, ETP, sequence
-        parallelism); ETP None means TP."""
-        tp = tensor_model_parallel_size
-        etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    def check_tensor_parallel(self, *, tensor_model_parallel_size: int, expert_tensor_parallel_size: int) -> None:
+        """Raise ``ValueError`` if this model's heads and widths cannot be split over TP (and its
+        experts over ETP).  What the layout itself must satisfy is ``megamoe.parallel.state``'s."""
+        tp, etp = tensor_model_parallel_size, expert_tensor_parallel_size
         checks = {"--num-query-groups": self.num_kv_heads} if self.group_query_attention else {}
         checks |= {
             "--num-attention-heads": self.num_attention_heads,
@@ -409,30 +362,18 @@ class ModelConfig:
             checks["--moe-shared-expert-intermediate-size"] = self.moe_shared_expert_intermediate_size
         for name, value in checks.items():
             if value % tp != 0:
-                valid = [d for d in range(1, value + 1) if value % d == 0]
                 raise ValueError(
                     f"{name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
-                    f"valid tensor-parallel sizes for it: {valid}"
+                    f"valid tensor-parallel sizes for it: {_divisors(value)}"
                 )
         if self.num_experts and self.moe_ffn_hidden_size % etp != 0:
             value = self.moe_ffn_hidden_size
             raise ValueError(
                 f"--moe-ffn-hidden-size {value} is not divisible by --expert-tensor-parallel-size {etp}; "
-                f"valid expert-tensor-parallel sizes for it: {[d for d in range(1, value + 1) if value % d == 0]}"
+                f"valid expert-tensor-parallel sizes for it: {_divisors(value)}"
             )
-        validate_parallel_sizes(world_size=tp * data_parallel_size, tensor_model_parallel_size=tp,
-                                expert_model_parallel_sizes=sorted(set(self.moe_ep_sizes())),
-                                expert_tensor_parallel_size=etp, sequence_parallel=sequence_parallel)
 
     # ------------------------------------------------------------------ derived
-    def cross_entropy_chunk_for(self, device: torch.device) -> int:
-        """Tokens per chunk of the output layer + cross entropy on ``device`` (0: not chunked):
-        --cross-entropy-chunk-size, or when it is not given ``CUDA_CROSS_ENTROPY_CHUNK`` on CUDA
-        and 0 elsewhere."""
-        if self.cross_entropy_chunk_size is not None:
-            return self.cross_entropy_chunk_size
-        return CUDA_CROSS_ENTROPY_CHUNK if device.type == "cuda" else 0
-
     @property
     def head_dim(self) -> int:
         if self.kv_channels is not None:
@@ -465,24 +406,9 @@ class ModelConfig:
         return DEFAULT_BIAS_UPDATE_RATE if rate is None else rate
 
     def training_flags(self) -> list[str]:
-        """The command-line flags that build this model (its architecture and precision; the EP
-        sizes and other run choices are the run's own), as ``pretrain_moe.py`` takes them."""
-        precision = {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(self.params_dtype, [])
-        return to_argv(self, exclude=RUNTIME_FIELDS) + precision
-
-    def layer_chunks(self) -> list[tuple[int, int, bool]]:
-        """``(first, end, recompute)`` spans of layers in order, covering every layer: what
-        ``--recompute-granularity full`` recomputes, and as which units (a recomputed span keeps
-        only its input for backward)."""
-        layers = self.num_layers
-        if self.recompute_granularity != "full":
-            return [(i, i + 1, False) for i in range(layers)]
-        method = self.recompute_method or ("block" if self.recompute_num_layers else "uniform")
-        if method == "block":
-            n = self.recompute_num_layers or layers
-            return [(i, i + 1, i < n) for i in range(layers)]
-        n = self.recompute_num_layers or 1
-        return [(i, min(i + n, layers), True) for i in range(0, layers, n)]
+        """The command-line flags that build this architecture, as ``pretrain_moe.py`` takes them
+        (the layout, precision and other run choices are the run's own)."""
+        return to_argv(self)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -494,21 +420,19 @@ class ModelConfig:
         """Layer numbers of the MTP blocks (depth k: ``num_layers + k - 1``), after the decoder's."""
         return tuple(range(self.num_layers, self.num_layers + (self.mtp_num_layers or 0)))
 
-    def _decoder_layer(self, layer: int) -> int:
-        """An MTP block is built like the last decoder layer (MoE when it is, with its experts and EP)."""
+    def decoder_layer_of(self, layer: int) -> int:
+        """The decoder layer that ``layer`` is built like: itself, or for an MTP block the last decoder
+        layer (MoE when it is, with its experts and EP)."""
         return min(layer, self.num_layers - 1)
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self._decoder_layer(layer) in self._moe_layers
+        return self.decoder_layer_of(layer) in self._moe_layers
 
     def num_experts_for_layer(self, layer: int) -> int:
-        index = self._moe_layers.index(self._decoder_layer(layer))
+        index = self._moe_layers.index(self.decoder_layer_of(layer))
         return self._per_moe_layer(self.num_experts, "--num-experts")[index]
 
-    def ep_size_for_layer(self, layer: int) -> int:
-        eps = self._per_moe_layer(self.expert_model_parallel_size, "--expert-model-parallel-size")
-        return eps[self._moe_layers.index(self._decoder_layer(layer))]
-
-    def moe_ep_sizes(self) -> tuple[int, ...]:
-        """The EP size of every MoE layer, in layer order (pass ``set()`` of it to the groups)."""
-        return tuple(self.ep_size_for_layer(layer) for layer in self._moe_layers)
+    def experts_by_layer(self) -> dict[int, int]:
+        """``{MoE layer index: experts}`` of the decoder: what the parallel layout splits over EP (an
+        MTP block takes the EP size of the layer it is built like: ``decoder_layer_of``)."""
+        return {layer: self.num_experts_for_layer(layer) for layer in self._moe_layers}

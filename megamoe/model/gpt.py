@@ -30,6 +30,7 @@ from torch import nn
 
 from megamoe.model.attention import SelfAttention
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.model.mla import MultiLatentAttention
 from megamoe.model.mlp import MLP
 from megamoe.model.mtp import MTPDepth, shifted
@@ -39,7 +40,6 @@ from megamoe.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_p
 from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megamoe.parallel.mappings import tp_input
 from megamoe.parallel.params import initialize_module_, retag, tag_param
-from megamoe.parallel.random import get_rng_tracker
 from megamoe.parallel.state import ParallelState
 
 
@@ -68,7 +68,7 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, layout: ParallelSt
     if p == 0.0 or not training:
         return x
     if layout.sequence_parallel:
-        with get_rng_tracker().fork():
+        with layout.rng.fork():
             return F.dropout(x, p, training)
     return F.dropout(x, p, training)
 
@@ -96,20 +96,23 @@ class TransformerLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; returns (x, moe aux or None)."""
 
     def __init__(
-        self, config: ModelConfig, layer_number: int, layout: ParallelState, *, device: torch.device | None = None
+        self, config: ModelConfig, layer_number: int, layout: ParallelState, execution: ExecutionConfig, *,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.input_norm = Norm(config, device=device)
+        dtype = execution.params_dtype
+        self.input_norm = Norm(config, dtype=dtype, device=device)
         attention = MultiLatentAttention if config.multi_latent_attention else SelfAttention
-        self.attention = attention(config, layout, device=device)
-        self.post_attention_norm = Norm(config, device=device)
+        self.attention = attention(config, layout, dtype=dtype, device=device)
+        self.post_attention_norm = Norm(config, dtype=dtype, device=device)
         self.is_moe = config.is_moe_layer(layer_number)
         if self.is_moe:
             from megamoe.model.moe.layer import MoELayer
 
-            self.mlp = MoELayer(config, layer_number, layout, device=device)
+            self.mlp = MoELayer(config, layer_number, layout, dtype=dtype, grouped_gemm=execution.moe_grouped_gemm,
+                                device=device)
         else:
-            self.mlp = MLP(config, layout, device=device)
+            self.mlp = MLP(config, layout, dtype=dtype, device=device)
         self.hidden_dropout = config.hidden_dropout
         self.layout = layout
 
@@ -129,19 +132,21 @@ class GPTModel(nn.Module):
     """The model as ``layout``'s rank holds it: parameters of that rank's shapes, and a forward
     whose collectives run over ``layout``'s groups.  A layout without process groups
     (``build_parallel_state(..., create_groups=False)``) builds and initialises any rank of any
-    layout in one process (a forward then needs TP 1 and EP 1)."""
+    layout in one process (a forward then needs TP 1 and EP 1).  ``layout`` must have been built
+    with ``config.experts_by_layer()`` (it gives each MoE layer its EP size); ``execution`` says
+    how the model runs (precision, recomputation, chunked cross entropy, GEMM path)."""
 
-    def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
+    def __init__(self, config: ModelConfig, layout: ParallelState, execution: ExecutionConfig | None = None, *,
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        config.check_parallel_layout(
-            tensor_model_parallel_size=layout.tp_size,
-            data_parallel_size=layout.dp_size,
-            expert_tensor_parallel_size=layout.etp_size,
-            sequence_parallel=layout.sequence_parallel,
-        )
+        execution = execution or ExecutionConfig()
+        config.check_tensor_parallel(tensor_model_parallel_size=layout.tp_size,
+                                     expert_tensor_parallel_size=layout.etp_size)
         self.config = config
+        self.execution = execution
         self.layout = layout
-        dtype = config.params_dtype
+        self.layer_chunks = execution.layer_chunks(config.num_layers)
+        dtype = execution.params_dtype
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size,
             config.hidden_size,
@@ -158,9 +163,9 @@ class GPTModel(nn.Module):
                 init_std=config.init_method_std,
             )
         self.layers = nn.ModuleList(
-            TransformerLayer(config, i, layout, device=device) for i in range(config.num_layers)
+            TransformerLayer(config, i, layout, execution, device=device) for i in range(config.num_layers)
         )
-        self.final_norm = Norm(config, device=device)
+        self.final_norm = Norm(config, dtype=dtype, device=device)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(
@@ -176,7 +181,8 @@ class GPTModel(nn.Module):
         self.mtp = None
         if config.mtp_num_layers:
             self.mtp = nn.ModuleList(
-                MTPDepth(config, layout, TransformerLayer(config, layer, layout, device=device), device=device)
+                MTPDepth(config, layout, TransformerLayer(config, layer, layout, execution, device=device), dtype=dtype,
+                         device=device)
                 for layer in config.mtp_layers
             )
 
@@ -199,9 +205,12 @@ class GPTModel(nn.Module):
         x = self._embed(tokens)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
-        for first, end, recompute in self.config.layer_chunks():
+        for first, end, recompute in self.layer_chunks:
             span = self.layers[first:end]
-            x, auxes = recomputed(_run_layers, span, x) if self.training and recompute else _run_layers(span, x)
+            if self.training and recompute:
+                x, auxes = recomputed(self.layout.rng, _run_layers, span, x)
+            else:
+                x, auxes = _run_layers(span, x)
             for aux in auxes:
                 aux_total = aux_total + aux.loss
                 moe_stats.append(aux.stats)
@@ -237,9 +246,9 @@ class GPTModel(nn.Module):
 
     def _lm_loss(self, x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum(weights * cross entropy)`` of the output layer on ``x`` (after the final norm)
-        against ``labels`` ``[b, s]``; chunked by ``ModelConfig.cross_entropy_chunk_for`` x's device."""
+        against ``labels`` ``[b, s]``; chunked by ``ExecutionConfig.cross_entropy_chunk_for`` x's device."""
         x = tp_input(x, self.layout)
-        chunk_size = self.config.cross_entropy_chunk_for(x.device)
+        chunk_size = self.execution.cross_entropy_chunk_for(x.device)
         if chunk_size:
             return chunked_linear_cross_entropy(
                 x.flatten(0, 1),

@@ -40,27 +40,29 @@ from megamoe.parallel.state import ParallelState
 
 
 class MultiLatentAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layout: ParallelState, *, device: torch.device | None = None) -> None:
+    def __init__(self, config: ModelConfig, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.layout = layout
+        self.rng = layout.rng
         n, h = config.num_attention_heads, config.hidden_size
         self.local_heads = n // layout.tp_size
         self.dn, self.dr, self.dv = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
         self.kv_rank = config.kv_lora_rank
         self.dropout = config.attention_dropout
-        common = dict(bias=config.add_bias_linear, init_std=config.init_method_std, dtype=config.params_dtype,
+        common = dict(bias=config.add_bias_linear, init_std=config.init_method_std, dtype=dtype,
                       device=device)
         query_width = n * (self.dn + self.dr)
         self.q_down = self.q_norm = self.q_up = self.q_proj = None
         if config.q_lora_rank is not None:
             self.q_down = ReplicatedLinear(h, config.q_lora_rank, **common)
             if config.qk_layernorm:
-                self.q_norm = Norm(config, size=config.q_lora_rank, device=device)
+                self.q_norm = Norm(config, size=config.q_lora_rank, dtype=dtype, device=device)
             self.q_up = ColumnParallelLinear(config.q_lora_rank, query_width, layout=layout, **common)
         else:
             self.q_proj = ColumnParallelLinear(h, query_width, layout=layout, **common)
         self.kv_down = ReplicatedLinear(h, self.kv_rank + self.dr, **common)
-        self.kv_norm = Norm(config, size=self.kv_rank, device=device) if config.qk_layernorm else None
+        self.kv_norm = Norm(config, size=self.kv_rank, dtype=dtype, device=device) if config.qk_layernorm else None
         self.kv_up = ColumnParallelLinear(self.kv_rank, n * (self.dn + self.dv), layout=layout, **common)
         self.proj = RowParallelLinear(n * self.dv, h, layout=layout, **{**common, "init_std": config.output_layer_init_std})
         self.rotary = RotaryEmbedding(self.dr, config)
@@ -90,5 +92,6 @@ class MultiLatentAttention(nn.Module):
         q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], dim=-1)
         k_rope = apply_rotary(k_rope, cos, sin).expand(-1, self.local_heads, -1, -1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        out = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0, scale=self.scale)
+        out = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0, rng=self.rng,
+                               scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * self.dv))

@@ -52,6 +52,7 @@ class MLP(nn.Module):
         layout: ParallelState,
         *,
         ffn_hidden_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -63,7 +64,7 @@ class MLP(nn.Module):
             layout=layout,
             bias=config.add_bias_linear,
             init_std=config.init_method_std,
-            dtype=config.params_dtype,
+            dtype=dtype,
             device=device,
         )
         self.fc2 = RowParallelLinear(
@@ -72,7 +73,7 @@ class MLP(nn.Module):
             layout=layout,
             bias=config.add_bias_linear,
             init_std=config.output_layer_init_std,
-            dtype=config.params_dtype,
+            dtype=dtype,
             device=device,
         )
 

@@ -33,16 +33,16 @@ class MTPDepth(nn.Module):
     """One MTP depth around ``block`` (a transformer layer returning ``(x, moe aux or None)``)."""
 
     def __init__(self, config: ModelConfig, layout: ParallelState, block: nn.Module, *,
-                 device: torch.device | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
         self.layout = layout
-        self.enorm = Norm(config, device=device)
-        self.hnorm = Norm(config, device=device)
+        self.enorm = Norm(config, dtype=dtype, device=device)
+        self.hnorm = Norm(config, dtype=dtype, device=device)
         self.eh_proj = RowParallelLinear(2 * config.hidden_size, config.hidden_size, layout=layout,
                                          bias=config.add_bias_linear, init_std=config.init_method_std,
-                                         dtype=config.params_dtype, device=device)
+                                         dtype=dtype, device=device)
         self.block = block
-        self.final_norm = Norm(config, device=device)
+        self.final_norm = Norm(config, dtype=dtype, device=device)
 
     def forward(self, hidden: torch.Tensor, embedded: torch.Tensor):
         """hidden, embedded: ``[b, s, h]`` (with sequence parallelism this rank's ``[b, s / TP, h]``);

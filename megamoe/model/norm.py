@@ -27,6 +27,7 @@ class Norm(nn.Module):
         config: ModelConfig,
         *,
         size: int | None = None,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
         use_apex: bool = HAVE_APEX,
     ) -> None:
@@ -35,7 +36,6 @@ class Norm(nn.Module):
         self.eps = config.norm_epsilon
         self.use_apex = use_apex
         hidden = config.hidden_size if size is None else size
-        dtype = config.params_dtype
         self.weight = tag_param(
             nn.Parameter(torch.empty(hidden, dtype=dtype, device=device)), weight_decay=False, init="ones"
         )

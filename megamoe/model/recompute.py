@@ -11,11 +11,12 @@ backward, so the collectives still pair up.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 from torch.utils.checkpoint import checkpoint
 
-from megamoe.parallel.random import get_rng_tracker
+from megamoe.parallel.random import RNGStatesTracker
 
 _state = threading.local()
 
@@ -26,10 +27,9 @@ def is_recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
-def _tracker_contexts():
+def _tracker_contexts(tracker: RNGStatesTracker):
     """(forward context, recomputation context): the second puts back the tracker's streams as
     they were when the first forward ran."""
-    tracker = get_rng_tracker()
     states = tracker.get_states()
 
     @contextlib.contextmanager
@@ -46,6 +46,7 @@ def _tracker_contexts():
     return contextlib.nullcontext(), replay()
 
 
-def recomputed(layer, *inputs):
-    """``layer(*inputs)``, its activations recomputed in backward instead of stored."""
-    return checkpoint(layer, *inputs, use_reentrant=False, context_fn=_tracker_contexts)
+def recomputed(tracker: RNGStatesTracker, layer, *inputs):
+    """``layer(*inputs)``, its activations recomputed in backward instead of stored; ``tracker``
+    (the layout's ``rng``) is replayed so dropout draws the same masks twice."""
+    return checkpoint(layer, *inputs, use_reentrant=False, context_fn=functools.partial(_tracker_contexts, tracker))

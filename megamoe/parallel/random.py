@@ -10,15 +10,20 @@ Two streams per process:
 ``fork()`` swaps the model-parallel stream in for the duration of a ``with`` block on the
 current device's generator and restores the default one after, so the two never interleave.
 Initialisation does not use these streams (see ``megamoe.parallel.params``).
+
+The tracker belongs to the layout: every ``ParallelState`` carries its own (``layout.rng``), which
+``model_parallel_seed`` seeds and the model's dropout, the recomputation and the checkpoint use.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from megamoe.parallel.state import ParallelState
+if TYPE_CHECKING:
+    from megamoe.parallel.state import ParallelState
 
 MODEL_PARALLEL_RNG = "model-parallel"
 _OFFSET = 2718
@@ -76,23 +81,17 @@ class RNGStatesTracker:
         self.states = {name: state.clone() for name, state in states.items()}
 
 
-_TRACKER = RNGStatesTracker()
-
-
-def get_rng_tracker() -> RNGStatesTracker:
-    return _TRACKER
-
-
 def model_parallel_stream_seed(seed: int, tp_rank: int) -> int:
     """Seed of the model-parallel stream of TP rank ``tp_rank`` in a run seeded with ``seed``."""
     return seed + _OFFSET + tp_rank
 
 
 def model_parallel_seed(seed: int, layout: ParallelState, device: torch.device | None = None) -> None:
-    """Seed the default and model-parallel streams of ``layout``'s rank."""
-    _TRACKER.reset()
-    _TRACKER.device = device or torch.device("cpu")
+    """Seed the default streams and ``layout.rng``'s model-parallel stream of ``layout``'s rank."""
+    tracker = layout.rng
+    tracker.reset()
+    tracker.device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    if _TRACKER.device.type == "cuda":
+    if tracker.device.type == "cuda":
         torch.cuda.manual_seed(seed)
-    _TRACKER.add(MODEL_PARALLEL_RNG, model_parallel_stream_seed(seed, layout.tp_rank))
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_stream_seed(seed, layout.tp_rank))

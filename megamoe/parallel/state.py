@@ -23,75 +23,104 @@ over the TP group.  With ETP = 1 and EP = TP x DP every rank holds whole experts
 TP GEMMs each TP rank holds ``1/TP`` of the sequence.  ETP different from TP needs it, because
 only then does each rank route tokens of its own.
 
-A ``ParallelState`` is the layout of one rank: its coordinates and, when built with
-``create_groups=True``, its process groups.  Models, their layers and the optimizer receive it
-explicitly and use its groups at run time, so a model can be built for any layout in one
-process without ``torch.distributed`` (``build_parallel_state(..., create_groups=False)``):
-to list its parameter shapes, plan a conversion or check a formula.  The training process
-keeps the one it runs in: ``initialize_model_parallel`` builds it after ``torch.distributed``
-is up, ``get_parallel_state`` returns it, ``destroy_model_parallel`` drops it.
+A ``ParallelState`` is the layout of one rank: its coordinates, the EP size of each MoE layer,
+its RNG streams and, when built with ``create_groups=True``, its process groups.  It is derived
+and validated here only (``build_parallel_state`` from a ``ParallelConfig``, the model's experts
+and the world), and nothing in megamoe keeps it in module state: the entry point builds it
+(``initialize_model_parallel``) and passes it to the model, its layers, the optimizer, the
+trainer and the checkpoint code, which use its groups at run time.  A model can so be built for
+any layout in one process without ``torch.distributed`` (``create_groups=False``): to list its
+parameter shapes, plan a conversion or check a formula.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from megamoe.parallel.config import ParallelConfig
+from megamoe.parallel.random import RNGStatesTracker
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def validate_parallel_sizes(
-    *,
-    world_size: int,
-    tensor_model_parallel_size: int,
-    expert_model_parallel_sizes: Iterable[int],
-    expert_tensor_parallel_size: int | None = None,
-    sequence_parallel: bool = False,
-) -> None:
-    """Raise ``ValueError`` (naming the flags and the valid values) if the sizes cannot form a
-    layout.  ``expert_tensor_parallel_size`` None means TP."""
-    tp = tensor_model_parallel_size
-    if tp < 1 or world_size % tp != 0:
+def resolved_expert_tensor_parallel_size(config: ParallelConfig) -> int:
+    """ETP: ``--expert-tensor-parallel-size``, or TP when it is not given."""
+    etp = config.expert_tensor_parallel_size
+    return config.tensor_model_parallel_size if etp is None else etp
+
+
+def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[int, int] | None = None) -> dict[int, int]:
+    """The one check of a layout: raise ``ValueError`` (one line, naming the flags and the valid
+    values) if ``config`` cannot be laid out over its world, or cannot split the experts of
+    ``experts_by_layer`` (``{MoE layer index: experts}``; ``{}`` for a dense model; None when no
+    model is given, then only the listed EP sizes are checked).  Returns the EP size of each MoE
+    layer of ``experts_by_layer``."""
+    world, tp = config.world_size, config.tensor_model_parallel_size
+    if tp < 1 or world % tp != 0:
         raise ValueError(
-            f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}; "
-            f"valid values: {_divisors(world_size)}"
+            f"--tensor-model-parallel-size {tp} does not divide the world size {world}; valid values: {_divisors(world)}"
         )
-    if sequence_parallel and tp == 1:
+    if config.sequence_parallel and tp == 1:
         raise ValueError(
             "--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1); "
-            f"valid --tensor-model-parallel-size values with it: {_divisors(world_size)[1:]}"
+            f"valid --tensor-model-parallel-size values with it: {_divisors(world)[1:]}"
         )
-    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    if etp < 1 or world_size % etp != 0:
+    etp = resolved_expert_tensor_parallel_size(config)
+    if etp < 1 or world % etp != 0:
         raise ValueError(
-            f"--expert-tensor-parallel-size {etp} does not divide the world size {world_size}; "
-            f"valid values: {_divisors(world_size)}"
+            f"--expert-tensor-parallel-size {etp} does not divide the world size {world}; valid values: {_divisors(world)}"
         )
-    if etp != tp and not sequence_parallel:
+    if etp != tp and not config.sequence_parallel:
         raise ValueError(
             f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: "
-            f"that needs --sequence-parallel (each TP rank then routes its own tokens); "
-            f"valid without it: {tp}"
+            f"that needs --sequence-parallel (each TP rank then routes its own tokens); valid without it: {tp}"
         )
-    dp = world_size // tp
-    for ep in expert_model_parallel_sizes:
+    ep_by_layer = {} if experts_by_layer is None else _ep_by_layer(config.expert_model_parallel_size, experts_by_layer)
+    dp = config.data_parallel_size
+    for ep in config.expert_model_parallel_size:
         if etp == tp and (ep < 1 or dp % ep != 0):
             raise ValueError(
                 f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
-                f"(world {world_size} / tensor-parallel {tp}); valid values: {_divisors(dp)}"
+                f"(world {world} / tensor-parallel {tp}); valid values: {_divisors(dp)}"
             )
-        if ep < 1 or (world_size // etp) % ep != 0:
+        if ep < 1 or (world // etp) % ep != 0:
             raise ValueError(
                 f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not divide "
-                f"the world size {world_size}; valid --expert-model-parallel-size values: "
-                f"{_divisors(world_size // etp)}"
+                f"the world size {world}; valid --expert-model-parallel-size values: {_divisors(world // etp)}"
             )
+    return ep_by_layer
+
+
+def _ep_by_layer(ep_sizes: tuple[int, ...], experts_by_layer: Mapping[int, int]) -> dict[int, int]:
+    """``--expert-model-parallel-size`` (one value, or one per MoE layer) spread over the MoE
+    layers, each checked against the layer's expert count."""
+    layers = sorted(experts_by_layer)
+    if not layers:
+        if ep_sizes != (1,):
+            raise ValueError("--expert-model-parallel-size needs --num-experts (the model has no MoE layer)")
+        return {}
+    if len(ep_sizes) not in (1, len(layers)):
+        raise ValueError(
+            f"--expert-model-parallel-size got {len(ep_sizes)} values {list(ep_sizes)}; give one value or one per "
+            f"MoE layer ({len(layers)} MoE layers: {layers})"
+        )
+    by_layer = {layer: ep_sizes[0] if len(ep_sizes) == 1 else ep_sizes[i] for i, layer in enumerate(layers)}
+    for layer, ep in by_layer.items():
+        experts = experts_by_layer[layer]
+        if experts % ep != 0:
+            raise ValueError(
+                f"--num-experts {experts} (layer {layer}) is not divisible by --expert-model-parallel-size {ep}; "
+                f"valid expert-parallel sizes: {_divisors(experts)}"
+            )
+    return by_layer
 
 
 @dataclass
@@ -114,8 +143,10 @@ class ExpertGroups:
 
 @dataclass
 class ParallelState:
-    """The layout of one rank: its coordinates and ranks in every group, and the process groups
-    themselves (None when built with ``create_groups=False``).  Built by ``build_parallel_state``."""
+    """The layout of one rank: its coordinates and ranks in every group, the process groups
+    themselves (None when built with ``create_groups=False``), the EP size of each MoE layer,
+    and the rank's RNG streams (``rng``, seeded by ``megamoe.parallel.random.model_parallel_seed``).
+    Built, validated, by ``build_parallel_state``; everything below the entry point receives it."""
 
     world_size: int
     rank: int
@@ -131,19 +162,39 @@ class ParallelState:
     etp_size: int
     sequence_parallel: bool = False
     expert: dict[int, ExpertGroups] = field(default_factory=dict)
+    ep_by_layer: dict[int, int] = field(default_factory=dict)
+    rng: RNGStatesTracker = field(default_factory=RNGStatesTracker)
 
     def experts(self, ep_size: int) -> ExpertGroups:
-        """EP/EDP groups for ``ep_size``; it must have been passed to ``initialize_model_parallel``."""
+        """EP/EDP groups for ``ep_size``; it must be one of the layout's EP sizes."""
         try:
             return self.expert[ep_size]
         except KeyError:
             raise ValueError(
-                f"expert-parallel size {ep_size} was not initialised; "
-                f"initialize_model_parallel got {sorted(self.expert)}"
+                f"expert-parallel size {ep_size} is not part of this layout; its EP sizes are {sorted(self.expert)}"
             ) from None
 
+    def ep_size_of_layer(self, layer: int) -> int:
+        """The EP size of MoE layer ``layer`` (its global index)."""
+        try:
+            return self.ep_by_layer[layer]
+        except KeyError:
+            raise ValueError(
+                f"layer {layer} is not an MoE layer of this layout (MoE layers: {sorted(self.ep_by_layer)}); build "
+                f"the layout with the model's experts_by_layer()"
+            ) from None
 
-_STATE: ParallelState | None = None
+    @property
+    def moe_ep_sizes(self) -> tuple[int, ...]:
+        """The EP size of every MoE layer, in layer order."""
+        return tuple(self.ep_by_layer[layer] for layer in sorted(self.ep_by_layer))
+
+    def describe(self) -> str:
+        """One line: the sizes of every dimension."""
+        eps = list(self.moe_ep_sizes) or "-"
+        return (f"world {self.world_size} (TP {self.tp_size} x DP {self.dp_size}"
+                f"{', sequence parallel' if self.sequence_parallel else ''}), ETP {self.etp_size}, "
+                f"EP per MoE layer {eps}")
 
 
 def _new_groups(rank_lists: list[list[int]], my_rank: int, create: bool) -> tuple[dist.ProcessGroup | None, list[int]]:
@@ -158,16 +209,13 @@ def _new_groups(rank_lists: list[list[int]], my_rank: int, create: bool) -> tupl
     return mine
 
 
-def tp_rank_lists(world_size: int, tp: int) -> list[list[int]]:
-    return [list(range(start, start + tp)) for start in range(0, world_size, tp)]
+def consecutive_rank_lists(world_size: int, size: int) -> list[list[int]]:
+    """Blocks of ``size`` consecutive ranks: the TP groups (size TP) and the ETP groups (size ETP)."""
+    return [list(range(start, start + size)) for start in range(0, world_size, size)]
 
 
 def dp_rank_lists(world_size: int, tp: int) -> list[list[int]]:
     return [list(range(t, world_size, tp)) for t in range(tp)]
-
-
-def etp_rank_lists(world_size: int, etp: int) -> list[list[int]]:
-    return [list(range(start, start + etp)) for start in range(0, world_size, etp)]
 
 
 def ep_rank_lists(world_size: int, etp: int, ep: int) -> list[list[int]]:
@@ -205,38 +253,32 @@ def _expert_groups(
 
 
 def build_parallel_state(
+    config: ParallelConfig,
     *,
-    world_size: int,
     rank: int,
-    tensor_model_parallel_size: int,
-    expert_model_parallel_sizes: Iterable[int],
     create_groups: bool,
-    expert_tensor_parallel_size: int | None = None,
-    sequence_parallel: bool = False,
+    experts_by_layer: Mapping[int, int] | None = None,
 ) -> ParallelState:
-    """The layout of ``rank``: its ranks and coordinates in every group.
+    """The layout of ``rank`` in ``config``'s world: its ranks and coordinates in every group.
 
-    ``create_groups=True`` (what ``initialize_model_parallel`` does) creates the process groups,
-    a collective over the world; ``False`` leaves every group None, for planning a layout that no
-    process runs (checkpoint conversion).  EP size 1 is always included.
-    ``expert_tensor_parallel_size`` None means TP.  Validated before any group is created.
+    ``experts_by_layer`` (``ModelConfig.experts_by_layer()``: ``{MoE layer: experts}``) gives
+    each MoE layer its EP size and is checked against it; None builds the groups of the listed
+    EP sizes only (a layout for tests of single layers).  EP size 1 is always included.
+    ``create_groups=True`` (``initialize_model_parallel``) creates the process groups, a
+    collective over the world; ``False`` leaves every group None, for planning a layout that no
+    process runs (checkpoint conversion).  Validated (``validate_parallel_layout``) before any
+    group is created.
     """
-    tp = tensor_model_parallel_size
-    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    ep_sizes = sorted(set(expert_model_parallel_sizes) | {1})
-    validate_parallel_sizes(
-        world_size=world_size,
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_sizes=ep_sizes,
-        expert_tensor_parallel_size=etp,
-        sequence_parallel=sequence_parallel,
-    )
-    tp_group, tp_ranks = _new_groups(tp_rank_lists(world_size, tp), rank, create_groups)
+    ep_by_layer = validate_parallel_layout(config, experts_by_layer)
+    world_size, tp = config.world_size, config.tensor_model_parallel_size
+    etp = resolved_expert_tensor_parallel_size(config)
+    ep_sizes = sorted(set(config.expert_model_parallel_size) | set(ep_by_layer.values()) | {1})
+    tp_group, tp_ranks = _new_groups(consecutive_rank_lists(world_size, tp), rank, create_groups)
     dp_group, dp_ranks = _new_groups(dp_rank_lists(world_size, tp), rank, create_groups)
     if etp == tp:  # the same ranks: reuse the TP groups rather than create them twice
         etp_group, etp_ranks = tp_group, tp_ranks
     else:
-        etp_group, etp_ranks = _new_groups(etp_rank_lists(world_size, etp), rank, create_groups)
+        etp_group, etp_ranks = _new_groups(consecutive_rank_lists(world_size, etp), rank, create_groups)
     state = ParallelState(
         world_size=world_size,
         rank=rank,
@@ -244,71 +286,37 @@ def build_parallel_state(
         tp_rank=tp_ranks.index(rank),
         tp_group=tp_group,
         tp_ranks=tp_ranks,
-        dp_size=world_size // tp,
+        dp_size=len(dp_ranks),
         dp_rank=dp_ranks.index(rank),
         dp_group=dp_group,
         dp_ranks=dp_ranks,
         world_group=dist.group.WORLD if create_groups else None,
         etp_size=etp,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=config.sequence_parallel,
+        ep_by_layer=ep_by_layer,
     )
     for ep in ep_sizes:
         state.expert[ep] = _expert_groups(world_size, rank, etp_group, etp_ranks, ep, create_groups)
     return state
 
 
-def single_rank_layout() -> ParallelState:
+def single_rank_layout(experts_by_layer: Mapping[int, int] | None = None) -> ParallelState:
     """The layout of a one-process run (TP = DP = EP = 1), without process groups: every
     collective of a model built for it is skipped, so it runs without ``torch.distributed``."""
-    return build_parallel_state(
-        world_size=1, rank=0, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,), create_groups=False
-    )
+    return build_parallel_state(ParallelConfig(), rank=0, create_groups=False, experts_by_layer=experts_by_layer)
 
 
 def initialize_model_parallel(
-    tensor_model_parallel_size: int = 1,
-    expert_model_parallel_sizes: Iterable[int] = (1,),
-    *,
-    expert_tensor_parallel_size: int | None = None,
-    sequence_parallel: bool = False,
+    config: ParallelConfig, experts_by_layer: Mapping[int, int] | None = None
 ) -> ParallelState:
-    """Build every group of the layout; call on all ranks after ``dist.init_process_group``.
-
-    ``expert_model_parallel_sizes`` lists each distinct EP size used by the model's MoE layers
-    (e.g. ``(4, 2)`` for a model with layers at EP=4 and EP=2).  EP size 1 is always available.
-    Sizes are validated before any group is created.
-    """
-    global _STATE
+    """Build every group of ``config``'s layout over the running world (``config.world_size`` is
+    taken from ``torch.distributed``) and return this rank's ``ParallelState``; call on all
+    ranks after ``dist.init_process_group``.  Nothing is kept in module state: the caller passes
+    the result on.  See ``build_parallel_state`` for ``experts_by_layer``."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before initialize_model_parallel")
-    if _STATE is not None:
-        raise RuntimeError("model parallel state is already initialised; call destroy_model_parallel first")
-    _STATE = build_parallel_state(
-        world_size=dist.get_world_size(),
-        rank=dist.get_rank(),
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        expert_model_parallel_sizes=expert_model_parallel_sizes,
-        create_groups=True,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-        sequence_parallel=sequence_parallel,
-    )
-    return _STATE
-
-
-def is_initialized() -> bool:
-    return _STATE is not None
-
-
-def get_parallel_state() -> ParallelState:
-    if _STATE is None:
-        raise RuntimeError("initialize_model_parallel has not been called")
-    return _STATE
-
-
-def destroy_model_parallel() -> None:
-    """Forget the groups (the process group itself stays up)."""
-    global _STATE
-    _STATE = None
+    config = dataclasses.replace(config, world_size=dist.get_world_size())
+    return build_parallel_state(config, rank=dist.get_rank(), create_groups=True, experts_by_layer=experts_by_layer)
 
 
 def default_backend(device: torch.device) -> str:

@@ -14,20 +14,17 @@ import difflib
 import importlib
 import os
 
+import torch
+
 from megamoe.data.build import MOCK_VOCAB_SIZE, DataConfig
 from megamoe.flags import add_flags, from_args, set_args_from
-from megamoe.model.config import RUNTIME_FIELDS, ModelConfig
+from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.optim import OptimizerConfig
-from megamoe.parallel.state import resolve_device, validate_parallel_sizes
-from megamoe.training.config import (
-    FLAG_GROUPS,
-    CheckpointConfig,
-    LoggingConfig,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-)
-from megamoe.training.flops import default_peak_tflops
+from megamoe.parallel.config import ParallelConfig
+from megamoe.parallel.state import resolve_device, resolved_expert_tensor_parallel_size, validate_parallel_layout
+from megamoe.training.config import FLAG_GROUPS, CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
+from megamoe.training.flops import peak_tflops_of
 from megamoe.training.lr_schedule import LRSchedule
 from megamoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
 
@@ -96,7 +93,7 @@ def _checkpoint_model_args(args: argparse.Namespace) -> None:
     if found is None:
         raise ConfigError(f"--use-checkpoint-args: --load {args.load} holds no megamoe checkpoint to take the model from")
     model = model_config_from_dict(found[1]["model_config"])
-    set_args_from(model, args, exclude=RUNTIME_FIELDS)
+    set_args_from(model, args)
     if args.mock_data and args.vocab_size is None:
         args.vocab_size = model.vocab_size
 
@@ -121,17 +118,14 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         parallel.sequence_parallel = False
         notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
                        "does): it splits activations over the TP ranks, and there is one")
-    validate_parallel_sizes(world_size=world_size, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-                            expert_model_parallel_sizes=(),
-                            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-                            sequence_parallel=parallel.sequence_parallel)
-    dp = parallel.data_parallel_size
+    validate_parallel_layout(parallel)
+    tp, dp = parallel.tensor_model_parallel_size, parallel.data_parallel_size
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     if global_batch % (args.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"--global-batch-size {global_batch} is not divisible by --micro-batch-size {args.micro_batch_size} "
-            f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size "
-            f"{parallel.tensor_model_parallel_size}); use a multiple of {args.micro_batch_size * dp}"
+            f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size {tp}); "
+            f"use a multiple of {args.micro_batch_size * dp}"
         )
     train = from_args(TrainConfig, args, global_batch_size=global_batch, device=resolve_device(args.device),
                       num_microbatches=global_batch // (args.micro_batch_size * dp))
@@ -139,24 +133,19 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     data, vocab_size, eod_token_id = _resolve_data(args)
     if train.eod_mask_loss and eod_token_id is None:
         raise ConfigError("--eod-mask-loss needs real data and its tokenizer, not --mock-data")
-    if parallel.sequence_parallel and train.seq_length % parallel.tensor_model_parallel_size != 0:
+    if parallel.sequence_parallel and train.seq_length % tp != 0:
         raise ConfigError(
-            f"--sequence-parallel needs --seq-length {train.seq_length} divisible by "
-            f"--tensor-model-parallel-size {parallel.tensor_model_parallel_size}"
+            f"--sequence-parallel needs --seq-length {train.seq_length} divisible by --tensor-model-parallel-size {tp}"
         )
     max_pos = args.max_position_embeddings or train.seq_length
     if train.seq_length > max_pos:
         raise ConfigError(f"--seq-length {train.seq_length} exceeds --max-position-embeddings {max_pos}")
-    model = from_args(ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos,
-                      params_dtype=train.params_dtype)
-    if not model.num_experts and model.expert_model_parallel_size != (1,):
-        raise ConfigError("--expert-model-parallel-size needs --num-experts (the model has no MoE layer)")
-    model.check_parallel_layout(
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        data_parallel_size=dp,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
-        sequence_parallel=parallel.sequence_parallel,
-    )
+    model = from_args(ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos)
+    validate_parallel_layout(parallel, model.experts_by_layer())
+    model.check_tensor_parallel(tensor_model_parallel_size=tp,
+                                expert_tensor_parallel_size=resolved_expert_tensor_parallel_size(parallel))
+    execution = from_args(ExecutionConfig, args, params_dtype=train.params_dtype)
+    execution.layer_chunks(model.num_layers)
 
     optimizer = from_args(OptimizerConfig, args, params_dtype=train.params_dtype)
     schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr, train_iters=train.train_iters,
@@ -164,11 +153,18 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     checkpoint = from_args(CheckpointConfig, args)
     if checkpoint.save and os.path.exists(checkpoint.save) and not os.path.isdir(checkpoint.save):
         raise ConfigError(f"--save {checkpoint.save} exists and is not a directory")
-    logging = from_args(LoggingConfig, args, peak_tflops=args.peak_tflops_per_device or default_peak_tflops(train.device))
+    peak = args.peak_tflops_per_device
+    if peak is None and train.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = peak_tflops_of(name)
+        if peak is None:
+            notices.append(f"no MFU in the log: the peak TFLOP/s of {name!r} is not known; give "
+                           f"--peak-tflops-per-device")
+    logging = from_args(LoggingConfig, args, peak_tflops=peak)
     _check_logging(logging)
-    return RunConfig(model=model, parallel=parallel, optimizer=optimizer, schedule=schedule, data=data, train=train,
-                     checkpoint=checkpoint, logging=logging, eod_token_id=eod_token_id, args=vars(args),
-                     notices=notices)
+    return RunConfig(model=model, parallel=parallel, execution=execution, optimizer=optimizer, schedule=schedule,
+                     data=data, train=train, checkpoint=checkpoint, logging=logging, eod_token_id=eod_token_id,
+                     args=vars(args), notices=notices)
 
 
 def _check_logging(logging: LoggingConfig) -> None:

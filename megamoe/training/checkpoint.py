@@ -32,45 +32,44 @@ from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
 from megamoe.checkpointing.param_specs import ParamSpec
 from megamoe.checkpointing.save import PendingSave, SaveRequest, save_sharded
 from megamoe.optim.state_dict import OPTIMIZER_SCALARS
-from megamoe.parallel.random import get_rng_tracker
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.random import RNGStatesTracker
+from megamoe.parallel.state import ParallelState
 from megamoe.training.save_lock import LOCK_FILE, SaveLock
 
 __all__ = ["CheckpointError", "Loaded", "check_same_model", "claim_save_dir", "open_checkpoint", "run_topology",
            "read_metadata", "save_checkpoint"]
 
 
-def run_topology(model_config, use_distributed_optimizer: bool) -> SavedTopology:
-    """The topology this run saves its checkpoints in."""
-    state = get_parallel_state()
+def run_topology(state: ParallelState, use_distributed_optimizer: bool) -> SavedTopology:
+    """The topology of ``state``'s run, as its checkpoints record it."""
     return SavedTopology(
         world_size=state.world_size,
         tensor_model_parallel_size=state.tp_size,
-        expert_model_parallel_size=tuple(model_config.moe_ep_sizes()),
+        expert_model_parallel_size=state.moe_ep_sizes,
         use_distributed_optimizer=bool(use_distributed_optimizer),
         expert_tensor_parallel_size=state.etp_size,
         sequence_parallel=state.sequence_parallel,
     )
 
 
-def _rng_state() -> dict:
+def _rng_state(tracker: RNGStatesTracker) -> dict:
     state = {
         "python": random.getstate(),
         "torch_cpu": torch.get_rng_state(),
-        "tracker": get_rng_tracker().get_states(),
+        "tracker": tracker.get_states(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, tracker: RNGStatesTracker) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
-    get_rng_tracker().set_states(state["tracker"])
+    tracker.set_states(state["tracker"])
 
 
 def save_checkpoint(
@@ -81,6 +80,7 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer,
     model_config,
+    layout: ParallelState,
     use_distributed_optimizer: bool,
     args: dict,
     lr_schedule: dict | None = None,
@@ -96,7 +96,7 @@ def save_checkpoint(
     cannot be saved (state not finite, disk full) raises ``CheckpointError`` on every rank, with
     ``async_save`` from ``wait()``; the previous one stays the latest.  Without ``save_optimizer``
     (--no-save-optim) it holds the weights only, as an imported one does."""
-    state = get_parallel_state()
+    state = layout
     where = placements(model, state)
     optim = optimizer.state_dict()
     specs = {name: ParamSpec.of(name, p, where[name].global_shape).to_entry() for name, p in model.named_parameters()}
@@ -104,14 +104,14 @@ def save_checkpoint(
         root=root,
         iteration=iteration,
         consumed_samples=consumed_samples,
-        topology=run_topology(model_config, use_distributed_optimizer),
+        topology=run_topology(state, use_distributed_optimizer),
         model_config=model_config_dict(model_config),
         args=args,
         optimizer={key: optim[key] for key in OPTIMIZER_SCALARS} if save_optimizer else None,
         lr_schedule=lr_schedule,
         params=specs,
         views=model_views(model, where) + (optimizer_views(optim["shards"], where) if save_optimizer else []),
-        rng=_rng_state(),
+        rng=_rng_state(state.rng),
         keep_last=keep_last,
     )
     return save_sharded(request, state, async_save=async_save, on_published=on_published)
@@ -122,14 +122,10 @@ def check_same_model(directory: str, metadata: dict, model_config) -> None:
     parallel layout may differ: loading reshards."""
     saved_model = metadata["model_config"]
     current_model = model_config_dict(model_config)
-    # EP sizes are layout, not model; how activations are kept and which GEMM path runs do not
-    # change the weights either.
-    not_model = ("params_dtype", "expert_model_parallel_size", "moe_grouped_gemm", "recompute_granularity",
-                 "recompute_method", "recompute_num_layers", "cross_entropy_chunk_size")
     # A field a checkpoint predates has its default (the value the model had before the field existed).
     defaults = model_config_dict(type(model_config)(vocab_size=model_config.vocab_size))
     saved_model = {**defaults, **saved_model}
-    differ = [k for k in current_model if saved_model.get(k) != current_model[k] and k not in not_model]
+    differ = [k for k in current_model if saved_model.get(k) != current_model[k]]
     if differ:
         details = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current_model[k]!r}" for k in differ)
         raise CheckpointError(f"{directory} holds a different model ({details})")
@@ -138,9 +134,9 @@ def check_same_model(directory: str, metadata: dict, model_config) -> None:
 class Loaded:
     """A checkpoint opened and checked (files, checksums, model) for this run; nothing applied yet."""
 
-    def __init__(self, directory: str, metadata: dict, files: ShardFiles) -> None:
+    def __init__(self, directory: str, metadata: dict, files: ShardFiles, layout: ParallelState) -> None:
         self.directory, self.metadata, self.files = directory, metadata, files
-        self.state = get_parallel_state()
+        self.state = layout
         self.iteration = int(metadata["iteration"])
         self.consumed_samples = int(metadata["consumed_samples"])
         self.saved_topology = SavedTopology.from_metadata(metadata["layout"])
@@ -158,23 +154,23 @@ class Loaded:
         states = rng_states(self.files, self.state, int(self.metadata["args"].get("seed", 0)))
         if states is None:
             return False
-        _set_rng_state(states)
+        _set_rng_state(states, self.state.rng)
         return True
 
 
-def open_checkpoint(root: str, model_config) -> Loaded | None:
-    """Collective over the world: the checkpoint ``root`` names, checked, or None if there is
-    none.  A damaged one (its metadata.json, or any byte of its files: ``integrity``) is refused
+def open_checkpoint(root: str, model_config, layout: ParallelState) -> Loaded | None:
+    """Collective over ``layout``'s world: the checkpoint ``root`` names, checked for loading into
+    ``layout``'s rank, or None if there is none.  A damaged one (its metadata.json, or any byte of its files: ``integrity``) is refused
     on every rank, naming the file and the tensor, and the newest intact checkpoint beside it to
     ``--load`` instead."""
     directory = checkpoint_dir(root)
     if directory is None:
         return None
-    state = get_parallel_state()
+    state = layout
     metadata = _or_newest_intact(directory, state, lambda: load_metadata(directory))
     check_same_model(directory, metadata, model_config)
     files = _or_newest_intact(directory, state, lambda: _verified_files(directory, metadata, state))
-    return Loaded(directory, metadata, files)
+    return Loaded(directory, metadata, files, layout)
 
 
 def _verified_files(directory: str, metadata: dict, state) -> ShardFiles:
@@ -228,12 +224,12 @@ def _check_save_dir(root: str) -> None:
 
 
 @contextlib.contextmanager
-def claim_save_dir(root: str, log) -> Iterator[None]:
-    """Collective over the world, for the whole run: ``_check_save_dir`` on every rank, then rank 0
-    holds ``root``'s run lock (``save_lock``) until the block ends.  A directory another run holds
-    is refused on every rank, before any work, naming that run."""
+def claim_save_dir(root: str, layout: ParallelState, log) -> Iterator[None]:
+    """Collective over ``layout``'s world, for the whole run: ``_check_save_dir`` on every rank,
+    then rank 0 holds ``root``'s run lock (``save_lock``) until the block ends.  A directory
+    another run holds is refused on every rank, before any work, naming that run."""
     _check_save_dir(root)
-    state = get_parallel_state()
+    state = layout
     lock = SaveLock(root) if state.rank == 0 else None
     outcome = [lock.acquire() if lock is not None else None]
     dist.broadcast_object_list(outcome, src=0, group=state.world_group)

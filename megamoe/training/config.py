@@ -1,7 +1,10 @@
 """The training run's config dataclasses; each field declares its flag (``megamoe.flags``).
 
-The model, optimizer, schedule and data configs live with their packages; these hold what only
-the trainer reads.  ``RunConfig`` gathers them all; ``megamoe.training.arguments`` builds it.
+One dataclass per concern, each living with the package that reads it: the architecture
+(``ModelConfig``: what a checkpoint and Hugging Face describe), the parallel layout
+(``ParallelConfig``), how the model runs (``ExecutionConfig``: precision, recomputation,
+chunking, GEMM path), the optimizer, the schedule and the data.  These below hold what only the
+trainer reads.  ``RunConfig`` gathers them all; ``megamoe.training.arguments`` builds it.
 """
 
 from __future__ import annotations
@@ -13,29 +16,10 @@ import torch
 from megamoe.data.build import DataConfig
 from megamoe.flags import check_fields, derived, flag, non_negative, positive
 from megamoe.model.config import ModelConfig
+from megamoe.model.execution import ExecutionConfig
 from megamoe.optim import OptimizerConfig
-from megamoe.training.flops import CUDA_PEAK_TFLOPS
+from megamoe.parallel.config import ParallelConfig
 from megamoe.training.lr_schedule import LRSchedule
-
-
-@dataclass
-class ParallelConfig:
-    world_size: int = derived(help="WORLD_SIZE from torchrun")
-    tensor_model_parallel_size: int = flag(1, help="TP: ranks that split each layer's matrices", check=positive)
-    sequence_parallel: bool = flag(False, help="split the activations outside the TP GEMMs (norms, dropout, "
-                                   "residuals, routing) along the sequence over TP; needs TP > 1")
-    distributed_timeout_minutes: int | None = flag(
-        None, help="how long a collective may wait for the other ranks before the run fails", check=positive,
-        default_text="torch's: 30 with gloo, 10 with NCCL")
-    expert_tensor_parallel_size: int | None = flag(
-        None, help="ETP: ranks that split each expert; the EP groups are formed from the other ranks, "
-        "so EP x ETP may span TP and DP (ETP other than TP needs --sequence-parallel)",
-        check=positive, default_text="--tensor-model-parallel-size",
-    )
-
-    @property
-    def data_parallel_size(self) -> int:
-        return self.world_size // self.tensor_model_parallel_size
 
 
 @dataclass
@@ -55,6 +39,9 @@ class TrainConfig:
                                         "of the validation split once, and exit without training or saving")
     device: str | None = flag(None, help="where to train", choices=("cpu", "cuda"),
                               default_text="cuda when available")
+    distributed_timeout_minutes: int | None = flag(
+        None, help="how long a collective may wait for the other ranks before the run fails", check=positive,
+        default_text="torch's: 30 with gloo, 10 with NCCL")
     exit_signal_handler: bool = flag(False, help="save and exit on SIGTERM or SIGINT (Ctrl-C)")
     check_for_nan_in_loss_and_grad: bool = flag(
         True, name="--no-check-for-nan-in-loss-and-grad",
@@ -147,8 +134,9 @@ class LoggingConfig:
     log_memory_to_tensorboard: bool = flag(False, help="write the peak memory to tensorboard / wandb")
     log_validation_ppl_to_tensorboard: bool = flag(False, help="write the validation perplexity to "
                                                                "tensorboard / wandb")
-    peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak for the MFU",
-                                     check=positive, default_text=f"{CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU")
+    peak_tflops: float | None = flag(None, name="--peak-tflops-per-device", help="peak dense bf16 TFLOP/s of one "
+                                     "device, for the MFU", check=positive,
+                                     default_text="by CUDA device name (A100, H100, H200, B200); none elsewhere")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -158,6 +146,7 @@ class LoggingConfig:
 class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig
+    execution: ExecutionConfig
     optimizer: OptimizerConfig
     schedule: LRSchedule
     data: DataConfig
@@ -176,8 +165,9 @@ class RunConfig:
 
 # The flag groups of --help, in order: (title, dataclass).
 FLAG_GROUPS = (
-    ("model", ModelConfig),
+    ("model architecture", ModelConfig),
     ("parallelism", ParallelConfig),
+    ("execution (memory and speed; the function computed is unchanged)", ExecutionConfig),
     ("optimizer and precision", OptimizerConfig),
     ("learning-rate schedule", LRSchedule),
     ("batch, run and evaluation", TrainConfig),

@@ -17,7 +17,7 @@ that MFU compares across frameworks:
                                                    d_v = d, MLA: d_qk = dn + dr, d_v = dv)
 
 Not counted: norms, softmax, activations, router top-k, the optimizer, biases.
-MFU = achieved TFLOP/s per device / peak TFLOP/s per device (dense bf16; H100/H200 SXM: 989).
+MFU = achieved TFLOP/s per device / peak TFLOP/s per device (dense bf16, ``PEAK_TFLOPS_BY_DEVICE``).
 """
 
 from __future__ import annotations
@@ -65,12 +65,26 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     return 6.0 * active_parameters(config) + 6.0 * layers * _score_width(config) * seq_length
 
 
-CUDA_PEAK_TFLOPS = 989.0  # dense bf16 of an H100/H200 SXM: the default --peak-tflops-per-device on CUDA
+# Dense bf16 peak TFLOP/s per device, by a part of the CUDA device name; the first match wins, so
+# the PCIe and NVL variants of the H100 come before the SXM part's plain name.
+PEAK_TFLOPS_BY_DEVICE = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+)
 
 
-def default_peak_tflops(device: str) -> float | None:
-    """--peak-tflops-per-device when not given: the H100/H200 peak on CUDA, none (no MFU) on CPU."""
-    return CUDA_PEAK_TFLOPS if device == "cuda" else None
+def peak_tflops_of(device_name: str) -> float | None:
+    """The dense bf16 peak of the device called ``device_name`` (``torch.cuda.get_device_name``),
+    or None for a device the table does not know (then no MFU is logged unless
+    --peak-tflops-per-device gives it)."""
+    for part, peak in PEAK_TFLOPS_BY_DEVICE:
+        if part.lower() in device_name.lower():
+            return peak
+    return None
 
 
 def mfu(tflops_per_device: float, peak_tflops: float | None) -> float | None:

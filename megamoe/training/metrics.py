@@ -15,12 +15,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from megamoe.parallel.state import get_parallel_state
+from megamoe.parallel.state import ParallelState
 from megamoe.training.flops import mfu
 
 
 class IntervalMetrics:
-    def __init__(self, *, device: torch.device, flops_per_token: float, peak_tflops: float | None) -> None:
+    def __init__(self, *, layout: ParallelState, device: torch.device, flops_per_token: float,
+                 peak_tflops: float | None) -> None:
+        self.layout = layout
         self.device = device
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
@@ -76,7 +78,7 @@ class IntervalMetrics:
 
     def finish_interval(self, iteration: int, consumed_samples: int, lr: float, result) -> dict:
         """All-reduce the interval's sums over DP and return one log record (host sync here only)."""
-        state = get_parallel_state()
+        state = self.layout
         has_moe = self.expert_tokens is not None
         packed = [self.losses, self.dropped.reshape(1)] + (self.expert_tokens if has_moe else [])
         flat = torch.cat([t.reshape(-1).float() for t in packed])

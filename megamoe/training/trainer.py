@@ -25,12 +25,7 @@ from megamoe.model.moe.balancing import start_step, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
-from megamoe.parallel.state import (
-    destroy_model_parallel,
-    device_from_environment,
-    get_parallel_state,
-    initialize_model_parallel,
-)
+from megamoe.parallel.state import ParallelState, device_from_environment, initialize_model_parallel
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.arguments import ConfigError
 from megamoe.training.config import RunConfig
@@ -48,8 +43,9 @@ class StopCheck:
     (a signal may reach one rank only, and clocks differ), run only when one of them is on."""
 
     def __init__(self, exit_signal_handler: bool, exit_duration_mins: float | None, device: torch.device,
-                 started: float) -> None:
+                 started: float, layout: ParallelState) -> None:
         self.device = device
+        self.layout = layout
         self.on_signal = exit_signal_handler
         self.deadline = started + 60.0 * exit_duration_mins if exit_duration_mins else None
         self.exit_duration_mins = exit_duration_mins
@@ -69,7 +65,7 @@ class StopCheck:
             return None
         timed_out = self.deadline is not None and time.monotonic() >= self.deadline
         flags = torch.tensor([float(self.received), float(timed_out)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.layout.world_group)
         if flags[0].item():
             return f"{signal.Signals(int(flags[0].item())).name} received"
         if flags[1].item():
@@ -139,7 +135,7 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
 
 @torch.no_grad()
 def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mask_token: int | None = None) -> float:
-    """Mean LM loss over ``eval_iters`` global batches, averaged over DP."""
+    """Mean LM loss over ``eval_iters`` global batches, averaged over the model's DP group."""
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
@@ -148,18 +144,17 @@ def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mas
             batch = prepare_batch(batch, device, eod_mask_token)
             total += model(batch["tokens"], batch["labels"], batch["loss_mask"]).lm_loss
             count += 1
-    state = get_parallel_state()
+    state = model.layout
     dist.all_reduce(total, group=state.dp_group)
     model.train()
     return total.item() / (count * state.dp_size)
 
 
-def _setup(cfg: RunConfig, device: torch.device, log: TrainingLogger):
-    state = get_parallel_state()
+def _setup(cfg: RunConfig, state: ParallelState, device: torch.device, log: TrainingLogger):
     model_parallel_seed(cfg.train.seed, state, device)
-    model = GPTModel(cfg.model, state, device=device).initialize(cfg.train.seed)
+    model = GPTModel(cfg.model, state, cfg.execution, device=device).initialize(cfg.train.seed)
     train_state = TrainState()
-    loaded = ckpt.open_checkpoint(cfg.checkpoint.load, cfg.model) if cfg.checkpoint.load else None
+    loaded = ckpt.open_checkpoint(cfg.checkpoint.load, cfg.model, state) if cfg.checkpoint.load else None
     if cfg.checkpoint.load and loaded is None:
         log.info(f"no checkpoint found in --load {cfg.checkpoint.load}; starting from scratch")
     # --skip-train evaluates the weights: no optimizer state (nor its LR schedule) is needed.
@@ -223,6 +218,7 @@ def _save(cfg: RunConfig, model, optimizer, schedule, train_state: TrainState, l
         model=model,
         optimizer=optimizer,
         model_config=cfg.model,
+        layout=model.layout,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         args=cfg.args,
         lr_schedule=schedule.curve(),
@@ -240,26 +236,18 @@ def pretrain(cfg: RunConfig) -> dict:
     """Train as configured; returns the last log record.  Collective: call on every rank."""
     started = time.monotonic()
     device = device_from_environment(cfg.train.device)
-    minutes = cfg.parallel.distributed_timeout_minutes
+    minutes = cfg.train.distributed_timeout_minutes
     init_distributed(device, timeout=timedelta(minutes=minutes) if minutes else None)
-    initialize_model_parallel(
-        cfg.parallel.tensor_model_parallel_size,
-        set(cfg.model.moe_ep_sizes()),
-        expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-    )
-    state = get_parallel_state()
+    state = initialize_model_parallel(cfg.parallel, cfg.model.experts_by_layer())
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
     try:
-        with ckpt.claim_save_dir(cfg.checkpoint.save, log) if cfg.checkpoint.save else contextlib.nullcontext():
-            return _train(cfg, device, log, started)
+        with ckpt.claim_save_dir(cfg.checkpoint.save, state, log) if cfg.checkpoint.save else contextlib.nullcontext():
+            return _train(cfg, state, device, log, started)
     finally:
         log.close()
-        destroy_model_parallel()
 
 
-def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: float) -> dict:
-    state = get_parallel_state()
+def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: TrainingLogger, started: float) -> dict:
     for notice in cfg.notices:
         log.info(notice)
     try:  # before the model: a data problem is the user's, and should cost nothing
@@ -271,7 +259,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         log.info(f"--split {cfg.data.split}: the validation split is empty; evaluation is skipped "
                  f"(as Megatron does)")
         evaluate_every = 0
-    model, optimizer, train_state, schedule = _setup(cfg, device, log)
+    model, optimizer, train_state, schedule = _setup(cfg, state, device, log)
     t = cfg.train
     if t.skip_train:
         if valid_ds is None:
@@ -282,14 +270,12 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
     log.info(
-        f"training: world {state.world_size} (TP {state.tp_size} x DP {state.dp_size}"
-        f"{', sequence parallel' if state.sequence_parallel else ''}), ETP {state.etp_size}, "
-        f"EP per MoE layer {list(cfg.model.moe_ep_sizes()) or '-'}, ZeRO-1 {'on' if cfg.optimizer.use_distributed_optimizer else 'off'}, "
+        f"training: {state.describe()}, ZeRO-1 {'on' if cfg.optimizer.use_distributed_optimizer else 'off'}, "
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
-        f"params {str(cfg.model.params_dtype).replace('torch.', '')}, device {device.type}"
+        f"params {str(cfg.execution.params_dtype).replace('torch.', '')}, device {device.type}"
     )
-    stop = StopCheck(t.exit_signal_handler, t.exit_duration_in_mins, device, started)
-    metrics = IntervalMetrics(device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
+    stop = StopCheck(t.exit_signal_handler, t.exit_duration_in_mins, device, started, state)
+    metrics = IntervalMetrics(layout=state, device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
                               peak_tflops=cfg.logging.peak_tflops)
     record: dict = {}
     saved_at = None
@@ -337,7 +323,7 @@ def _train(cfg: RunConfig, device: torch.device, log: TrainingLogger, started: f
         pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
     if pending is not None:
         pending.wait()
-        dist.barrier()  # every rank returns once the last checkpoint is published
+        dist.barrier(group=state.world_group)  # every rank returns once the last checkpoint is published
     return record
 
 
@@ -346,7 +332,7 @@ def _run_eval(cfg: RunConfig, model, valid_ds, iteration: int, window: int, devi
     of the validation split (each evaluation of a run reads batches of its own); log and return the
     record."""
     t = cfg.train
-    state = get_parallel_state()
+    state = model.layout
     start = window * t.eval_iters * t.global_batch_size
     valid_iter = micro_batches(valid_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=start)

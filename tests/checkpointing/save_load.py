@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from megamoe.model.config import ModelConfig
-from megamoe.parallel import state as ps
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training import checkpoint as ckpt
 from tests.checkpointing.convert.version1 import save_version_1
@@ -33,8 +31,7 @@ class Run:
     zero: bool
 
 
-def model_config(eps) -> ModelConfig:
-    return tiny_config(vocab_size=VOCAB, untie_embeddings_and_output_weights=True, expert_model_parallel_size=tuple(eps))
+CONFIG = tiny_config(vocab_size=VOCAB, untie_embeddings_and_output_weights=True)
 
 
 def step(model, opt, index: int) -> float:
@@ -58,8 +55,8 @@ def train_save_continue(rank, world, run: Run, save_root: str, steps: int, token
     converted checkpoint must reproduce).  Returns the saved model's logits on ``tokens`` and
     full parameters, and the next step's loss and full parameters.  ``version1_root``: also save
     the same state there in format version 1."""
-    config = model_config(run.eps)
-    model = build_model(config, run.tp)
+    config = CONFIG
+    model = build_model(config, run.tp, run.eps)
     opt = build_optimizer(model, zero=run.zero)
     for index in range(steps):
         step(model, opt, index)
@@ -70,6 +67,7 @@ def train_save_continue(rank, world, run: Run, save_root: str, steps: int, token
         model=model,
         optimizer=opt,
         model_config=config,
+        layout=model.layout,
         use_distributed_optimizer=run.zero,
         args={"seed": SEED},
     )
@@ -80,7 +78,6 @@ def train_save_continue(rank, world, run: Run, save_root: str, steps: int, token
     saved = full_params(model)
     loss = step(model, opt, steps)
     params = full_params(model)
-    ps.destroy_model_parallel()
     return {"logits": logits, "saved_params": saved, "next_loss": loss, "next_params": params} if rank == 0 else None
 
 
@@ -89,9 +86,8 @@ def load_and_step(rank, world, runs: list[tuple[Run, str]], next_index: int) -> 
     ``next_index``, and return the loaded and the updated full parameters and the loss."""
     out = []
     for run, root in runs:
-        config = model_config(run.eps)
-        model = build_model(config, run.tp)
-        loaded = ckpt.open_checkpoint(root, config)
+        model = build_model(CONFIG, run.tp, run.eps)
+        loaded = ckpt.open_checkpoint(root, CONFIG, model.layout)
         loaded.load_model(model)
         opt = build_optimizer(model, zero=run.zero)
         loaded.load_optimizer(opt, model)
@@ -99,5 +95,4 @@ def load_and_step(rank, world, runs: list[tuple[Run, str]], next_index: int) -> 
         loaded = full_params(model)
         loss = step(model, opt, next_index)
         out.append({"loaded_params": loaded, "loss": loss, "params": full_params(model)})
-        ps.destroy_model_parallel()
     return out if rank == 0 else None

@@ -41,26 +41,23 @@ def test_box_intersection():
 def _save_or_load(rank, world, root, tp, ep, zero, save):
     """Save (``save``) or load the tiny MoE with expert biases at TP ``tp``, EP ``ep``; return its
     full parameters and expert biases on rank 0.  The loading model starts from other weights."""
-    from megamoe.parallel import state as ps
     from megamoe.training import checkpoint as ckpt
 
-    config = tiny_config(vocab_size=300, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                         expert_model_parallel_size=(ep,))
-    model = build_model(config, tp, seed=SEED if save else SEED + 1)
+    config = tiny_config(vocab_size=300, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    model = build_model(config, tp, (ep,), seed=SEED if save else SEED + 1)
     opt = build_optimizer(model, zero=zero)
     if save:
         for index, (name, buffer) in enumerate(model.named_buffers()):
             if name.endswith("expert_bias"):
                 buffer.copy_(torch.linspace(-1.0, 1.0, buffer.numel()) * (index + 1))
         ckpt.save_checkpoint(root, iteration=1, consumed_samples=0, model=model, optimizer=opt, model_config=config,
-                             use_distributed_optimizer=zero, args={"seed": SEED})
+                             layout=model.layout, use_distributed_optimizer=zero, args={"seed": SEED})
     else:
-        loaded = ckpt.open_checkpoint(root, config)
+        loaded = ckpt.open_checkpoint(root, config, model.layout)
         loaded.load_model(model)
         loaded.load_optimizer(opt, model)
     full = full_params(model)
     full.update({name: b.clone() for name, b in model.named_buffers() if name.endswith("expert_bias")})
-    ps.destroy_model_parallel()
     return full if rank == 0 else None
 
 

@@ -47,7 +47,8 @@ def _trained(steps_saved=(1, 2), root=None, zero=True):
 
 def _save(ckpt, root, iteration, model, opt, config, zero=True, **options):
     return ckpt.save_checkpoint(root, iteration=iteration, consumed_samples=iteration, model=model, optimizer=opt,
-                                model_config=config, use_distributed_optimizer=zero, args={"seed": SEED}, **options)
+                                model_config=config, layout=model.layout, use_distributed_optimizer=zero,
+                                args={"seed": SEED}, **options)
 
 
 def _save_two(rank, world, root):
@@ -59,9 +60,9 @@ def _open(rank, world, root):
     from megamoe.training import checkpoint as ckpt
 
     config = tiny_config(vocab_size=300)
-    build_model(config, 1)
+    model = build_model(config, 1)
     try:
-        ckpt.open_checkpoint(root, config)
+        ckpt.open_checkpoint(root, config, model.layout)
     except CheckpointError as err:
         return str(err)
     return None

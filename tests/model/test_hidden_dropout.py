@@ -6,21 +6,19 @@ import torch
 import torch.distributed as dist
 
 from megamoe.model.gpt import hidden_dropout
-from megamoe.parallel import state as ps
 from megamoe.parallel.random import model_parallel_seed
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 
 
 def _masks_body(rank, world):
     out = {}
     for sequence_parallel in (False, True):
-        layout = ps.initialize_model_parallel(2, (1,), sequence_parallel=sequence_parallel)
+        layout = init_layout(2, sp=sequence_parallel)
         model_parallel_seed(1234, layout)
         mask = hidden_dropout(torch.ones(2, 8, 16), 0.5, True, layout) != 0
         masks = [torch.empty_like(mask) for _ in range(layout.tp_size)]
         dist.all_gather(masks, mask, group=layout.tp_group)
         out[sequence_parallel] = torch.equal(masks[0], masks[1])
-        ps.destroy_model_parallel()
     return out
 
 

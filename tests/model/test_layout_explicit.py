@@ -8,25 +8,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.params import param_meta
 from megamoe.parallel.sharding import EXPERT_DIM
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.state import build_parallel_state
 from tests.tiny_moe import tiny_config
 
 SEED = 3
 
 
-def _config(ep_sizes) -> ModelConfig:
-    return tiny_config(add_bias_linear=True, expert_model_parallel_size=tuple(ep_sizes))
+CONFIG = tiny_config(add_bias_linear=True)
 
 
 def _layout(world: int, rank: int, tp: int, ep_sizes):
-    return build_parallel_state(
-        world_size=world, rank=rank, tensor_model_parallel_size=tp, expert_model_parallel_sizes=ep_sizes,
-        create_groups=False,
-    )
+    parallel = ParallelConfig(world_size=world, tensor_model_parallel_size=tp, expert_model_parallel_size=tuple(ep_sizes))
+    return build_parallel_state(parallel, rank=rank, create_groups=False, experts_by_layer=CONFIG.experts_by_layer())
 
 
 def _assemble(models: list[GPTModel]) -> dict[str, torch.Tensor]:
@@ -59,9 +56,9 @@ LAYOUTS = [(8, 1, (1, 1)), (8, 2, (2, 4)), (8, 4, (2, 1)), (4, 2, (2, 2)), (2, 2
 @pytest.mark.parametrize("world,tp,eps", LAYOUTS)
 def test_every_rank_of_a_layout_builds_in_one_process(world, tp, eps):
     assert not dist.is_initialized()
-    reference = GPTModel(_config((1, 1)), _layout(1, 0, 1, (1,))).initialize(SEED)
+    reference = GPTModel(CONFIG, _layout(1, 0, 1, (1,))).initialize(SEED)
     want = {n: p.detach() for n, p in reference.named_parameters()}
-    models = [GPTModel(_config(eps), _layout(world, r, tp, set(eps))).initialize(SEED) for r in range(world)]
+    models = [GPTModel(CONFIG, _layout(world, r, tp, eps)).initialize(SEED) for r in range(world)]
     for m in models:
         for name, p in m.named_parameters():
             meta = param_meta(p)
@@ -84,14 +81,14 @@ def test_every_rank_of_a_layout_builds_in_one_process(world, tp, eps):
 
 def test_meta_device_lists_the_shapes_of_a_large_layout():
     layout = _layout(64, 13, 4, (4,))  # rank 13: tp_rank 1, dp_rank 3, ep_rank 3
-    model = GPTModel(_config((4, 4)), layout, device=torch.device("meta"))
+    model = GPTModel(CONFIG, layout, device=torch.device("meta"))
     fc1 = model.layers[0].mlp.experts.fc1
     assert fc1.is_meta
     assert fc1.shape[EXPERT_DIM] == 1 and fc1.shape[-2] == 32 // 4 and fc1.shape[-1] == 32
 
 
 def test_a_groupless_single_rank_layout_runs_forward_and_backward():
-    model = GPTModel(_config((1, 1)), _layout(1, 0, 1, (1,))).initialize(SEED)
+    model = GPTModel(CONFIG, _layout(1, 0, 1, (1,))).initialize(SEED)
     tokens = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     out = model(tokens, tokens)
     out.loss.backward()
@@ -100,4 +97,4 @@ def test_a_groupless_single_rank_layout_runs_forward_and_backward():
 
 def test_a_layout_that_does_not_fit_the_model_names_the_flag():
     with pytest.raises(ValueError, match=r"--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"):
-        GPTModel(_config((1, 1)), _layout(8, 0, 8, (1,)), device=torch.device("meta"))
+        GPTModel(CONFIG, _layout(8, 0, 8, (1,)), device=torch.device("meta"))

@@ -70,9 +70,8 @@ def test_yarn_frequencies_and_scale_are_transformers_own():
 
 
 def _model(**fields) -> GPTModel:
-    layout = ps.build_parallel_state(world_size=1, rank=0, tensor_model_parallel_size=1,
-                                     expert_model_parallel_sizes=[1], create_groups=False)
-    return GPTModel(tiny_config(**fields), layout).initialize(5)
+    config = tiny_config(**fields)
+    return GPTModel(config, ps.single_rank_layout(config.experts_by_layer())).initialize(5)
 
 
 def test_mtp_loss_is_the_shifted_labels_through_the_shared_output_layer():

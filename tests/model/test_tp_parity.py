@@ -5,10 +5,11 @@ import torch
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel import state as ps
+from megamoe.parallel.config import ParallelConfig
+from megamoe.parallel.state import validate_parallel_layout
 from megamoe.parallel.gather import gather_full, gather_full_state
 from megamoe.parallel.mappings import gather_from_tp_region
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 from tests.tiny_moe import tiny_config
 
 VARIANTS = {
@@ -35,7 +36,7 @@ def _config(variant):
 
 
 def _run_layout(tp, variant, tokens, labels):
-    layout = ps.initialize_model_parallel(tp, (1,))
+    layout = init_layout(tp)
     model = GPTModel(_config(variant), layout).initialize(seed=1234)
     out = model(tokens, labels)
     out.loss.backward()
@@ -46,7 +47,6 @@ def _run_layout(tp, variant, tokens, labels):
         "params": gather_full_state(model, model.layout),
         "grads": gather_full_state(model, model.layout, grads=True),
     }
-    ps.destroy_model_parallel()
     return result
 
 
@@ -74,7 +74,7 @@ def test_tensor_parallel_matches_single_rank(variant):
 
 def _init_body(rank, world):
     """Replicated params agree over TP; sharded ones are the TP=1 tensor's slices."""
-    layout = ps.initialize_model_parallel(2, (1,))
+    layout = init_layout(2)
     model = GPTModel(_config("rms-rope-swiglu-tied"), layout).initialize(seed=7)
     for name, p in model.named_parameters():
         full = gather_full(p, p, model.layout)
@@ -92,13 +92,13 @@ def test_vocab_padding_rows_are_zero():
 def test_invalid_model_layouts_name_the_flags():
     cfg = _config("rms-rope-swiglu-tied")
     with pytest.raises(ValueError, match=r"--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 8"):
-        cfg.check_parallel_layout(tensor_model_parallel_size=8, data_parallel_size=1)
+        cfg.check_tensor_parallel(tensor_model_parallel_size=8, expert_tensor_parallel_size=8)
     with pytest.raises(ValueError, match=r"--ffn-hidden-size 48 is not divisible by --tensor-model-parallel-size 32"):
-        ModelConfig(vocab_size=10, hidden_size=64, num_attention_heads=32, ffn_hidden_size=48).check_parallel_layout(
-            tensor_model_parallel_size=32, data_parallel_size=1)
+        ModelConfig(vocab_size=10, hidden_size=64, num_attention_heads=32, ffn_hidden_size=48).check_tensor_parallel(
+            tensor_model_parallel_size=32, expert_tensor_parallel_size=32)
     gqa = ModelConfig(vocab_size=10, num_attention_heads=4, group_query_attention=True, num_query_groups=2)
     with pytest.raises(ValueError, match=r"--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"):
-        gqa.check_parallel_layout(tensor_model_parallel_size=4, data_parallel_size=1)
+        gqa.check_tensor_parallel(tensor_model_parallel_size=4, expert_tensor_parallel_size=4)
     with pytest.raises(ValueError, match=r"--num-query-groups 3 must divide --num-attention-heads 4"):
         ModelConfig(vocab_size=10, num_attention_heads=4, group_query_attention=True, num_query_groups=3)
     with pytest.raises(ValueError, match=r"--num-query-groups needs --group-query-attention"):
@@ -106,9 +106,11 @@ def test_invalid_model_layouts_name_the_flags():
     with pytest.raises(ValueError, match=r"--hidden-size 30 is not divisible by --num-attention-heads 4"):
         ModelConfig(vocab_size=10, hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match=r"--num-experts 6 \(layer 0\) is not divisible by --expert-model-parallel-size 4"):
-        ModelConfig(vocab_size=10, num_experts=6, expert_model_parallel_size=4)
+        validate_parallel_layout(ParallelConfig(world_size=4, expert_model_parallel_size=(4,)),
+                                 ModelConfig(vocab_size=10, num_experts=6).experts_by_layer())
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size 4 does not divide the data-parallel size 2"):
-        ModelConfig(vocab_size=10, num_experts=4, expert_model_parallel_size=4).check_parallel_layout(
-            tensor_model_parallel_size=1, data_parallel_size=2)
+        validate_parallel_layout(ParallelConfig(world_size=2, expert_model_parallel_size=(4,)),
+                                 ModelConfig(vocab_size=10, num_experts=4).experts_by_layer())
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size got 3 values"):
-        ModelConfig(vocab_size=10, num_layers=2, num_experts=4, expert_model_parallel_size=(1, 2, 4))
+        validate_parallel_layout(ParallelConfig(world_size=4, expert_model_parallel_size=(1, 2, 4)),
+                                 ModelConfig(vocab_size=10, num_layers=2, num_experts=4).experts_by_layer())

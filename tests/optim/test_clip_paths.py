@@ -5,7 +5,6 @@ where a probe shows fused AdamW applies grad_scale."""
 import torch
 
 from megamoe.optim.adam import FusedSupport, fused_adamw_support
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.tiny_moe import HYPER, assert_params_close, build, full_params, train
@@ -36,7 +35,6 @@ def _body(rank, world):
         opt.clip_in_adam = in_adam
         out = train(model, opt, 3)
         runs.append((out, gather_full_state(model, model.layout)))
-        ps.destroy_model_parallel()
     (fused, fused_params), (explicit, explicit_params) = runs
     assert min(fused["l2"]) > HYPER["clip_grad"], "clipping must be active for this test to mean anything"
     for a, b in zip(fused["l2"], explicit["l2"]):
@@ -56,7 +54,6 @@ def _inactive_body(rank, world):
             opt.clip_in_adam = in_adam
             out = train(model, opt, 3)
             runs.append((out["l2"], full_params(model)))
-            ps.destroy_model_parallel()
         (above, above_params), (off, off_params) = runs
         assert max(above) < 1e3 and above == off, (above, off)
         for name, want in off_params.items():

@@ -17,8 +17,7 @@ import torch.distributed as dist
 
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
-from megamoe.parallel import state as ps
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 from tests.tiny_moe import HYPER, model_config
 
 COLLECTIVES = (
@@ -74,8 +73,9 @@ def recorded_collectives(calls: list):
 def _devices_body(rank, world):
     out = []
     for tp, eps, zero, bucket in LAYOUTS:
-        layout = ps.initialize_model_parallel(tp, tuple(set(eps)))
-        model = GPTModel(model_config(eps), layout, device=torch.device("meta"))
+        config = model_config()
+        layout = init_layout(tp, eps, experts_by_layer=config.experts_by_layer())
+        model = GPTModel(config, layout, device=torch.device("meta"))
         opt = MixedPrecisionOptimizer(
             model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero, "bucket_size": bucket}), layout
         )
@@ -85,7 +85,6 @@ def _devices_body(rank, world):
             opt.step()
         owned = {part: len(views) for part, views in opt._norm_masters.items()}
         out.append(((tp, eps, zero), calls, owned))
-        ps.destroy_model_parallel()
     return out
 
 

@@ -12,7 +12,6 @@ themselves, after the first backward, in layouts where EDP != DP and with two EP
 import math
 
 
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full
 from megamoe.parallel.params import param_meta
 from tests.harness import run_distributed
@@ -52,7 +51,6 @@ def _reduction_body(rank, world):
         # the reference total by far more than the tolerance above, so that check would catch it.
         averaged = math.sqrt(sum(sq / (int(part[7:-1]) if part != "dp" else 1) for part, sq in ref_parts_sq.items()))
         assert abs(averaged - ref_total) > 10 * RTOL * ref_total, (ref_parts_sq, averaged, ref_total)
-        ps.destroy_model_parallel()
 
 
 def test_expert_grads_divided_by_dp_not_edp_and_expert_norm_summed_over_ep():
@@ -74,7 +72,6 @@ def _expert_inf_body(rank, world):
         want = abs(expert.main_grad.view(-1)[7].item())
         result = opt.step()
         assert result.grad_norm_inf == want, (where, result.grad_norm_inf, want)
-        ps.destroy_model_parallel()
 
 
 def test_inf_norm_counts_the_experts():

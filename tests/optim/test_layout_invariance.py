@@ -18,7 +18,6 @@ buckets put several buckets (and bucket padding) in every buffer.
 import pytest
 import torch
 
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.tiny_moe import HYPER, assert_params_close, assert_replicas_identical, build, reference_run, train
@@ -58,7 +57,7 @@ def _close(got, want, what, rtol=RTOL):
 
 def _train_and_compare(model, opt, steps, ref, where):
     """Train ``steps`` steps; loss, both norms, the final parameters and the replicas must match
-    ``ref``; destroys the layout's groups."""
+    ``ref``."""
     got = train(model, opt, steps)
     _close(got["loss"], ref["loss"], f"{where} loss")
     _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
@@ -66,7 +65,6 @@ def _train_and_compare(model, opt, steps, ref, where):
     assert not any(got["skipped"])
     assert_params_close(gather_full_state(model, model.layout), ref["params"], where, rtol=RTOL)
     assert_replicas_identical(model)
-    ps.destroy_model_parallel()
 
 
 def _layouts_body(rank, world, layouts, steps=STEPS):
@@ -74,8 +72,8 @@ def _layouts_body(rank, world, layouts, steps=STEPS):
     assert all(n > HYPER["clip_grad"] * 1.5 for n in ref["l2"]), f"clipping must be active: {ref['l2']}"
     for tp, eps, zero, bucket, *chunk in layouts:
         where = f"TP={tp} EP={eps} ZeRO={zero} bucket={bucket} CE chunk={chunk}"
-        arch = dict(cross_entropy_chunk_size=chunk[0]) if chunk else None
-        model, opt = build(tp, eps, zero=zero, bucket_size=bucket, arch=arch)
+        execution = dict(cross_entropy_chunk_size=chunk[0]) if chunk else None
+        model, opt = build(tp, eps, zero=zero, bucket_size=bucket, execution=execution)
         _train_and_compare(model, opt, steps, ref, where)
 
 
@@ -114,7 +112,6 @@ def _arch_layouts_body(rank, world, ref):
         _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
         for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
             torch.testing.assert_close(g, w, rtol=RTOL, atol=0, msg=lambda m: f"{where} expert bias, step {step}: {m}")
-        ps.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +153,9 @@ def _sequence_parallel_body(rank, world):
     ref = reference_run(SP_STEPS, arch=SP_ARCH)
     for tp, eps, etp, zero, *chunk in SP_LAYOUTS[world]:
         where = f"world={world} TP={tp} SP EP={eps} ETP={etp or tp} ZeRO={zero} CE chunk={chunk}"
-        arch = {**SP_ARCH, "cross_entropy_chunk_size": chunk[0]} if chunk else SP_ARCH
-        model, opt = build(tp, eps, zero=zero, arch=arch, sequence_parallel=True, etp=etp, bucket_size=5_000)
+        execution = dict(cross_entropy_chunk_size=chunk[0]) if chunk else None
+        model, opt = build(tp, eps, zero=zero, arch=SP_ARCH, execution=execution, sequence_parallel=True, etp=etp,
+                           bucket_size=5_000)
         _train_and_compare(model, opt, SP_STEPS, ref, where)
 
 
@@ -191,7 +189,6 @@ def _mla_mtp_body(rank, world):
         _close(got["l2"], ref["l2"], f"{where} L2 grad norm")
         for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
             torch.testing.assert_close(g, w, rtol=RTOL, atol=0, msg=lambda m: f"{where} expert bias, step {step}: {m}")
-        ps.destroy_model_parallel()
 
 
 @pytest.mark.timeout(300)

@@ -6,7 +6,6 @@ import contextlib
 import pytest
 import torch
 
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from tests.harness import run_distributed
 from tests.tiny_moe import build, local_micro_batches
@@ -18,7 +17,7 @@ LAYOUTS = [(1, (2, 2), True), (2, (2, 1), False), (1, (4, 2), False)]
 def _train(model, opt, steps, *, overlap):
     norms, launched = [], []
     for step in range(steps):
-        batches = local_micro_batches(step)
+        batches = local_micro_batches(step, model.layout)
         opt.zero_grad()
         for i, (tokens, labels) in enumerate(batches):
             last = i == len(batches) - 1
@@ -37,7 +36,6 @@ def _overlap_body(rank, world):
         for overlap in (False, True):
             model, opt = build(tp, eps, zero=zero, bucket_size=BUCKET, overlap_grad_reduce=overlap)
             runs[overlap] = _train(model, opt, 3, overlap=overlap)
-            ps.destroy_model_parallel()
         (norms, params, _), (norms_o, params_o, launched) = runs[False], runs[True]
         assert norms == norms_o, (tp, eps, zero, norms, norms_o)
         for name in params:
@@ -55,7 +53,7 @@ def test_overlapped_reduction_is_bitwise_identical_and_runs_during_backward():
 
 def _misuse_body(rank, world):
     model, opt = build(1, (1, 1), zero=False, bucket_size=BUCKET, overlap_grad_reduce=True)
-    tokens, labels = local_micro_batches(0)[0]
+    tokens, labels = local_micro_batches(0, model.layout)[0]
     opt.zero_grad()
     model(tokens, labels).loss.backward()
     with pytest.raises(RuntimeError, match=r"inside optimizer.no_sync\(\)"):

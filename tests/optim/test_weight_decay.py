@@ -7,8 +7,7 @@ import torch
 
 from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
-from megamoe.parallel import state as ps
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 from tests.tiny_moe import HYPER, decays, model_config
 
 LAYOUTS = [(2, (1, 1), True), (1, (2, 2), False)]  # (TP, EP per MoE layer, ZeRO-1)
@@ -18,8 +17,9 @@ RICH = dict(normalization="LayerNorm", untie_embeddings_and_output_weights=True)
 def _body(rank, world):
     out = []
     for tp, eps, zero in LAYOUTS:
-        layout = ps.initialize_model_parallel(tp, tuple(set(eps)))
-        model = GPTModel(model_config(eps, **RICH), layout)
+        config = model_config(**RICH)
+        layout = init_layout(tp, eps, experts_by_layer=config.experts_by_layer())
+        model = GPTModel(config, layout)
         opt = MixedPrecisionOptimizer(model, OptimizerConfig(**{**HYPER, "use_distributed_optimizer": zero}), layout)
         params = dict(model.named_parameters())
         decay_of = {id(t): group["weight_decay"] for group in opt.optimizer.param_groups for t in group["params"]}
@@ -29,7 +29,6 @@ def _body(rank, world):
             assert decay_of[id(piece.master)] == want, f"TP={tp} EP={eps} ZeRO={zero} {piece.name}: weight decay {decay_of[id(piece.master)]}, want {want}"
             seen[piece.name] = want > 0
         out.append((sorted(params), seen))
-        ps.destroy_model_parallel()
     return out
 
 

@@ -15,10 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megamoe.optim.grad_buffer import PARAM_ALIGNMENT
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import param_meta
-from tests.harness import run_distributed
+from tests.harness import current_layout, run_distributed
 from tests.tiny_moe import build, forward_backward, train
 
 
@@ -27,7 +26,7 @@ def _part_of(meta) -> str:
 
 
 def _group_of(part: str):
-    state = ps.get_parallel_state()
+    state = current_layout()
     if part == "dp":
         return state.dp_group, state.dp_size
     groups = state.experts(int(part[len("edp(ep=") : -1]))
@@ -61,7 +60,6 @@ def _memory_body(rank, world):
             assert len({t.item() for t in shard_sizes}) == 1, f"{part}: unequal shards {shard_sizes}"
             # padding: parameter alignment plus rounding each bucket up to a multiple of the group
             assert padding * size <= count[part] * (PARAM_ALIGNMENT + size), (part, padding)
-        ps.destroy_model_parallel()
 
 
 def test_zero1_optimizer_bytes_per_rank_follow_the_formula():
@@ -82,7 +80,6 @@ def _state_body(rank, world):
     saved = _round_trip(opt.state_dict())
     straight = train(model, opt, 2, first_step=2)
     straight_params = gather_full_state(model, model.layout)
-    ps.destroy_model_parallel()
 
     model, opt = build(2, (2, 2), **layout)  # fresh parameters: load_state_dict restores them from the masters
     opt.load_state_dict(saved)
@@ -92,13 +89,11 @@ def _state_body(rank, world):
     assert resumed == straight, (resumed, straight)
     for name, p in gather_full_state(model, model.layout).items():
         assert torch.equal(p, straight_params[name]), name
-    ps.destroy_model_parallel()
 
     for tp, eps, zero in ((1, (4, 2), True), (2, (2, 2), False)):  # another TP; ZeRO-1 off
         model, opt = build(tp, eps, **{**layout, "zero": zero})
         with pytest.raises(ValueError, match=r"the optimizer state is not this rank's: its owned \(name, range\)"):
             opt.load_state_dict(saved)
-        ps.destroy_model_parallel()
 
 
 def test_sharded_state_resumes_bitwise_and_refuses_another_layout():

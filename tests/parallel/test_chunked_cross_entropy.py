@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from megamoe.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from megamoe.parallel.state import single_rank_layout
-from tests.harness import run_distributed
+from tests.harness import current_layout, run_distributed
 
 TOKENS, HIDDEN, VOCAB, PADDED = 14, 8, 37, 40  # rank 1 of TP 2 holds 17 ids and 3 padding rows
 CHUNK = 4
@@ -35,9 +35,7 @@ def _reference(x, weight, target, token_weights, scale, vocab=VOCAB):
 
 
 def _chunked_body(rank, world):
-    from megamoe.parallel import state as ps
-
-    layout = ps.get_parallel_state()
+    layout = current_layout()
     x, weight, target, token_weights = _inputs()
     loss_ref, gx_ref, gw_ref = _reference(x, weight, target, token_weights, scale=3.5)
     shard = PADDED // world
@@ -111,12 +109,12 @@ def test_fp16_gradients_of_small_token_weights_are_not_flushed_to_zero():
 
 
 def test_chunked_by_default_on_cuda_only_and_an_explicit_size_wins():
-    from megamoe.model.config import CUDA_CROSS_ENTROPY_CHUNK, ModelConfig
+    from megamoe.model.execution import CUDA_CROSS_ENTROPY_CHUNK, ExecutionConfig
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    default = ModelConfig(vocab_size=VOCAB)
+    default = ExecutionConfig()
     assert default.cross_entropy_chunk_for(cuda) == CUDA_CROSS_ENTROPY_CHUNK > 0
     assert default.cross_entropy_chunk_for(cpu) == 0
     for size in (0, 7):
-        given = ModelConfig(vocab_size=VOCAB, cross_entropy_chunk_size=size)
+        given = ExecutionConfig(cross_entropy_chunk_size=size)
         assert given.cross_entropy_chunk_for(cuda) == given.cross_entropy_chunk_for(cpu) == size

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.norm import Norm
-from megamoe.parallel import state as ps
 from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megamoe.parallel.random import get_rng_tracker, model_parallel_seed
-from tests.harness import run_distributed
+from megamoe.parallel.random import model_parallel_seed
+from tests.harness import current_layout, run_distributed
 
 
 def _gather_world(x):
@@ -21,10 +20,10 @@ def _gather_world(x):
 
 
 def _rng_body(rank, world):
-    state = ps.get_parallel_state()
+    state = current_layout()
     model_parallel_seed(42, state)
     before = torch.rand(4)
-    with get_rng_tracker().fork():
+    with state.rng.fork():
         sharded = torch.rand(4)
     after = torch.rand(4)
     defaults = _gather_world(before)
@@ -43,7 +42,7 @@ def test_rng_streams_follow_tensor_parallel_sharding():
 
 
 def _cross_entropy_body(rank, world):
-    state = ps.get_parallel_state()
+    state = current_layout()
     vocab, padded = 300, 512  # the padding (ids 300..511) must be excluded from the softmax
     g = torch.Generator().manual_seed(3)
     full = torch.randn(5, 7, padded, dtype=torch.float64, generator=g, requires_grad=True)

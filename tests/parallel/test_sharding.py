@@ -8,6 +8,7 @@ import torch
 
 from megamoe.parallel.params import ParamMeta
 from megamoe.parallel.sharding import placement
+from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.state import build_parallel_state
 
 EMBEDDING = ParamMeta(tensor_parallel_dim=0, unpadded_size=300)  # [V, h], 300 rows padded per TP size
@@ -19,10 +20,9 @@ def expert_fc1(ep: int) -> ParamMeta:
 
 
 def state(world: int, rank: int, tp: int, ep: int, etp: int | None = None):
-    return build_parallel_state(
-        world_size=world, rank=rank, tensor_model_parallel_size=tp, expert_model_parallel_sizes=(ep,),
-        create_groups=False, expert_tensor_parallel_size=etp, sequence_parallel=etp is not None and etp != tp,
-    )
+    parallel = ParallelConfig(world_size=world, tensor_model_parallel_size=tp, expert_model_parallel_size=(ep,),
+                              expert_tensor_parallel_size=etp, sequence_parallel=etp is not None and etp != tp)
+    return build_parallel_state(parallel, rank=rank, create_groups=False)
 
 
 def test_dense_parameters_are_cut_over_tp_and_the_vocabulary_padded():

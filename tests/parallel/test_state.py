@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 from megamoe.parallel import state as ps
-from tests.harness import run_distributed
+from megamoe.parallel.config import ParallelConfig
+from tests.harness import init_layout, run_distributed
 
 
 def _expected(world, tp, ep, rank):
@@ -20,6 +21,21 @@ def _expected(world, tp, ep, rank):
         "ep": [dp_ranks[edp_rank * ep + e] for e in range(ep)],
         "edp": [dp_ranks[d * ep + ep_rank] for d in range(dp // ep)],
     }
+
+
+def _parallel(*, world_size, tensor_model_parallel_size, expert_model_parallel_sizes, expert_tensor_parallel_size=None,
+              sequence_parallel=False) -> ParallelConfig:
+    return ParallelConfig(world_size=world_size, tensor_model_parallel_size=tensor_model_parallel_size,
+                          expert_model_parallel_size=tuple(expert_model_parallel_sizes),
+                          expert_tensor_parallel_size=expert_tensor_parallel_size, sequence_parallel=sequence_parallel)
+
+
+def _validate(**sizes) -> None:
+    ps.validate_parallel_layout(_parallel(**sizes))
+
+
+def _build(*, rank, create_groups, **sizes):
+    return ps.build_parallel_state(_parallel(**sizes), rank=rank, create_groups=create_groups)
 
 
 LAYOUTS = {  # world size -> (TP, EP sizes) layouts
@@ -36,7 +52,7 @@ def test_group_membership_matches_documented_layout(world):
     one process (the groups ``initialize_model_parallel`` creates are these: see the next test)."""
     for tp, eps in LAYOUTS[world]:
         for rank in range(world):
-            state = ps.build_parallel_state(world_size=world, rank=rank, tensor_model_parallel_size=tp,
+            state = _build(world_size=world, rank=rank, tensor_model_parallel_size=tp,
                                             expert_model_parallel_sizes=eps, create_groups=False)
             assert (state.tp_rank, state.dp_rank) == (rank % tp, rank // tp)
             for ep in eps:
@@ -47,16 +63,12 @@ def test_group_membership_matches_documented_layout(world):
 
 
 def _groups_body(rank, world):
-    """Before initialisation: no state, an invalid EP size refused before any group exists.  Then
-    for each layout: an all-reduce of the rank id in each created group sums exactly its documented
+    """An invalid EP size refused before any group exists.  Then for each layout: an all-reduce of the rank id in each created group sums exactly its documented
     members, and an EP size that was not initialised is refused."""
-    with pytest.raises(RuntimeError, match="initialize_model_parallel has not been called"):
-        ps.get_parallel_state()
     with pytest.raises(ValueError, match="--expert-model-parallel-size 3"):
-        ps.initialize_model_parallel(1, (3,))
-    assert not ps.is_initialized()
+        init_layout(1, (3,))
     for tp, eps in LAYOUTS[world]:
-        state = ps.initialize_model_parallel(tp, eps)
+        state = init_layout(tp, eps)
         for ep in eps:
             want, groups = _expected(world, tp, ep, rank), state.experts(ep)
             for key, group in (("tp", state.tp_group), ("dp", state.dp_group), ("ep", groups.ep_group),
@@ -65,9 +77,8 @@ def _groups_body(rank, world):
                 dist.all_reduce(x, group=group)
                 assert x.item() == sum(want[key]), (tp, ep, key, x.item(), want[key])
         missing = next(size for size in (2, 4, 8) if size not in eps)
-        with pytest.raises(ValueError, match=f"expert-parallel size {missing} was not initialised"):
+        with pytest.raises(ValueError, match=f"expert-parallel size {missing} is not part of this layout"):
             state.experts(missing)
-        ps.destroy_model_parallel()
 
 
 def test_created_groups_hold_the_documented_members_and_initialize_validates_first():
@@ -76,9 +87,9 @@ def test_created_groups_hold_the_documented_members_and_initialize_validates_fir
 
 def test_invalid_parallel_sizes_name_the_flag():
     with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 3 does not divide the world size 4"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=3, expert_model_parallel_sizes=(1,))
+        _validate(world_size=4, tensor_model_parallel_size=3, expert_model_parallel_sizes=(1,))
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size 4 does not divide the data-parallel size 2.*\[1, 2\]"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(4,))
+        _validate(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(4,))
 
 
 def _folded_expected(world, etp, ep, rank):
@@ -99,7 +110,7 @@ def test_expert_groups_fold_over_tensor_and_data_parallel_ranks(world, tp, etp, 
     """Checked on group-less layouts in one process: every rank's ETP, EP and EDP ranks follow the
     formula, and with ETP = TP they are the classic groups (EP consecutive ranks of a DP group)."""
     for rank in range(world):
-        state = ps.build_parallel_state(world_size=world, rank=rank, tensor_model_parallel_size=tp,
+        state = _build(world_size=world, rank=rank, tensor_model_parallel_size=tp,
                                         expert_model_parallel_sizes=eps, create_groups=False,
                                         expert_tensor_parallel_size=etp, sequence_parallel=True)
         for ep in eps:
@@ -112,17 +123,17 @@ def test_expert_groups_fold_over_tensor_and_data_parallel_ranks(world, tp, etp, 
 
 def test_sequence_parallel_and_expert_tensor_parallel_errors_name_the_flags():
     with pytest.raises(ValueError, match=r"--sequence-parallel needs --tensor-model-parallel-size > 1 \(got 1\)"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,),
+        _validate(world_size=4, tensor_model_parallel_size=1, expert_model_parallel_sizes=(1,),
                                    sequence_parallel=True)
     with pytest.raises(ValueError, match=r"--expert-tensor-parallel-size 3 does not divide the world size 4; "
                                          r"valid values: \[1, 2, 4\]"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
+        _validate(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
                                    expert_tensor_parallel_size=3, sequence_parallel=True)
     with pytest.raises(ValueError, match=r"--expert-tensor-parallel-size 1 differs from --tensor-model-parallel-size 2: "
                                          r"that needs --sequence-parallel"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
+        _validate(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(1,),
                                    expert_tensor_parallel_size=1)
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size 8 x --expert-tensor-parallel-size 1 does not "
                                          r"divide the world size 4; valid --expert-model-parallel-size values: \[1, 2, 4\]"):
-        ps.validate_parallel_sizes(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(8,),
+        _validate(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_sizes=(8,),
                                    expert_tensor_parallel_size=1, sequence_parallel=True)

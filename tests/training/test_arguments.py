@@ -67,9 +67,9 @@ def test_dataclass_defaults_are_the_command_line_model():
     assert cfg.model == ModelConfig(vocab_size=200, max_position_embeddings=128)
     assert cfg.optimizer == OptimizerConfig()
     assert not cfg.model.swiglu and cfg.model.add_bias_linear
-    assert cfg.model.moe_grouped_gemm
-    negated = parse_config(MOCK + ["--disable-bias-linear", "--no-moe-grouped-gemm"], world_size=1).model
-    assert not negated.add_bias_linear and not negated.moe_grouped_gemm
+    assert cfg.execution.moe_grouped_gemm
+    negated = parse_config(MOCK + ["--disable-bias-linear", "--no-moe-grouped-gemm"], world_size=1)
+    assert not negated.model.add_bias_linear and not negated.execution.moe_grouped_gemm
 
 
 def test_derived_values():
@@ -77,9 +77,9 @@ def test_derived_values():
                                "--global-batch-size", "16", "--tensor-model-parallel-size", "2", "--bf16",
                                "--lr", "1e-3", "--min-lr", "1e-4", "--seq-length", "32"], world_size=8)
     assert cfg.parallel.data_parallel_size == 4 and cfg.train.num_microbatches == 2
-    assert cfg.model.params_dtype == cfg.optimizer.params_dtype == cfg.train.params_dtype
+    assert cfg.execution.params_dtype == cfg.optimizer.params_dtype == cfg.train.params_dtype
     assert (cfg.schedule.lr, cfg.schedule.min_lr, cfg.schedule.decay_iters) == (1e-3, 1e-4, 2)
-    assert cfg.model.max_position_embeddings == 32 and cfg.model.expert_model_parallel_size == (2,)
+    assert cfg.model.max_position_embeddings == 32 and cfg.parallel.expert_model_parallel_size == (2,)
     assert cfg.logging.peak_tflops is None  # no peak on CPU
 
 
@@ -145,7 +145,6 @@ def test_a_sample_based_run_is_its_samples_over_the_global_batch():
 
 def test_a_models_training_flags_rebuild_it():
     """What an import prints (``ModelConfig.training_flags``) parses back to the same model."""
-    import torch
 
     deepseek = ModelConfig(
         vocab_size=96, num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, max_position_embeddings=64,
@@ -155,7 +154,7 @@ def test_a_models_training_flags_rebuild_it():
         mscale_all_dim=0.8, mtp_num_layers=1, num_experts=8, moe_layer_freq=(0, 1, 1), moe_router_topk=4,
         moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=4,
-        moe_router_group_topk=2, moe_router_renormalize=False, params_dtype=torch.bfloat16)
+        moe_router_group_topk=2, moe_router_renormalize=False)
     gqa = ModelConfig(vocab_size=96, num_layers=2, group_query_attention=True, num_query_groups=2, kv_channels=16,
                       max_position_embeddings=32, num_experts=(4, 8), moe_router_pre_softmax=True)
     for model in (deepseek, gqa):

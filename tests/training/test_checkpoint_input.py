@@ -67,7 +67,7 @@ def _body(rank, world, tmp):
     root, shard = damaged("foreign", lambda path: shutil.copyfile(other_shard, path))
     _refused(BASE + ["--load", root], re.escape(shard) + " (belongs to another checkpoint|is .* bytes)", log)
 
-    wider = [a if a != "32" else "64" for a in BASE]  # --hidden-size 64
+    wider = BASE + ["--hidden-size", "64"]
     _refused(wider + ["--load", good], r"holds a different model \(hidden_size: saved 32 vs now 64\)", log)
 
     blocker = os.path.join(tmp, "a_file")

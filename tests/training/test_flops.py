@@ -1,7 +1,7 @@
 """The FLOPs formula reproduces the peer benchmark's numbers for moe-1b-4e."""
 
 from megamoe.model.config import ModelConfig
-from megamoe.training.flops import active_parameters, flops_per_token
+from megamoe.training.flops import active_parameters, flops_per_token, mfu, peak_tflops_of
 
 
 def test_moe_1b_4e_matches_peer_convention():
@@ -48,3 +48,19 @@ def test_mtp_depth_adds_a_block_its_projection_and_the_shared_head():
     assert active_parameters(mtp) - active_parameters(cfg) == 2 * per_depth
     scores_per_layer = 6.0 * 128 * (192 + 128) * 4096
     assert flops_per_token(mtp, 4096) - flops_per_token(cfg, 4096) == 6.0 * 2 * per_depth + 2 * scores_per_layer
+
+
+def test_peak_flops_come_from_the_device_name_and_unknown_devices_get_no_mfu():
+    assert peak_tflops_of("NVIDIA H200") == 989.0 and peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops_of("NVIDIA B200") == 2250.0
+    assert peak_tflops_of("NVIDIA GeForce RTX 4090") is None
+    assert mfu(400.0, None) is None and mfu(494.5, 989.0) == 0.5
+
+
+def test_peak_flag_overrides_the_table():
+    from megamoe.training.arguments import parse_config
+
+    argv = ["--device", "cpu", "--mock-data", "--peak-tflops-per-device", "100"]
+    assert parse_config(argv, world_size=1).logging.peak_tflops == 100.0
+    assert parse_config(argv[:3], world_size=1).logging.peak_tflops is None  # CPU: no MFU

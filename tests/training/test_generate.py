@@ -10,9 +10,8 @@ import sys
 
 import torch
 
-from megamoe.parallel import state as ps
 from tests.fixtures import REPO, TINY_MOE, script_env
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 
 PROMPT = "def main("
 ARGS = [a for a in TINY_MOE if a not in ("--mock-data", "--vocab-size", "200")] + [
@@ -40,14 +39,13 @@ def _train_then_generate_at_tp2(rank, world, save):
     _, metadata = read_metadata(save)
     tokenizer = load_tokenizer(tool.run_tokenizer_model(metadata["args"]))
     config = model_config_from_dict(metadata["model_config"])
-    layout = ps.initialize_model_parallel(2, (1,))
+    layout = init_layout(2, experts_by_layer=config.experts_by_layer())
     model = GPTModel(config, layout)
-    open_checkpoint(save, config).load_model(model)
+    open_checkpoint(save, config, layout).load_model(model)
     common = dict(max_new_tokens=12, vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eod_id)
     greedy = tool.generate(model, tokenizer.encode(PROMPT), **common)
     sampled = tool.generate(model, tokenizer.encode(PROMPT), temperature=1.0, top_k=20,
                             generator=torch.Generator().manual_seed(5), **common)
-    ps.destroy_model_parallel()
     return [tokenizer.decode([t for t in ids if t != tokenizer.eod_id]) for ids in (greedy, sampled)]
 
 

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 
 import pytest
+import torch
 
 from megamoe.training.arguments import parse_config
 from tests.fixtures import REPO
@@ -60,5 +61,5 @@ def test_1b_4exp_script_passes_a_valid_configuration(tmp_path, env, world):
     cfg = parse_config(argv, world_size=world)
     assert cfg.model.num_layers == 24 and cfg.model.hidden_size == 2048 and cfg.model.num_experts == (4,)
     assert cfg.train.global_batch_size == 256 and cfg.optimizer.use_distributed_optimizer
-    assert cfg.model.params_dtype.is_floating_point and str(cfg.model.params_dtype) == "torch.bfloat16"
+    assert cfg.execution.params_dtype == torch.bfloat16
     assert cfg.train.exit_signal_handler and cfg.train.compile and cfg.optimizer.overlap_grad_reduce, shlex.join(argv)

@@ -125,7 +125,7 @@ def test_megatron_flags_that_change_the_run_set_megamoes_config():
         "--no-save-optim", "--save", "unused"], world_size=1)
     model, log = cfg.model, cfg.logging
     assert (model.make_vocab_size_divisible_by, model.rotary_seq_len_interpolation_factor) == (1187, 2)
-    assert model.moe_router_force_load_balancing and cfg.parallel.distributed_timeout_minutes == 60
+    assert model.moe_router_force_load_balancing and cfg.train.distributed_timeout_minutes == 60
     assert cfg.train.manual_gc and cfg.train.manual_gc_interval == 5 and cfg.schedule.warmup_init == 1e-4
     assert log.log_throughput and log.log_num_zeros_in_grad and log.log_timers_to_tensorboard
     assert log.log_memory_to_tensorboard and log.log_validation_ppl_to_tensorboard and cfg.checkpoint.no_save_optim

@@ -36,4 +36,4 @@ def test_folded_expert_parallelism_reaches_the_parallel_config():
     cfg = parse_config(BASE + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                "--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "4"], world_size=4)
     assert cfg.parallel.sequence_parallel and cfg.parallel.expert_tensor_parallel_size == 1
-    assert cfg.model.expert_model_parallel_size == (4,)
+    assert cfg.parallel.expert_model_parallel_size == (4,)

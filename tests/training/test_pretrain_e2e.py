@@ -34,7 +34,8 @@ def test_logged_loss_and_grad_norm_do_not_depend_on_layout(tmp_path):
     logs = {k: read_json_log(tmp_path / f"{k}.jsonl") for k in layouts}
     reference = logs["ep1"]
     assert len(reference) == 4 and all(r["params_norm"] > 0 for r in reference)
-    assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
+    # Mock data is uniform random tokens: the loss stays near ln(vocab), but the weights must move.
+    assert len({r["params_norm"] for r in reference}) == 4
     for name, log in logs.items():
         for ref, got in zip(reference, log, strict=True):
             for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf", "params_norm"):

@@ -13,13 +13,11 @@ about 1.
 
 import torch
 
-from megamoe.model.gpt import GPTModel
 from megamoe.optim import MixedPrecisionOptimizer, OptimizerConfig
-from megamoe.parallel import state as ps
 from megamoe.training.metrics import IntervalMetrics
 from megamoe.training.trainer import train_step
 from tests.harness import run_distributed
-from tests.tiny_moe import HYPER, SEED, local_micro_batches, model_config
+from tests.tiny_moe import HYPER, build_model, local_micro_batches, model_config
 
 MOE_LOSSES = dict(moe_aux_loss_coeff=1.0, moe_z_loss_coeff=0.1)
 RUNS = {  # name: (params dtype, static loss scale, MoE loss coefficients)
@@ -34,16 +32,16 @@ ROUTERS = ("layers.0.mlp.router.weight", "layers.2.mlp.router.weight")
 def _body(rank, world):
     out = {}
     for name, (dtype, scale, losses) in RUNS.items():
-        layout = ps.initialize_model_parallel(1, (2,))
-        model = GPTModel(model_config((2, 2), dtype, **losses), layout).initialize(SEED)
+        model = build_model(model_config(**losses), 1, (2,), dtype=dtype)
         cfg = OptimizerConfig(**{**HYPER, "clip_grad": 0.0, "params_dtype": dtype, "loss_scale": scale})
-        opt = MixedPrecisionOptimizer(model, cfg, layout)
-        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(0)]
-        metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+        opt = MixedPrecisionOptimizer(model, cfg, model.layout)
+        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)}
+                   for t, l in local_micro_batches(0, model.layout)]
+        metrics = IntervalMetrics(layout=model.layout, device=torch.device("cpu"), flops_per_token=0.0,
+                                  peak_tflops=None)
         result = train_step(model, opt, batches, metrics, torch.device("cpu"))
         params = dict(model.named_parameters())
         out[name] = (result.grad_norm, torch.cat([params[r].main_grad.double().reshape(-1) for r in ROUTERS]))
-        ps.destroy_model_parallel()
     return out
 
 
@@ -61,16 +59,16 @@ def test_loss_scaled_step_matches_the_fp32_step_with_moe_losses():
 
 
 def _skipped_step_body(rank, world):
-    layout = ps.initialize_model_parallel(1, (2,))
-    config = model_config((2, 2), torch.float16, moe_router_score_function="sigmoid",
-                          moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.01)
-    model = GPTModel(config, layout).initialize(SEED)
+    config = model_config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                          moe_router_bias_update_rate=0.01)
+    model = build_model(config, 1, (2,), dtype=torch.float16)
+    layout = model.layout
     # 2^40 overflows fp16's backward: the first step is skipped by the loss scaler
     cfg = OptimizerConfig(**{**HYPER, "params_dtype": torch.float16, "initial_loss_scale": 2.0**40})
     opt = MixedPrecisionOptimizer(model, cfg, layout)
-    metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+    metrics = IntervalMetrics(layout=layout, device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
     batches = lambda step: [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)}  # noqa: E731
-                            for t, l in local_micro_batches(step)]
+                            for t, l in local_micro_batches(step, layout)]
     biases = lambda: torch.cat([b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")])  # noqa: E731
     before = biases()
     assert train_step(model, opt, batches(0), metrics, torch.device("cpu")).skipped
@@ -78,7 +76,6 @@ def _skipped_step_body(rank, world):
     opt.scaler.scale = 2.0**8
     assert not train_step(model, opt, batches(1), metrics, torch.device("cpu")).skipped
     after_step = biases()
-    ps.destroy_model_parallel()
     return before, after_skip, after_step
 
 
@@ -94,18 +91,16 @@ def _global_aux_body(rank, world):
     calls ``start_step``) and hold the step's micro-batches of both ranks."""
     from megamoe.model.moe.router import TopKRouter
 
-    layout = ps.initialize_model_parallel(1, (1,))
-    model = GPTModel(model_config((1, 1), moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
-                     layout).initialize(SEED)
+    model = build_model(model_config(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1))
+    layout = model.layout
     opt = MixedPrecisionOptimizer(model, OptimizerConfig(**HYPER), layout)
-    metrics = IntervalMetrics(device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
+    metrics = IntervalMetrics(layout=layout, device=torch.device("cpu"), flops_per_token=0.0, peak_tflops=None)
     router = next(m for m in model.modules() if isinstance(m, TopKRouter))
     seen = []
     for step in range(2):
-        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(step)]
+        batches = [{"tokens": t, "labels": l, "loss_mask": torch.ones(t.shape)} for t, l in local_micro_batches(step, layout)]
         train_step(model, opt, batches, metrics, torch.device("cpu"))
         seen.append((router.step_micro_batches, router.step_counts.sum().item(), len(batches)))
-    ps.destroy_model_parallel()
     return seen
 
 

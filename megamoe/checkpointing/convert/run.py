@@ -34,6 +34,7 @@ from megamoe.checkpointing.convert.target import target_topology
 from megamoe.checkpointing.format import (
     LEGACY_VERSION,
     MARKER,
+    SavedTopology,
     CheckpointError,
     model_config_from_dict,
     read_metadata,
@@ -148,7 +149,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     zero = layout_flags["use_distributed_optimizer"]
     if zero is None:
         zero = source.use_distributed_optimizer if source else False
-    topology, target_config = target_topology(
+    topology = target_topology(
         config,
         world_size=world,
         tensor_model_parallel_size=tp,
@@ -156,7 +157,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
         use_distributed_optimizer=zero,
         expert_tensor_parallel_size=etp,
     )
-    return ShardedWriter(tmp, info, topology, target_config), f"megamoe ({topology.describe()})"
+    return ShardedWriter(tmp, info, topology), f"megamoe ({topology.describe()})"
 
 
 def _stream(reader, writer, progress) -> tuple[FullChecksum, FullChecksum]:
@@ -274,10 +275,15 @@ def convert(
     )
 
 
+_PRECISION_FLAGS = {"bfloat16": ["--bf16"], "float16": ["--fp16"]}
+
+
 def _model_flags(save_dir: str) -> list[str]:
-    """The training flags of the model of the megamoe checkpoint just written to ``save_dir``
-    (its EP sizes included: the layout it was written for)."""
-    config = model_config_from_dict(read_metadata(save_dir)[1]["model_config"])
-    eps = ["--expert-model-parallel-size", ",".join(map(str, config.expert_model_parallel_size))]
-    return config.training_flags() + (eps if config.expert_model_parallel_size != (1,) else []) + [
-        "--vocab-size", str(config.vocab_size)]
+    """The training flags of the model of the megamoe checkpoint just written to ``save_dir``:
+    its architecture, its weights' precision and the EP sizes of the layout it was written for."""
+    metadata = read_metadata(save_dir)[1]
+    config = model_config_from_dict(metadata["model_config"])
+    eps = SavedTopology.from_metadata(metadata["layout"]).expert_model_parallel_size
+    dtype = next(entry["dtype"] for key, entry in metadata["tensors"].items() if key.startswith("model/"))
+    ep_flags = ["--expert-model-parallel-size", ",".join(map(str, eps))] if set(eps) - {1} else []
+    return config.training_flags() + _PRECISION_FLAGS.get(dtype, []) + ep_flags + ["--vocab-size", str(config.vocab_size)]

@@ -24,13 +24,13 @@ from megamoe.checkpointing.format import (
     dtype_name,
     iteration_dir,
     model_config_dict,
+    model_config_from_dict,
     shard_file,
     write_marker,
     write_metadata,
 )
 from megamoe.checkpointing.integrity import Crc32Writer, tensor_crc32
 from megamoe.checkpointing.rng_map import target_rng
-from megamoe.model.config import ModelConfig
 from megamoe.optim.state_dict import OPTIMIZER_SCALARS
 
 # The layout flags of a run, as ``pretrain_moe.py`` saves them in ``args``.
@@ -38,11 +38,12 @@ _LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use
 
 
 class ShardedWriter:
-    """Writes ``info``'s state into ``root`` (a fresh directory) as saved in ``topology``; ``config``
-    is the model config with the target's EP sizes (``target.target_topology``)."""
+    """Writes ``info``'s state into ``root`` (a fresh directory) as saved in ``topology``
+    (``target.target_topology``)."""
 
-    def __init__(self, root: str, info: FullStateInfo, topology: SavedTopology, config: ModelConfig) -> None:
-        self.root, self.info, self.topology, self.config = root, info, topology, config
+    def __init__(self, root: str, info: FullStateInfo, topology: SavedTopology) -> None:
+        self.root, self.info, self.topology = root, info, topology
+        self.config = model_config_from_dict(info.model_config)
         self.directory = iteration_dir(root, info.iteration)
         os.makedirs(self.directory)
         self.checkpoint_id = uuid.uuid4().hex
@@ -83,7 +84,7 @@ class ShardedWriter:
         args = dict(self.info.args)
         values = {
             "tensor_model_parallel_size": self.topology.tp,
-            "expert_model_parallel_size": list(self.config.expert_model_parallel_size),
+            "expert_model_parallel_size": list(self.topology.expert_model_parallel_size),
             "use_distributed_optimizer": self.topology.use_distributed_optimizer,
         }
         args.update({key: values[key] for key in _LAYOUT_ARGS if key in args})

@@ -116,7 +116,7 @@ class HFReader:
             raise CheckpointError(f"{config_path} is missing: {root} is not a Hugging Face model directory")
         hf = json.load(open(config_path))
         try:  # the configuration first: refusing a model should not need its weights
-            config = from_hf_config(hf, params_dtype=torch.float32)
+            config = from_hf_config(hf)
         except ValueError as err:
             raise CheckpointError(f"{config_path}: {err}") from None
         except KeyError as err:
@@ -153,11 +153,10 @@ class HFReader:
         elif self.family == "deepseek_v3" and mtp and progress is not None:
             progress(f"config.json has num_nextn_predict_layers {mtp} but the files hold no MTP weights "
                      f"(model.layers.{config.num_layers}.*): imported without multi-token prediction")
-        config = dataclasses.replace(config, params_dtype=params_dtype)
         self.config = config
         self.info = FullStateInfo(
             model_config=model_config_dict(config),
-            specs=model_specs(config),
+            specs=model_specs(config, params_dtype),
             iteration=0,
             consumed_samples=0,
             args={},

@@ -50,7 +50,6 @@ MEGAMOE_ONLY = (
     "moe_router_load_balancing_type",
     "make_vocab_size_divisible_by",
     "moe_input_jitter_eps",
-    "moe_grouped_gemm",
     "hidden_dropout",
     "moe_token_drop_policy",
 )
@@ -243,16 +242,15 @@ def _expressible(hf: dict, family: str) -> list[str]:
     return problems
 
 
-def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
-    """The megamoe ``ModelConfig`` of a Mixtral, Qwen3-MoE or DeepSeek-V3 ``config.json`` (EP
-    size 1, no MTP; set the target's later).  Raises ``ValueError`` naming the HF field megamoe
-    cannot express."""
+def from_hf_config(hf: dict) -> ModelConfig:
+    """The megamoe ``ModelConfig`` of a Mixtral, Qwen3-MoE or DeepSeek-V3 ``config.json`` (no
+    MTP; set it later).  Raises ``ValueError`` naming the HF field megamoe cannot express."""
     family = hf.get("model_type")
     if family == deepseek_v3.FAMILY:
         problems = deepseek_v3.problems(hf)
         if problems:
             raise ValueError("config.json describes a model megamoe cannot express: " + "; ".join(problems))
-        return deepseek_v3.from_hf_config(hf, params_dtype=params_dtype)
+        return deepseek_v3.from_hf_config(hf)
     if family not in FAMILIES:
         found = "; ".join(_unsupported_fields(hf) + (
             ["DeepSeek-V2's routing (softmax scores, greedy or group-limited-greedy top-k, no expert bias): megamoe "
@@ -284,7 +282,6 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=hf.get("initializer_range", 0.02),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        params_dtype=params_dtype,
         moe_router_topk=hf["num_experts_per_tok"],
         moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0),
     )
@@ -306,5 +303,5 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
             moe_layer_freq=1 if all(pattern) else pattern,
             moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
         )
-    fields.update(hf.get("megamoe", {}))
+    fields.update(deepseek_v3.megamoe_fields(hf))
     return ModelConfig(**fields)

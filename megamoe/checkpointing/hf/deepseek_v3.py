@@ -30,6 +30,8 @@ fp8 release needs dequantizing first), another activation, attention biases, no 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megamoe.model.config import ModelConfig
@@ -42,7 +44,6 @@ NAME = "DeepSeek-V3"
 MEGAMOE_ONLY = (
     "moe_z_loss_coeff",
     "moe_input_jitter_eps",
-    "moe_grouped_gemm",
     "hidden_dropout",
     "moe_router_bias_update_rate",
     "moe_router_load_balancing_type",
@@ -216,9 +217,16 @@ def problems(hf: dict) -> list[str]:
     return out + _rope_fields(hf)[1]
 
 
-def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
+def megamoe_fields(hf: dict) -> dict:
+    """The architecture fields (of any family) ``config.json``'s ``"megamoe"`` entry holds (exports of earlier
+    versions also put execution choices there, which are not read)."""
+    architecture = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {key: value for key, value in hf.get("megamoe", {}).items() if key in architecture}
+
+
+def from_hf_config(hf: dict) -> ModelConfig:
     """The megamoe ``ModelConfig`` of a deepseek_v3 ``config.json`` without MTP (``HFReader`` sets
-    ``mtp_num_layers`` from the weights) at EP 1.  Check ``problems`` first."""
+    ``mtp_num_layers`` from the weights).  Check ``problems`` first."""
     layers, dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace") or 0
     moe_ffn, groups = hf["moe_intermediate_size"], hf.get("n_group") or 1
     scaling = hf.get("routed_scaling_factor", 1.0)
@@ -237,7 +245,6 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         init_method_std=hf.get("initializer_range", 0.02),
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        params_dtype=params_dtype,
         multi_latent_attention=True,
         qk_layernorm=True,
         q_lora_rank=hf.get("q_lora_rank"),
@@ -260,5 +267,5 @@ def from_hf_config(hf: dict, *, params_dtype: torch.dtype) -> ModelConfig:
         moe_router_load_balancing_type="seq_aux_loss" if hf.get("seq_aux") else "aux_loss",
         **_rope_fields(hf)[0],
     )
-    fields.update(hf.get("megamoe", {}))
+    fields.update(megamoe_fields(hf))
     return ModelConfig(**fields)

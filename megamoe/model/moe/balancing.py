@@ -3,7 +3,7 @@
 After each optimizer step that was not skipped, every router with an expert bias moves it by
 ``rate * sign(mean load - load)`` (``router.bias_step``), where the loads are the token-slots
 each expert processed during the whole step (after capacity dropping, as Megatron counts them): summed over the step's micro-batches here and over
-every rank of the world by one all-reduce, so every rank applies the same update whatever the
+every rank of the layout's world by one all-reduce, so every rank applies the same update whatever the
 layout.  (TP ranks route the same tokens and so count them TP times; only the signs of the
 load errors matter, and those do not change.)
 """
@@ -32,7 +32,7 @@ def biased_routers(model: nn.Module) -> list[TopKRouter]:
 
 @torch.no_grad()
 def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
-    """Collective over the world when ``model`` has biased routers (else a no-op, no collective).
+    """Collective over the routers' layout's world when ``model`` has biased routers (else a no-op, no collective).
 
     ``step_moe_stats``: one ``GPTOutput.moe_stats`` per micro-batch of the step (each a list with
     one ``MoEStats`` per MoE layer).  Every MoE layer has a router with a bias when the option
@@ -44,7 +44,8 @@ def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
     per_layer = [torch.stack([stats[i].kept_tokens_per_expert for stats in step_moe_stats]).sum(0)
                  for i in range(len(routers))]
     flat = torch.cat(per_layer)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat)
+    layout = routers[0].layout
+    if layout.world_size > 1:
+        dist.all_reduce(flat, group=layout.world_group)
     for router, loads in zip(routers, flat.split([r.num_experts for r in routers])):
         router.update_expert_bias(loads)

@@ -97,16 +97,17 @@ class GroupedExperts(nn.Module):
         *,
         num_experts: int,
         ep_size: int,
+        dtype: torch.dtype = torch.float32,
+        grouped_gemm: bool = True,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.groups = layout.experts(ep_size)
         etp = self.groups.etp_size
-        ffn = config.moe_ffn_hidden_size  # divisible by ETP: ModelConfig.check_parallel_layout
+        ffn = config.moe_ffn_hidden_size  # divisible by ETP: ModelConfig.check_tensor_parallel
         num_local, hidden, local_ffn = num_experts // ep_size, config.hidden_size, ffn // etp
         self.swiglu = config.swiglu
-        self.grouped_gemm = config.moe_grouped_gemm
-        dtype = config.params_dtype
+        self.grouped_gemm = grouped_gemm
         fc1_shape = (num_local, 2, local_ffn, hidden) if self.swiglu else (num_local, local_ffn, hidden)
         self.fc1 = tag_param(
             nn.Parameter(torch.empty(fc1_shape, dtype=dtype, device=device)),

@@ -58,29 +58,32 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    """The MoE block of transformer layer ``layer_number`` (its expert count and EP size come
-    from ``config.num_experts_for_layer`` / ``config.ep_size_for_layer``)."""
+    """The MoE block of transformer layer ``layer_number`` (its expert count comes from
+    ``config.num_experts_for_layer``, its EP size from ``layout.ep_size_of_layer``); parameters
+    in ``dtype``, experts through ``torch._grouped_mm`` when ``grouped_gemm``."""
 
     def __init__(
-        self, config: ModelConfig, layer_number: int, layout: ParallelState, *, device: torch.device | None = None
+        self, config: ModelConfig, layer_number: int, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
+        grouped_gemm: bool = True, device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
         self.num_experts = config.num_experts_for_layer(layer_number)
-        self.ep_size = config.ep_size_for_layer(layer_number)
+        self.ep_size = layout.ep_size_of_layer(config.decoder_layer_of(layer_number))
         self.topk = config.moe_router_topk
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.z_loss_coeff = config.moe_z_loss_coeff
         self.capacity_factor = config.moe_expert_capacity_factor
         self.eval_capacity_factor = config.moe_eval_capacity_factor
         self.drop_policy = config.moe_token_drop_policy
-        self.router = TopKRouter(config, self.num_experts, layout, device=device)
-        self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size, device=device)
+        self.router = TopKRouter(config, self.num_experts, layout, dtype=dtype, device=device)
+        self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size,
+                                      dtype=dtype, grouped_gemm=grouped_gemm, device=device)
         self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size)
         self.shared_expert = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_expert = MLP(
-                config, layout, ffn_hidden_size=config.moe_shared_expert_intermediate_size, device=device
+                config, layout, ffn_hidden_size=config.moe_shared_expert_intermediate_size, dtype=dtype, device=device
             )
 
     def _active_capacity_factor(self) -> float | None:

@@ -183,7 +183,8 @@ def bias_step(tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
 
 class TopKRouter(nn.Module):
     def __init__(
-        self, config: ModelConfig, num_experts: int, layout: ParallelState, *, device: torch.device | None = None
+        self, config: ModelConfig, num_experts: int, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -202,7 +203,7 @@ class TopKRouter(nn.Module):
                              persistent=False)
         self.step_micro_batches = 0
         self.weight = tag_param(
-            nn.Parameter(torch.empty(num_experts, config.hidden_size, dtype=config.params_dtype, device=device)),
+            nn.Parameter(torch.empty(num_experts, config.hidden_size, dtype=dtype, device=device)),
             tensor_parallel_dim=None,
             expert_parallel_size=None,
             init_std=config.init_method_std,
@@ -210,7 +211,7 @@ class TopKRouter(nn.Module):
         self.bias = None
         if config.add_bias_linear:
             self.bias = tag_param(
-                nn.Parameter(torch.empty(num_experts, dtype=config.params_dtype, device=device)),
+                nn.Parameter(torch.empty(num_experts, dtype=dtype, device=device)),
                 tensor_parallel_dim=None,
                 expert_parallel_size=None,
                 weight_decay=False,

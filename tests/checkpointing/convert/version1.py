@@ -35,7 +35,7 @@ def save_version_1(root: str, *, iteration: int, consumed_samples: int, model, o
         "world_size": state.world_size,
         "tensor_model_parallel_size": state.tp_size,
         "data_parallel_size": state.dp_size,
-        "expert_model_parallel_size": list(model_config.moe_ep_sizes()),
+        "expert_model_parallel_size": list(state.moe_ep_sizes),
         "use_distributed_optimizer": zero,
     }
     optim = optimizer.state_dict()
@@ -43,7 +43,7 @@ def save_version_1(root: str, *, iteration: int, consumed_samples: int, model, o
         "format": "megamoe.optim/1",
         "layout": {
             **{key: layout[key] for key in ("world_size", "tensor_model_parallel_size", "data_parallel_size")},
-            "expert_model_parallel_sizes": sorted(set(model_config.moe_ep_sizes())),
+            "expert_model_parallel_sizes": sorted(set(state.moe_ep_sizes)),
             "use_distributed_optimizer": zero,
             "bucket_size": optimizer.cfg.bucket_size if zero else None,
         },

@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 from megamoe.checkpointing.convert.run import convert
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel import state as ps
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training.checkpoint import open_checkpoint
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,12 +109,11 @@ def _logits_at_layouts(rank, world, roots, tokens):
     out = []
     for (tp, ep), root in zip(LAYOUTS, roots):
         config = model_config_from_dict(read_metadata(root)[1]["model_config"])
-        layout = ps.initialize_model_parallel(tp, (ep,), sequence_parallel=tp > 1)
+        layout = init_layout(tp, (ep,), sp=tp > 1, experts_by_layer=config.experts_by_layer())
         model = GPTModel(config, layout).eval()
-        open_checkpoint(root, config).load_model(model)
+        open_checkpoint(root, config, layout).load_model(model)
         with torch.no_grad():
             out.append(gather_from_tp_region(model(tokens).logits, layout)[..., :VOCAB])
-        ps.destroy_model_parallel()
     return out
 
 

@@ -17,10 +17,9 @@ from megamoe.checkpointing.format import CheckpointError, model_config_from_dict
 from megamoe.checkpointing.hf.config import from_hf_config
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel import state as ps
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training.checkpoint import open_checkpoint
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,12 +73,11 @@ def _logits_at_layouts(rank, world, roots, tokens):
     out = []
     for (tp, ep), root in zip(LAYOUTS, roots):
         config = model_config_from_dict(read_metadata(root)[1]["model_config"])
-        layout = ps.initialize_model_parallel(tp, (ep,))
+        layout = init_layout(tp, (ep,), experts_by_layer=config.experts_by_layer())
         model = GPTModel(config, layout).eval()
-        open_checkpoint(root, config).load_model(model)
+        open_checkpoint(root, config, layout).load_model(model)
         with torch.no_grad():
             out.append(gather_from_tp_region(model(tokens).logits, layout)[..., :VOCAB])
-        ps.destroy_model_parallel()
     return out
 
 
@@ -206,5 +204,5 @@ def test_qwen3_moe_layer_pattern_is_transformers_own(step, dense):
                                                                            if k != "model_type"}))
     want = tuple(int(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock") for layer in model.model.layers)
     assert 0 < sum(want) < len(want), want
-    config = from_hf_config(hf, params_dtype=torch.float32)
+    config = from_hf_config(hf)
     assert tuple(int(config.is_moe_layer(i)) for i in range(config.num_layers)) == want

@@ -10,12 +10,12 @@ import torch
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.moe.layer import MoELayer
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import initialize_module_, retag
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
 from tests.model.moe.reference import reference_moe
 from tests.tiny_moe import tiny_config
+from tests.harness import current_layout
 
 SEED = 1234
 BATCH, SEQ, HIDDEN, EXPERTS = 2, 8, 32, 4
@@ -31,10 +31,18 @@ class Case:
 
 
 def layer_config(case: Case) -> ModelConfig:
+    """The case's architecture (``moe_grouped_gemm`` in its overrides is an execution choice: ``layer_of``)."""
+    overrides = {k: v for k, v in case.overrides.items() if k != "moe_grouped_gemm"}
     return tiny_config(**{**dict(
         vocab_size=64, hidden_size=HIDDEN, moe_ffn_hidden_size=16, num_experts=EXPERTS, moe_aux_loss_coeff=0.1,
-        moe_z_loss_coeff=0.01, expert_model_parallel_size=case.ep,
-    ), **case.overrides})
+        moe_z_loss_coeff=0.01,
+    ), **overrides})
+
+
+def layer_of(case: Case, state) -> MoELayer:
+    """Layer 0 of the case's model in ``state``'s groups, at EP ``case.ep``."""
+    layout = dataclasses.replace(state, ep_by_layer={0: case.ep})
+    return MoELayer(layer_config(case), 0, layout, grouped_gemm=case.overrides.get("moe_grouped_gemm", True))
 
 
 def micro_batch(d: int, uneven: bool):
@@ -54,10 +62,10 @@ def _force_uneven_routing(layer: MoELayer) -> None:
 
 
 def check_layer_case(case: Case) -> None:
-    state = ps.get_parallel_state()
+    state = current_layout()
     dp, dp_rank, tokens = state.dp_size, state.dp_rank, BATCH * SEQ
     cfg = layer_config(case)
-    layer = MoELayer(cfg, 0, state)
+    layer = layer_of(case, state)
     for name, param in layer.named_parameters():
         if "bias" in name:  # drawn like a weight (layout-independently), so that a mistake shows
             retag(param, init="normal", init_std=0.1)

@@ -14,9 +14,9 @@ import torch
 
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
-from megamoe.parallel import state as ps
+from megamoe.parallel.state import single_rank_layout
 from megamoe.parallel.gather import gather_full_state
-from tests.harness import run_distributed
+from tests.harness import init_layout, run_distributed
 from tests.model.moe.helpers import assert_matches, reduced_full_grads
 from tests.tiny_moe import tiny_config
 from tests.model.moe.layer_case import Case, check_layer_case
@@ -26,9 +26,9 @@ SEED = 4321
 VOCAB, BATCH, SEQ = 64, 2, 8
 
 
-def _config(num_experts, ep, **overrides) -> ModelConfig:
+def _config(num_experts, **overrides) -> ModelConfig:
     return tiny_config(vocab_size=VOCAB, moe_ffn_hidden_size=16, num_experts=num_experts, moe_aux_loss_coeff=0.1,
-                       moe_z_loss_coeff=0.01, expert_model_parallel_size=ep, **overrides)
+                       moe_z_loss_coeff=0.01, **overrides)
 
 
 def _micro_batch(d: int):
@@ -37,10 +37,10 @@ def _micro_batch(d: int):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _reference(num_experts, overrides, dp, layout):
+def _reference(num_experts, overrides, dp):
     """TP=1, EP=1 model with reference MoE blocks, over the ``dp`` micro-batches."""
-    cfg = _config(num_experts, 1, **overrides)
-    model = GPTModel(cfg, layout).initialize(SEED)
+    cfg = _config(num_experts, **overrides)
+    model = GPTModel(cfg, single_rank_layout(cfg.experts_by_layer())).initialize(SEED)
     for i in cfg.moe_layers:
         model.layers[i].mlp = ReferenceMoEBlock(model.layers[i].mlp, cfg)
     outputs = [model(*_micro_batch(d)) for d in range(dp)]
@@ -56,15 +56,13 @@ def _reference(num_experts, overrides, dp, layout):
 def _gpt_body(rank, world, tp, cases):
     """``cases``: (num_experts, ep sizes, config overrides); all at tensor-parallel size ``tp``."""
     dp = world // tp
-    single = ps.initialize_model_parallel(1, (1,))
-    references = [_reference(num_experts, overrides, dp, single) for num_experts, _, overrides in cases]
-    ps.destroy_model_parallel()
+    references = [_reference(num_experts, overrides, dp) for num_experts, _, overrides in cases]
 
-    ep_sizes = sorted({ep for e, eps, o in cases for ep in _config(e, eps, **o).moe_ep_sizes()})
-    state = ps.initialize_model_parallel(tp, ep_sizes)
     for (num_experts, eps, overrides), ref in zip(cases, references):
         label = f"tp={tp} experts={num_experts} ep={eps} {overrides}"
-        model = GPTModel(_config(num_experts, eps, **overrides), state).initialize(SEED)
+        config = _config(num_experts, **overrides)
+        state = init_layout(tp, eps if isinstance(eps, tuple) else (eps,), experts_by_layer=config.experts_by_layer())
+        model = GPTModel(config, state).initialize(SEED)
         params = gather_full_state(model, model.layout)
         assert params.keys() == ref["params"].keys(), label
         for name, full in params.items():

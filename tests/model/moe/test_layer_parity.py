@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megamoe.model.moe.layer import MoELayer
-from megamoe.parallel import state as ps
 from megamoe.parallel.gather import gather_full_state
 from megamoe.parallel.params import initialize_module_
 from megamoe.parallel.random import model_parallel_seed
-from tests.harness import run_distributed
+from tests.harness import current_layout, init_layout, run_distributed
 from tests.model.moe.helpers import assert_matches
-from tests.model.moe.layer_case import EXPERTS, HIDDEN, SEED, Case, check_layer_case, layer_config, micro_batch
+from tests.model.moe.layer_case import EXPERTS, HIDDEN, SEED, Case, check_layer_case, layer_config, layer_of, micro_batch
 from tests.model.moe.reference import reference_moe
 
 DROPLESS = [
@@ -69,9 +67,9 @@ def _tp_body(rank, world, cases):
 
 def _check_jitter_routes_alike_on_tp_ranks() -> None:
     """With input jitter on, both TP ranks of a group must still pick the same experts."""
-    state = ps.get_parallel_state()
+    state = current_layout()
     model_parallel_seed(7, state)
-    layer = MoELayer(layer_config(Case(ep=1, overrides=dict(moe_input_jitter_eps=0.5))), 0, state)
+    layer = layer_of(Case(ep=1, overrides=dict(moe_input_jitter_eps=0.5)), state)
     initialize_module_(layer, SEED, state)
     x, _ = micro_batch(state.dp_rank, uneven=False)
     ids = layer.router(x.view(-1, HIDDEN)).expert_ids
@@ -86,9 +84,10 @@ def _check_jitter_routes_alike_on_tp_ranks() -> None:
 def _sequence_parallel_capacity_body(rank, world):
     """TP 2 with sequence parallelism: each TP rank routes its own half of the sequence, and its
     capacity comes from those T / TP tokens, not the whole micro-batch's T."""
-    state = ps.initialize_model_parallel(2, (1,), sequence_parallel=True)
-    cfg = layer_config(Case(ep=1, overrides=dict(moe_expert_capacity_factor=0.5)))
-    layer = MoELayer(cfg, 0, state)
+    case = Case(ep=1, overrides=dict(moe_expert_capacity_factor=0.5))
+    cfg = layer_config(case)
+    state = init_layout(2, sp=True, experts_by_layer=cfg.experts_by_layer())
+    layer = layer_of(case, state)
     initialize_module_(layer, SEED, state)
     x_full, _ = micro_batch(state.dp_rank, uneven=False)
     x = x_full.chunk(state.tp_size, dim=1)[state.tp_rank]  # this rank's positions [b, s / TP, h]
@@ -100,7 +99,6 @@ def _sequence_parallel_capacity_body(rank, world):
     assert ref.dropped > 0, "the capacity must bind to test anything"
     assert_matches(out.reshape(tokens, HIDDEN), ref.out, f"output of TP rank {state.tp_rank}")
     assert round(aux.stats.dropped_fraction.item() * tokens * cfg.moe_router_topk) == ref.dropped
-    ps.destroy_model_parallel()
 
 
 def test_sequence_parallel_capacity_is_sized_from_each_ranks_tokens():

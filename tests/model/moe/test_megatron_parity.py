@@ -16,6 +16,7 @@ from megamoe.model.moe.layer import MoELayer
 from megamoe.model.moe.router import RoutingRule, TopKRouter, route
 from megamoe.parallel.state import single_rank_layout
 from tests.model.moe import megatron_reference as mcore
+from tests.harness import init_layout
 
 HIDDEN, EXPERTS, BATCH, SEQ = 16, 8, 3, 10
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -182,7 +183,7 @@ def test_expert_bias_update_counts_the_tokens_kept_after_capacity_dropping():
     config = _config(moe_router_topk=2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                      moe_expert_capacity_factor=0.5, moe_router_bias_update_rate=0.01, moe_ffn_hidden_size=8)
     torch.manual_seed(0)
-    layer = MoELayer(config, 0, single_rank_layout())
+    layer = MoELayer(config, 0, single_rank_layout(config.experts_by_layer()))
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
@@ -202,9 +203,7 @@ def test_expert_bias_update_counts_the_tokens_kept_after_capacity_dropping():
 def _distributed_balancing_body(rank, world, kind):
     """TP 2 with sequence parallelism x DP 2: each TP rank routes its half of every sequence of
     its DP rank's micro-batch."""
-    from megamoe.parallel import state as ps
-
-    state = ps.initialize_model_parallel(2, (1,), sequence_parallel=True)
+    state = init_layout(2, sp=True)
     router = TopKRouter(_config(moe_router_topk=2, moe_router_load_balancing_type=kind), EXPERTS, state)
     with torch.no_grad():
         router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(0)))

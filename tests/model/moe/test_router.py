@@ -16,11 +16,11 @@ from tests.model.moe.reference import reference_routing
 HIDDEN, EXPERTS, TOKENS = 16, 8, 32
 
 
-def _router(**overrides) -> TopKRouter:
+def _router(dtype=torch.float32, **overrides) -> TopKRouter:
     fields = dict(vocab_size=16, num_layers=2, hidden_size=HIDDEN, num_attention_heads=2, num_experts=EXPERTS,
                   moe_router_topk=2, swiglu=True, add_bias_linear=False)
     fields.update(overrides)
-    router = TopKRouter(ModelConfig(**fields), EXPERTS, single_rank_layout())
+    router = TopKRouter(ModelConfig(**fields), EXPERTS, single_rank_layout(), dtype=dtype)
     with torch.no_grad():
         router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(0)).to(router.weight))
     return router
@@ -47,7 +47,7 @@ def test_top_k_choice_and_weights_follow_the_softmax_order_option(pre_softmax):
 
 
 def test_logits_are_fp32_for_a_bf16_model():
-    router = _router(params_dtype=torch.bfloat16)
+    router = _router(torch.bfloat16)
     got = router(_tokens(torch.bfloat16))
     assert got.weights.dtype == torch.float32 and got.z_loss.dtype == torch.float32
     _, weights, _, logits = reference_routing(_tokens(torch.bfloat16).double(), router.weight.detach().double(),
