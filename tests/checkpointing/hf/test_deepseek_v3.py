@@ -254,7 +254,7 @@ def test_deepseek_v3s_published_config_is_megatrons_deepseek_v3_recipe():
     from megamoe.checkpointing.hf.config import from_hf_config
     from megamoe.training.flops import active_parameters
 
-    config = from_hf_config(PUBLISHED, params_dtype=torch.bfloat16)
+    config = from_hf_config(PUBLISHED)
     flags = " ".join(config.training_flags())
     for expected in ("--num-layers 61", "--hidden-size 7168", "--ffn-hidden-size 18432", "--num-attention-heads 128",
                      "--multi-latent-attention", "--q-lora-rank 1536", "--kv-lora-rank 512", "--qk-layernorm",
@@ -264,11 +264,11 @@ def test_deepseek_v3s_published_config_is_megatrons_deepseek_v3_recipe():
                      "--moe-router-score-function sigmoid", "--moe-router-enable-expert-bias",
                      "--moe-router-topk-scaling-factor 2.5", "--moe-router-num-groups 8", "--moe-router-group-topk 4",
                      "--moe-router-load-balancing-type seq_aux_loss", "--moe-aux-loss-coeff 0.001", "--swiglu",
-                     "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--bf16"):
+                     "--disable-bias-linear", "--untie-embeddings-and-output-weights"):
         assert expected in flags, expected
     # Megatron's defaults already are DeepSeek-V3's head dims and YaRN context; MTP comes with the weights.
     assert (config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim) == (128, 64, 128)
     assert config.original_max_position_embeddings == 4096 and config.mscale == 1.0 and config.mtp_num_layers is None
     assert abs(active_parameters(config) - 36.6e9) < 0.05e9
     with pytest.raises(ValueError, match=re.escape("quantization_config (fp8 weights: dequantize them to bf16 first)")):
-        from_hf_config({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}}, params_dtype=torch.bfloat16)
+        from_hf_config({**PUBLISHED, "quantization_config": {"quant_method": "fp8"}})
