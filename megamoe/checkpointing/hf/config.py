@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from megamoe.checkpointing.hf import deepseek_v3
+from megamoe.checkpointing.hf.common import common_export_problems, megamoe_fields
 from megamoe.model.config import ModelConfig
 
 FAMILIES = ("mixtral", "qwen3_moe", deepseek_v3.FAMILY)
@@ -77,9 +78,7 @@ def export_problems(config: ModelConfig) -> list[str]:
     if family == deepseek_v3.FAMILY:
         return deepseek_v3.export_problems(config)
     name = _NAMES[family]
-    problems = []
-    if config.normalization != "RMSNorm":
-        problems.append(f"--normalization {config.normalization} ({name} uses RMSNorm)")
+    problems = common_export_problems(config, name)
     if config.position_embedding_type != "rope":
         problems.append(f"--position-embedding-type {config.position_embedding_type} ({name} uses RoPE)")
     if (config.rotary_seq_len_interpolation_factor or 1) != 1:
@@ -87,21 +86,12 @@ def export_problems(config: ModelConfig) -> list[str]:
                         f"({name}'s RoPE is not interpolated)")
     if config.moe_router_force_load_balancing:
         problems.append(f"--moe-router-force-load-balancing ({name} routes by its router)")
-    if not config.swiglu:
-        problems.append(f"GeLU MLPs, no --swiglu ({name}'s MLPs are SwiGLU)")
-    if config.add_bias_linear:
-        problems.append(f"linear biases, no --disable-bias-linear ({name} has none)")
-    if not config.num_experts:
-        problems.append(f"a dense model, no --num-experts ({name} is a mixture of experts)")
-    else:
-        if family == "mixtral" and len(config.moe_layers) != config.num_layers:
-            problems.append(
-                f"--moe-layer-freq {config.moe_layer_freq}: MoE layers {list(config.moe_layers)} of "
-                f"{config.num_layers} (Mixtral has an MoE block in every layer; Qwen3-MoE, chosen with "
-                "--qk-layernorm, can have dense layers)"
-            )
-        if len(set(config.num_experts)) > 1:
-            problems.append(f"--num-experts {list(config.num_experts)} per layer ({name} has one expert count)")
+    if family == "mixtral" and config.num_experts and len(config.moe_layers) != config.num_layers:
+        problems.append(
+            f"--moe-layer-freq {config.moe_layer_freq}: MoE layers {list(config.moe_layers)} of "
+            f"{config.num_layers} (Mixtral has an MoE block in every layer; Qwen3-MoE, chosen with "
+            "--qk-layernorm, can have dense layers)"
+        )
     if config.moe_shared_expert_intermediate_size:
         problems.append(f"--moe-shared-expert-intermediate-size ({name} has no shared expert)")
     if family == "mixtral" and config.moe_router_pre_softmax:
@@ -303,5 +293,5 @@ def from_hf_config(hf: dict) -> ModelConfig:
             moe_layer_freq=1 if all(pattern) else pattern,
             moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
         )
-    fields.update(deepseek_v3.megamoe_fields(hf))
+    fields.update(megamoe_fields(hf))
     return ModelConfig(**fields)

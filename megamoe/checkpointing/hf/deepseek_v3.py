@@ -30,10 +30,9 @@ fp8 release needs dequantizing first), another activation, attention biases, no 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from megamoe.checkpointing.hf.common import common_export_problems, megamoe_fields
 from megamoe.model.config import ModelConfig
 from megamoe.model.rope import yarn_mscale
 
@@ -61,19 +60,11 @@ def _dense_prefix(config: ModelConfig) -> int | None:
 
 def export_problems(config: ModelConfig) -> list[str]:
     """Why ``config``'s model cannot be a Hugging Face DeepSeek-V3 (empty when it can)."""
-    problems = []
-    if config.normalization != "RMSNorm":
-        problems.append(f"--normalization {config.normalization} ({NAME} uses RMSNorm)")
-    if not config.swiglu:
-        problems.append(f"GeLU MLPs, no --swiglu ({NAME}'s MLPs are SwiGLU)")
-    if config.add_bias_linear:
-        problems.append(f"linear biases, no --disable-bias-linear ({NAME} has none)")
+    problems = common_export_problems(config, NAME)
     if not config.qk_layernorm:
         problems.append(f"no --qk-layernorm ({NAME} normalises its query and key/value latents)")
     if not config.num_experts:
-        return problems + [f"a dense model, no --num-experts ({NAME} is a mixture of experts)"]
-    if len(set(config.num_experts)) > 1:
-        problems.append(f"--num-experts {list(config.num_experts)} per layer ({NAME} has one expert count)")
+        return problems
     if _dense_prefix(config) is None:
         problems.append(f"--moe-layer-freq {config.moe_layer_freq}: MoE layers {list(config.moe_layers)} ({NAME}'s "
                         "dense layers come first, then only MoE layers)")
@@ -215,13 +206,6 @@ def problems(hf: dict) -> list[str]:
         out.append(f"num_experts_per_tok {k} with topk_group {hf.get('topk_group')} (DeepSeek scores a group by its "
                    "best 2 experts, megamoe by its best num_experts_per_tok / topk_group)")
     return out + _rope_fields(hf)[1]
-
-
-def megamoe_fields(hf: dict) -> dict:
-    """The architecture fields (of any family) ``config.json``'s ``"megamoe"`` entry holds (exports of earlier
-    versions also put execution choices there, which are not read)."""
-    architecture = {f.name for f in dataclasses.fields(ModelConfig)}
-    return {key: value for key, value in hf.get("megamoe", {}).items() if key in architecture}
 
 
 def from_hf_config(hf: dict) -> ModelConfig:

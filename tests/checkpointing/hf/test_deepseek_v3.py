@@ -22,6 +22,7 @@ from megamoe.model.gpt import GPTModel
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training.checkpoint import open_checkpoint
 from tests.harness import init_layout, run_distributed
+from tests.checkpointing.hf.hf_dirs import config_only_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -162,14 +163,6 @@ def test_export_of_the_import_equals_the_original_tensor_for_tensor(hf_model, tm
     assert configs[0] == configs[1]
 
 
-def _hf_dir(tmp_path, config: dict) -> str:
-    root = tmp_path / config["model_type"]
-    root.mkdir()
-    json.dump(config, open(root / "config.json", "w"))
-    (root / "model.safetensors").write_bytes(b"")
-    return str(root)
-
-
 DEEPSEEK = {**_config(16).to_dict(), "model_type": "deepseek_v3"}
 
 
@@ -183,7 +176,7 @@ DEEPSEEK = {**_config(16).to_dict(), "model_type": "deepseek_v3"}
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "RoPE type 'longrope'"),
 ])
 def test_import_refuses_what_megamoe_cannot_express_in_one_line(tmp_path, change, message):
-    root = _hf_dir(tmp_path, {**DEEPSEEK, **change})
+    root = config_only_dir(tmp_path, {**DEEPSEEK, **change})
     pattern = re.escape(os.path.join(root, "config.json")) + ".*" + (message if ".*" in message else re.escape(message))
     with pytest.raises(CheckpointError, match=pattern) as err:
         convert(root, str(tmp_path / "dst"), from_format="hf", progress=None)

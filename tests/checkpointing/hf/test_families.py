@@ -20,6 +20,7 @@ from megamoe.model.gpt import GPTModel
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training.checkpoint import open_checkpoint
 from tests.harness import init_layout, run_distributed
+from tests.checkpointing.hf.hf_dirs import config_only_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,14 +117,6 @@ def test_export_of_the_import_equals_the_original(hf_model, tmp_path):
     assert configs[0] == configs[1]
 
 
-def _hf_dir(tmp_path, config: dict) -> str:
-    root = tmp_path / config["model_type"]
-    root.mkdir()
-    json.dump(config, open(root / "config.json", "w"))
-    (root / "model.safetensors").write_bytes(b"")
-    return str(root)
-
-
 QWEN3 = dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
              num_experts_per_tok=2, max_position_embeddings=32)
@@ -140,7 +133,7 @@ QWEN3 = dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermedi
     (dict(num_key_value_heads=3), "num_key_value_heads 3 does not divide num_attention_heads 4"),
 ])
 def test_import_refuses_what_megamoe_cannot_express_in_one_line(tmp_path, change, message):
-    root = _hf_dir(tmp_path, {**QWEN3, **change})
+    root = config_only_dir(tmp_path, {**QWEN3, **change})
     with pytest.raises(CheckpointError, match=re.escape(os.path.join(root, "config.json")) + ".*" + message) as err:
         convert(root, str(tmp_path / "dst"), from_format="hf", progress=None)
     assert "\n" not in str(err.value)
