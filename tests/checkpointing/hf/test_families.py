@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megamoe.checkpointing.convert.run import convert
 from megamoe.checkpointing.format import CheckpointError, model_config_from_dict, read_metadata
@@ -20,7 +19,7 @@ from megamoe.model.gpt import GPTModel
 from megamoe.parallel.mappings import gather_from_tp_region
 from megamoe.training.checkpoint import open_checkpoint
 from tests.harness import init_layout, run_distributed
-from tests.checkpointing.hf.hf_dirs import config_only_dir
+from tests.checkpointing.hf.hf_files import config_only_dir, round_trip
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,14 +96,7 @@ def test_imported_model_computes_transformers_logits_at_every_layout(hf_model, t
 
 def test_export_of_the_import_equals_the_original(hf_model, tmp_path):
     root, _, _ = hf_model
-    imported, exported, again = (str(tmp_path / n) for n in ("imported", "exported", "again"))
-    convert(root, imported, from_format="hf", target_world_size=2, target_tensor_parallel_size=2, progress=None)
-    convert(imported, exported, to="hf", progress=None)
-    want = load_file(os.path.join(root, "model.safetensors"))
-    got = {}
-    for name in sorted(os.listdir(exported)):
-        if name.endswith(".safetensors"):
-            got.update(load_file(os.path.join(exported, name)))
+    (imported, exported, again), got, want = round_trip(root, tmp_path)
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
