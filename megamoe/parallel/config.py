@@ -28,6 +28,9 @@ class ParallelConfig:
         "so EP x ETP may span TP and DP (ETP other than TP needs --sequence-parallel)",
         default_text="--tensor-model-parallel-size",
     )
+    elastic: bool = flag(False, help="an elastic run (torchrun --nnodes MIN:MAX): in a world where an "
+                         "--expert-model-parallel-size no longer fits, use the largest EP size not above it that "
+                         "divides the world and the experts (logged) instead of refusing the layout")
 
     def __post_init__(self) -> None:
         self.expert_model_parallel_size = tuple(int(e) for e in self.expert_model_parallel_size) or (1,)

@@ -62,7 +62,12 @@ def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[i
     values) if ``config`` cannot be laid out over its world, or cannot split the experts of
     ``experts_by_layer`` (``{MoE layer index: experts}``; ``{}`` for a dense model; None when no
     model is given, then only the listed EP sizes are checked).  Returns the EP size of each MoE
-    layer of ``experts_by_layer``."""
+    layer of ``experts_by_layer``.
+
+    With ``config.elastic`` (``--elastic``: the world may change size under torchrun ``--nnodes
+    MIN:MAX``) an EP size that does not fit is not refused: the layer gets ``elastic_ep_size``, the
+    largest EP size not above the configured one that fits this world and its experts.  TP and
+    ETP are never changed (a TP that no longer divides the world is refused as always)."""
     world, tp = config.world_size, config.tensor_model_parallel_size
     if tp < 1 or world % tp != 0:
         raise ValueError(
@@ -83,25 +88,64 @@ def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[i
             f"--expert-tensor-parallel-size {etp} differs from --tensor-model-parallel-size {tp}: "
             f"that needs --sequence-parallel (each TP rank then routes its own tokens); valid without it: {tp}"
         )
-    ep_by_layer = {} if experts_by_layer is None else _ep_by_layer(config.expert_model_parallel_size, experts_by_layer)
-    dp = config.data_parallel_size
-    for ep in config.expert_model_parallel_size:
-        if etp == tp and (ep < 1 or dp % ep != 0):
-            raise ValueError(
-                f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
-                f"(world {world} / tensor-parallel {tp}); valid values: {_divisors(dp)}"
-            )
-        if ep < 1 or (world // etp) % ep != 0:
-            raise ValueError(
-                f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not divide "
-                f"the world size {world}; valid --expert-model-parallel-size values: {_divisors(world // etp)}"
-            )
+    if experts_by_layer is None:
+        for ep in config.expert_model_parallel_size:
+            misfit = _ep_misfit(config, ep)
+            if misfit is not None and not config.elastic:
+                raise ValueError(misfit)
+        return {}
+    ep_by_layer = _ep_by_layer(config.expert_model_parallel_size, experts_by_layer)
+    for layer, ep in ep_by_layer.items():
+        misfit = _ep_misfit(config, ep, experts_by_layer[layer], layer)
+        if misfit is not None:
+            if not config.elastic:
+                raise ValueError(misfit)
+            ep_by_layer[layer] = elastic_ep_size(config, ep, experts_by_layer[layer])
     return ep_by_layer
+
+
+def _ep_misfit(config: ParallelConfig, ep: int, experts: int | None = None, layer: int | None = None) -> str | None:
+    """Why EP size ``ep`` cannot split ``experts`` (layer ``layer``; None: any count) over
+    ``config``'s world, in one line naming the flags and the valid values; None when it can.
+    The rules: EP divides the experts; EP x ETP divides the world; with ETP = TP, EP divides DP
+    (an EP group is then made of ranks with one TP rank)."""
+    world, tp, dp = config.world_size, config.tensor_model_parallel_size, config.data_parallel_size
+    etp = resolved_expert_tensor_parallel_size(config)
+    if ep < 1 or (experts is not None and experts % ep != 0):
+        return (f"--num-experts {experts} (layer {layer}) is not divisible by --expert-model-parallel-size {ep}; "
+                f"valid expert-parallel sizes: {_divisors(experts or 1)}")
+    if etp == tp and dp % ep != 0:
+        return (f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
+                f"(world {world} / tensor-parallel {tp}); valid values: {_divisors(dp)}")
+    if (world // etp) % ep != 0:
+        return (f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not divide "
+                f"the world size {world}; valid --expert-model-parallel-size values: {_divisors(world // etp)}")
+    return None
+
+
+def elastic_ep_size(config: ParallelConfig, ep: int, experts: int) -> int:
+    """The EP size an ``--elastic`` run gives a MoE layer of ``experts`` configured with EP ``ep``:
+    the largest size not above ``ep`` that fits ``config``'s world (see ``_ep_misfit``); 1 always
+    fits."""
+    return max(e for e in range(1, ep + 1) if _ep_misfit(config, e, experts) is None)
+
+
+def elastic_layout_line(config: ParallelConfig, state: ParallelState) -> str | None:
+    """One line for the log of an ``--elastic`` run: the layout chosen for this world and, when an
+    EP size fell back, the configured one.  None without ``--elastic``."""
+    if not config.elastic:
+        return None
+    configured = list(config.expert_model_parallel_size)
+    fell_back = _ep_by_layer(config.expert_model_parallel_size, state.ep_by_layer) != state.ep_by_layer
+    return (f"elastic layout for world {state.world_size}: TP {state.tp_size}, DP {state.dp_size}, ETP {state.etp_size}, "
+            f"EP per MoE layer {list(state.moe_ep_sizes)}"
+            + (f" (--expert-model-parallel-size {configured} does not fit: the largest EP size not above it that "
+               f"divides the world and the experts)" if fell_back else " (as configured)"))
 
 
 def _ep_by_layer(ep_sizes: tuple[int, ...], experts_by_layer: Mapping[int, int]) -> dict[int, int]:
     """``--expert-model-parallel-size`` (one value, or one per MoE layer) spread over the MoE
-    layers, each checked against the layer's expert count."""
+    layers."""
     layers = sorted(experts_by_layer)
     if not layers:
         if ep_sizes != (1,):
@@ -112,15 +156,7 @@ def _ep_by_layer(ep_sizes: tuple[int, ...], experts_by_layer: Mapping[int, int])
             f"--expert-model-parallel-size got {len(ep_sizes)} values {list(ep_sizes)}; give one value or one per "
             f"MoE layer ({len(layers)} MoE layers: {layers})"
         )
-    by_layer = {layer: ep_sizes[0] if len(ep_sizes) == 1 else ep_sizes[i] for i, layer in enumerate(layers)}
-    for layer, ep in by_layer.items():
-        experts = experts_by_layer[layer]
-        if experts % ep != 0:
-            raise ValueError(
-                f"--num-experts {experts} (layer {layer}) is not divisible by --expert-model-parallel-size {ep}; "
-                f"valid expert-parallel sizes: {_divisors(experts)}"
-            )
-    return by_layer
+    return {layer: ep_sizes[0] if len(ep_sizes) == 1 else ep_sizes[i] for i, layer in enumerate(layers)}
 
 
 @dataclass
@@ -272,7 +308,8 @@ def build_parallel_state(
     ep_by_layer = validate_parallel_layout(config, experts_by_layer)
     world_size, tp = config.world_size, config.tensor_model_parallel_size
     etp = resolved_expert_tensor_parallel_size(config)
-    ep_sizes = sorted(set(config.expert_model_parallel_size) | set(ep_by_layer.values()) | {1})
+    fitting = {ep for ep in config.expert_model_parallel_size if _ep_misfit(config, ep) is None}
+    ep_sizes = sorted(fitting | set(ep_by_layer.values()) | {1})
     tp_group, tp_ranks = _new_groups(consecutive_rank_lists(world_size, tp), rank, create_groups)
     dp_group, dp_ranks = _new_groups(dp_rank_lists(world_size, tp), rank, create_groups)
     if etp == tp:  # the same ranks: reuse the TP groups rather than create them twice

@@ -125,7 +125,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         raise ConfigError(
             f"--global-batch-size {global_batch} is not divisible by --micro-batch-size {args.micro_batch_size} "
             f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size {tp}); "
-            f"use a multiple of {args.micro_batch_size * dp}"
+            f"the nearest valid sizes are {_nearest_multiples(global_batch, args.micro_batch_size * dp)}"
         )
     train = from_args(TrainConfig, args, global_batch_size=global_batch, device=resolve_device(args.device),
                       num_microbatches=global_batch // (args.micro_batch_size * dp))
@@ -165,6 +165,13 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     return RunConfig(model=model, parallel=parallel, execution=execution, optimizer=optimizer, schedule=schedule,
                      data=data, train=train, checkpoint=checkpoint, logging=logging, eod_token_id=eod_token_id,
                      args=vars(args), notices=notices)
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    """The multiples of ``step`` nearest to ``value`` on either side (the one above only, when
+    none below is positive), for an error message."""
+    below, above = value // step * step, (value // step + 1) * step
+    return f"{below} and {above}" if below > 0 else str(above)
 
 
 def _check_logging(logging: LoggingConfig) -> None:

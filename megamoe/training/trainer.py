@@ -25,7 +25,7 @@ from megamoe.model.moe.balancing import start_step, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.launch import init_distributed
 from megamoe.parallel.random import model_parallel_seed
-from megamoe.parallel.state import ParallelState, device_from_environment, initialize_model_parallel
+from megamoe.parallel.state import ParallelState, device_from_environment, elastic_layout_line, initialize_model_parallel
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.arguments import ConfigError
 from megamoe.training.config import RunConfig
@@ -240,6 +240,9 @@ def pretrain(cfg: RunConfig) -> dict:
     init_distributed(device, timeout=timedelta(minutes=minutes) if minutes else None)
     state = initialize_model_parallel(cfg.parallel, cfg.model.experts_by_layer())
     log = TrainingLogger(cfg.logging, rank=state.rank, run_config_dict=cfg.args, train_iters=cfg.train.train_iters)
+    elastic_line = elastic_layout_line(cfg.parallel, state)
+    if elastic_line is not None:
+        log.info(elastic_line)
     try:
         with ckpt.claim_save_dir(cfg.checkpoint.save, state, log) if cfg.checkpoint.save else contextlib.nullcontext():
             return _train(cfg, state, device, log, started)
