@@ -1,5 +1,6 @@
 """Elastic training as the README runs it: two torchrun "nodes" of 2 CPU ranks each on one machine
-(``--nnodes 1:2 --max-restarts``, c10d rendezvous on a store served by the test), EP 2 with ZeRO-1,
+(``--nnodes 1:2 --max-restarts``, c10d rendezvous on a store served by the test), ZeRO-1 with EP 2
+(kept at world 2) or EP 4 (which must fall back to 2),
 a save every iteration.  Node b (its agent and its workers, which torchrun starts in sessions of
 their own) is killed once a checkpoint is published; node a's agent starts new workers, which
 form a world of 2, load the latest checkpoint and finish the run.  Every logged loss and grad
@@ -22,8 +23,7 @@ from tests.harness import run_distributed
 ITERS = 12  # the kill comes after iteration 2's save: 10 iterations of margin before the run could end
 KILL_AFTER = 2
 GLOBAL_BATCH = 8  # TINY_MOE's
-RUN = [*TINY_MOE, "--train-iters", str(ITERS), "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
-       "--elastic"]
+RUN = [*TINY_MOE, "--train-iters", str(ITERS), "--use-distributed-optimizer", "--elastic"]
 # Rendezvous settings that keep the test short: a dead node is noticed after 5 missed 1 s heartbeats,
 # and a round closes 1 s after its minimum of nodes have joined.
 RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
@@ -55,14 +55,14 @@ def _kill_node(agent: subprocess.Popen) -> None:
     agent.wait()
 
 
-def _start_node(port: int, name: str, save, log, tmp_path) -> subprocess.Popen:
+def _start_node(port: int, name: str, run: list[str], save, log, tmp_path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     out = open(tmp_path / f"node_{name}.out", "w")
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "2",
          "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
          "--rdzv-id", "megamoe-elastic", "--rdzv-conf", RDZV_CONF, "--monitor-interval", "0.1",
-         "pretrain_moe.py", *RUN, "--save", str(save), "--load", str(save), "--save-interval", "1",
+         "pretrain_moe.py", *run, "--save", str(save), "--load", str(save), "--save-interval", "1",
          "--log-json", str(log)],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -76,14 +76,18 @@ def _wait_until(done, nodes, timeout=300.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_lost_node_shrinks_the_run_to_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("ep,ep_at_2", [(2, "[2, 2] (as configured)"), (4, "[2, 2] (--expert-model-parallel-size [4] "
+                                                                     "does not fit")])
+def test_a_lost_node_shrinks_the_run_to_the_same_loss_curve(ep, ep_at_2, tmp_path):
+    """EP 2 fits both worlds; EP 4 (4 experts) must fall back to 2 at world 2."""
+    run = [*RUN, "--expert-model-parallel-size", str(ep)]
     reference_log = tmp_path / "reference.jsonl"
-    run_distributed(run_main, 4, [[*RUN, "--log-json", str(reference_log)]], timeout=600)
+    run_distributed(run_main, 4, [[*run, "--log-json", str(reference_log)]], timeout=600)
     reference = {r["iteration"]: r for r in read_json_log(reference_log)}
 
     save, log = tmp_path / "ckpt", tmp_path / "elastic.jsonl"
     with rendezvous_store() as port:
-        nodes = [_start_node(port, name, save, log, tmp_path) for name in "ab"]
+        nodes = [_start_node(port, name, run, save, log, tmp_path) for name in "ab"]
         try:
             _wait_until(lambda: (read_marker(str(save)) or 0) >= KILL_AFTER, nodes)
             _kill_node(nodes[1])
@@ -96,7 +100,7 @@ def test_a_lost_node_shrinks_the_run_to_the_same_loss_curve(tmp_path):
     assert nodes[0].returncode == 0, outputs["a"]
     both = outputs["a"] + outputs["b"]
     assert "training: world 4 (TP 1 x DP 4)" in both, both
-    assert "elastic layout for world 2: TP 1, DP 2, ETP 1, EP per MoE layer [2, 2] (as configured)" in outputs["a"]
+    assert f"elastic layout for world 2: TP 1, DP 2, ETP 1, EP per MoE layer {ep_at_2}" in outputs["a"]
     assert "training: world 2 (TP 1 x DP 2)" in outputs["a"], outputs["a"]
 
     records = read_json_log(log)
