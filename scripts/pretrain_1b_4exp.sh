@@ -6,6 +6,7 @@
 # Multi-node:   on every node, NNODES=4 NODE_RANK=<i> MASTER_ADDR=<node0> bash scripts/pretrain_1b_4exp.sh
 # Overridable:  GPUS_PER_NODE, MASTER_PORT, TP, EP, MICRO_BATCH, DATA_PATH, TOKENIZER_MODEL,
 #               SAVE_DIR, LOAD_DIR, TRAIN_ITERS, MAX_RESTARTS, WANDB_PROJECT, EXTRA_ARGS
+# Elastic:      MIN_NNODES=<min> (NNODES is the max), RDZV_ID; see the README's "Elastic training"
 # A worker that dies (a crashed or killed process, out of memory) makes torchrun restart every
 # worker, up to MAX_RESTARTS times; they resume from the latest checkpoint in LOAD_DIR.
 # Checkpoints are written in the background (--async-save) while training continues.
@@ -40,10 +41,22 @@ if [ -n "${WANDB_PROJECT:-}" ]; then
     wandb_args=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "moe-1b-4e-tp${TP}-ep${EP}")
 fi
 
+# Elastic mode (MIN_NNODES set): between MIN_NNODES and NNODES nodes, c10d rendezvous on the store
+# that tools/rendezvous_store.py serves at MASTER_ADDR:MASTER_PORT (start it first; the Slurm
+# wrapper does), --elastic for the layout of a smaller world.  Otherwise a static rendezvous.
+if [ -n "${MIN_NNODES:-}" ]; then
+    launch_args=(--nnodes "$MIN_NNODES:$NNODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+                 --rdzv-conf is_host=false --rdzv-id "${RDZV_ID:-megamoe-1b-4e}")
+    elastic_args=(--elastic)
+else
+    launch_args=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+    elastic_args=()
+fi
+
 exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS" \
+    "${launch_args[@]}" --nproc-per-node "$GPUS_PER_NODE" --max-restarts "$MAX_RESTARTS" \
     pretrain_moe.py \
+    "${elastic_args[@]}" \
     --device cuda --bf16 \
     --num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 5632 \
     --seq-length 2048 --max-position-embeddings 2048 \

@@ -15,7 +15,7 @@ from tests.fixtures import REPO
 # (TRAIN_ITERS=10 for a short quickstart, say) must not change what the tests check.
 SCRIPT_SETTINGS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "GPUS_PER_NODE", "MASTER_PORT", "TP", "EP", "MICRO_BATCH",
                    "DATA_PATH", "TOKENIZER_MODEL", "SAVE_DIR", "LOAD_DIR", "TRAIN_ITERS", "MAX_RESTARTS",
-                   "WANDB_PROJECT", "EXTRA_ARGS")
+                   "WANDB_PROJECT", "EXTRA_ARGS", "MIN_NNODES", "RDZV_ID")
 
 SCRIPTS = ["scripts/quickstart.sh", "scripts/run_tests.sh", "scripts/setup_env.sh",
            "scripts/pretrain_1b_4exp.sh", "scripts/pretrain_slurm.sbatch", ".ci/run"]
@@ -63,3 +63,16 @@ def test_1b_4exp_script_passes_a_valid_configuration(tmp_path, env, world):
     assert cfg.train.global_batch_size == 256 and cfg.optimizer.use_distributed_optimizer
     assert cfg.execution.params_dtype == torch.bfloat16
     assert cfg.train.exit_signal_handler and cfg.train.compile and cfg.optimizer.overlap_grad_reduce, shlex.join(argv)
+
+
+def test_1b_4exp_script_elastic_mode_rendezvous_on_the_served_store_and_fits_the_smaller_world(tmp_path):
+    out = _launch_argv(tmp_path, MIN_NNODES="1", NNODES="2", MASTER_ADDR="10.0.0.1", RDZV_ID="job7")
+    torchrun, flags = out[:out.index("pretrain_moe.py")], out[out.index("pretrain_moe.py") + 1:]
+    launch = shlex.join(torchrun)
+    assert ("--nnodes 1:2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-conf is_host=false "
+            "--rdzv-id job7") in launch and "--node-rank" not in launch, launch
+    for world in (8, 16):  # one node or both; EP 4 fits both
+        cfg = parse_config(flags + ["--device", "cpu"], world_size=world)
+        assert cfg.parallel.elastic and cfg.train.global_batch_size == 256
+    static = _launch_argv(tmp_path)
+    assert "--elastic" not in static and "--node-rank" in static
