@@ -20,7 +20,7 @@ from megamoe.parallel.rendezvous import rendezvous_store
 from tests.fixtures import REPO, TINY_MOE, read_json_log, run_main
 from tests.harness import run_distributed
 
-ITERS = 12  # the kill comes after iteration 2's save: 10 iterations of margin before the run could end
+ITERS = 20  # the kill comes after iteration 2's save: 18 iterations of margin before the run could end
 KILL_AFTER = 2
 GLOBAL_BATCH = 8  # TINY_MOE's
 RUN = [*TINY_MOE, "--train-iters", str(ITERS), "--use-distributed-optimizer", "--elastic"]
