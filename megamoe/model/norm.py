@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.model.config import ModelConfig
-from megamoe.parallel.params import tag_param
+from megamoe.parallel.params import replicated_bias, tag_param
 
 try:  # NVIDIA apex is optional and never installed from PyPI.
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
@@ -41,9 +41,7 @@ class Norm(nn.Module):
         )
         self.bias = None
         if self.kind == "LayerNorm":
-            self.bias = tag_param(
-                nn.Parameter(torch.empty(hidden, dtype=dtype, device=device)), weight_decay=False, init="zeros"
-            )
+            self.bias = replicated_bias(hidden, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(x, self.weight, self.bias)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.parallel.mappings import gather_from_tp_region, tp_input, tp_output
-from megamoe.parallel.params import tag_param
+from megamoe.parallel.params import replicated_bias, tag_param
 from megamoe.parallel.state import ParallelState
 
 
@@ -105,11 +105,7 @@ class RowParallelLinear(nn.Module):
         )
         self.bias = None
         if bias:
-            self.bias = tag_param(
-                nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)),
-                weight_decay=False,
-                init="zeros",
-            )
+            self.bias = replicated_bias(out_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_output(F.linear(x, self.weight), self.layout)
@@ -142,9 +138,7 @@ class ReplicatedLinear(nn.Module):
         )
         self.bias = None
         if bias:
-            self.bias = tag_param(
-                nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)), weight_decay=False, init="zeros"
-            )
+            self.bias = replicated_bias(out_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

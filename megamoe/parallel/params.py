@@ -52,6 +52,12 @@ def tag_param(param: torch.nn.Parameter, **fields) -> torch.nn.Parameter:
     return param
 
 
+def replicated_bias(size: int, *, dtype: torch.dtype, device: torch.device | None) -> torch.nn.Parameter:
+    """A ``[size]`` bias whole on every rank (dense, TP-replicated), zero-initialised, not decayed."""
+    return tag_param(torch.nn.Parameter(torch.empty(size, dtype=dtype, device=device)), weight_decay=False,
+                     init="zeros")
+
+
 def param_meta(param: torch.Tensor) -> ParamMeta:
     meta = getattr(param, "megamoe_meta", None)
     assert meta is not None, "parameter was created without tag_param"

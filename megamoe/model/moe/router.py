@@ -69,7 +69,7 @@ from megamoe.model.moe.aux_losses import (
 )
 from megamoe.model.recompute import is_recomputing
 from megamoe.parallel.mappings import all_reduce_tp, reduce_from_tp_region
-from megamoe.parallel.params import tag_param
+from megamoe.parallel.params import replicated_bias, tag_param
 from megamoe.parallel.state import ParallelState
 
 
@@ -210,13 +210,7 @@ class TopKRouter(nn.Module):
         )
         self.bias = None
         if config.add_bias_linear:
-            self.bias = tag_param(
-                nn.Parameter(torch.empty(num_experts, dtype=dtype, device=device)),
-                tensor_parallel_dim=None,
-                expert_parallel_size=None,
-                weight_decay=False,
-                init="zeros",
-            )
+            self.bias = replicated_bias(num_experts, dtype=dtype, device=device)
 
     def _jitter(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Multiply the router input by ``U(1 - eps, 1 + eps)`` noise (training only).
