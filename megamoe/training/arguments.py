@@ -118,7 +118,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         parallel.sequence_parallel = False
         notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
                        "does): it splits activations over the TP ranks, and there is one")
-    validate_parallel_layout(parallel)
+    validate_parallel_layout(parallel)  # before the data is opened; again below with the model's experts
     tp, dp = parallel.tensor_model_parallel_size, parallel.data_parallel_size
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     if global_batch % (args.micro_batch_size * dp) != 0:
