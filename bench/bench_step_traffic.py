@@ -3,6 +3,7 @@
     python bench/bench_step_traffic.py --shape moe-1b-4e          # the peer benchmarks' shape
     python bench/bench_step_traffic.py --shape tiny --json        # the CI shape, one JSON line
     python bench/bench_step_traffic.py --cross-entropy-chunk-size 0   # the LM head unchunked
+    python bench/bench_step_traffic.py --no-fused-kernels            # without megamoe's Triton kernels
 
 One training step (``megamoe.training.trainer.train_step``: zero the main grads, forward,
 backward, gradient reduction, grad norm, clipping, AdamW on the fp32 masters, copy back to the
@@ -39,6 +40,11 @@ What runs differs from a GPU step only where stated in the output:
   forward, about twenty backward), so the bench counts each norm as the fused kernels
   (``FusedRMSNorm``: forward reads x and the weight and writes y and the fp32 1/rms per row;
   backward reads dy, x, the weight and 1/rms and writes dx and the weight gradient).
+* megamoe's fused Triton kernels (``megamoe.kernels``: SwiGLU, RoPE, cross entropy): the model
+  runs them on CUDA when Triton is installed (``kernels.use_fused``); the bench gives the answer
+  it gives on CUDA, so they are counted when Triton can be imported here (the output says so) and
+  ``--no-fused-kernels`` is not given.  Each is a custom op whose meta implementation allocates
+  its outputs: one launch reading its inputs and writing its outputs.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from traffic_counter import TrafficCounter  # noqa: E402
 
+from megamoe import kernels  # noqa: E402
 from megamoe.model.config import ModelConfig  # noqa: E402
 from megamoe.model.execution import ExecutionConfig  # noqa: E402
 from megamoe.model.gpt import GPTModel  # noqa: E402
@@ -95,7 +102,7 @@ class Shape:
     params: int  # P, trainable parameter elements
 
 
-def build_config(name: str, chunk_size: int) -> tuple[ModelConfig, ExecutionConfig, int, int]:
+def build_config(name: str, chunk_size: int, fused: bool) -> tuple[ModelConfig, ExecutionConfig, int, int]:
     shape = dict(SHAPES[name])
     seq, micro_batch = shape.pop("seq"), shape.pop("micro_batch")
     config = ModelConfig(
@@ -103,7 +110,8 @@ def build_config(name: str, chunk_size: int) -> tuple[ModelConfig, ExecutionConf
         add_bias_linear=False, untie_embeddings_and_output_weights=True,
         num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001,
     )
-    return config, ExecutionConfig(params_dtype=torch.bfloat16, cross_entropy_chunk_size=chunk_size), seq, micro_batch
+    execution = ExecutionConfig(params_dtype=torch.bfloat16, cross_entropy_chunk_size=chunk_size, fused_kernels=fused)
+    return config, execution, seq, micro_batch
 
 
 def minimum_bytes(s: Shape, a: int = 2) -> dict[str, int]:
@@ -151,9 +159,10 @@ def _host_value(slots_per_expert: int, parts: int):
     return answer
 
 
-def count_step(shape_name: str, chunk_size: int) -> tuple[TrafficCounter, Shape, dict]:
-    """Run one training step at ``shape_name`` on the meta device under a ``TrafficCounter``."""
-    config, execution, seq, micro_batch = build_config(shape_name, chunk_size)
+def count_step(shape_name: str, chunk_size: int, fused: bool = True) -> tuple[TrafficCounter, Shape, dict]:
+    """Run one training step at ``shape_name`` on the meta device under a ``TrafficCounter``;
+    ``fused``: megamoe's Triton kernels where CUDA would run them (Triton importable)."""
+    config, execution, seq, micro_batch = build_config(shape_name, chunk_size, fused)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
         try:
@@ -167,7 +176,8 @@ def _count_step(config: ModelConfig, execution: ExecutionConfig, seq: int, micro
     cuda_answer = adam_module.FusedSupport(runs=True, applies_grad_scale=True)
     fused_devices = [*_get_fused_kernels_supported_devices(), "meta"]
     with mock.patch.object(adam_module, "fused_adamw_support", lambda device, cls=None: cuda_answer), \
-            mock.patch.object(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: fused_devices):
+            mock.patch.object(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: fused_devices), \
+            mock.patch.object(kernels, "use_fused", lambda enabled, x: enabled and kernels.available()):
         device = torch.device("meta")
         model = GPTModel(config, layout, execution, device=device)
         optimizer = MixedPrecisionOptimizer(
@@ -194,6 +204,7 @@ def _count_step(config: ModelConfig, execution: ExecutionConfig, seq: int, micro
                 result = train_step(model, optimizer, [batch], metrics, device)
         assert not result.skipped and abs(result.grad_norm - 2.0) < 1e-6, result
         notes = {"adam": optimizer.adam_kind, "clip_in_adam": optimizer.clip_in_adam,
+                 "fused_kernels": execution.fused_kernels and kernels.available(),
                  "buffers": [b.reduction.name for b in optimizer.buffers]}
     return counter, shape, notes
 
@@ -310,6 +321,7 @@ def report(shape_name: str, chunk_size: int, counter: TrafficCounter, shape: Sha
         "cross_entropy_chunk_size": chunk_size,
         "adam": notes["adam"],
         "clip_in_adam": notes["clip_in_adam"],
+        "fused_kernels": notes["fused_kernels"],
         "host_reads": counter.host_reads,
         "categories": {k: {**v, "minimum": minimum.get(k)} for k, v in summary.items()},
         "non_gemm_bytes": non_gemm,
@@ -329,6 +341,9 @@ def print_report(r: dict) -> None:
     print(f"counted eagerly on the meta device at world size 1 (no gradient collective runs: "
           f"DP 1); balanced routing (T*K/E slots per expert); CUDA's flash attention and fused RMSNorm; {r['adam']} "
           f"(clip in Adam: {r['clip_in_adam']}); {r['host_reads']} host reads")
+    fused = "megamoe's Triton kernels (SwiGLU, RoPE, cross entropy)" if r["fused_kernels"] else \
+        "no Triton kernels (--no-fused-kernels, or Triton not installed)"
+    print(f"path counted: {fused}")
     print(f"{'category':<24}{unit + ' read':>10}{unit + ' written':>12}{unit + ' total':>10}{'launches':>10}{'minimum ' + unit:>12}"
           f"{'ratio':>8}")
     labels = {"gemm": "GEMM + attention", "elementwise": "elementwise + copy", "comm": "grad buffers + comm",
@@ -354,11 +369,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="moe-1b-4e")
     parser.add_argument("--cross-entropy-chunk-size", type=int, default=None,
                         help="the model's --cross-entropy-chunk-size (default: what it is on CUDA when not given)")
+    parser.add_argument("--no-fused-kernels", action="store_true",
+                        help="count the plain PyTorch ops, not megamoe's Triton kernels (counted when Triton imports)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
     chunk = ExecutionConfig().cross_entropy_chunk_for(torch.device("cuda")) \
         if args.cross_entropy_chunk_size is None else args.cross_entropy_chunk_size
-    counter, shape, notes = count_step(args.shape, chunk)
+    counter, shape, notes = count_step(args.shape, chunk, fused=not args.no_fused_kernels)
     r = report(args.shape, chunk, counter, shape, notes)
     if args.json:
         print(json.dumps(r))

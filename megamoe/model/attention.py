@@ -94,9 +94,10 @@ class _SplitHeads(torch.autograd.Function):
 
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> None:
+                 fused_kernels: bool = True, device: torch.device | None = None) -> None:
         super().__init__()
         tp = layout.tp_size
+        self.fused_kernels = fused_kernels
         self.rng = layout.rng
         self.local_groups = config.num_kv_heads // tp
         self.heads_per_group = config.num_attention_heads // config.num_kv_heads
@@ -141,7 +142,7 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             cos, sin = self.rotary.cos_sin(s, x.device, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = (apply_rotary(t, cos, sin, fused=self.fused_kernels) for t in (q, k))
         dropout = self.dropout if self.training else 0.0
         out = causal_attention(q, k, v, dropout=dropout, rng=self.rng, enable_gqa=self.heads_per_group > 1)
         out = out.transpose(1, 2).reshape(b, s, q.shape[1] * self.head_dim)

@@ -1,6 +1,7 @@
 """ExecutionConfig: how the model runs, as opposed to what it computes (``ModelConfig``).
 
-Precision, activation recomputation, the chunked output layer and the expert GEMM path change
+Precision, activation recomputation, the chunked output layer, the expert GEMM path and the fused
+kernels change
 memory and speed, never the function: a checkpoint does not record them, and any of them may
 change on resume.  Each field declares its flag (``megamoe.flags``).
 """
@@ -40,6 +41,10 @@ class ExecutionConfig:
                                             default_text="1 (uniform), all (block)")
     moe_grouped_gemm: bool = flag(True, name="--no-moe-grouped-gemm", help="one matmul per expert instead of "
                                                                            "torch._grouped_mm")
+    fused_kernels: bool = flag(
+        True, name="--no-fused-kernels",
+        help="plain PyTorch ops instead of megamoe's fused Triton kernels (SwiGLU, RoPE, cross entropy), which "
+             "run only on CUDA with the gpu extra installed (megamoe.kernels.use_fused)")
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -103,16 +103,16 @@ class TransformerLayer(nn.Module):
         dtype = execution.params_dtype
         self.input_norm = Norm(config, dtype=dtype, device=device)
         attention = MultiLatentAttention if config.multi_latent_attention else SelfAttention
-        self.attention = attention(config, layout, dtype=dtype, device=device)
+        self.attention = attention(config, layout, dtype=dtype, fused_kernels=execution.fused_kernels, device=device)
         self.post_attention_norm = Norm(config, dtype=dtype, device=device)
         self.is_moe = config.is_moe_layer(layer_number)
         if self.is_moe:
             from megamoe.model.moe.layer import MoELayer
 
             self.mlp = MoELayer(config, layer_number, layout, dtype=dtype, grouped_gemm=execution.moe_grouped_gemm,
-                                device=device)
+                                fused_kernels=execution.fused_kernels, device=device)
         else:
-            self.mlp = MLP(config, layout, dtype=dtype, device=device)
+            self.mlp = MLP(config, layout, dtype=dtype, fused_kernels=execution.fused_kernels, device=device)
         self.hidden_dropout = config.hidden_dropout
         self.layout = layout
 
@@ -259,6 +259,7 @@ class GPTModel(nn.Module):
                 vocab_size=self.config.vocab_size,
                 layout=self.layout,
                 chunk_size=chunk_size,
+                fused=self.execution.fused_kernels,
             )
         token_loss = vocab_parallel_cross_entropy(
             F.linear(x, self._output_weight()),
@@ -266,5 +267,6 @@ class GPTModel(nn.Module):
             vocab_start=self.word_embeddings.vocab_start,
             vocab_size=self.config.vocab_size,
             layout=self.layout,
+            fused=self.execution.fused_kernels,
         )
         return (token_loss * weights).sum()

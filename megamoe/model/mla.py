@@ -41,9 +41,10 @@ from megamoe.parallel.state import ParallelState
 
 class MultiLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> None:
+                 fused_kernels: bool = True, device: torch.device | None = None) -> None:
         super().__init__()
         self.layout = layout
+        self.fused_kernels = fused_kernels
         self.rng = layout.rng
         n, h = config.num_attention_heads, config.hidden_size
         self.local_heads = n // layout.tp_size
@@ -89,8 +90,8 @@ class MultiLatentAttention(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k_rope = tp_input(k_rope, self.layout).unsqueeze(1)  # [b, 1, s, dr]: the whole sequence, shared by the heads
         cos, sin = self.rotary.cos_sin(s, x.device, q.dtype)
-        q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin)], dim=-1)
-        k_rope = apply_rotary(k_rope, cos, sin).expand(-1, self.local_heads, -1, -1)
+        q = torch.cat([q_nope, apply_rotary(q_rope, cos, sin, fused=self.fused_kernels)], dim=-1)
+        k_rope = apply_rotary(k_rope, cos, sin, fused=self.fused_kernels).expand(-1, self.local_heads, -1, -1)
         k = torch.cat([k_nope, k_rope], dim=-1)
         out = causal_attention(q, k, v, dropout=self.dropout if self.training else 0.0, rng=self.rng,
                                scale=self.scale)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe import kernels
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megamoe.parallel.state import ParallelState
@@ -38,9 +39,14 @@ class _SwiGLU(torch.autograd.Function):
         return grad_h
 
 
-def activation(fc1_out: torch.Tensor, swiglu: bool) -> torch.Tensor:
-    """SwiGLU on ``[..., 2 * f]`` laid out as (gate, up), or GeLU on ``[..., f]``."""
+def activation(fc1_out: torch.Tensor, swiglu: bool, fused: bool = True) -> torch.Tensor:
+    """SwiGLU on ``[..., 2 * f]`` laid out as (gate, up), or GeLU on ``[..., f]``; SwiGLU in one
+    Triton kernel each way where ``kernels.use_fused(fused, fc1_out)``."""
     if swiglu:
+        if kernels.use_fused(fused, fc1_out):
+            from megamoe.kernels.swiglu import swiglu as fused_swiglu
+
+            return fused_swiglu(fc1_out)
         return _SwiGLU.apply(fc1_out)
     return F.gelu(fc1_out)
 
@@ -53,11 +59,13 @@ class MLP(nn.Module):
         *,
         ffn_hidden_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        fused_kernels: bool = True,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         ffn = ffn_hidden_size or config.ffn_hidden_size
         self.swiglu = config.swiglu
+        self.fused_kernels = fused_kernels
         self.fc1 = ColumnParallelLinear(
             config.hidden_size,
             (2, ffn) if config.swiglu else ffn,
@@ -78,4 +86,4 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activation(self.fc1(x), self.swiglu))
+        return self.fc2(activation(self.fc1(x), self.swiglu, self.fused_kernels))

@@ -15,7 +15,8 @@ outwards to whole dims, as transformers and Megatron do.  cos and sin are multip
 x2``), rounding included (each product rounded to x's dtype, then the sum), in fewer passes: the
 rotated copy of ``x`` is never made, the second products are written into one buffer by halves,
 and the backward (the rotation by minus the angle) is the same three passes instead of
-autograd's chain through ``cat``, ``neg`` and ``chunk``.
+autograd's chain through ``cat``, ``neg`` and ``chunk``.  On CUDA, ``megamoe.kernels.rotary`` does
+each direction in one pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from megamoe import kernels
 from megamoe.model.config import ModelConfig
 
 
@@ -121,6 +123,11 @@ class _Rotary(torch.autograd.Function):
         return _rotate(grad, cos, sin, inverse=True), None, None
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x [b, heads, seq, dim]`` rotated by position (``cos, sin``: ``[seq, dim]``)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
+    """``x [b, heads, seq, dim]`` rotated by position (``cos, sin``: ``[seq, dim]``); in one Triton
+    kernel each way where ``kernels.use_fused(fused, x)``."""
+    if kernels.use_fused(fused, x):
+        from megamoe.kernels.rotary import rotary
+
+        return rotary(x, cos, sin)
     return _Rotary.apply(x, cos, sin)

@@ -3,17 +3,23 @@ its figures hold what the code does: every parameter's gradient is copied once i
 main grad (no zeroing pass, no 1/DP scale at DP 1), fused AdamW touches 28 bytes per parameter,
 the step syncs with the host once per MoE layer and once for the grad norm, the fewer-pass
 levers leave no trace of the ops they replaced, and the count is above the analytic minimum.
+With Triton installed the fused kernels are counted (as on CUDA), each as one launch reading
+exactly its inputs and writing its outputs, and ``--no-fused-kernels`` counts the plain ops.
 The bench prints the figures (run as a script, as a user would); this only checks them."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # the bench's tiny shape: vocabulary 512 (no padding at TP 1), 2 layers, hidden 64, 4 experts of ffn 96
 VOCAB, LAYERS, HIDDEN, FFN, EXPERTS = 512, 2, 64, 96, 4
+BATCH, SEQ, HEADS, TOPK = 2, 64, 4, 2
 
 
 def _run(*args) -> dict:
@@ -51,7 +57,32 @@ def test_step_traffic_figures_follow_the_code():
 
 
 def test_chunked_lm_head_costs_little_traffic():
-    plain = _run("--cross-entropy-chunk-size", "0")
-    chunked = _run("--cross-entropy-chunk-size", "32")  # 4 chunks of the 128 tokens
+    # the plain ops: with the fused cross entropy the tiny step's logits cost so little that the fp32
+    # weight-gradient sums of the chunks (4 x vocab x hidden) stand out beside them
+    plain = _run("--cross-entropy-chunk-size", "0", "--no-fused-kernels")
+    chunked = _run("--cross-entropy-chunk-size", "32", "--no-fused-kernels")  # 4 chunks of the 128 tokens
     assert chunked["cross_entropy_chunk_size"] == 32
     assert chunked["non_gemm_bytes"] <= 1.1 * plain["non_gemm_bytes"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton (the gpu extra) is not installed")
+def test_fused_kernels_are_counted_as_one_kernel_each():
+    r = _run("--cross-entropy-chunk-size", "0")
+    plain = _run("--cross-entropy-chunk-size", "0", "--no-fused-kernels")
+    assert r["fused_kernels"] and not plain["fused_kernels"]
+    ops, bf16 = r["ops"], 2
+    slots, tokens = BATCH * SEQ * TOPK, BATCH * SEQ  # balanced routing: every slot is computed
+    # [read, written, launches, calls] of each phase, over the layers
+    assert ops["forward:other:swiglu"] == [LAYERS * slots * 2 * FFN * bf16, LAYERS * slots * FFN * bf16, LAYERS, LAYERS]
+    assert ops["backward:other:swiglu_backward"] == [LAYERS * slots * 3 * FFN * bf16, LAYERS * slots * 2 * FFN * bf16,
+                                                     LAYERS, LAYERS]
+    head_dim = HIDDEN // HEADS
+    q_bytes, table_bytes = tokens * HIDDEN * bf16, SEQ * head_dim * bf16  # k has as many heads as q here
+    for phase in ("forward", "backward"):
+        assert ops[f"{phase}:other:rotary"] == [2 * LAYERS * (q_bytes + 2 * table_bytes), 2 * LAYERS * q_bytes,
+                                                2 * LAYERS, 2 * LAYERS]
+    logits = tokens * VOCAB * bf16
+    assert ops["forward:other:cross_entropy_stats"] == [logits + tokens * 8, 3 * tokens * 4, 1, 1]
+    assert ops["backward:other:cross_entropy_logits_grad"][:2] == [logits + tokens * (8 + 4 + 4), logits]
+    assert not [k for k in plain["ops"] if k.split(":")[-1] in ("swiglu", "rotary", "cross_entropy_stats")]
+    assert r["non_gemm_bytes"] < plain["non_gemm_bytes"] and r["launches"] < plain["launches"]

@@ -60,11 +60,12 @@ class MoEAux:
 class MoELayer(nn.Module):
     """The MoE block of transformer layer ``layer_number`` (its expert count comes from
     ``config.num_experts_for_layer``, its EP size from ``layout.ep_size_of_layer``); parameters
-    in ``dtype``, experts through ``torch._grouped_mm`` when ``grouped_gemm``."""
+    in ``dtype``, experts through ``torch._grouped_mm`` when ``grouped_gemm``, SwiGLU fused when
+    ``fused_kernels`` (``megamoe.kernels.use_fused``)."""
 
     def __init__(
         self, config: ModelConfig, layer_number: int, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
-        grouped_gemm: bool = True, device: torch.device | None = None,
+        grouped_gemm: bool = True, fused_kernels: bool = True, device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -78,12 +79,14 @@ class MoELayer(nn.Module):
         self.drop_policy = config.moe_token_drop_policy
         self.router = TopKRouter(config, self.num_experts, layout, dtype=dtype, device=device)
         self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size,
-                                      dtype=dtype, grouped_gemm=grouped_gemm, device=device)
+                                      dtype=dtype, grouped_gemm=grouped_gemm, fused_kernels=fused_kernels,
+                                      device=device)
         self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size)
         self.shared_expert = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_expert = MLP(
-                config, layout, ffn_hidden_size=config.moe_shared_expert_intermediate_size, dtype=dtype, device=device
+                config, layout, ffn_hidden_size=config.moe_shared_expert_intermediate_size, dtype=dtype,
+                fused_kernels=fused_kernels, device=device,
             )
 
     def _active_capacity_factor(self) -> float | None:

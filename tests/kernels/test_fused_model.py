@@ -1,0 +1,55 @@
+"""The model takes the fused kernels where ``megamoe.kernels.use_fused`` allows them (on CUDA with
+Triton), and not with ``--no-fused-kernels``: a tiny MoE GPT (RoPE, SwiGLU experts and a dense
+SwiGLU layer) has the plain path's loss and parameter gradients in fp32 with the fused SwiGLU,
+RoPE and cross entropy, both with the LM head chunked and not."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megamoe.model.execution import ExecutionConfig
+from megamoe.model.gpt import GPTModel
+from megamoe.parallel.state import single_rank_layout
+from tests.kernels.interpreted import DEVICE, FP32, fused_here, kernel_module
+from tests.tiny_moe import tiny_config
+
+for _name in ("swiglu", "rotary", "cross_entropy"):
+    kernel_module(_name)
+CONFIG = tiny_config(num_layers=2, moe_layer_freq=(1, 0))
+FUSED_OPS = {"megamoe::swiglu", "megamoe::swiglu_backward", "megamoe::rotary", "megamoe::cross_entropy_stats",
+             "megamoe::cross_entropy_logits_grad"}
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _step(execution: ExecutionConfig):
+    layout = single_rank_layout(CONFIG.experts_by_layer())
+    model = GPTModel(CONFIG, layout, execution, device=DEVICE).initialize(seed=3)
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, CONFIG.vocab_size, (2, 16), generator=g).to(DEVICE) for _ in range(2))
+    with _OpNames() as ops:
+        out = model(tokens, labels)
+        out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out.loss.detach(), grads, ops.names & FUSED_OPS
+
+
+@pytest.mark.parametrize("chunk", [0, 12])
+def test_the_model_on_fused_kernels_matches_the_plain_model(chunk):
+    plain_loss, plain_grads, plain_ops = _step(ExecutionConfig(cross_entropy_chunk_size=chunk, fused_kernels=False))
+    with fused_here():
+        off_loss, _, off_ops = _step(ExecutionConfig(cross_entropy_chunk_size=chunk, fused_kernels=False))
+        loss, grads, ops = _step(ExecutionConfig(cross_entropy_chunk_size=chunk))
+    assert not plain_ops and not off_ops and torch.equal(off_loss, plain_loss), "--no-fused-kernels ran a kernel"
+    assert ops == FUSED_OPS
+    torch.testing.assert_close(loss, plain_loss, **FP32)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, **FP32, msg=lambda m, name=name: f"{name}: {m}")
