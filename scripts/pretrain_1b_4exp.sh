@@ -43,11 +43,14 @@ fi
 
 # Elastic mode (MIN_NNODES set): between MIN_NNODES and NNODES nodes, c10d rendezvous on the store
 # that tools/rendezvous_store.py serves at MASTER_ADDR:MASTER_PORT (start it first; the Slurm
-# wrapper does), --elastic for the layout of a smaller world.  Otherwise a static rendezvous.
+# wrapper does), the agent store not shared with the workers (torch's sharing hangs a node that
+# joins), --elastic for the layout of another world and a save whenever torchrun stops the workers
+# for a node that leaves on purpose or joins.  Otherwise a static rendezvous.
 if [ -n "${MIN_NNODES:-}" ]; then
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     launch_args=(--nnodes "$MIN_NNODES:$NNODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
                  --rdzv-conf is_host=false --rdzv-id "${RDZV_ID:-megamoe-1b-4e}")
-    elastic_args=(--elastic)
+    elastic_args=(--elastic --save-on-rendezvous-change)
 else
     launch_args=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
     elastic_args=()

@@ -193,13 +193,20 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
+def _read(dataset, indices: range) -> dict[str, torch.Tensor]:
+    batch = collate([dataset[i] for i in indices])
+    batch["sample_ids"] = torch.tensor(indices, dtype=torch.int64)
+    return batch
+
+
 def micro_batches(dataset, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, start_sample: int = 0):
     """Iterate over global batches; yield this DP rank's micro-batches of each.
 
     Global batch ``g`` is samples ``[start_sample + g * GBS, start_sample + (g + 1) * GBS)``;
     rank ``r`` reads only its contiguous ``GBS / dp_size`` of them, split into
     ``GBS / (dp_size * micro_batch_size)`` micro-batches (dicts of ``[micro_batch_size, seq]``
-    tensors).  Stops before a global batch that would run past ``len(dataset)``.  Resuming with
+    tensors, and ``sample_ids``: the ``[micro_batch_size]`` dataset indices they were read from).
+    Stops before a global batch that would run past ``len(dataset)``.  Resuming with
     ``start_sample = consumed_samples`` continues the same sequence.
     """
     if global_batch_size <= 0 or micro_batch_size <= 0:
@@ -217,8 +224,5 @@ def micro_batches(dataset, *, global_batch_size: int, micro_batch_size: int, dp_
     start = start_sample
     while start + global_batch_size <= len(dataset):
         mine = start + dp_rank * per_rank
-        yield [
-            collate([dataset[i] for i in range(first, first + micro_batch_size)])
-            for first in range(mine, mine + per_rank, micro_batch_size)
-        ]
+        yield [_read(dataset, range(first, first + micro_batch_size)) for first in range(mine, mine + per_rank, micro_batch_size)]
         start += global_batch_size

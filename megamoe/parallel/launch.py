@@ -31,16 +31,27 @@ def _free_port() -> int:
 
 
 def _round_store() -> dist.Store:
-    """The rendezvous store of this round of workers: torchrun's (or rank 0's) TCP store, under a
-    prefix of its own per restart.  torchrun keeps its store across ``--max-restarts`` rounds;
-    without the prefix, a restarted worker reads the addresses the dead round wrote for every
-    process group, and gloo/NCCL fail to connect to them ("connectFullMesh ... refused")."""
+    """The store this round of torchrun's workers forms its process groups through.
+
+    Two cases, told apart by ``TORCHELASTIC_USE_AGENT_STORE``:
+
+    * torch's default: every worker is a client of the rank-0 agent's TCP store, which outlives
+      the rounds of ``--max-restarts``.  Each round works under a prefix of its own, or a restarted
+      worker would read the addresses the dead round wrote for every process group (gloo/NCCL:
+      "connectFullMesh ... refused").  The prefix is the agent's restart count, which only the
+      rounds of one agent agree on: a restart for a node that joins is not counted, so several
+      nodes that restart (``--elastic``) must turn the sharing off;
+    * ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment: the rank-0 agent picks a
+      free port each round and the rank-0 worker hosts a new store on it, so a round has nothing
+      stale to read and every node agrees without a prefix."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
         is_master=rank == 0 and not agent_hosts_store, timeout=timedelta(minutes=10),
     )
+    if not agent_hosts_store:
+        return store
     return dist.PrefixStore(f"megamoe/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 

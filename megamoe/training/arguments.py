@@ -118,6 +118,12 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
         parallel.sequence_parallel = False
         notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
                        "does): it splits activations over the TP ranks, and there is one")
+    if parallel.elastic and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(
+            "--elastic under torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: with "
+            "torch's shared agent store a node that joins a running job hangs the rendezvous (see README, Elastic "
+            "training)"
+        )
     validate_parallel_layout(parallel)  # before the data is opened; again below with the model's experts
     tp, dp = parallel.tensor_model_parallel_size, parallel.data_parallel_size
     global_batch = args.global_batch_size or args.micro_batch_size * dp

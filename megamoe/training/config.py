@@ -91,6 +91,10 @@ class CheckpointConfig:
     save_interval: int = flag(0, help="save every N iterations (0: only at the end, with --save)",
                               check=non_negative)
     keep_last: int = flag(0, help="keep the newest N checkpoints (0: all)", check=non_negative)
+    save_on_rendezvous_change: bool = flag(
+        False, help="elastic runs: on SIGTERM (torchrun stops its workers so when a node leaves on purpose or joins) "
+                    "every rank saves at the end of the step and exits with status 143, so that the agents that stay "
+                    "start new workers, which resume in the new world without losing a step")
     finetune: bool = flag(False, help="load weights only: reset iteration, optimizer and data position")
     use_checkpoint_args: bool = flag(False, help="the model's architecture flags from --load's checkpoint, in place of "
                                                  "the command line's (e.g. an imported Hugging Face model)")
@@ -104,7 +108,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         for given, needs in ((self.save_interval, "--save-interval"), (self.keep_last, "--keep-last"),
-                             (self.async_save, "--async-save")):
+                             (self.async_save, "--async-save"),
+                             (self.save_on_rendezvous_change, "--save-on-rendezvous-change")):
             if given and not self.save:
                 raise ValueError(f"{needs} needs --save DIR")
         if self.finetune and not self.load:
@@ -127,6 +132,10 @@ class LoggingConfig:
                                              "collective per log line")
     log_num_zeros_in_grad: bool = flag(False, help="log how many entries of the reduced gradient are exactly "
                                                    "zero: one more collective per step")
+    log_sample_ids: bool = flag(False, help="add to each --log-json record the dataset indices of the samples its "
+                                            "steps trained on (sample_ids, in global-batch order, gathered over DP): "
+                                            "one more collective per step; shows that a resumed or elastic run "
+                                            "neither skips nor repeats a sample")
     log_throughput: bool = flag(False, help="add tokens/s, TFLOP/s per device and MFU to the console line "
                                             "(the --log-json record always has them)")
     log_timers_to_tensorboard: bool = flag(False, help="write the iteration time (and, with --log-throughput, "

@@ -10,6 +10,9 @@
   stack from our code;
 * a run stopped on purpose (``RunStopped``: a NaN/inf loss or gradient) is ``error: ...``
   with status 1, decided by one collective, so again the same on every rank;
+* a save for a new rendezvous (``StoppedForRendezvous``, --save-on-rendezvous-change: SIGTERM
+  agreed by every rank, the checkpoint written) is one line with status 143, the shell's code for
+  SIGTERM: not 0, so that torchrun starts new workers rather than ending the job;
 * Ctrl-C (SIGINT) is ``interrupted ...`` with status 130, the shell's code for it.  Under a
   terminal or torchrun every rank gets the signal (torchrun forwards it), and a rank blocked in a
   collective may first see its peer vanish (a gloo/NCCL error): any error after the signal is the
@@ -32,6 +35,15 @@ import sys
 
 class RunStopped(RuntimeError):
     """Training stopped on a condition every rank agreed on; the message is one line."""
+
+
+class StoppedForRendezvous(RuntimeError):
+    """SIGTERM under --save-on-rendezvous-change: every rank saved at ``iteration`` and exits for
+    torchrun's next round."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(f"SIGTERM received: saved at iteration {iteration}; exiting with status 143 so that "
+                         f"torchrun starts the workers of the next rendezvous (--save-on-rendezvous-change)")
 
 
 class Interrupted(BaseException):
@@ -82,6 +94,8 @@ def outcome(err: BaseException) -> tuple[int, str] | None:
         return 2, f"error: {err}"
     if isinstance(err, RunStopped):
         return 1, f"error: {err}"
+    if isinstance(err, StoppedForRendezvous):
+        return 143, str(err)
     if isinstance(err, (Interrupted, KeyboardInterrupt)) or _SIGINT.received:
         where = f" after iteration {err.iteration}" if isinstance(err, Interrupted) and err.iteration else ""
         return 130, (f"interrupted (SIGINT){where}: stopped without saving "

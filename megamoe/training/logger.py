@@ -11,7 +11,9 @@ skipped for fp16 overflow):
 ``mtp_loss`` (with --mtp-num-layers) is the MTP depths' mean cross entropy, before
 --mtp-loss-scaling-factor.  Evaluation records have ``{"iteration", "split": "valid", "lm_loss",
 "ppl"}``: the main model's LM loss, without MTP.  With --log-num-zeros-in-grad records have
-``num_zeros_in_grad``, with --log-params-norm ``params_norm``.  Only rank 0 writes.
+``num_zeros_in_grad``, with --log-params-norm ``params_norm``, with --log-sample-ids ``sample_ids``
+(the dataset indices of the interval's global batches, in order; --log-json only).  Only rank 0
+writes.
 
 The console line shows the throughput (tokens/s, TFLOP/s per device, MFU) with --log-throughput;
 tensorboard and wandb get the iteration time with --log-timers-to-tensorboard (and the

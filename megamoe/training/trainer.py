@@ -2,7 +2,8 @@
 
 Reads top to bottom: ``pretrain(cfg)`` -> ``_setup`` -> per iteration ``train_step`` (micro-batch
 loop with gradient accumulation, one optimizer step) -> log every --log-interval -> eval every
---eval-interval -> save every --save-interval, on SIGTERM (--exit-signal-handler) and at the end.
+--eval-interval -> save every --save-interval, on SIGTERM (--exit-signal-handler,
+--save-on-rendezvous-change) and at the end.
 With --skip-train: set up (and --load), evaluate once, return.
 """
 
@@ -29,7 +30,7 @@ from megamoe.parallel.state import ParallelState, device_from_environment, elast
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.arguments import ConfigError
 from megamoe.training.config import RunConfig
-from megamoe.training.exits import Interrupted, RunStopped, note_sigint
+from megamoe.training.exits import Interrupted, RunStopped, StoppedForRendezvous, note_sigint
 from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.manual_gc import ManualGC
@@ -38,20 +39,25 @@ from megamoe.training.metrics import IntervalMetrics
 
 class StopCheck:
     """Whether to save and stop after this iteration: SIGTERM or SIGINT (``exit_signal_handler``),
-    or ``exit_duration_mins`` passed since ``started`` (``time.monotonic()`` when the run began,
-    setup included: the budget is the job's).  Both are agreed over the world with one all-reduce
-    (a signal may reach one rank only, and clocks differ), run only when one of them is on."""
+    SIGTERM (``save_on_rendezvous_change``), or ``exit_duration_mins`` passed since ``started``
+    (``time.monotonic()`` when the run began, setup included: the budget is the job's).  All are
+    agreed over the world with one all-reduce (a signal may reach one rank only, and clocks
+    differ), run only when one of them is on.  ``for_rendezvous``: the agreed stop was a SIGTERM
+    under ``save_on_rendezvous_change`` (the run then exits for torchrun's next round)."""
 
-    def __init__(self, exit_signal_handler: bool, exit_duration_mins: float | None, device: torch.device,
-                 started: float, layout: ParallelState) -> None:
+    def __init__(self, exit_signal_handler: bool, save_on_rendezvous_change: bool, exit_duration_mins: float | None,
+                 device: torch.device, started: float, layout: ParallelState) -> None:
         self.device = device
         self.layout = layout
-        self.on_signal = exit_signal_handler
+        self.on_signal = exit_signal_handler or save_on_rendezvous_change
+        self.save_on_rendezvous_change = save_on_rendezvous_change
         self.deadline = started + 60.0 * exit_duration_mins if exit_duration_mins else None
         self.exit_duration_mins = exit_duration_mins
         self.received = 0  # the signal's number
-        if exit_signal_handler:
+        self.for_rendezvous = False
+        if self.on_signal:
             signal.signal(signal.SIGTERM, self._handle)
+        if exit_signal_handler:
             signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -67,7 +73,9 @@ class StopCheck:
         flags = torch.tensor([float(self.received), float(timed_out)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.layout.world_group)
         if flags[0].item():
-            return f"{signal.Signals(int(flags[0].item())).name} received"
+            received = signal.Signals(int(flags[0].item()))
+            self.for_rendezvous = received == signal.SIGTERM and self.save_on_rendezvous_change
+            return f"{received.name} received"
         if flags[1].item():
             return f"--exit-duration-in-mins {self.exit_duration_mins} reached"
         return None
@@ -98,7 +106,7 @@ class TrainState:
 def prepare_batch(batch: dict, device: torch.device, eod_mask_token: int | None = None) -> dict:
     """The micro-batch on ``device``; with ``eod_mask_token`` (--eod-mask-loss), no loss where the
     input token is that end-of-document id (Megatron's rule)."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "sample_ids"}
     if eod_mask_token is not None:
         batch["loss_mask"] = batch["loss_mask"] * (batch["tokens"] != eod_mask_token)
     return batch
@@ -131,6 +139,16 @@ def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, 
     if not result.skipped:
         update_expert_biases(model, step_moe_stats)
     return result
+
+
+def global_sample_ids(step_batches: list[dict], state: ParallelState, device: torch.device) -> list[int]:
+    """The dataset indices of one step's global batch, in its order: this rank's micro-batches'
+    ``sample_ids`` gathered over the DP group (collective over ``state.dp_group``; the TP ranks
+    of a DP rank read the same samples)."""
+    mine = torch.cat([batch["sample_ids"] for batch in step_batches]).to(device)
+    gathered = [torch.empty_like(mine) for _ in range(state.dp_size)]
+    dist.all_gather(gathered, mine, group=state.dp_group)
+    return torch.cat(gathered).tolist()
 
 
 @torch.no_grad()
@@ -277,10 +295,12 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
         f"params {str(cfg.execution.params_dtype).replace('torch.', '')}, device {device.type}"
     )
-    stop = StopCheck(t.exit_signal_handler, t.exit_duration_in_mins, device, started, state)
+    stop = StopCheck(t.exit_signal_handler, cfg.checkpoint.save_on_rendezvous_change, t.exit_duration_in_mins, device,
+                     started, state)
     metrics = IntervalMetrics(layout=state, device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
                               peak_tflops=cfg.logging.peak_tflops)
     record: dict = {}
+    sample_ids: list[int] = []  # --log-sample-ids: those of the steps since the last log line
     saved_at = None
     pending = None  # the last save, which may still be writing (--async-save)
     gc_policy = ManualGC(enabled=t.manual_gc, interval=t.manual_gc_interval)
@@ -289,7 +309,10 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
         while train_state.iteration < t.train_iters:
             lr = schedule.lr_at(train_state.iteration)
             optimizer.set_lr(lr)
-            result = train_step(model, optimizer, next(batches), metrics, device, cfg.eod_mask_token)
+            step_batches = next(batches)
+            result = train_step(model, optimizer, step_batches, metrics, device, cfg.eod_mask_token)
+            if cfg.logging.log_sample_ids:
+                sample_ids += global_sample_ids(step_batches, state, device)
             check_finite(result, train_state.iteration + 1, stop=t.check_for_nan_in_loss_and_grad, fp16=t.fp16)
             train_state.iteration += 1
             train_state.consumed_samples += t.global_batch_size
@@ -300,6 +323,8 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
                     record["params_norm"] = optimizer.params_norm()
                 if cfg.logging.log_num_zeros_in_grad:
                     record["num_zeros_in_grad"] = optimizer.num_zeros_in_grad()
+                if cfg.logging.log_sample_ids:
+                    record["sample_ids"], sample_ids = sample_ids, []
                 log.log(record)
             gc_policy.after_step(train_state.iteration)
             if evaluate_every and train_state.iteration % evaluate_every == 0:
@@ -327,6 +352,8 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
     if pending is not None:
         pending.wait()
         dist.barrier(group=state.world_group)  # every rank returns once the last checkpoint is published
+    if stop.for_rendezvous:
+        raise StoppedForRendezvous(train_state.iteration)
     return record
 
 

@@ -52,6 +52,7 @@ def test_each_rank_reads_only_its_slice_and_resuming_continues_the_sequence(tmp_
 
     batches = list(micro_batches(Recording(), global_batch_size=8, micro_batch_size=2, dp_rank=2, dp_size=4))
     assert len(batches) == 5 and read == [i for g in range(5) for i in (8 * g + 4, 8 * g + 5)]
+    assert [i for batch in batches for micro in batch for i in micro["sample_ids"].tolist()] == read
     full = _global_batches(train, 2)
     resumed = _global_batches(train, 4, start=16)
     assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(full[2:], resumed))

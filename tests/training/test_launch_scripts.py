@@ -27,17 +27,23 @@ def test_scripts_are_valid_bash(script):
     assert done.returncode == 0, done.stderr
 
 
-def _launch_argv(tmp_path, **env):
+def _launch(tmp_path, **env) -> tuple[list[str], str]:
     """Everything scripts/pretrain_1b_4exp.sh passes to python (torchrun, then pretrain_moe.py's flags),
-    captured by a stand-in python."""
+    and the TORCH_DISABLE_SHARE_RDZV_TCP_STORE it exports, captured by a stand-in python."""
     stub = tmp_path / "python"
-    stub.write_text('#!/usr/bin/env bash\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}"\n'
+                    'for a in "$@"; do printf "%s\\n" "$a"; done\n')
     stub.chmod(0o755)
     inherited = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
+    inherited.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     environment = dict(inherited, PYTHON=str(stub), SAVE_DIR=str(tmp_path / "ckpt"), **env)
     out = subprocess.run(["bash", "scripts/pretrain_1b_4exp.sh"], cwd=REPO, env=environment,
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    return out
+    return out[1:], out[0]
+
+
+def _launch_argv(tmp_path, **env):
+    return _launch(tmp_path, **env)[0]
 
 
 def _pretrain_argv(tmp_path, **env):
@@ -66,13 +72,14 @@ def test_1b_4exp_script_passes_a_valid_configuration(tmp_path, env, world):
 
 
 def test_1b_4exp_script_elastic_mode_rendezvous_on_the_served_store_and_fits_the_smaller_world(tmp_path):
-    out = _launch_argv(tmp_path, MIN_NNODES="1", NNODES="2", MASTER_ADDR="10.0.0.1", RDZV_ID="job7")
+    out, share_off = _launch(tmp_path, MIN_NNODES="1", NNODES="2", MASTER_ADDR="10.0.0.1", RDZV_ID="job7")
+    assert share_off == "1"  # what --elastic needs (a node that joins hangs torch's shared agent store)
     torchrun, flags = out[:out.index("pretrain_moe.py")], out[out.index("pretrain_moe.py") + 1:]
     launch = shlex.join(torchrun)
     assert ("--nnodes 1:2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-conf is_host=false "
             "--rdzv-id job7") in launch and "--node-rank" not in launch, launch
     for world in (8, 16):  # one node or both; EP 4 fits both
         cfg = parse_config(flags + ["--device", "cpu"], world_size=world)
-        assert cfg.parallel.elastic and cfg.train.global_batch_size == 256
-    static = _launch_argv(tmp_path)
-    assert "--elastic" not in static and "--node-rank" in static
+        assert cfg.parallel.elastic and cfg.checkpoint.save_on_rendezvous_change and cfg.train.global_batch_size == 256
+    static, share_off = _launch(tmp_path)
+    assert "--elastic" not in static and "--node-rank" in static and share_off == "unset"
