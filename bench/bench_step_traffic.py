@@ -40,7 +40,8 @@ What runs differs from a GPU step only where stated in the output:
   forward, about twenty backward), so the bench counts each norm as the fused kernels
   (``FusedRMSNorm``: forward reads x and the weight and writes y and the fp32 1/rms per row;
   backward reads dy, x, the weight and 1/rms and writes dx and the weight gradient).
-* megamoe's fused Triton kernels (``megamoe.kernels``: SwiGLU, RoPE, cross entropy): the model
+* megamoe's fused Triton kernels (``megamoe.kernels``: SwiGLU, RoPE, cross entropy, the MoE
+  combine and the dispatch's backward): the model
   runs them on CUDA when Triton is installed (``kernels.use_fused``); the bench gives the answer
   it gives on CUDA, so they are counted when Triton can be imported here (the output says so) and
   ``--no-fused-kernels`` is not given.  Each is a custom op whose meta implementation allocates
@@ -341,7 +342,7 @@ def print_report(r: dict) -> None:
     print(f"counted eagerly on the meta device at world size 1 (no gradient collective runs: "
           f"DP 1); balanced routing (T*K/E slots per expert); CUDA's flash attention and fused RMSNorm; {r['adam']} "
           f"(clip in Adam: {r['clip_in_adam']}); {r['host_reads']} host reads")
-    fused = "megamoe's Triton kernels (SwiGLU, RoPE, cross entropy)" if r["fused_kernels"] else \
+    fused = "megamoe's Triton kernels (SwiGLU, RoPE, cross entropy, MoE combine)" if r["fused_kernels"] else \
         "no Triton kernels (--no-fused-kernels, or Triton not installed)"
     print(f"path counted: {fused}")
     print(f"{'category':<24}{unit + ' read':>10}{unit + ' written':>12}{unit + ' total':>10}{'launches':>10}{'minimum ' + unit:>12}"

@@ -3,7 +3,9 @@
 
 ``rotary(x, cos, sin)``: ``x [b, heads, s, d]`` (any strides, the last dim contiguous), ``cos``
 and ``sin`` ``[s, d]`` -> ``x * cos + [-x2 sin1, x1 sin2]`` (halves ``x1, x2`` of the last dim),
-contiguous, in x's dtype, computed in fp32.  Its backward is the rotation by minus the angle,
+in x's dtype, computed in fp32, laid out position-major (``[b, s, heads, d]`` in memory, as the
+QKV projection lays q and k out): flash attention's output then has the layout that lets the
+attention's ``transpose(1, 2).reshape`` be a view instead of a copy.  Its backward is the rotation by minus the angle,
 ``g * cos + [g2 sin2, -g1 sin1]``, the same kernel.  Differentiable in ``x`` only.
 """
 
@@ -18,7 +20,7 @@ _MAX_ROWS = 16  # positions per program
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
-                   x_stride_b, x_stride_h, x_stride_s, table_stride_s,
+                   x_stride_b, x_stride_h, x_stride_s, out_stride_b, out_stride_h, out_stride_s, table_stride_s,
                    INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // heads).to(tl.int64)
@@ -40,7 +42,7 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
     else:
         out1 = x1 * cos1 - x2 * sin1
         out2 = x2 * cos2 + x1 * sin2
-    out1_ptr = out_ptr + ((b * heads + h) * seq + pos) * (2 * half) + d
+    out1_ptr = out_ptr + b * out_stride_b + h * out_stride_h + pos * out_stride_s + d
     dtype = out_ptr.dtype.element_ty
     tl.store(out1_ptr, out1.to(dtype), mask=mask)
     tl.store(out1_ptr + half, out2.to(dtype), mask=mask)
@@ -52,15 +54,21 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1, (cos.stride(), sin.stride())
 
 
+def _empty_out(x: torch.Tensor) -> torch.Tensor:
+    """``[b, heads, s, d]`` stored as ``[b, s, heads, d]`` (module docstring)."""
+    b, heads, seq, dim = x.shape
+    return x.new_empty(b, seq, heads, dim).transpose(1, 2)
+
+
 @torch.library.custom_op("megamoe::rotary", mutates_args=())
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     _check(x, cos, sin)
-    out = x.new_empty(x.shape)
+    out = _empty_out(x)
     b, heads, seq, dim = x.shape
     if out.numel():
         block_s = min(_MAX_ROWS, triton.next_power_of_2(seq))
         grid = (b * heads, triton.cdiv(seq, block_s))
-        _rotary_kernel[grid](x, cos, sin, out, heads, seq, dim // 2, x.stride(0), x.stride(1), x.stride(2),
+        _rotary_kernel[grid](x, cos, sin, out, heads, seq, dim // 2, *x.stride()[:3], *out.stride()[:3],
                              cos.stride(0), INVERSE=inverse, BLOCK_S=block_s,
                              BLOCK_D=triton.next_power_of_2(dim // 2))
     return out
@@ -68,7 +76,7 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 
 @_rotary.register_fake
 def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    return x.new_empty(x.shape)
+    return _empty_out(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -43,8 +43,8 @@ class ExecutionConfig:
                                                                            "torch._grouped_mm")
     fused_kernels: bool = flag(
         True, name="--no-fused-kernels",
-        help="plain PyTorch ops instead of megamoe's fused Triton kernels (SwiGLU, RoPE, cross entropy), which "
-             "run only on CUDA with the gpu extra installed (megamoe.kernels.use_fused)")
+        help="plain PyTorch ops instead of megamoe's fused Triton kernels (SwiGLU, RoPE, cross entropy, MoE "
+             "combine), which run only on CUDA with the gpu extra installed (megamoe.kernels.use_fused)")
 
     def __post_init__(self) -> None:
         check_fields(self)

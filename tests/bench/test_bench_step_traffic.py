@@ -81,8 +81,18 @@ def test_fused_kernels_are_counted_as_one_kernel_each():
     for phase in ("forward", "backward"):
         assert ops[f"{phase}:other:rotary"] == [2 * LAYERS * (q_bytes + 2 * table_bytes), 2 * LAYERS * q_bytes,
                                                 2 * LAYERS, 2 * LAYERS]
+    assert "forward:other:clone" not in ops, "RoPE's output layout made the attention output's reshape a copy"
     logits = tokens * VOCAB * bf16
     assert ops["forward:other:cross_entropy_stats"] == [logits + tokens * 8, 3 * tokens * 4, 1, 1]
     assert ops["backward:other:cross_entropy_logits_grad"][:2] == [logits + tokens * (8 + 4 + 4), logits]
-    assert not [k for k in plain["ops"] if k.split(":")[-1] in ("swiglu", "rotary", "cross_entropy_stats")]
+    hidden_rows = slots * HIDDEN * bf16
+    assert ops["forward:other:moe_combine"] == [LAYERS * (hidden_rows + slots * (4 + 8)),
+                                                LAYERS * tokens * HIDDEN * bf16, LAYERS, LAYERS]
+    assert ops["backward:other:moe_combine_backward"][:2] == [
+        LAYERS * (tokens * HIDDEN * bf16 + hidden_rows + slots * (4 + 8)), LAYERS * (hidden_rows + slots * 4)]
+    # the dispatch's backward: the K slot gradients of each token summed (the same kernel, no weights)
+    assert ops["backward:other:moe_combine"] == [LAYERS * (hidden_rows + slots * 8), LAYERS * tokens * HIDDEN * bf16,
+                                                 LAYERS, LAYERS]
+    fused_names = ("swiglu", "rotary", "cross_entropy_stats", "moe_combine")
+    assert not [k for k in plain["ops"] if k.split(":")[-1] in fused_names]
     assert r["non_gemm_bytes"] < plain["non_gemm_bytes"] and r["launches"] < plain["launches"]

@@ -1,7 +1,8 @@
 """The model takes the fused kernels where ``megamoe.kernels.use_fused`` allows them (on CUDA with
 Triton), and not with ``--no-fused-kernels``: a tiny MoE GPT (RoPE, SwiGLU experts and a dense
 SwiGLU layer) has the plain path's loss and parameter gradients in fp32 with the fused SwiGLU,
-RoPE and cross entropy, both with the LM head chunked and not."""
+RoPE, cross entropy and MoE combine, both with the LM head chunked and not; torch.compile traces
+the fused ops (custom ops, the model's lazy import of them) in one graph."""
 
 import pytest
 import torch
@@ -9,15 +10,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megamoe.model.execution import ExecutionConfig
 from megamoe.model.gpt import GPTModel
+from megamoe.model.mlp import activation
+from megamoe.model.rope import apply_rotary
+from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamoe.parallel.state import single_rank_layout
 from tests.kernels.interpreted import DEVICE, FP32, fused_here, kernel_module
 from tests.tiny_moe import tiny_config
 
-for _name in ("swiglu", "rotary", "cross_entropy"):
+for _name in ("swiglu", "rotary", "cross_entropy", "moe"):
     kernel_module(_name)
 CONFIG = tiny_config(num_layers=2, moe_layer_freq=(1, 0))
 FUSED_OPS = {"megamoe::swiglu", "megamoe::swiglu_backward", "megamoe::rotary", "megamoe::cross_entropy_stats",
-             "megamoe::cross_entropy_logits_grad"}
+             "megamoe::cross_entropy_logits_grad", "megamoe::moe_combine", "megamoe::moe_combine_backward"}
 
 
 class _OpNames(TorchDispatchMode):
@@ -53,3 +57,22 @@ def test_the_model_on_fused_kernels_matches_the_plain_model(chunk):
     torch.testing.assert_close(loss, plain_loss, **FP32)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_torch_compile_traces_the_fused_kernels_in_one_graph():
+    layout = single_rank_layout()
+
+    def step(h, x, cos, sin, logits, target):
+        loss = vocab_parallel_cross_entropy(logits, target, vocab_start=0, vocab_size=10, layout=layout)
+        return activation(h, True).sum() + apply_rotary(x, cos, sin).sum() + loss.sum()
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(4, 16, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(5, 8, generator=g),
+            torch.randn(5, 8, generator=g), torch.randn(3, 12, generator=g), torch.tensor([1, 2, 9])]
+    args = [a.to(DEVICE).requires_grad_(i in (0, 1, 4)) for i, a in enumerate(args)]
+    with fused_here():
+        eager = step(*args)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(compiled, eager, **FP32)
+    assert torch.autograd.grad(compiled, args[0])[0].shape == args[0].shape

@@ -1,6 +1,6 @@
 """The fused RoPE kernel computes what ``megamoe.model.rope``'s plain rotation computes, forward
 and backward, in fp32 and bf16, on the strided q view the attention's QKV split makes and with
-YaRN-scaled tables; it passes torch's custom-op checks."""
+YaRN-scaled tables, writing position-major output; it passes torch's custom-op checks."""
 
 import pytest
 import torch
@@ -30,6 +30,7 @@ def test_fused_rotary_matches_the_plain_one(dtype, rope_type):
         fused = apply_rotary(q, cos, sin, fused=True)
     (fused_grad,) = torch.autograd.grad(fused, qkv, grad_out)
     assert fused.grad_fn.name() != plain.grad_fn.name(), "the fused path did not run"
+    assert fused.transpose(1, 2).is_contiguous(), "stored position-major, as the projection lays q out"
     tol = FP32 if dtype == torch.float32 else BF16
     torch.testing.assert_close(fused, plain, **tol)
     torch.testing.assert_close(fused_grad, plain_grad, **tol)

@@ -12,6 +12,10 @@ Shapes: ``T`` tokens of this rank, ``K`` top-k, ``S = T * K`` token-slots, ``H``
                positions (a gather by the inverse of ``order``; dropped slots stay zero) ->
                weighted sum over the K slots -> [T, H]  (``_WeightedCombine``)
 
+When no slot is dropped and ``megamoe.kernels.use_fused`` allows it (CUDA, Triton), the weighted
+combine and the backward's sum over a token's K slots run as one Triton kernel each
+(``megamoe.kernels.moe``) instead of a gather to the slots and separate products and sums.
+
 Global expert ``e`` lives on EP rank ``e // L`` as local expert ``e % L``, so the chunk of
 the expert-sorted slots going to rank ``r`` is simply experts ``r*L .. r*L + L - 1``.
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megamoe import kernels
 from megamoe.model.moe.router import count_per_expert
 from megamoe.parallel.mappings import flat_collective
 from megamoe.parallel.state import ParallelState
@@ -128,21 +133,27 @@ class _GatherSlots(torch.autograd.Function):
     The backward of a plain ``index_select`` adds a token's K slot gradients with atomics, whose
     order (so whose rounding) varies from run to run on CUDA once K > 2.  Here each slot's gradient
     is written to its own row (slots are unique) and the K rows of a token are summed in slot
-    order: the same bits every run, for any K.
+    order: the same bits every run, for any K.  ``fused`` (no slot dropped): one kernel reads the
+    K rows of each token and writes their sum.
     """
 
     @staticmethod
-    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None, topk: int):
+    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None, topk: int,
+                fused: bool):
         ctx.save_for_backward(order, slot_rows)
-        ctx.topk = topk
+        ctx.topk, ctx.fused = topk, fused
         ctx.num_tokens = x_TH.shape[0]
         return x_TH.index_select(0, torch.div(order, topk, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, grad_NH: torch.Tensor):
         order, slot_rows = ctx.saved_tensors
+        if ctx.fused:
+            from megamoe.kernels.moe import sum_slots
+
+            return sum_slots(grad_NH, slot_rows, ctx.topk), None, None, None, None
         grad_SH = _rows_to_slots(grad_NH, order, slot_rows, ctx.num_tokens * ctx.topk)
-        return grad_SH.view(ctx.num_tokens, ctx.topk, -1).sum(dim=1), None, None, None
+        return grad_SH.view(ctx.num_tokens, ctx.topk, -1).sum(dim=1), None, None, None, None
 
 
 def _rows_to_slots(rows_NH: torch.Tensor, order: torch.Tensor, slot_rows: torch.Tensor | None,
@@ -187,11 +198,13 @@ class _WeightedCombine(torch.autograd.Function):
 class TokenDispatcher:
     """Moves token-slots between ``layout``'s rank and the ranks of its EP group (of size
     ``ep_size``) holding their experts, and with sequence parallelism and ETP > 1 across the
-    ETP group."""
+    ETP group; ``fused_kernels``: the combine and the dispatch's backward as Triton kernels where
+    ``kernels.use_fused`` allows them."""
 
-    def __init__(self, layout: ParallelState, *, num_experts: int, ep_size: int) -> None:
+    def __init__(self, layout: ParallelState, *, num_experts: int, ep_size: int, fused_kernels: bool = True) -> None:
         assert num_experts % ep_size == 0, (num_experts, ep_size)
         self.layout = layout
+        self.fused_kernels = fused_kernels
         self.groups = layout.experts(ep_size)
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -265,7 +278,8 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
         (``plan.expert_counts`` rows per local expert)."""
-        x_recv = _GatherSlots.apply(x_TH, plan.order, plan.slot_rows, plan.topk)
+        fused = plan.slot_rows is not None and kernels.use_fused(self.fused_kernels, x_TH)
+        x_recv = _GatherSlots.apply(x_TH, plan.order, plan.slot_rows, plan.topk, fused)
         if self.ep_size > 1:
             x_recv = all_to_all(x_recv, plan.send_splits, plan.recv_splits, self._group())
         if plan.etp_splits is not None:
@@ -284,4 +298,8 @@ class TokenDispatcher:
             y_NH = _ReduceScatterRows.apply(y_NH, plan.etp_splits, self.groups.etp_rank, self.groups.etp_group)
         if self.ep_size > 1:
             y_NH = all_to_all(y_NH, plan.recv_splits, plan.send_splits, self._group())
+        if plan.slot_rows is not None and kernels.use_fused(self.fused_kernels, y_NH):
+            from megamoe.kernels.moe import combine
+
+            return combine(y_NH, weights_TK, plan.slot_rows)
         return _WeightedCombine.apply(y_NH, weights_TK, plan.order, plan.slot_rows)

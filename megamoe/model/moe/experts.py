@@ -144,13 +144,15 @@ class GroupedExperts(nn.Module):
         fc1_LOH = self.fc1.view(num_local, -1, hidden)  # SwiGLU: rows [gate F | up F], as the dense MLP
         h_NO = expert_linear(x_NH, fc1_LOH, counts, offsets, grouped=self.grouped_gemm)
         if self.fc1_bias is None:
-            return expert_linear(activation(h_NO, self.swiglu, self.fused_kernels), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+            act_NF = activation(h_NO, self.swiglu, self.fused_kernels)
+            return expert_linear(act_NF, self.fc2, counts, offsets, grouped=self.grouped_gemm)
         counts_L = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
         row_expert_N = torch.repeat_interleave(
             torch.arange(num_local, device=x_NH.device), counts_L, output_size=x_NH.shape[0]
         )
         h_NO = h_NO + self.fc1_bias.view(num_local, -1)[row_expert_N]
-        y_NH = expert_linear(activation(h_NO, self.swiglu, self.fused_kernels), self.fc2, counts, offsets, grouped=self.grouped_gemm)
+        act_NF = activation(h_NO, self.swiglu, self.fused_kernels)
+        y_NH = expert_linear(act_NF, self.fc2, counts, offsets, grouped=self.grouped_gemm)
         # The output is a partial sum over ETP, so the replicated fc2 bias is added on ETP rank 0
         # only (times 0 elsewhere, to keep every rank's backward the same); copy_to_group
         # all-reduces its gradient so that every ETP rank holds the full one.

@@ -60,8 +60,8 @@ class MoEAux:
 class MoELayer(nn.Module):
     """The MoE block of transformer layer ``layer_number`` (its expert count comes from
     ``config.num_experts_for_layer``, its EP size from ``layout.ep_size_of_layer``); parameters
-    in ``dtype``, experts through ``torch._grouped_mm`` when ``grouped_gemm``, SwiGLU fused when
-    ``fused_kernels`` (``megamoe.kernels.use_fused``)."""
+    in ``dtype``, experts through ``torch._grouped_mm`` when ``grouped_gemm``, SwiGLU, the combine and
+    the dispatch's backward fused when ``fused_kernels`` (``megamoe.kernels.use_fused``)."""
 
     def __init__(
         self, config: ModelConfig, layer_number: int, layout: ParallelState, *, dtype: torch.dtype = torch.float32,
@@ -81,7 +81,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config, layout, num_experts=self.num_experts, ep_size=self.ep_size,
                                       dtype=dtype, grouped_gemm=grouped_gemm, fused_kernels=fused_kernels,
                                       device=device)
-        self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size)
+        self.dispatcher = TokenDispatcher(layout, num_experts=self.num_experts, ep_size=self.ep_size,
+                                          fused_kernels=fused_kernels)
         self.shared_expert = None
         if config.moe_shared_expert_intermediate_size:
             self.shared_expert = MLP(

@@ -56,9 +56,9 @@ def test_slot_gather_backward_sums_each_tokens_slots_for_any_topk(dropped):
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
     order = torch.randperm(tokens * topk)[: tokens * topk - dropped]  # some slots dropped, the rest shuffled
     slot_rows = torch.argsort(order) if not dropped else None
-    torch.autograd.gradcheck(lambda t: _GatherSlots.apply(t, order, slot_rows, topk), (x,))
+    torch.autograd.gradcheck(lambda t: _GatherSlots.apply(t, order, slot_rows, topk, False), (x,))
     grad = torch.randn(len(order), hidden, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(_GatherSlots.apply(x, order, slot_rows, topk), x, grad)
+    (ours,) = torch.autograd.grad(_GatherSlots.apply(x, order, slot_rows, topk, False), x, grad)
     (plain,) = torch.autograd.grad(x.index_select(0, order // topk), x, grad)
     torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
 
