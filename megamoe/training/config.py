@@ -92,9 +92,9 @@ class CheckpointConfig:
                               check=non_negative)
     keep_last: int = flag(0, help="keep the newest N checkpoints (0: all)", check=non_negative)
     save_on_rendezvous_change: bool = flag(
-        False, help="elastic runs: on SIGTERM (torchrun stops its workers so when a node leaves on purpose or joins) "
-                    "every rank saves at the end of the step and exits with status 143, so that the agents that stay "
-                    "start new workers, which resume in the new world without losing a step")
+        False, help="elastic runs: on SIGTERM (what torchrun sends the workers it stops when a node leaves on purpose "
+                    "or joins) every rank saves at the end of the step and exits with status 143, so that the agents "
+                    "that stay start new workers, which resume in the new world without losing a step")
     finetune: bool = flag(False, help="load weights only: reset iteration, optimizer and data position")
     use_checkpoint_args: bool = flag(False, help="the model's architecture flags from --load's checkpoint, in place of "
                                                  "the command line's (e.g. an imported Hugging Face model)")
