@@ -37,16 +37,18 @@ _POLL = 0.5  # seconds between checks that every worker is still alive
 _LAYOUT = None  # the layout the current body runs in (init_layout), per worker process
 
 
-def init_layout(tp: int = 1, ep_sizes=(1,), *, etp: int | None = None, sp: bool = False, experts_by_layer=None):
+def init_layout(tp: int = 1, ep_sizes=(1,), *, etp: int | None = None, sp: bool = False, experts_by_layer=None,
+                **pipeline):
     """Build the megamoe groups of TP ``tp``, EP ``ep_sizes`` (one value, or one per MoE layer of
     ``experts_by_layer``: ``ModelConfig.experts_by_layer()``), ETP ``etp`` and sequence
-    parallelism ``sp`` over the running world; it becomes ``current_layout()``."""
+    parallelism ``sp`` over the running world; it becomes ``current_layout()``.  ``pipeline``:
+    ``ParallelConfig``'s pipeline fields (``pipeline_model_parallel_size``, ``num_layers``, ...)."""
     global _LAYOUT
     from megamoe.parallel.config import ParallelConfig
     from megamoe.parallel.state import initialize_model_parallel
 
     config = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=tuple(ep_sizes),
-                            expert_tensor_parallel_size=etp, sequence_parallel=sp)
+                            expert_tensor_parallel_size=etp, sequence_parallel=sp, **pipeline)
     _LAYOUT = initialize_model_parallel(config, experts_by_layer)
     return _LAYOUT
 

@@ -148,11 +148,14 @@ def reference_run(steps: int, *, clip_grad: float = HYPER["clip_grad"], arch: di
 
 
 def build_model(config: ModelConfig, tp: int = 1, ep_sizes=(1,), *, sequence_parallel: bool = False,
-                etp: int | None = None, dtype=torch.float32, seed: int = SEED, **execution) -> GPTModel:
+                etp: int | None = None, dtype=torch.float32, seed: int = SEED, pipeline: dict | None = None,
+                **execution) -> GPTModel:
     """Groups of the layout (TP ``tp``, EP ``ep_sizes``: one value or one per MoE layer, ETP
-    ``etp``) over the running world, the model-parallel RNG seeded, and ``config``'s model in
-    ``dtype`` initialised from ``seed``; ``execution``: other ``ExecutionConfig`` fields."""
-    layout = init_layout(tp, ep_sizes, etp=etp, sp=sequence_parallel, experts_by_layer=config.experts_by_layer())
+    ``etp``; ``pipeline``: ``ParallelConfig``'s pipeline fields) over the running world, the
+    model-parallel RNG seeded, and ``config``'s model (this rank's stage) in ``dtype`` initialised
+    from ``seed``; ``execution``: other ``ExecutionConfig`` fields."""
+    layout = init_layout(tp, ep_sizes, etp=etp, sp=sequence_parallel, experts_by_layer=config.experts_by_layer(),
+                         num_layers=config.num_layers, **(pipeline or {}))
     model_parallel_seed(SEED, layout)
     return GPTModel(config, layout, ExecutionConfig(params_dtype=dtype, **execution)).initialize(seed)
 
@@ -164,13 +167,14 @@ def build_optimizer(model: GPTModel, *, zero: bool, **overrides) -> MixedPrecisi
 
 
 def build(tp: int, ep_sizes, *, zero: bool, dtype=torch.float32, arch: dict | None = None,
-          execution: dict | None = None, sequence_parallel: bool = False, etp: int | None = None, **overrides):
+          execution: dict | None = None, sequence_parallel: bool = False, etp: int | None = None,
+          pipeline: dict | None = None, **overrides):
     """Groups, ``model_config`` model and optimizer of one layout (EP ``ep_sizes``, one per MoE
     layer); ``arch`` overrides model fields, ``execution`` ``ExecutionConfig`` ones, ``overrides``
-    optimizer ones; ``etp``: the expert-TP size."""
+    optimizer ones; ``etp``: the expert-TP size; ``pipeline``: ``ParallelConfig``'s pipeline fields."""
     config = model_config(**(arch or {}))
     model = build_model(config, tp, ep_sizes, sequence_parallel=sequence_parallel, etp=etp, dtype=dtype,
-                        **(execution or {}))
+                        pipeline=pipeline, **(execution or {}))
     return model, build_optimizer(model, zero=zero, **overrides)
 
 
@@ -252,3 +256,32 @@ def assert_replicas_identical(model) -> None:
         dist.all_gather(copies, p.detach().contiguous(), group=group)
         for c in copies:
             assert torch.equal(c, copies[0]), f"{name}: replicas differ across {'EDP' if meta.is_expert else 'DP'}"
+
+
+def train_logged(model, opt, steps: int) -> dict:
+    """``steps`` steps through the trainer's own ``train_step`` (at PP > 1 with its pipeline
+    schedule), each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
+    ``lm_loss``, ``aux_loss``, ``z_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
+    expert biases."""
+    from megamoe.training.metrics import IntervalMetrics
+    from megamoe.training.pipeline import PipelineSchedule
+    from megamoe.training.trainer import train_step
+
+    layout, cpu = model.layout, torch.device("cpu")
+    n = GLOBAL_BATCH // layout.dp_size
+    pipeline = (PipelineSchedule(model, opt, num_microbatches=n, micro_batch_size=1, seq_length=SEQ, device=cpu)
+                if layout.pp_size > 1 else None)
+    metrics = IntervalMetrics(layout=layout, device=cpu, flops_per_token=0.0, peak_tflops=None)
+    keys = ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf")
+    out = {key: [] for key in keys} | {"skipped": [], "bias": []}
+    for step in range(steps):
+        batches = [{"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+                   for tokens, labels in local_micro_batches(step, layout, model.config.vocab_size)]
+        result = train_step(model, opt, batches, metrics, cpu, None, pipeline)
+        metrics.add_step(result, tokens=GLOBAL_BATCH * SEQ)
+        record = metrics.finish_interval(step + 1, 0, HYPER["lr"], result)
+        for key in keys:
+            out[key].append(record[key])
+        out["skipped"].append(result.skipped)
+        out["bias"].append(expert_biases(model))
+    return out

@@ -14,13 +14,14 @@ from __future__ import annotations
 def compile_regions(model) -> list[str]:
     """Compile ``model``'s static regions in place; returns what was compiled (for the log)."""
     compiled = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in model.layers.items():
         for name in ("input_norm", "attention", "post_attention_norm"):
             getattr(layer, name).compile()
             compiled.append(f"layers.{i}.{name}")
         if not layer.is_moe:
             layer.mlp.compile()
             compiled.append(f"layers.{i}.mlp")
-    model.final_norm.compile()
-    compiled.append("final_norm")
+    if model.final_norm is not None:  # the last pipeline stage's
+        model.final_norm.compile()
+        compiled.append("final_norm")
     return compiled

@@ -18,6 +18,14 @@ backward exactly once and are scaled like the main loss by whoever scales ``loss
 ``--multi-latent-attention`` the layers' attention is MLA (``megamoe.model.mla``); with
 ``--mtp-num-layers`` the multi-token-prediction depths (``megamoe.model.mtp``) follow the final
 norm and their scaled loss joins ``GPTOutput.loss`` the same way.
+
+With pipeline parallelism (``layout.pp_size > 1``) a rank's model is its stage: only the layers
+of ``layout.model_chunks``, under their global index (``layers.{i}``, so parameter names and
+checkpoints are those of PP 1), the embedding on the first stage, the final norm and output layer
+on the last (and, with tied embeddings, a copy of the input embedding there, its gradient reduced
+with the first stage's: ``ParamMeta.pipeline_tied``).  The schedule
+(``megamoe.training.pipeline``) runs ``run_chunk`` for each model chunk and ``lm_loss`` on the
+last stage; ``forward`` is the whole model's (PP 1).
 """
 
 from __future__ import annotations
@@ -82,6 +90,29 @@ def _token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torc
     return mask / mask.sum().clamp(min=1.0)
 
 
+class LayerStack(nn.Module):
+    """The decoder layers a rank holds, registered under their global index (``layers.{i}``):
+    all of them at PP 1, one stage's at PP > 1.  ``stack[i]`` is global layer ``i``; iteration
+    and ``items()`` go in layer order."""
+
+    def __init__(self, layers: dict[int, nn.Module]) -> None:
+        super().__init__()
+        for index in sorted(layers):
+            self.add_module(str(index), layers[index])
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def items(self) -> list[tuple[int, nn.Module]]:
+        return [(int(name), layer) for name, layer in self._modules.items()]
+
+
 def _run_layers(layers, x: torch.Tensor):
     """``x`` through ``layers`` in order; returns the output and the MoE layers' aux results."""
     auxes = []
@@ -134,7 +165,8 @@ class GPTModel(nn.Module):
     (``build_parallel_state(..., create_groups=False)``) builds and initialises any rank of any
     layout in one process (a forward then needs TP 1 and EP 1).  ``layout`` must have been built
     with ``config.experts_by_layer()`` (it gives each MoE layer its EP size); ``execution`` says
-    how the model runs (precision, recomputation, chunked cross entropy, GEMM path)."""
+    how the model runs (precision, recomputation, chunked cross entropy, GEMM path).  With PP > 1
+    it is ``layout``'s stage (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, layout: ParallelState, execution: ExecutionConfig | None = None, *,
                  device: torch.device | None = None) -> None:
@@ -145,29 +177,42 @@ class GPTModel(nn.Module):
         self.config = config
         self.execution = execution
         self.layout = layout
-        self.layer_chunks = execution.layer_chunks(config.num_layers)
+        if layout.pp_size > 1 and config.mtp_num_layers:
+            raise ValueError(f"--mtp-num-layers {config.mtp_num_layers} is not supported with "
+                             f"--pipeline-model-parallel-size {layout.pp_size} (use 1, or no MTP)")
+        held = layout.layers(config.num_layers)
+        chunks = layout.model_chunks or (range(config.num_layers),)
+        # (first, end, recompute) spans of global layers, per model chunk: --recompute-* counts
+        # the layers of each chunk (each stage's, as in Megatron).
+        self.chunk_spans = [[(chunk.start + a, chunk.start + b, r) for a, b, r in execution.layer_chunks(len(chunk))]
+                            for chunk in chunks]
+        self.layer_chunks = [span for spans in self.chunk_spans for span in spans]
+        first, last = layout.is_first_stage, layout.is_last_stage
+        tied = not config.untie_embeddings_and_output_weights
         dtype = execution.params_dtype
-        self.word_embeddings = VocabParallelEmbedding(
-            config.vocab_size,
-            config.hidden_size,
-            layout=layout,
-            init_std=config.init_method_std,
-            pad_multiple=config.make_vocab_size_divisible_by,
-            dtype=dtype,
-            device=device,
-        )
+        self.word_embeddings = None
+        if first or (last and tied):
+            self.word_embeddings = VocabParallelEmbedding(
+                config.vocab_size,
+                config.hidden_size,
+                layout=layout,
+                init_std=config.init_method_std,
+                pad_multiple=config.make_vocab_size_divisible_by,
+                dtype=dtype,
+                device=device,
+            )
+            if tied and layout.pp_size > 1:
+                retag(self.word_embeddings.weight, pipeline_tied=True)
         self.position_embeddings = None
-        if config.position_embedding_type == "learned_absolute":
+        if config.position_embedding_type == "learned_absolute" and first:
             self.position_embeddings = tag_param(
                 nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size, dtype=dtype, device=device)),
                 init_std=config.init_method_std,
             )
-        self.layers = nn.ModuleList(
-            TransformerLayer(config, i, layout, execution, device=device) for i in range(config.num_layers)
-        )
-        self.final_norm = Norm(config, dtype=dtype, device=device)
+        self.layers = LayerStack({i: TransformerLayer(config, i, layout, execution, device=device) for i in held})
+        self.final_norm = Norm(config, dtype=dtype, device=device) if last else None
         self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
+        if config.untie_embeddings_and_output_weights and last:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 self.word_embeddings.padded_vocab_size,
@@ -199,22 +244,13 @@ class GPTModel(nn.Module):
     ) -> GPTOutput:
         """tokens, labels, loss_mask: ``[b, s]``.  Returns the losses, or the local logits when
         ``labels`` is None."""
-        s = tokens.shape[1]
-        max_positions = self.config.max_position_embeddings  # parse_config checks --seq-length against it
-        assert max_positions is None or s <= max_positions, f"sequence length {s} > {max_positions} positions"
-        x = self._embed(tokens)
+        assert self.layout.pp_size == 1, "a pipeline stage runs its chunks through megamoe.training.pipeline"
+        x, auxes = self.run_chunk(0, tokens)
         aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
         moe_stats = []
-        for first, end, recompute in self.layer_chunks:
-            span = self.layers[first:end]
-            if self.training and recompute:
-                x, auxes = recomputed(self.layout.rng, _run_layers, span, x)
-            else:
-                x, auxes = _run_layers(span, x)
-            for aux in auxes:
-                aux_total = aux_total + aux.loss
-                moe_stats.append(aux.stats)
-        x = self.final_norm(x)
+        for aux in auxes:
+            aux_total = aux_total + aux.loss
+            moe_stats.append(aux.stats)
         if labels is None:
             logits = F.linear(tp_input(x, self.layout), self._output_weight())
             return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
@@ -232,6 +268,34 @@ class GPTModel(nn.Module):
         return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats,
                          mtp_loss=torch.stack(mtp_losses).mean(),
                          mtp_loss_scaling_factor=self.config.mtp_loss_scaling_factor)
+
+    def run_chunk(self, chunk: int, inputs: torch.Tensor):
+        """Model chunk ``chunk`` (of ``layout.model_chunks``; 0 at PP 1) on ``inputs``: the tokens
+        ``[b, s]`` for the model's first chunk, else the previous chunk's hidden states ``[b, s, h]``
+        (``[b, s / TP, h]`` with sequence parallelism).  Returns its output hidden states, after the
+        final norm for the model's last chunk, and its MoE layers' aux results, in layer order."""
+        if self.layout.is_first_stage and chunk == 0:
+            s = inputs.shape[1]
+            max_positions = self.config.max_position_embeddings  # parse_config checks --seq-length against it
+            assert max_positions is None or s <= max_positions, f"sequence length {s} > {max_positions} positions"
+            x = self._embed(inputs)
+        else:
+            x = inputs
+        auxes = []
+        for first, end, recompute in self.chunk_spans[chunk]:
+            span = [self.layers[i] for i in range(first, end)]
+            if self.training and recompute:
+                x, span_auxes = recomputed(self.layout.rng, _run_layers, span, x)
+            else:
+                x, span_auxes = _run_layers(span, x)
+            auxes.extend(span_auxes)
+        if self.layout.is_last_stage and chunk == len(self.chunk_spans) - 1:
+            x = self.final_norm(x)
+        return x, auxes
+
+    def lm_loss(self, x: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """The LM loss (mean over the tokens ``loss_mask`` keeps) of the last chunk's output ``x``."""
+        return self._lm_loss(x, labels, _token_weights(labels, loss_mask))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens ``[b, s]`` -> ``[b, s, h]`` (with sequence parallelism ``[b, s / TP, h]``)."""

@@ -52,7 +52,7 @@ def _round_up(n: int, multiple: int) -> int:
 class Reduction:
     """How one parameter's gradient is reduced: multiply by ``scale``, then sum over ``group``."""
 
-    name: str  # "dp", "dp+tp" or "edp(ep=E)": names the buffer and the bench's collective groups
+    name: str  # "dp", "dp+tp", "dp+emb" or "edp(ep=E)": names the buffer and the bench's collective groups
     group: dist.ProcessGroup
     size: int
     rank: int  # this rank's index in ``group``
@@ -68,8 +68,13 @@ def grad_reduction(meta: ParamMeta, state: ParallelState) -> Reduction:
     router, row-parallel biases, position embeddings) has the same, whole gradient on every TP
     rank, as its computation is replicated over TP.
     With sequence parallelism a TP-replicated parameter sees only its TP rank's part of the
-    sequence, so its gradient is partial over TP: it is summed over DP x TP (the world: there is
-    no pipeline parallelism), still divided by DP.  This is the only place it is completed.
+    sequence, so its gradient is partial over TP: it is summed over DP x TP (its pipeline stage's
+    ranks), still divided by DP.  This is the only place it is completed.
+    The tied input embedding / output weight at PP > 1 (``ParamMeta.pipeline_tied``) is held by
+    the first stage (the input embedding's gradient) and the last (the output layer's): summed
+    over the first and the last stage's DP groups together (``embedding_dp_group``, one
+    collective; with ZeRO-1 sharded over those 2 x DP ranks, so each element is owned once),
+    divided by DP, which gives both copies PP 1's gradient of the one tied weight.
     Expert parameter of EP size E: summed over its EDP group (the world / (E x ETP) ranks holding
     the same expert shards), divided by DP -- *not* by EDP.  Through the all-to-all backward (and
     with sequence parallelism the ETP gather) an expert's local gradient already sums the tokens
@@ -83,9 +88,20 @@ def grad_reduction(meta: ParamMeta, state: ParallelState) -> Reduction:
     if meta.is_expert:
         groups = state.experts(meta.expert_parallel_size)
         return Reduction(f"edp(ep={groups.ep_size})", groups.edp_group, groups.edp_size, groups.edp_rank, scale)
+    if meta.pipeline_tied and state.pp_size > 1:
+        ranks = state.embedding_dp_ranks
+        return Reduction("dp+emb", state.embedding_dp_group, len(ranks), ranks.index(state.rank), scale)
     if meta.tensor_parallel_dim is None and state.sequence_parallel:
-        return Reduction("dp+tp", state.world_group, state.world_size, state.rank, scale)
+        return Reduction("dp+tp", state.stage_group, state.stage_size, state.stage_rank, scale)
     return Reduction("dp", state.dp_group, state.dp_size, state.dp_rank, scale)
+
+
+def reduction_names(state: ParallelState) -> list[str]:
+    """The names ``grad_reduction`` may give a parameter of any stage of ``state``'s layout, in
+    one order shared by every rank (the grad norm's parts: at PP > 1 stages hold different
+    buffers, and the norm's table must line up)."""
+    names = ["dp"] + (["dp+tp"] if state.sequence_parallel else []) + (["dp+emb"] if state.pp_size > 1 else [])
+    return names + [f"edp(ep={ep})" for ep in sorted(set(state.ep_by_layer.values()))]
 
 
 def replica_rank(meta: ParamMeta, state: ParallelState) -> int:

@@ -41,7 +41,7 @@ from torch import nn
 
 from megamoe.optim.adam import build_adam
 from megamoe.optim.config import OptimizerConfig, PARAMS_DTYPES
-from megamoe.optim.grad_buffer import build_grad_buffers
+from megamoe.optim.grad_buffer import build_grad_buffers, reduction_names
 from megamoe.optim.grad_norm import GradNorm, counts_toward_norm, global_grad_norm
 from megamoe.optim.grad_sync import OverlappedGradSync
 from megamoe.optim.loss_scaler import LossScaler
@@ -107,7 +107,11 @@ class MixedPrecisionOptimizer:
         groups: dict[tuple[bool, int], list[torch.Tensor]] = {}
         # The master views each norm counts (``counts_toward_norm``), by reduction group: their
         # ``.grad`` for the grad norm, themselves for params_norm().
-        self._norm_masters: dict[str, list[torch.Tensor]] = {buf.reduction.name: [] for buf in self.buffers}
+        # The same keys in the same order on every rank (``reduction_names``), whatever buffers its
+        # pipeline stage holds.
+        self._norm_masters: dict[str, list[torch.Tensor]] = {name: [] for name in reduction_names(self.state)}
+        self._norm_masters.update({buf.reduction.name: [] for buf in self.buffers
+                                   if buf.reduction.name not in self._norm_masters})
         self._unnormed_grads: list[torch.Tensor] = []
         for buf, master in zip(self.buffers, self.masters):
             for piece in buf.pieces():

@@ -28,14 +28,37 @@ class ParallelConfig:
         "so EP x ETP may span TP and DP (ETP other than TP needs --sequence-parallel)",
         default_text="--tensor-model-parallel-size",
     )
+    pipeline_model_parallel_size: int = flag(
+        1, help="PP: pipeline stages, the outermost dimension (global rank = pp_rank x world / PP + rank in the "
+        "stage); each stage holds consecutive layers and runs TP, DP, EP and ETP over its own world / PP ranks")
+    virtual_pipeline_model_parallel_size: int | None = flag(
+        None, help="V: model chunks per pipeline stage, run by the interleaved 1F1B schedule (each stage's layers "
+        "cut into V equal chunks)", default_text="1")
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        None, help="layers of each model chunk of the interleaved schedule (another way to give V)")
+    decoder_first_pipeline_num_layers: int | None = flag(
+        None, help="layers of the first pipeline stage (uneven stages; the others split the rest evenly)",
+        default_text="an even split")
+    decoder_last_pipeline_num_layers: int | None = flag(
+        None, help="layers of the last pipeline stage (uneven stages; the others split the rest evenly)",
+        default_text="an even split")
     elastic: bool = flag(False, help="an elastic run (torchrun --nnodes MIN:MAX): in a world where an "
                          "--expert-model-parallel-size no longer fits, use the largest EP size not above it that "
                          "divides the world and the experts (logged) instead of refusing the layout")
+
+    num_layers: int | None = derived(None, help="--num-layers: what the pipeline stages split (None: not checked)")
+    num_microbatches: int | None = derived(None, help="micro-batches per rank per step: what the pipeline schedule "
+                                           "takes (None: not checked)")
 
     def __post_init__(self) -> None:
         self.expert_model_parallel_size = tuple(int(e) for e in self.expert_model_parallel_size) or (1,)
 
     @property
     def data_parallel_size(self) -> int:
-        """DP: the world over TP (``validate_parallel_layout`` checks that TP divides it)."""
-        return self.world_size // self.tensor_model_parallel_size
+        """DP: a stage's world over TP (``validate_parallel_layout`` checks that PP x TP divides the world)."""
+        return self.stage_world_size // self.tensor_model_parallel_size
+
+    @property
+    def stage_world_size(self) -> int:
+        """The ranks of one pipeline stage: the world over PP."""
+        return self.world_size // self.pipeline_model_parallel_size

@@ -13,6 +13,8 @@ which group reduces it:
   padded vocabulary) and are zero-initialised.
 * ``weight_decay``: whether AdamW decays it (matrices yes, norms and biases no).
 * ``init`` / ``init_std``: how the *full* tensor is drawn.
+* ``pipeline_tied``: the input embedding with tied output weights at PP > 1, held by the first
+  and the last stage (a replica there), its gradient reduced over both (``grad_buffer``).
 
 Initialisation draws the full (global, unsharded) tensor from a generator seeded by
 ``(seed, parameter name[, global expert index])`` and keeps this rank's block, so a model built
@@ -38,6 +40,7 @@ class ParamMeta:
     weight_decay: bool = True
     init: str = "normal"  # normal | zeros | ones
     init_std: float = 0.02
+    pipeline_tied: bool = False
 
     @property
     def is_expert(self) -> bool:

@@ -22,7 +22,8 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.execution import ExecutionConfig
 from megamoe.optim import OptimizerConfig
 from megamoe.parallel.config import ParallelConfig
-from megamoe.parallel.state import resolve_device, resolved_expert_tensor_parallel_size, validate_parallel_layout
+from megamoe.parallel.state import (pipeline_chunks, resolve_device, resolved_expert_tensor_parallel_size,
+                                    validate_parallel_layout)
 from megamoe.training.config import FLAG_GROUPS, CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
 from megamoe.training.flops import peak_tflops_of
 from megamoe.training.lr_schedule import LRSchedule
@@ -113,7 +114,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     if args.multi_latent_attention and args.kv_channels is not None:
         notices.append(f"--kv-channels {args.kv_channels} with --multi-latent-attention: unused, as in Megatron "
                        f"(MLA's heads are sized by --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim)")
-    parallel = from_args(ParallelConfig, args, world_size=world_size)
+    parallel = from_args(ParallelConfig, args, world_size=world_size, num_layers=args.num_layers)
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         parallel.sequence_parallel = False
         notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
@@ -125,12 +126,13 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
             "training)"
         )
     validate_parallel_layout(parallel)  # before the data is opened; again below with the model's experts
-    tp, dp = parallel.tensor_model_parallel_size, parallel.data_parallel_size
+    tp, dp, pp = parallel.tensor_model_parallel_size, parallel.data_parallel_size, parallel.pipeline_model_parallel_size
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     if global_batch % (args.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"--global-batch-size {global_batch} is not divisible by --micro-batch-size {args.micro_batch_size} "
-            f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size {tp}); "
+            f"x data-parallel size {dp} (world {world_size} / --tensor-model-parallel-size {tp}"
+            f"{f' / --pipeline-model-parallel-size {pp}' if pp > 1 else ''}); "
             f"the nearest valid sizes are {_nearest_multiples(global_batch, args.micro_batch_size * dp)}"
         )
     train = from_args(TrainConfig, args, global_batch_size=global_batch, device=resolve_device(args.device),
@@ -147,11 +149,16 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     if train.seq_length > max_pos:
         raise ConfigError(f"--seq-length {train.seq_length} exceeds --max-position-embeddings {max_pos}")
     model = from_args(ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos)
+    parallel.num_microbatches = train.num_microbatches
     validate_parallel_layout(parallel, model.experts_by_layer())
+    if pp > 1 and model.mtp_num_layers:
+        raise ConfigError(f"--mtp-num-layers {model.mtp_num_layers} is not supported with --pipeline-model-parallel-size "
+                          f"{pp} (use --pipeline-model-parallel-size 1, or no MTP)")
     model.check_tensor_parallel(tensor_model_parallel_size=tp,
                                 expert_tensor_parallel_size=resolved_expert_tensor_parallel_size(parallel))
     execution = from_args(ExecutionConfig, args, params_dtype=train.params_dtype)
-    execution.layer_chunks(model.num_layers)
+    for chunk in {len(c) for chunks in pipeline_chunks(parallel) for c in chunks}:
+        execution.layer_chunks(chunk)  # --recompute-num-layers counts each pipeline chunk's layers
 
     optimizer = from_args(OptimizerConfig, args, params_dtype=train.params_dtype)
     schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr, train_iters=train.train_iters,

@@ -51,7 +51,6 @@ MEGATRON_FLAGS = (
     MegatronFlag("--accumulate-allreduce-grads-in-fp32", SWITCH,
                  "gradients are accumulated and reduced in fp32 main grads"),
     MegatronFlag("--distributed-backend", ("nccl", "gloo"), "the backend follows --device: NCCL on cuda, gloo on cpu"),
-    MegatronFlag("--pipeline-model-parallel-size", ("1",), "megamoe has no pipeline parallelism"),
     MegatronFlag("--context-parallel-size", ("1",), "megamoe has no context parallelism"),
     MegatronFlag("--moe-token-dispatcher-type", ("alltoall", "flex"),
                  "tokens are dispatched by all-to-all over the EP group (flex, DeepEP/HybridEP's CUDA kernels for "

@@ -1,15 +1,19 @@
 """Per-interval training metrics, kept as device tensors until the log step.
 
 Between log steps nothing is copied to the host: losses and expert counts accumulate on the
-device, and ``finish_interval`` does one all-reduce over DP and one host copy.  Averages:
-``lm_loss``/``aux_loss``/``z_loss``/``mtp_loss`` (unscaled, the mean over the MTP depths) are means over the interval's micro-batches and DP ranks
-(the loss of the global batch); expert token counts are per step, summed over DP ranks, then
-min/max over the experts of every MoE layer.
+device, and ``finish_interval`` does one all-reduce over DP (at PP > 1 two more over the PP
+group) and one host copy.  Averages: ``lm_loss``/``mtp_loss`` (unscaled, the mean over the MTP
+depths) are means over the interval's micro-batches and DP ranks (the loss of the global batch),
+``aux_loss``/``z_loss``/``dropped_fraction`` means over those and the MoE layers; expert token
+counts are per step, summed over DP ranks, then min/max over the experts of every MoE layer.  At
+PP > 1 the LM loss is the last stage's and each stage holds its own MoE layers: the sums travel
+over the PP group, so every rank (rank 0 logs) gets PP 1's figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -30,13 +34,14 @@ class IntervalMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self.losses = torch.zeros(4, device=self.device)  # lm, aux (raw), z (raw), MTP (unscaled)
+        # lm, then sums over (micro-batch, MoE layer) of aux (raw), z (raw), MTP (unscaled), the dropped
+        # fraction, and how many (micro-batch, MoE layer) pairs they add up
+        self.losses = torch.zeros(6, device=self.device)
         self.has_mtp = False
         self.micro_batches = 0
         self.steps = 0
         self.tokens = 0
         self.expert_tokens: list[torch.Tensor] | None = None
-        self.dropped = torch.zeros((), device=self.device)
         self.start = time.perf_counter()
         self.excluded = 0.0  # seconds of evaluation and checkpointing inside this interval
         if self.device.type == "cuda":
@@ -52,19 +57,20 @@ class IntervalMetrics:
             self.excluded += time.perf_counter() - start
 
     def add_micro_batch(self, out) -> None:
-        """``out``: the model's GPTOutput for one micro-batch."""
-        self.losses[0] += out.lm_loss.detach()
+        """``out``: the model's GPTOutput for one micro-batch (at PP > 1 this stage's part: no LM
+        loss but on the last stage)."""
+        if out.lm_loss is not None:
+            self.losses[0] += out.lm_loss.detach()
         self.micro_batches += 1
         if out.mtp_loss is not None:
             self.losses[3] += out.mtp_loss.detach()
             self.has_mtp = True
         if not out.moe_stats:
             return
-        aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
-        z = torch.stack([s.z_loss for s in out.moe_stats]).mean()
-        self.losses[1] += aux.detach()
-        self.losses[2] += z.detach()
-        self.dropped += torch.stack([s.dropped_fraction for s in out.moe_stats]).float().mean()
+        self.losses[1] += torch.stack([s.aux_loss for s in out.moe_stats]).detach().sum()
+        self.losses[2] += torch.stack([s.z_loss for s in out.moe_stats]).detach().sum()
+        self.losses[4] += torch.stack([s.dropped_fraction for s in out.moe_stats]).float().sum()
+        self.losses[5] += len(out.moe_stats)
         counts = [s.tokens_per_expert.detach().float() for s in out.moe_stats]
         if self.expert_tokens is None:
             self.expert_tokens = counts
@@ -79,19 +85,36 @@ class IntervalMetrics:
     def finish_interval(self, iteration: int, consumed_samples: int, lr: float, result) -> dict:
         """All-reduce the interval's sums over DP and return one log record (host sync here only)."""
         state = self.layout
-        has_moe = self.expert_tokens is not None
-        packed = [self.losses, self.dropped.reshape(1)] + (self.expert_tokens if has_moe else [])
+        has_experts = self.expert_tokens is not None
+        packed = [self.losses] + (self.expert_tokens if has_experts else [])
         flat = torch.cat([t.reshape(-1).float() for t in packed])
         if state.dp_size > 1:
             dist.all_reduce(flat, group=state.dp_group)
-        flat = flat.cpu()
+        sums = flat[:6]
+        # -min, max and the imbalance of the per-step expert loads of this stage's MoE layers
+        loads = torch.full((3,), -math.inf, device=self.device)
+        if has_experts:
+            per_step = flat[6:] / max(1, self.steps)
+            offset, mins, maxs, imbalance = 0, [], [], []
+            for counts in self.expert_tokens:
+                layer = per_step[offset : offset + counts.numel()]
+                offset += counts.numel()
+                mins.append(layer.min())
+                maxs.append(layer.max())
+                imbalance.append(layer.max() / layer.mean().clamp(min=1e-9))
+            loads = torch.stack([-torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(imbalance).max()])
+        if state.pp_size > 1:
+            dist.all_reduce(sums, group=state.pp_group)
+            dist.all_reduce(loads, op=dist.ReduceOp.MAX, group=state.pp_group)
+        sums, loads = sums.cpu(), loads.cpu()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - self.start - self.excluded
         denominator = max(1, self.micro_batches) * state.dp_size
-        lm, aux, z = (flat[:3] / denominator).tolist()
-        mtp = flat[3].item() / denominator
-        dropped = flat[4].item() / denominator
+        lm, mtp = sums[0].item() / denominator, sums[3].item() / denominator
+        moe_entries = sums[5].item()
+        has_moe = moe_entries > 0
+        aux, z, dropped = (sums[[1, 2, 4]] / max(moe_entries, 1.0)).tolist()
         tokens_per_sec = self.tokens / elapsed
         tflops = self.flops_per_token * tokens_per_sec / state.world_size / 1e12
         record = {
@@ -114,22 +137,11 @@ class IntervalMetrics:
             "max_memory_gib": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             ),
-            "expert_tokens_min": None,
-            "expert_tokens_max": None,
-            "expert_load_imbalance": None,
+            "expert_tokens_min": -loads[0].item() if has_moe else None,
+            "expert_tokens_max": loads[1].item() if has_moe else None,
+            "expert_load_imbalance": loads[2].item() if has_moe else None,
             "dropped_fraction": dropped if has_moe else None,
             "elapsed_ms_per_iter": 1000.0 * elapsed / max(1, self.steps),
         }
-        if has_moe:
-            per_step = flat[5:] / max(1, self.steps)
-            offset, mins, maxs, imbalance = 0, [], [], []
-            for counts in self.expert_tokens:
-                layer = per_step[offset : offset + counts.numel()]
-                offset += counts.numel()
-                mins.append(layer.min().item())
-                maxs.append(layer.max().item())
-                imbalance.append(layer.max().item() / max(layer.mean().item(), 1e-9))
-            record.update(expert_tokens_min=min(mins), expert_tokens_max=max(maxs),
-                          expert_load_imbalance=max(imbalance))
         self._reset()
         return record

@@ -35,6 +35,7 @@ from megamoe.training.flops import flops_per_token
 from megamoe.training.logger import TrainingLogger
 from megamoe.training.manual_gc import ManualGC
 from megamoe.training.metrics import IntervalMetrics
+from megamoe.training.pipeline import PipelineSchedule
 
 
 class StopCheck:
@@ -113,26 +114,38 @@ def prepare_batch(batch: dict, device: torch.device, eod_mask_token: int | None 
 
 
 def train_step(model, optimizer, batches: list[dict], metrics: IntervalMetrics, device: torch.device,
-               eod_mask_token: int | None = None):
+               eod_mask_token: int | None = None, pipeline: PipelineSchedule | None = None):
     """One optimizer step over this rank's micro-batches of one global batch.
 
     Each micro-batch loss (LM + auxiliary) is divided by the number of micro-batches, so the
     accumulated gradient is the mean over this rank's share; the optimizer then averages over DP.
     A step that was not skipped then updates the routers' expert biases from the step's loads.
+    At PP > 1 ``pipeline`` runs the micro-batches through the stages by its schedule, with the
+    same scaling (``megamoe.training.pipeline``).
     """
     model.train()
     optimizer.zero_grad()
     start_step(model)
     step_moe_stats = []
     loss = torch.zeros((), device=device)  # checked for NaN/inf in the optimizer's norm collective
-    for index, batch in enumerate(batches):
-        batch = prepare_batch(batch, device, eod_mask_token)
-        # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
-        last = index == len(batches) - 1
-        with contextlib.nullcontext() if last else optimizer.no_sync():
-            out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
-            optimizer.scale_loss(out.loss / len(batches)).backward()
-        loss += out.loss.detach().float()
+    if pipeline is not None:
+        prepared = [prepare_batch(batch, device, eod_mask_token) for batch in batches]
+        outputs = pipeline.forward_backward(prepared)
+    else:
+        outputs = []
+        for index, batch in enumerate(batches):
+            batch = prepare_batch(batch, device, eod_mask_token)
+            # With --overlap-grad-reduce the last micro-batch's backward launches the reduction.
+            last = index == len(batches) - 1
+            with contextlib.nullcontext() if last else optimizer.no_sync():
+                out = model(batch["tokens"], batch["labels"], batch["loss_mask"])
+                optimizer.scale_loss(out.loss / len(batches)).backward()
+            outputs.append(out)
+    for out in outputs:
+        # A pipeline stage holds the LM loss (last stage) and its own MoE layers' aux losses.
+        for part in (out.lm_loss, out.aux_loss) if pipeline is not None else (out.loss,):
+            if part is not None:
+                loss += part.detach().float()
         metrics.add_micro_batch(out)
         step_moe_stats.append(out.moe_stats)
     result = optimizer.step(loss=loss)
@@ -152,18 +165,26 @@ def global_sample_ids(step_batches: list[dict], state: ParallelState, device: to
 
 
 @torch.no_grad()
-def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mask_token: int | None = None) -> float:
-    """Mean LM loss over ``eval_iters`` global batches, averaged over the model's DP group."""
+def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mask_token: int | None = None,
+             pipeline: PipelineSchedule | None = None) -> float:
+    """Mean LM loss over ``eval_iters`` global batches, averaged over the model's DP group (and at
+    PP > 1 sent from the last stage to every stage)."""
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
     for _ in range(eval_iters):
-        for batch in next(batches_iter):
-            batch = prepare_batch(batch, device, eod_mask_token)
+        batches = [prepare_batch(batch, device, eod_mask_token) for batch in next(batches_iter)]
+        count += len(batches)
+        if pipeline is not None:
+            for lm_loss in pipeline.forward_only(batches):
+                total += lm_loss
+            continue
+        for batch in batches:
             total += model(batch["tokens"], batch["labels"], batch["loss_mask"]).lm_loss
-            count += 1
     state = model.layout
     dist.all_reduce(total, group=state.dp_group)
+    if state.pp_size > 1:
+        dist.all_reduce(total, group=state.pp_group)  # only the last stage's is not zero
     model.train()
     return total.item() / (count * state.dp_size)
 
@@ -287,7 +308,8 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
             raise ConfigError(f"--skip-train evaluates, and --split {cfg.data.split} leaves no validation documents")
         log.info(f"--skip-train: evaluating the model of iteration {train_state.iteration} on {t.eval_iters} "
                  f"global batches of the validation split, then exiting")
-        return _run_eval(cfg, model, valid_ds, train_state.iteration, 0, device, log)
+        return _run_eval(cfg, model, valid_ds, train_state.iteration, 0, device, log, _pipeline(cfg, model, optimizer,
+                                                                                                 device))
     batches = micro_batches(train_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                             dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=train_state.consumed_samples)
     log.info(
@@ -295,6 +317,7 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
         f"{t.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step, "
         f"params {str(cfg.execution.params_dtype).replace('torch.', '')}, device {device.type}"
     )
+    pipeline = _pipeline(cfg, model, optimizer, device)
     stop = StopCheck(t.exit_signal_handler, cfg.checkpoint.save_on_rendezvous_change, t.exit_duration_in_mins, device,
                      started, state)
     metrics = IntervalMetrics(layout=state, device=device, flops_per_token=flops_per_token(cfg.model, t.seq_length),
@@ -310,7 +333,7 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
             lr = schedule.lr_at(train_state.iteration)
             optimizer.set_lr(lr)
             step_batches = next(batches)
-            result = train_step(model, optimizer, step_batches, metrics, device, cfg.eod_mask_token)
+            result = train_step(model, optimizer, step_batches, metrics, device, cfg.eod_mask_token, pipeline)
             if cfg.logging.log_sample_ids:
                 sample_ids += global_sample_ids(step_batches, state, device)
             check_finite(result, train_state.iteration + 1, stop=t.check_for_nan_in_loss_and_grad, fp16=t.fp16)
@@ -330,7 +353,7 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
             if evaluate_every and train_state.iteration % evaluate_every == 0:
                 with metrics.paused(), gc_policy.around_eval():
                     _run_eval(cfg, model, valid_ds, train_state.iteration,
-                              train_state.iteration // t.eval_interval - 1, device, log)
+                              train_state.iteration // t.eval_interval - 1, device, log, pipeline)
             if cfg.checkpoint.save and cfg.checkpoint.save_interval and train_state.iteration % cfg.checkpoint.save_interval == 0:
                 with metrics.paused():
                     pending = _save(cfg, model, optimizer, schedule, train_state, log, pending)
@@ -357,7 +380,17 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
     return record
 
 
-def _run_eval(cfg: RunConfig, model, valid_ds, iteration: int, window: int, device, log: TrainingLogger) -> dict:
+def _pipeline(cfg: RunConfig, model, optimizer, device: torch.device) -> PipelineSchedule | None:
+    """The rank's pipeline stages and schedule at PP > 1; None at PP 1."""
+    if model.layout.pp_size == 1:
+        return None
+    t = cfg.train
+    return PipelineSchedule(model, optimizer, num_microbatches=t.num_microbatches, micro_batch_size=t.micro_batch_size,
+                            seq_length=t.seq_length, device=device)
+
+
+def _run_eval(cfg: RunConfig, model, valid_ds, iteration: int, window: int, device, log: TrainingLogger,
+              pipeline: PipelineSchedule | None = None) -> dict:
     """Evaluate the model of ``iteration`` on the ``window``-th run of --eval-iters global batches
     of the validation split (each evaluation of a run reads batches of its own); log and return the
     record."""
@@ -366,7 +399,7 @@ def _run_eval(cfg: RunConfig, model, valid_ds, iteration: int, window: int, devi
     start = window * t.eval_iters * t.global_batch_size
     valid_iter = micro_batches(valid_ds, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                                dp_rank=state.dp_rank, dp_size=state.dp_size, start_sample=start)
-    loss = evaluate(model, valid_iter, t.eval_iters, device, cfg.eod_mask_token)
+    loss = evaluate(model, valid_iter, t.eval_iters, device, cfg.eod_mask_token, pipeline)
     record = {"iteration": iteration, "split": "valid", "lm_loss": loss, "ppl": math.exp(min(loss, 30.0))}
     log.log_eval(record)
     return record

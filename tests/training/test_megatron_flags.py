@@ -13,7 +13,7 @@ from tests.fixtures import TINY_MOE, assert_config_error
 MEGATRON_MIXTRAL = [  # as in Megatron-LM's Mixtral example
     "--use-mcore-models", "--transformer-impl", "local", "--no-masked-softmax-fusion", "--no-position-embedding",
     "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
-    "--overlap-param-gather", "--pipeline-model-parallel-size", "1",
+    "--overlap-param-gather", "--context-parallel-size", "1",
     "--use-flash-attn", "--attention-softmax-in-fp32", "--accumulate-allreduce-grads-in-fp32",
     "--distributed-backend", "nccl", "--num-workers", "2", "--rotary-percent", "1.0",
     "--no-gradient-accumulation-fusion", "--ckpt-format", "torch", "--optimizer", "adam", "--dataloader-type", "single",
@@ -32,8 +32,8 @@ def test_a_megatron_script_parses_to_the_same_config_and_says_what_each_flag_mea
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: megamoe supports only 1 "
-                                              "(megamoe has no pipeline parallelism)"),
+    (["--context-parallel-size", "2"], "--context-parallel-size 2: megamoe supports only 1 "
+                                       "(megamoe has no context parallelism)"),
     (["--moe-token-dispatcher-type", "allgather"], "--moe-token-dispatcher-type allgather: megamoe supports only "
                                                    "alltoall"),
     (["--moe-router-load-balancing-type", "sinkhorn"], "--moe-router-load-balancing-type 'sinkhorn': valid values "

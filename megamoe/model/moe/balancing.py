@@ -3,7 +3,7 @@
 After each optimizer step that was not skipped, every router with an expert bias moves it by
 ``rate * sign(mean load - load)`` (``router.bias_step``), where the loads are the token-slots
 each expert processed during the whole step (after capacity dropping, as Megatron counts them): summed over the step's micro-batches here and over
-every rank of the layout's world by one all-reduce, so every rank applies the same update whatever the
+every rank of the pipeline stage holding the layer (the world at PP 1) by one all-reduce, so every rank applies the same update whatever the
 layout.  (TP ranks route the same tokens and so count them TP times; only the signs of the
 load errors matter, and those do not change.)
 """
@@ -32,7 +32,8 @@ def biased_routers(model: nn.Module) -> list[TopKRouter]:
 
 @torch.no_grad()
 def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
-    """Collective over the routers' layout's world when ``model`` has biased routers (else a no-op, no collective).
+    """Collective over the routers' pipeline stage (the world at PP 1) when ``model`` has biased routers (else a
+    no-op, no collective: every rank of a stage holds the same routers).
 
     ``step_moe_stats``: one ``GPTOutput.moe_stats`` per micro-batch of the step (each a list with
     one ``MoEStats`` per MoE layer).  Every MoE layer has a router with a bias when the option
@@ -45,7 +46,7 @@ def update_expert_biases(model: nn.Module, step_moe_stats: list[list]) -> None:
                  for i in range(len(routers))]
     flat = torch.cat(per_layer)
     layout = routers[0].layout
-    if layout.world_size > 1:
-        dist.all_reduce(flat, group=layout.world_group)
+    if layout.stage_size > 1:
+        dist.all_reduce(flat, group=layout.stage_group)
     for router, loads in zip(routers, flat.split([r.num_experts for r in routers])):
         router.update_expert_bias(loads)

@@ -1,0 +1,1 @@
+"""Pipeline parallelism's layout: which global layers each pipeline stage holds (``stages``)."""
