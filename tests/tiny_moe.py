@@ -262,7 +262,8 @@ def train_logged(model, opt, steps: int) -> dict:
     """``steps`` steps through the trainer's own ``train_step`` (at PP > 1 with its pipeline
     schedule), each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
     ``lm_loss``, ``aux_loss``, ``z_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
-    expert biases."""
+    expert biases of the rank's MoE layers (``{global layer: bias}``); and ``pipeline``, the
+    ``PipelineSchedule`` it trained with (None at PP 1)."""
     from megamoe.training.metrics import IntervalMetrics
     from megamoe.training.pipeline import PipelineSchedule
     from megamoe.training.trainer import train_step
@@ -283,5 +284,7 @@ def train_logged(model, opt, steps: int) -> dict:
         for key in keys:
             out[key].append(record[key])
         out["skipped"].append(result.skipped)
-        out["bias"].append(expert_biases(model))
+        out["bias"].append({i: layer.mlp.router.expert_bias.clone() for i, layer in model.layers.items()
+                            if layer.is_moe and layer.mlp.router.expert_bias is not None})
+    out["pipeline"] = pipeline
     return out

@@ -45,7 +45,7 @@ from megamoe.model.mtp import MTPDepth, shifted
 from megamoe.model.norm import Norm
 from megamoe.model.recompute import recomputed
 from megamoe.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
-from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megamoe.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, padded_vocab_size
 from megamoe.parallel.mappings import tp_input
 from megamoe.parallel.params import initialize_module_, retag, tag_param
 from megamoe.parallel.state import ParallelState
@@ -190,6 +190,8 @@ class GPTModel(nn.Module):
         first, last = layout.is_first_stage, layout.is_last_stage
         tied = not config.untie_embeddings_and_output_weights
         dtype = execution.params_dtype
+        padded_vocab = padded_vocab_size(config.vocab_size, layout.tp_size, config.make_vocab_size_divisible_by)
+        self.vocab_start = layout.tp_rank * padded_vocab // layout.tp_size  # this TP rank's first logit
         self.word_embeddings = None
         if first or (last and tied):
             self.word_embeddings = VocabParallelEmbedding(
@@ -215,7 +217,7 @@ class GPTModel(nn.Module):
         if config.untie_embeddings_and_output_weights and last:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
-                self.word_embeddings.padded_vocab_size,
+                padded_vocab,
                 layout=layout,
                 bias=False,
                 init_std=config.init_method_std,
@@ -319,7 +321,7 @@ class GPTModel(nn.Module):
                 self._output_weight(),
                 labels.flatten(),
                 weights.flatten(),
-                vocab_start=self.word_embeddings.vocab_start,
+                vocab_start=self.vocab_start,
                 vocab_size=self.config.vocab_size,
                 layout=self.layout,
                 chunk_size=chunk_size,
@@ -328,7 +330,7 @@ class GPTModel(nn.Module):
         token_loss = vocab_parallel_cross_entropy(
             F.linear(x, self._output_weight()),
             labels,
-            vocab_start=self.word_embeddings.vocab_start,
+            vocab_start=self.vocab_start,
             vocab_size=self.config.vocab_size,
             layout=self.layout,
             fused=self.execution.fused_kernels,

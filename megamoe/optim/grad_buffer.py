@@ -3,8 +3,10 @@ deciding which group reduces which gradient (``grad_reduction``).
 
 Every trainable parameter lives in exactly one ``GradBuffer``, chosen by (parameter dtype,
 reduction group): one buffer for the dense parameters (reduced over DP; with sequence
-parallelism a second one for the TP-replicated ones, reduced over DP x TP) and one per EP size
-for the expert parameters (reduced over that EP size's EDP group).  Layout of one buffer::
+parallelism a second one for the TP-replicated ones, reduced over DP x TP; at PP > 1 one for a
+tied embedding, reduced over the first and last stage's DP groups) and one per EP size for the
+expert parameters (reduced over that EP size's EDP group), all within the rank's pipeline stage.
+Layout of one buffer::
 
     data       [N] param dtype  every param.data is a view into it (so one bucket = one collective)
     main_grad  [N] fp32         every param.main_grad is a view into it

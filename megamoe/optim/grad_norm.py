@@ -22,6 +22,11 @@ collective over the world" (``counts_toward_norm`` is the ownership rule):
   group per TP rank: summing them over the world *is* the sum over the EP group.  It is never an
   average over DP (which would divide the expert part by E: DeepSpeed PR 5259).
 
+At PP > 1 each stage holds other parameters, so the same rule counts each of them once, and the
+tied embedding's two copies form one reduction group over the first and the last stage, counted
+once like any group.  The parts are named by the layout (``grad_buffer.reduction_names``), so
+every rank's table lines up whatever buffers its stage holds.
+
 Each rank's sum of squares and max per part (dense, each EP size) go through one
 ``all_gather`` over the world; every rank then adds the same table in rank order, so all ranks
 get bitwise-identical norms and the same skip decision from that single collective (it is also

@@ -1,7 +1,8 @@
 """Megatron-LM's published MoE launch scripts train on 4 CPU ranks as written, with only their
 sizes and parallel degrees shrunk: the Mixtral 8x7B example (examples/mixtral), the
 Megatron-Core MoE README's quick-start and performance-tips blocks, the Megatron MoE model zoo's
-Qwen3-30B-A3B config and its DeepSeek-V3 config (pipeline parallelism, another issue, at 1).  Each flag list below keeps the script's order and values; a
+Qwen3-30B-A3B config and its DeepSeek-V3 config (at PP 1), and the Mixtral example at its own
+pipeline parallelism, PP 2 x EP 2.  Each flag list below keeps the script's order and values; a
 comment marks every value that was shrunk or a flag that was left out, and why.
 """
 
@@ -64,12 +65,9 @@ def _scalars(directory) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_mixtral_8x7b_example(tmp_path, corpora):
-    """examples/mixtral/train_mixtral_8x7b_distributed.sh: --sequence-parallel at TP 1 is turned
-    off with a warning, and --split 99990,8,2 leaves a small corpus no validation documents, so
-    evaluation is skipped with a log line, as in Megatron."""
-    checkpoints = tmp_path / "ckpt"
-    argv = [
+def _mixtral_argv(tmp_path, corpora, checkpoints, pp: int, ep: int) -> list[str]:
+    """examples/mixtral/train_mixtral_8x7b_distributed.sh's flags, at PP ``pp`` and EP ``ep``."""
+    return [
         # MODEL_ARGS
         "--use-mcore-models", "--disable-bias-linear",
         "--seq-length", "16", "--max-position-embeddings", "64",  # 4096, 32768
@@ -90,15 +88,22 @@ def test_mixtral_8x7b_example(tmp_path, corpora):
         "--lr", "1e-4", "--train-iters", "2", "--lr-decay-iters", "320000", "--lr-decay-style", "cosine",  # 500000
         "--min-lr", "1.0e-5", "--weight-decay", "0.1", "--lr-warmup-iters", "500", "--clip-grad", "1.0", "--bf16",
         # MODEL_PARALLEL_ARGS
-        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",  # PP 4: another issue
-        "--expert-model-parallel-size", "4", "--use-distributed-optimizer", "--sequence-parallel",  # EP 8
+        "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", str(pp),  # 4
+        "--expert-model-parallel-size", str(ep), "--use-distributed-optimizer", "--sequence-parallel",  # EP 8
         # LOGGING_ARGS
         "--log-interval", "1", "--save-interval", "2", "--eval-interval", "1", "--eval-iters", "1",  # 10000, 1000, 10
         "--save", str(checkpoints), "--load", str(checkpoints), "--tensorboard-dir", str(checkpoints / "tensorboard"),
         "--no-load-optim", "--no-load-rng",
         "--log-json", str(tmp_path / "log.jsonl"),  # megamoe's, for this test to read
     ]
-    out = _train(argv)
+
+
+def test_mixtral_8x7b_example(tmp_path, corpora):
+    """examples/mixtral/train_mixtral_8x7b_distributed.sh at PP 1, EP 4: --sequence-parallel at
+    TP 1 is turned off with a warning, and --split 99990,8,2 leaves a small corpus no validation
+    documents, so evaluation is skipped with a log line, as in Megatron."""
+    checkpoints = tmp_path / "ckpt"
+    out = _train(_mixtral_argv(tmp_path, corpora, checkpoints, pp=1, ep=4))
     assert "--sequence-parallel with --tensor-model-parallel-size 1 is turned off" in out
     assert "--split 99990,8,2: the validation split is empty; evaluation is skipped" in out
     records = read_json_log(tmp_path / "log.jsonl")
@@ -282,3 +287,17 @@ def test_model_zoo_deepseek_v3(tmp_path, corpora):
         metadata = json.load(f)
     assert metadata["optimizer"] is None, "--no-save-optim saves the weights only"
     assert metadata["model_config"]["moe_layer_freq"] == [0, 1, 1, 1]
+
+
+def test_mixtral_8x7b_example_with_pipeline_parallelism(tmp_path, corpora):
+    """The same script at its own pipeline parallelism, shrunk to PP 2 x EP 2 on 4 ranks: 1F1B
+    over two stages of one layer each, the logged losses reach rank 0's log."""
+    argv = _mixtral_argv(tmp_path, corpora, tmp_path / "ckpt", pp=2, ep=2)
+    for flag in ("--save", "--load"):  # checkpoints at PP > 1: tests/checkpointing
+        at = argv.index(flag)
+        del argv[at : at + 2]
+    out = _train(argv)
+    assert "training: world 4 (PP 2 x TP 1 x DP 2), ETP 1, EP per MoE layer [2, 2]" in out
+    records = read_json_log(tmp_path / "log.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(r["lm_loss"] > 1.0 and r["aux_loss"] > 0 and r["grad_norm"] > 0 for r in records)

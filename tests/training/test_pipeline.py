@@ -1,0 +1,102 @@
+"""Pipeline parallelism trains exactly like PP 1: for each layout below, 8 steps through the
+trainer's ``train_step`` (its 1F1B or interleaved schedule) give, at every step, the logged LM,
+aux and z losses and the grad norm (L2 and inf) of the same layout at PP 1 to 1e-6, the same
+expert biases, and afterwards the same parameters (to ``assert_params_close``'s floor) and the
+same evaluation loss (``evaluate``, forward only through the schedule).  Clipping
+is active at every step.
+
+Each case is (name, world, TP, EP per MoE layer, ZeRO-1, pipeline flags, model fields, execution
+fields, optimizer fields).  The model is ``tiny_moe.model_config`` (shared expert, TP-sharded and
+replicated biases, tied embeddings unless a case unties them) with more layers, so that MoE and
+dense layers fall on every stage.  PP 1 runs in the same world (the ranks PP takes go to DP).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megamoe.parallel.gather import gather_full_state
+from megamoe.training.trainer import evaluate
+from tests.harness import run_distributed
+from tests.tiny_moe import assert_params_close, assert_replicas_identical, build, local_micro_batches, train_logged
+
+STEPS = 8
+RTOL = 1e-6
+PARAM_RTOL = 3e-6  # tests/optim/test_layout_invariance.py's
+FOUR = dict(num_layers=4, moe_layer_freq=(1, 0, 1, 1))
+BIAS = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.05)
+CASES = {
+    4: [
+        ("PP 2, tied embeddings", 1, (1,), False, dict(pipeline_model_parallel_size=2), FOUR, {}, {}),
+        ("PP 2 x EP 2, ZeRO-1, overlapped reduction, expert bias", 1, (2,), True,
+         dict(pipeline_model_parallel_size=2), dict(FOUR, **BIAS), {}, dict(overlap_grad_reduce=True, bucket_size=3000)),
+        ("PP 4 x 2 virtual stages, untied, full recomputation, overlapped reduction", 1, (1,), False,
+         dict(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=2),
+         dict(num_layers=8, moe_layer_freq=(1, 0, 1, 1, 0, 1, 1, 1), untie_embeddings_and_output_weights=True),
+         dict(recompute_granularity="full"), dict(overlap_grad_reduce=True, bucket_size=3000)),
+        ("PP 4, uneven first and last stages", 1, (1,), False,
+         dict(pipeline_model_parallel_size=4, decoder_first_pipeline_num_layers=1, decoder_last_pipeline_num_layers=1),
+         dict(num_layers=6, moe_layer_freq=(1, 0, 1, 1, 0, 1)), {}, {}),
+        ("PP 2, EP 2 on the first stage and 1 on the second, ZeRO-1", 1, (2, 1, 1), True,
+         dict(pipeline_model_parallel_size=2), FOUR, {}, {}),
+    ],
+    8: [
+        ("PP 2 x TP 2 with SP x EP 2, ZeRO-1", 2, (2,), True, dict(pipeline_model_parallel_size=2),
+         dict(FOUR, position_embedding_type="learned_absolute"), {}, {}),
+    ],
+}
+
+
+def _close(got, want, what, rtol=RTOL):
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=rtol, atol=0, msg=lambda m: f"{what}: {m}")
+
+
+def _run(tp, eps, zero, pipeline, arch, execution, optimizer):
+    """Train ``STEPS`` steps, then evaluate (the trainer's ``evaluate``, forward only through the
+    schedule at PP > 1) on two more global batches."""
+    model, opt = build(tp, eps, zero=zero, arch=arch, execution=execution, sequence_parallel=tp > 1,
+                       pipeline=pipeline, **optimizer)
+    out = train_logged(model, opt, STEPS)
+    batches = ([{"tokens": t, "labels": lab, "loss_mask": torch.ones(t.shape)}
+                for t, lab in local_micro_batches(step, model.layout)] for step in (100, 101))
+    # the schedule that trained, as the trainer evaluates
+    out["eval"] = evaluate(model, batches, 2, torch.device("cpu"), pipeline=out.pop("pipeline"))
+    return model, out
+
+
+def _body(rank, world):
+    worst = {}
+    for name, tp, eps, zero, pipeline, arch, execution, optimizer in CASES[world]:
+        ref_model, ref = _run(tp, eps, zero, {}, arch, execution, optimizer)
+        assert all(n > 0.45 for n in ref["grad_norm"]), f"clipping (0.3) must be active: {ref['grad_norm']}"
+        want = {k: v.clone() for k, v in gather_full_state(ref_model, ref_model.layout).items()}
+        model, got = _run(tp, eps, zero, pipeline, arch, execution, optimizer)
+        layout = model.layout
+        assert layout.pp_size == pipeline["pipeline_model_parallel_size"]
+        _close(got["eval"], ref["eval"], f"{name}: evaluation loss")
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf"):
+            _close(got[key], ref[key], f"{name}: {key}")
+            worst[key] = max(worst.get(key, 0.0), max(abs(g / w - 1) for g, w in zip(got[key], ref[key])))
+        assert not any(got["skipped"])
+        held = gather_full_state(model, layout)
+        assert_params_close(held, {k: want[k] for k in held}, name, rtol=PARAM_RTOL)
+        assert_replicas_identical(model)
+        if layout.embedding_group is not None and not arch.get("untie_embeddings_and_output_weights"):
+            # the last stage's copy of a tied embedding stays the first stage's, bit for bit
+            copies = [torch.empty_like(held["word_embeddings.weight"]) for _ in range(2)]
+            dist.all_gather(copies, held["word_embeddings.weight"], group=layout.embedding_group)
+            assert torch.equal(copies[0], copies[1]), name
+        for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
+            assert g.keys() <= w.keys() and (g or not arch.get("moe_router_enable_expert_bias"))
+            for layer, bias in g.items():
+                torch.testing.assert_close(bias, w[layer], rtol=PARAM_RTOL, atol=0,
+                                           msg=lambda m: f"{name}: layer {layer}'s expert bias, step {step}: {m}")
+    return worst
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [4, 8])
+def test_pipeline_layouts_train_like_pp_1(world):
+    worst = run_distributed(_body, world, timeout=560)
+    print({k: f"{max(w[k] for w in worst):.1e}" for k in worst[0]})
