@@ -155,7 +155,7 @@ def build_model(config: ModelConfig, tp: int = 1, ep_sizes=(1,), *, sequence_par
     model-parallel RNG seeded, and ``config``'s model (this rank's stage) in ``dtype`` initialised
     from ``seed``; ``execution``: other ``ExecutionConfig`` fields."""
     layout = init_layout(tp, ep_sizes, etp=etp, sp=sequence_parallel, experts_by_layer=config.experts_by_layer(),
-                         num_layers=config.num_layers, **(pipeline or {}))
+                         pipeline_num_layers=config.num_layers, **(pipeline or {}))
     model_parallel_seed(SEED, layout)
     return GPTModel(config, layout, ExecutionConfig(params_dtype=dtype, **execution)).initialize(seed)
 

@@ -82,19 +82,19 @@ def _stage_words(config: ParallelConfig) -> str:
 
 def pipeline_chunks(config: ParallelConfig) -> list[tuple[range, ...]] | None:
     """Per pipeline rank, its model chunks' global layer ranges (``stages.stage_layer_ranges``)
-    for ``config.num_layers``; None when the layers are not given.  Raises the layout's
+    for ``config.pipeline_num_layers``; None when the layers are not given.  Raises the layout's
     one-line ``ValueError`` when they cannot be split so."""
     pp = config.pipeline_model_parallel_size
-    if config.num_layers is None:
+    if config.pipeline_num_layers is None:
         virtual = config.virtual_pipeline_model_parallel_size or 1
         if (virtual > 1 or config.num_layers_per_virtual_pipeline_stage is not None) and pp == 1:
             raise ValueError("the interleaved schedule (virtual pipeline stages) needs --pipeline-model-parallel-size > 1")
         return None
-    counts = stage_layer_counts(config.num_layers, pp, config.decoder_first_pipeline_num_layers,
+    counts = stage_layer_counts(config.pipeline_num_layers, pp, config.decoder_first_pipeline_num_layers,
                                 config.decoder_last_pipeline_num_layers)
     virtual = virtual_stage_count(counts, config.virtual_pipeline_model_parallel_size,
                                   config.num_layers_per_virtual_pipeline_stage)
-    return stage_layer_ranges(config.num_layers, pp, virtual, config.decoder_first_pipeline_num_layers,
+    return stage_layer_ranges(config.pipeline_num_layers, pp, virtual, config.decoder_first_pipeline_num_layers,
                               config.decoder_last_pipeline_num_layers)
 
 
@@ -107,7 +107,7 @@ def _check_pipeline(config: ParallelConfig) -> None:
             f"--pipeline-model-parallel-size {pp} does not divide the world size {world}; valid values: {_divisors(world)}"
         )
     chunks = pipeline_chunks(config)
-    m = config.num_microbatches
+    m = config.pipeline_num_microbatches
     if pp == 1 or m is None:
         return
     virtual = len(chunks[0]) if chunks is not None else (config.virtual_pipeline_model_parallel_size or 1)
@@ -136,7 +136,7 @@ def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[i
     ETP are never changed (a TP that no longer divides the world is refused as always).
 
     With ``--pipeline-model-parallel-size`` P every size is checked against one stage's world /
-    P ranks, and, when ``config.num_layers`` / ``num_microbatches`` are set, the layers' split over
+    P ranks, and, when ``config.pipeline_num_layers`` / ``pipeline_num_microbatches`` are set, the layers' split over
     the stages and virtual chunks and the schedule's micro-batch count (``_check_pipeline``)."""
     _check_pipeline(config)
     world, tp = config.stage_world_size, config.tensor_model_parallel_size
@@ -314,7 +314,7 @@ class ParallelState:
         """The global indices of the layers this rank holds, in order, for a model of ``num_layers``."""
         if self.model_chunks is None:
             if self.pp_size > 1:
-                raise ValueError("a pipeline layout needs the model's layers: build it with ParallelConfig.num_layers")
+                raise ValueError("a pipeline layout needs the model's layers: build it with ParallelConfig.pipeline_num_layers")
             return list(range(num_layers))
         held = [i for chunk in self.model_chunks for i in chunk]
         end = max(chunk.stop for chunk in self.model_chunks)

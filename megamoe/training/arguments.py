@@ -114,7 +114,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     if args.multi_latent_attention and args.kv_channels is not None:
         notices.append(f"--kv-channels {args.kv_channels} with --multi-latent-attention: unused, as in Megatron "
                        f"(MLA's heads are sized by --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim)")
-    parallel = from_args(ParallelConfig, args, world_size=world_size, num_layers=args.num_layers)
+    parallel = from_args(ParallelConfig, args, world_size=world_size, pipeline_num_layers=args.num_layers)
     if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
         parallel.sequence_parallel = False
         notices.append("warning: --sequence-parallel with --tensor-model-parallel-size 1 is turned off (as Megatron "
@@ -149,7 +149,7 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     if train.seq_length > max_pos:
         raise ConfigError(f"--seq-length {train.seq_length} exceeds --max-position-embeddings {max_pos}")
     model = from_args(ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos)
-    parallel.num_microbatches = train.num_microbatches
+    parallel.pipeline_num_microbatches = train.num_microbatches
     validate_parallel_layout(parallel, model.experts_by_layer())
     if pp > 1 and model.mtp_num_layers:
         raise ConfigError(f"--mtp-num-layers {model.mtp_num_layers} is not supported with --pipeline-model-parallel-size "

@@ -24,7 +24,7 @@ def test_layers_are_split_evenly_unevenly_and_into_virtual_chunks_in_pipeline_or
 
 
 def _state(rank, **fields):
-    config = ParallelConfig(**{"world_size": 16, "num_layers": 8, **fields})
+    config = ParallelConfig(**{"world_size": 16, "pipeline_num_layers": 8, **fields})
     return build_parallel_state(config, rank=rank, create_groups=False, experts_by_layer={i: 4 for i in range(8)})
 
 
@@ -63,7 +63,7 @@ def test_a_stage_model_holds_its_layers_under_pp_1_names_and_values():
 
 
 def _layout(config, pp, pp_rank):
-    parallel = ParallelConfig(world_size=pp, pipeline_model_parallel_size=pp, num_layers=config.num_layers)
+    parallel = ParallelConfig(world_size=pp, pipeline_model_parallel_size=pp, pipeline_num_layers=config.num_layers)
     return build_parallel_state(parallel, rank=pp_rank, create_groups=False,
                                 experts_by_layer=config.experts_by_layer())
 
@@ -74,24 +74,24 @@ def _layout(config, pp, pp_rank):
     (dict(pipeline_model_parallel_size=4, tensor_model_parallel_size=4),
      "--tensor-model-parallel-size 4 does not divide a pipeline stage's 2 ranks (world 8 / "
      "--pipeline-model-parallel-size 4); valid values: [1, 2]"),
-    (dict(pipeline_model_parallel_size=4, num_layers=6), "--num-layers 6 is not divisible by "
+    (dict(pipeline_model_parallel_size=4, pipeline_num_layers=6), "--num-layers 6 is not divisible by "
                                                          "--pipeline-model-parallel-size 4; valid sizes: [1, 2, 3, 6]"),
-    (dict(pipeline_model_parallel_size=4, num_layers=8, decoder_first_pipeline_num_layers=3),
+    (dict(pipeline_model_parallel_size=4, pipeline_num_layers=8, decoder_first_pipeline_num_layers=3),
      "--num-layers 8 with --decoder-first-pipeline-num-layers 3 leaves 5 layers for the other 3 of "
      "--pipeline-model-parallel-size 4 stages: they must split evenly, at least 1 each"),
-    (dict(num_layers=8, decoder_last_pipeline_num_layers=2),
+    (dict(pipeline_num_layers=8, decoder_last_pipeline_num_layers=2),
      "--decoder-last-pipeline-num-layers 2 needs --pipeline-model-parallel-size > 1 (got 1)"),
-    (dict(pipeline_model_parallel_size=2, num_layers=8, virtual_pipeline_model_parallel_size=3),
+    (dict(pipeline_model_parallel_size=2, pipeline_num_layers=8, virtual_pipeline_model_parallel_size=3),
      "--virtual-pipeline-model-parallel-size 3 does not divide every pipeline stage's layers [4, 4]; "
      "valid values: [1, 2, 4]"),
-    (dict(pipeline_model_parallel_size=2, num_layers=8, num_layers_per_virtual_pipeline_stage=3),
+    (dict(pipeline_model_parallel_size=2, pipeline_num_layers=8, num_layers_per_virtual_pipeline_stage=3),
      "--num-layers-per-virtual-pipeline-stage 3 must divide every pipeline stage's layers [4, 4] into the same "
      "number of chunks; valid values: [1, 2, 4]"),
-    (dict(num_layers=8, virtual_pipeline_model_parallel_size=2),
+    (dict(pipeline_num_layers=8, virtual_pipeline_model_parallel_size=2),
      "the interleaved schedule (virtual pipeline stages) needs --pipeline-model-parallel-size > 1"),
-    (dict(pipeline_model_parallel_size=4, num_layers=8, num_microbatches=3),
+    (dict(pipeline_model_parallel_size=4, pipeline_num_layers=8, pipeline_num_microbatches=3),
      "the 1F1B schedule needs at least --pipeline-model-parallel-size 4 micro-batches per step, got 3"),
-    (dict(pipeline_model_parallel_size=2, num_layers=8, virtual_pipeline_model_parallel_size=2, num_microbatches=3),
+    (dict(pipeline_model_parallel_size=2, pipeline_num_layers=8, virtual_pipeline_model_parallel_size=2, pipeline_num_microbatches=3),
      "the interleaved schedule needs the micro-batches per step (3: --global-batch-size / (--micro-batch-size x "
      "data-parallel size)) to be a multiple of --pipeline-model-parallel-size 2"),
     (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=(8,)),

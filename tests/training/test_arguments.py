@@ -15,7 +15,7 @@ from megamoe.optim import OptimizerConfig
 from megamoe.training.arguments import build_parser, parse_config
 from megamoe.training.config import FLAG_GROUPS
 from megamoe.training.megatron_flags import MEGATRON_FLAGS
-from tests.fixtures import assert_config_error
+from tests.fixtures import TINY_MOE, assert_config_error
 
 MOCK = ["--device", "cpu", "--mock-data", "--vocab-size", "200", "--train-iters", "2"]
 
@@ -160,3 +160,13 @@ def test_a_models_training_flags_rebuild_it():
     for model in (deepseek, gqa):
         argv = ["--device", "cpu", "--mock-data", "--vocab-size", "96", "--seq-length", "16", *model.training_flags()]
         assert parse_config(argv, world_size=1).model == model, model.training_flags()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mtp-num-layers", "1"], "--mtp-num-layers 1 is not supported with --pipeline-model-parallel-size 2"),
+    (["--save", "ckpt"], "--save and --load need --pipeline-model-parallel-size 1 for now (got 2)"),
+    (["--num-layers", "3"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (["--global-batch-size", "2", "--micro-batch-size", "2"], "the 1F1B schedule needs at least --pipeline-model-parallel-size 2 micro-batches"),
+])
+def test_what_pipeline_parallelism_cannot_run_is_refused_before_any_work(extra, message):
+    assert_config_error(TINY_MOE + ["--pipeline-model-parallel-size", "2"] + extra, 2, re.escape(message))

@@ -293,7 +293,7 @@ def test_mixtral_8x7b_example_with_pipeline_parallelism(tmp_path, corpora):
     """The same script at its own pipeline parallelism, shrunk to PP 2 x EP 2 on 4 ranks: 1F1B
     over two stages of one layer each, the logged losses reach rank 0's log."""
     argv = _mixtral_argv(tmp_path, corpora, tmp_path / "ckpt", pp=2, ep=2)
-    for flag in ("--save", "--load"):  # checkpoints at PP > 1: tests/checkpointing
+    for flag in ("--save", "--load", "--save-interval"):  # checkpoints at PP > 1: tests/checkpointing
         at = argv.index(flag)
         del argv[at : at + 2]
     out = _train(argv)
