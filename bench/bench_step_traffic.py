@@ -178,7 +178,7 @@ def _count_step(config: ModelConfig, execution: ExecutionConfig, seq: int, micro
     fused_devices = [*_get_fused_kernels_supported_devices(), "meta"]
     with mock.patch.object(adam_module, "fused_adamw_support", lambda device, cls=None: cuda_answer), \
             mock.patch.object(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: fused_devices), \
-            mock.patch.object(kernels, "use_fused", lambda enabled, x: enabled and kernels.available()):
+            mock.patch.object(kernels, "use_fused", lambda kernel, enabled, x: enabled and kernels.available()):
         device = torch.device("meta")
         model = GPTModel(config, layout, execution, device=device)
         optimizer = MixedPrecisionOptimizer(

@@ -8,15 +8,24 @@ fake (meta) implementation and an autograd formula: torch.compile traces around 
 The kernels compute in fp32 and round once as they store; the plain PyTorch ops they replace
 round some intermediates to the activation dtype, so in bf16 the two paths agree to bf16
 rounding, not bit for bit (fp32: to fp32 rounding).  ``tests/kernels`` checks both against the
-plain path on CPU, through Triton's interpreter.
+plain path on CPU, through Triton's interpreter; on a device, ``guard`` checks each kernel against
+the plain path once before its first use there, and a kernel that fails runs as the plain ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from functools import lru_cache
 
 import torch
+
+# The kernels (the modules of this package) that ``use_fused`` decides for.
+KERNELS = ("swiglu", "rotary", "cross_entropy", "moe")
+# The device types on which ``use_fused`` may say yes.  Tests add "cpu", where Triton's
+# interpreter runs the kernels (``TRITON_INTERPRET=1``), to put the guard itself under test.
+DEVICE_TYPES = ("cuda",)
+_forced = 0
 
 
 @lru_cache(maxsize=None)
@@ -25,7 +34,28 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_fused(enabled: bool, x: torch.Tensor) -> bool:
-    """The one decision whether a fused kernel runs on ``x``: ``enabled`` (``--no-fused-kernels``
-    turns it off), ``x`` on CUDA, and Triton installed."""
-    return enabled and x.is_cuda and available()
+def use_fused(kernel: str, enabled: bool, x: torch.Tensor) -> bool:
+    """The one decision whether fused ``kernel`` (one of ``KERNELS``) runs on ``x``: ``enabled``
+    (``--no-fused-kernels`` turns it off), Triton installed, ``x`` on CUDA, and the kernel passed
+    its check against the plain path on ``x``'s device (``guard.passes``; the first call for a
+    device runs the checks).  Inside ``forced()``: ``enabled`` and Triton installed, any device."""
+    assert kernel in KERNELS, kernel
+    if not (enabled and available()):
+        return False
+    if _forced:
+        return True
+    from megamoe.kernels import guard
+
+    return x.device.type in DEVICE_TYPES and guard.passes(kernel, str(x.device))
+
+
+@contextlib.contextmanager
+def forced():
+    """A context in which ``use_fused`` skips the device and the guard: how the guard runs a
+    kernel it is checking, and how the tests run the kernels through Triton's interpreter."""
+    global _forced
+    _forced += 1
+    try:
+        yield
+    finally:
+        _forced -= 1

@@ -41,9 +41,9 @@ class _SwiGLU(torch.autograd.Function):
 
 def activation(fc1_out: torch.Tensor, swiglu: bool, fused: bool = True) -> torch.Tensor:
     """SwiGLU on ``[..., 2 * f]`` laid out as (gate, up), or GeLU on ``[..., f]``; SwiGLU in one
-    Triton kernel each way where ``kernels.use_fused(fused, fc1_out)``."""
+    Triton kernel each way where ``kernels.use_fused("swiglu", fused, fc1_out)``."""
     if swiglu:
-        if kernels.use_fused(fused, fc1_out):
+        if kernels.use_fused("swiglu", fused, fc1_out):
             from megamoe.kernels.swiglu import swiglu as fused_swiglu
 
             return fused_swiglu(fc1_out)

@@ -125,8 +125,8 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, fused: bool = True) -> torch.Tensor:
     """``x [b, heads, seq, dim]`` rotated by position (``cos, sin``: ``[seq, dim]``); in one Triton
-    kernel each way where ``kernels.use_fused(fused, x)``."""
-    if kernels.use_fused(fused, x):
+    kernel each way where ``kernels.use_fused("rotary", fused, x)``."""
+    if kernels.use_fused("rotary", fused, x):
         from megamoe.kernels.rotary import rotary
 
         return rotary(x, cos, sin)

@@ -130,7 +130,7 @@ def vocab_parallel_cross_entropy(
     """Per-token loss; the all-reduces run over ``layout``'s TP group.  ``fused``: the Triton
     kernels where ``kernels.use_fused`` allows them."""
     return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, vocab_size, layout,
-                                            kernels.use_fused(fused, logits))
+                                            kernels.use_fused("cross_entropy", fused, logits))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -200,4 +200,4 @@ def chunked_linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(
         x, weight, target, token_weights, vocab_start, vocab_size, layout, chunk_size, needs_grad,
-        kernels.use_fused(fused, x))
+        kernels.use_fused("cross_entropy", fused, x))

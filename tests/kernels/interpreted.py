@@ -5,24 +5,23 @@ a GPU rounds to nearest, so bf16 results are compared to within bf16 rounding.
 
 ``kernel_module(name)`` at a test module's import skips the module when Triton (the ``gpu``
 extra) is not installed.  ``fused_here()`` makes ``megamoe.kernels.use_fused`` say yes on this
-device, as it does on CUDA, so that the model's own code takes the fused path.
+device without the start-up guard (``megamoe.kernels.guard``, tested in ``test_guard.py``), so
+that the model's own code takes the fused path.  The tolerances are the guard's.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from unittest import mock
 
 import pytest
 import torch
 
 from megamoe import kernels
+from megamoe.kernels.guard import TOLERANCES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# one bf16 rounding of the fused result (fp32 inside) against the plain ops' (bf16 intermediates)
-BF16 = dict(rtol=2e-2, atol=2e-2)
-FP32 = dict(rtol=1e-5, atol=1e-6)
+FP32, BF16 = TOLERANCES[torch.float32], TOLERANCES[torch.bfloat16]
 
 
 def kernel_module(name: str):
@@ -34,5 +33,5 @@ def kernel_module(name: str):
 
 
 def fused_here():
-    """A context in which ``kernels.use_fused(enabled, x)`` is ``enabled``."""
-    return mock.patch.object(kernels, "use_fused", lambda enabled, x: enabled)
+    """A context in which ``kernels.use_fused(kernel, enabled, x)`` is ``enabled``."""
+    return kernels.forced()

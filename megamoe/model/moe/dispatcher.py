@@ -278,7 +278,7 @@ class TokenDispatcher:
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """``[T, H]`` -> ``[N, H]`` rows for this rank's experts, local-expert-major
         (``plan.expert_counts`` rows per local expert)."""
-        fused = plan.slot_rows is not None and kernels.use_fused(self.fused_kernels, x_TH)
+        fused = plan.slot_rows is not None and kernels.use_fused("moe", self.fused_kernels, x_TH)
         x_recv = _GatherSlots.apply(x_TH, plan.order, plan.slot_rows, plan.topk, fused)
         if self.ep_size > 1:
             x_recv = all_to_all(x_recv, plan.send_splits, plan.recv_splits, self._group())
@@ -298,7 +298,7 @@ class TokenDispatcher:
             y_NH = _ReduceScatterRows.apply(y_NH, plan.etp_splits, self.groups.etp_rank, self.groups.etp_group)
         if self.ep_size > 1:
             y_NH = all_to_all(y_NH, plan.recv_splits, plan.send_splits, self._group())
-        if plan.slot_rows is not None and kernels.use_fused(self.fused_kernels, y_NH):
+        if plan.slot_rows is not None and kernels.use_fused("moe", self.fused_kernels, y_NH):
             from megamoe.kernels.moe import combine
 
             return combine(y_NH, weights_TK, plan.slot_rows)
