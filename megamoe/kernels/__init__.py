@@ -36,17 +36,23 @@ def available() -> bool:
 
 def use_fused(kernel: str, enabled: bool, x: torch.Tensor) -> bool:
     """The one decision whether fused ``kernel`` (one of ``KERNELS``) runs on ``x``: ``enabled``
-    (``--no-fused-kernels`` turns it off), Triton installed, ``x`` on CUDA, and the kernel passed
-    its check against the plain path on ``x``'s device (``guard.passes``; the first call for a
-    device runs the checks).  Inside ``forced()``: ``enabled`` and Triton installed, any device."""
+    (``--no-fused-kernels`` turns it off), Triton installed, ``x`` on CUDA (``candidate``), and the
+    kernel passed its check against the plain path on ``x``'s device (``guard.passes``; the first
+    call for a device runs the checks).  Inside ``forced()``: ``enabled`` and Triton installed."""
     assert kernel in KERNELS, kernel
-    if not (enabled and available()):
-        return False
     if _forced:
-        return True
+        return enabled and available()
+    if not candidate(enabled, x.device):
+        return False
     from megamoe.kernels import guard
 
-    return x.device.type in DEVICE_TYPES and guard.passes(kernel, str(x.device))
+    return guard.passes(kernel, str(x.device))
+
+
+def candidate(enabled: bool, device: torch.device) -> bool:
+    """Whether the kernels may run on ``device`` before the guard's verdict: ``enabled``, Triton
+    installed, a device type of ``DEVICE_TYPES`` (the trainer settles the verdict at setup then)."""
+    return enabled and available() and device.type in DEVICE_TYPES
 
 
 @contextlib.contextmanager

@@ -191,9 +191,9 @@ def passes(kernel: str, device: str) -> bool:
     unless ``agree`` has settled the device.  Under torch.compile the answer is a constant of the graph."""
     if device not in _verdicts:
         _verdicts[device] = verdict = check(torch.device(device))
-        for kernel, why in verdict.items():
+        for name, why in verdict.items():
             if why is not None:
-                logger.warning(off_line(kernel, device, why))
+                logger.warning(off_line(name, device, why))
         logger.info(_on_line(verdict, device))
     return _verdicts[device][kernel] is None
 
@@ -221,7 +221,3 @@ def agree(device: torch.device, group: dist.ProcessGroup | None = None) -> list[
     _verdicts[str(device)] = verdict
     return [*lines, _on_line(verdict, f"the devices of {world} ranks")]
 
-
-def forget() -> None:
-    """Drop every device's verdict: the next ``passes`` checks again (tests)."""
-    _verdicts.clear()

@@ -19,7 +19,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megamoe import kernels
 from megamoe.data.build import build_train_valid_test_datasets, micro_batches
+from megamoe.kernels import guard
 from megamoe.model.compile import compile_regions
 from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.balancing import start_step, update_expert_biases
@@ -190,6 +192,10 @@ def evaluate(model, batches_iter, eval_iters: int, device: torch.device, eod_mas
 
 
 def _setup(cfg: RunConfig, state: ParallelState, device: torch.device, log: TrainingLogger):
+    if kernels.candidate(cfg.execution.fused_kernels, device):
+        # Every rank on one verdict: TP or DP ranks on different paths would compute different numbers.
+        for line in guard.agree(device):
+            log.info(line)
     model_parallel_seed(cfg.train.seed, state, device)
     model = GPTModel(cfg.model, state, cfg.execution, device=device).initialize(cfg.train.seed)
     train_state = TrainState()

@@ -35,3 +35,31 @@ def kernel_module(name: str):
 def fused_here():
     """A context in which ``kernels.use_fused(kernel, enabled, x)`` is ``enabled``."""
     return kernels.forced()
+
+
+def guarded_here(monkeypatch):
+    """Let ``use_fused`` ask the guard on this device too (through the interpreter on CPU), with
+    no verdict yet: the next use of a kernel runs the checks."""
+    from megamoe.kernels import guard
+
+    monkeypatch.setattr(kernels, "DEVICE_TYPES", (*kernels.DEVICE_TYPES, DEVICE.type))
+    monkeypatch.setattr(guard, "_verdicts", {})  # restored afterwards: no verdict leaks into other tests
+
+
+# the function of each kernel module that ``break_kernel`` replaces (forward or backward)
+BROKEN_PART = {"swiglu": "swiglu", "rotary": "rotary", "cross_entropy": "logits_grad", "moe": "combine"}
+
+
+def break_kernel(monkeypatch, kernel: str, how: str) -> None:
+    """Make fused ``kernel`` wrong (``how="wrong"``: its result + 1e-2) or fail (``"raises"``, as a
+    compile or launch error would)."""
+    module = kernel_module(kernel)
+    real = getattr(module, BROKEN_PART[kernel])
+
+    def wrong(*args):
+        return real(*args) + 1e-2
+
+    def raises(*args):
+        raise RuntimeError(f"simulated launch failure of {kernel}\nsecond line")
+
+    monkeypatch.setattr(module, BROKEN_PART[kernel], {"wrong": wrong, "raises": raises}[how])

@@ -1,8 +1,10 @@
 """The model takes the fused kernels where ``megamoe.kernels.use_fused`` allows them (on CUDA with
 Triton), and not with ``--no-fused-kernels``: a tiny MoE GPT (RoPE, SwiGLU experts and a dense
 SwiGLU layer) has the plain path's loss and parameter gradients in fp32 with the fused SwiGLU,
-RoPE, cross entropy and MoE combine, both with the LM head chunked and not; torch.compile traces
-the fused ops (custom ops, the model's lazy import of them) in one graph."""
+RoPE, cross entropy and MoE combine, both with the LM head chunked and not; with every kernel
+failing its start-up check (two wrong, two raising) the model computes exactly what the plain
+model computes, running none of them; torch.compile traces the fused ops (custom ops, the model's
+lazy import of them) in one graph."""
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from megamoe.model.mlp import activation
 from megamoe.model.rope import apply_rotary
 from megamoe.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamoe.parallel.state import single_rank_layout
-from tests.kernels.interpreted import DEVICE, FP32, fused_here, kernel_module
+from megamoe import kernels
+from megamoe.kernels import guard
+from tests.kernels.interpreted import DEVICE, FP32, break_kernel, fused_here, guarded_here, kernel_module
 from tests.tiny_moe import tiny_config
 
 for _name in ("swiglu", "rotary", "cross_entropy", "moe"):
@@ -57,6 +61,19 @@ def test_the_model_on_fused_kernels_matches_the_plain_model(chunk):
     torch.testing.assert_close(loss, plain_loss, **FP32)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_with_every_kernel_failing_its_check_the_model_computes_what_the_plain_model_computes(monkeypatch):
+    plain_loss, plain_grads, _ = _step(ExecutionConfig(fused_kernels=False))
+    guarded_here(monkeypatch)
+    for kernel, how in zip(kernels.KERNELS, ("wrong", "raises", "wrong", "raises")):
+        break_kernel(monkeypatch, kernel, how)
+    kernels.use_fused("swiglu", True, torch.zeros(1, device=DEVICE))  # the checks, run here: _step records ops
+    assert all(guard._verdicts[str(DEVICE)].values()), "every kernel is off"
+    loss, grads, ops = _step(ExecutionConfig())
+    assert not ops and torch.equal(loss, plain_loss)
+    for name, grad in plain_grads.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_torch_compile_traces_the_fused_kernels_in_one_graph():
