@@ -12,6 +12,7 @@ import torch
 
 from megamoe import kernels
 from megamoe.kernels import guard
+from megamoe.kernels.cases import CASES
 from megamoe.model.mlp import activation
 from tests.harness import run_distributed
 from tests.kernels.interpreted import DEVICE, break_kernel, guarded_here, kernel_module
@@ -45,8 +46,9 @@ def test_a_failing_kernel_is_off_with_one_line_and_the_others_stay_on(monkeypatc
     assert f"fused kernel {kernel} is off" in line and "--no-fused-kernels" in line and "\n" not in line
     assert ("RuntimeError: simulated launch failure of moe" in line if how == "raises"
             else "max |fused - plain| 0.01" in line), line
-    plain = guard.CASES[kernel](DEVICE, torch.float32, False)
-    taken = guard.CASES[kernel](DEVICE, torch.float32, True)  # fused asked for, the guard says no
+    case = CASES[kernel]
+    inputs = case.inputs(DEVICE, torch.float32, **case.check)
+    plain, taken = case.run(inputs, False), case.run(inputs, True)  # fused asked for, the guard says no
     for output, value in plain.items():
         assert torch.equal(taken[output], value), output
 
