@@ -53,6 +53,27 @@ def _tolerance(dtype: torch.dtype, output: str) -> dict:
     return SUMMED_BF16 if dtype == torch.bfloat16 and output.startswith("chunked grad") else TOLERANCES[dtype]
 
 
+def _largest(f: torch.Tensor, p: torch.Tensor) -> float:
+    return (f.double() - p.double()).abs().nan_to_num(float("inf")).max().item() if p.numel() else 0.0
+
+
+def max_difference(plain: Outputs, fused: Outputs) -> float:
+    """The largest ``|fused - plain|`` over every output (inf where a NaN or inf appears)."""
+    return max(_largest(fused[output], p) for output, p in plain.items())
+
+
+def tolerance_used(plain: Outputs, fused: Outputs, dtype: torch.dtype) -> float:
+    """The largest ``|fused - plain| / (atol + rtol |plain|)`` over every output's elements, with
+    the tolerances of ``dtype``: at most 1 where ``difference`` finds none."""
+    worst = 0.0
+    for output, p in plain.items():
+        tol = _tolerance(dtype, output)
+        allowed = tol["atol"] + tol["rtol"] * p.double().abs()
+        ratio = ((fused[output].double() - p.double()).abs() / allowed).nan_to_num(float("inf"))
+        worst = max(worst, ratio.max().item() if p.numel() else 0.0)
+    return worst
+
+
 def difference(plain: Outputs, fused: Outputs, dtype: torch.dtype) -> str | None:
     """Why ``fused`` is not ``plain`` within the tolerances (the first output that differs), or None."""
     for output, p in plain.items():
@@ -62,8 +83,7 @@ def difference(plain: Outputs, fused: Outputs, dtype: torch.dtype) -> str | None
         try:
             torch.testing.assert_close(f, p, **tol)
         except AssertionError:
-            diff = (f.double() - p.double()).abs().nan_to_num(float("inf")).max().item()
-            return (f"{str(dtype).removeprefix('torch.')} {output}: max |fused - plain| {diff:.3g}, beyond "
+            return (f"{str(dtype).removeprefix('torch.')} {output}: max |fused - plain| {_largest(f, p):.3g}, beyond "
                     f"rtol {tol['rtol']:g} atol {tol['atol']:g}")
     return None
 
@@ -85,17 +105,24 @@ def check_kernel(kernel: str, device: torch.device) -> str | None:
     return None
 
 
-def check(device: torch.device) -> dict[str, str | None]:
-    """Every kernel's ``check_kernel`` on ``device``: kernel -> None (passed) or why it failed.
-    Runs with grad on, outside inference mode and autocast, on ``device`` as the current device,
-    whatever the caller's context (a model's forward under ``no_grad``)."""
-    device = torch.device(device)
+@contextlib.contextmanager
+def checking(device: torch.device):
+    """The context the checks run in, whatever the caller's (a model's forward under ``no_grad``):
+    grad on, outside inference mode and autocast, ``device`` the current device."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
         if device.type == "cuda":
             stack.enter_context(torch.cuda.device(device))
+        yield
+
+
+def check(device: torch.device) -> dict[str, str | None]:
+    """Every kernel's ``check_kernel`` on ``device`` (in ``checking``): kernel -> None (passed) or
+    why it failed."""
+    device = torch.device(device)
+    with checking(device):
         return {kernel: check_kernel(kernel, device) for kernel in kernels.KERNELS}
 
 
