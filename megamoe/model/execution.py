@@ -44,7 +44,8 @@ class ExecutionConfig:
     fused_kernels: bool = flag(
         True, name="--no-fused-kernels",
         help="plain PyTorch ops instead of megamoe's fused Triton kernels (SwiGLU, RoPE, cross entropy, MoE "
-             "combine), which run only on CUDA with the gpu extra installed (megamoe.kernels.use_fused)")
+             "combine), which run only on CUDA with the gpu extra installed, each once it passed its start-up "
+             "check against the plain ops on the device (megamoe.kernels.use_fused, megamoe.kernels.guard)")
 
     def __post_init__(self) -> None:
         check_fields(self)
