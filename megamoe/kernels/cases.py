@@ -112,7 +112,8 @@ def _moe_run(inputs: Inputs, fused: bool) -> Outputs:
     from megamoe.parallel.state import single_rank_layout
 
     dispatcher = TokenDispatcher(single_rank_layout(), num_experts=inputs["experts"], ep_size=1, fused_kernels=fused)
-    x, weights, plan = inputs["x"].detach().requires_grad_(), inputs["weights"].detach().requires_grad_(), inputs["plan"]
+    x, weights, plan = (inputs["x"].detach().requires_grad_(), inputs["weights"].detach().requires_grad_(),
+                        inputs["plan"])
     rows = dispatcher.dispatch(x, plan)
     scale = 1 + torch.arange(rows.shape[0], device=rows.device, dtype=rows.dtype).unsqueeze(-1) / 10
     out = dispatcher.combine(rows * scale, weights, plan)
@@ -129,7 +130,8 @@ CASES = {
     "rotary": Case(_rotary_inputs, _rotary_run, check=dict(batch=2, seq=20, heads=3, dim=12),  # 20: > a block of 16
                    moe_1b_4e=dict(batch=8, seq=2048, heads=16, dim=128)),
     "cross_entropy": Case(_cross_entropy_inputs, _cross_entropy_run,
-                          check=dict(tokens=14, hidden=8, vocab=37, padded=40, chunk=4),  # padding; 4 does not divide 14
+                          # vocabulary padding; a chunk that does not divide the tokens
+                          check=dict(tokens=14, hidden=8, vocab=37, padded=40, chunk=4),
                           moe_1b_4e=dict(tokens=_TOKENS, hidden=2048, vocab=32000, padded=32000, chunk=4096)),
     "moe": Case(_moe_inputs, _moe_run, check=dict(tokens=12, hidden=_WIDE, experts=4, topk=2),
                 moe_1b_4e=dict(tokens=_TOKENS, hidden=2048, experts=4, topk=2)),
