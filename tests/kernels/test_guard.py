@@ -67,9 +67,16 @@ def test_the_checks_run_once_per_process_and_device(monkeypatch):
 def test_under_torch_compile_the_first_check_runs_while_tracing(monkeypatch):
     guarded_here(monkeypatch)
     h = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
     torch._dynamo.reset()
-    compiled = torch.compile(lambda h: activation(h, True), fullgraph=True, backend="aot_eager")(h)
+    compiled = torch.compile(lambda h: activation(h, True), fullgraph=True, backend=backend)(h)
     assert guard._verdicts[str(DEVICE)] == dict.fromkeys(kernels.KERNELS)
+    assert len(graphs) == 1 and "megamoe.swiglu" in graphs[0], graphs
     torch.testing.assert_close(compiled, activation(h, True, False))
     (grad,) = torch.autograd.grad(compiled.sum(), h)
     torch.testing.assert_close(grad, torch.autograd.grad(activation(h, True, False).sum(), h)[0])
