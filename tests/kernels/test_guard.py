@@ -2,7 +2,7 @@
 (its result + 1e-2) or made to raise (as a failed compile or launch) is turned off with one log
 line naming it, its error or largest difference and ``--no-fused-kernels``, while the others stay
 on, and its public function then computes exactly the plain path; the checks run once per process
-and device; under torch.compile the first check runs while tracing and the graph holds the verdict;
+and device, and never with ``--no-fused-kernels``; under torch.compile the first check runs while tracing and the graph holds the verdict;
 ranks settle on one verdict (``agree``): a kernel one rank failed is off on every rank."""
 
 import logging
@@ -53,11 +53,14 @@ def test_a_failing_kernel_is_off_with_one_line_and_the_others_stay_on(monkeypatc
         assert torch.equal(taken[output], value), output
 
 
-def test_the_checks_run_once_per_process_and_device(monkeypatch):
+def test_the_checks_run_once_per_process_and_device_and_never_with_no_fused_kernels(monkeypatch):
     guarded_here(monkeypatch)
     runs = []
     real = guard.check_kernel
     monkeypatch.setattr(guard, "check_kernel", lambda kernel, device: runs.append(kernel) or real(kernel, device))
+    x = torch.zeros(1, device=DEVICE)
+    assert not any(kernels.use_fused(k, False, x) or kernels.candidate(False, DEVICE) for k in kernels.KERNELS)
+    assert not runs, "--no-fused-kernels runs no check"
     for _ in range(3):
         _verdict()
         activation(torch.randn(2, 8, device=DEVICE), True)
