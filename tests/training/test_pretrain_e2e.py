@@ -288,8 +288,8 @@ def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
     assert _listing(save) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
-@pytest.mark.parametrize("world,layout", [(1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])],
-                         ids=["1-rank", "tp2-sp"])
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                                          (2, ["--pipeline-model-parallel-size", "2"])], ids=["1-rank", "tp2-sp", "pp2"])
 def test_regional_compile_trains_like_eager(tmp_path, world, layout):
     argv = TINY_MOE + ["--train-iters", "2"] + layout
     eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
