@@ -46,9 +46,10 @@ class ParallelConfig:
                          "--expert-model-parallel-size no longer fits, use the largest EP size not above it that "
                          "divides the world and the experts (logged) instead of refusing the layout")
 
-    pipeline_num_layers: int | None = derived(None, help="--num-layers: what the pipeline stages split (None: not checked)")
-    pipeline_num_microbatches: int | None = derived(None, help="micro-batches per rank per step: what the pipeline schedule "
-                                           "takes (None: not checked)")
+    pipeline_num_layers: int | None = derived(
+        None, help="--num-layers: what the pipeline stages split (None: not checked)")
+    pipeline_num_microbatches: int | None = derived(
+        None, help="micro-batches per rank per step: what the pipeline schedule takes (None: not checked)")
 
     def __post_init__(self) -> None:
         self.expert_model_parallel_size = tuple(int(e) for e in self.expert_model_parallel_size) or (1,)

@@ -88,7 +88,8 @@ def pipeline_chunks(config: ParallelConfig) -> list[tuple[range, ...]] | None:
     if config.pipeline_num_layers is None:
         virtual = config.virtual_pipeline_model_parallel_size or 1
         if (virtual > 1 or config.num_layers_per_virtual_pipeline_stage is not None) and pp == 1:
-            raise ValueError("the interleaved schedule (virtual pipeline stages) needs --pipeline-model-parallel-size > 1")
+            raise ValueError("the interleaved schedule (virtual pipeline stages) needs "
+                             "--pipeline-model-parallel-size > 1")
         return None
     counts = stage_layer_counts(config.pipeline_num_layers, pp, config.decoder_first_pipeline_num_layers,
                                 config.decoder_last_pipeline_num_layers)
@@ -104,7 +105,8 @@ def _check_pipeline(config: ParallelConfig) -> None:
     world, pp = config.world_size, config.pipeline_model_parallel_size
     if pp < 1 or world % pp != 0:
         raise ValueError(
-            f"--pipeline-model-parallel-size {pp} does not divide the world size {world}; valid values: {_divisors(world)}"
+            f"--pipeline-model-parallel-size {pp} does not divide the world size {world}; "
+            f"valid values: {_divisors(world)}"
         )
     chunks = pipeline_chunks(config)
     m = config.pipeline_num_microbatches
@@ -314,7 +316,8 @@ class ParallelState:
         """The global indices of the layers this rank holds, in order, for a model of ``num_layers``."""
         if self.model_chunks is None:
             if self.pp_size > 1:
-                raise ValueError("a pipeline layout needs the model's layers: build it with ParallelConfig.pipeline_num_layers")
+                raise ValueError("a pipeline layout needs the model's layers: build it with "
+                                 "ParallelConfig.pipeline_num_layers")
             return list(range(num_layers))
         held = [i for chunk in self.model_chunks for i in chunk]
         end = max(chunk.stop for chunk in self.model_chunks)
@@ -349,7 +352,8 @@ class ParallelState:
     def describe(self) -> str:
         """One line: the sizes of every dimension."""
         eps = list(self.moe_ep_sizes) or "-"
-        pp = f"PP {self.pp_size}{f' x V {self.virtual_size}' if self.virtual_size > 1 else ''} x " if self.pp_size > 1 else ""
+        virtual = f" x V {self.virtual_size}" if self.virtual_size > 1 else ""
+        pp = f"PP {self.pp_size}{virtual} x " if self.pp_size > 1 else ""
         return (f"world {self.world_size} ({pp}TP {self.tp_size} x DP {self.dp_size}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}), ETP {self.etp_size}, "
                 f"EP per MoE layer {eps}")

@@ -91,7 +91,8 @@ def _layout(config, pp, pp_rank):
      "the interleaved schedule (virtual pipeline stages) needs --pipeline-model-parallel-size > 1"),
     (dict(pipeline_model_parallel_size=4, pipeline_num_layers=8, pipeline_num_microbatches=3),
      "the 1F1B schedule needs at least --pipeline-model-parallel-size 4 micro-batches per step, got 3"),
-    (dict(pipeline_model_parallel_size=2, pipeline_num_layers=8, virtual_pipeline_model_parallel_size=2, pipeline_num_microbatches=3),
+    (dict(pipeline_model_parallel_size=2, pipeline_num_layers=8, virtual_pipeline_model_parallel_size=2,
+          pipeline_num_microbatches=3),
      "the interleaved schedule needs the micro-batches per step (3: --global-batch-size / (--micro-batch-size x "
      "data-parallel size)) to be a multiple of --pipeline-model-parallel-size 2"),
     (dict(pipeline_model_parallel_size=2, expert_model_parallel_size=(8,)),

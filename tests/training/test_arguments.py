@@ -166,7 +166,8 @@ def test_a_models_training_flags_rebuild_it():
     (["--mtp-num-layers", "1"], "--mtp-num-layers 1 is not supported with --pipeline-model-parallel-size 2"),
     (["--save", "ckpt"], "--save and --load need --pipeline-model-parallel-size 1 for now (got 2)"),
     (["--num-layers", "3"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
-    (["--global-batch-size", "2", "--micro-batch-size", "2"], "the 1F1B schedule needs at least --pipeline-model-parallel-size 2 micro-batches"),
+    (["--global-batch-size", "2", "--micro-batch-size", "2"],
+     "the 1F1B schedule needs at least --pipeline-model-parallel-size 2 micro-batches"),
 ])
 def test_what_pipeline_parallelism_cannot_run_is_refused_before_any_work(extra, message):
     assert_config_error(TINY_MOE + ["--pipeline-model-parallel-size", "2"] + extra, 2, re.escape(message))

@@ -9,6 +9,9 @@ Each case is (name, world, TP, EP per MoE layer, ZeRO-1, pipeline flags, model f
 fields, optimizer fields).  The model is ``tiny_moe.model_config`` (shared expert, TP-sharded and
 replicated biases, tied embeddings unless a case unties them) with more layers, so that MoE and
 dense layers fall on every stage.  PP 1 runs in the same world (the ranks PP takes go to DP).
+Largest relative differences measured over these cases (fp32): LM loss 9e-8, aux loss 2.4e-7,
+z loss 1.4e-7, L2 grad norm 2.5e-7, inf grad norm 2.1e-7 (summation order: the tied embedding's
+two gradients meet in a collective rather than in one .grad, and the logged sums travel over PP).
 """
 
 import pytest

@@ -72,11 +72,14 @@ def virtual_stage_count(counts: list[int], virtual_size: int | None, layers_per_
                          "not both")
     if layers_per_virtual_stage is not None:
         n = layers_per_virtual_stage
-        if n < 1 or any(c % n for c in counts) or len({c // n for c in counts}) != 1:
+
+        def equal_chunks(size: int) -> bool:
+            return not any(c % size for c in counts) and len({c // size for c in counts}) == 1
+
+        if n < 1 or not equal_chunks(n):
             raise ValueError(
                 f"--num-layers-per-virtual-pipeline-stage {n} must divide every pipeline stage's layers {counts} "
-                f"into the same number of chunks; valid values: "
-                f"{[d for d in _divisors(min(counts)) if not any(c % d for c in counts) and len({c // d for c in counts}) == 1]}"
+                f"into the same number of chunks; valid values: {[d for d in _divisors(min(counts)) if equal_chunks(d)]}"
             )
         virtual = counts[0] // n
     else:
