@@ -126,3 +126,27 @@ def test_bf16_with_a_loss_scale_scales_every_stage_aux_loss_like_pp_1():
     for key in ("lm_loss", "aux_loss"):
         _close(got[key], ref[key], f"bf16 PP 2: {key}", rtol=1e-3)
     _close(got["grad_norm"][:2], ref["grad_norm"][:2], "bf16 PP 2: grad norm", rtol=1e-3)
+
+
+def _overlap_body(rank, world, virtual):
+    from megamoe.training.pipeline import PipelineSchedule
+
+    pipeline = dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=virtual)
+    model, opt = build(1, (1,), zero=True, arch=FOUR, pipeline=pipeline, overlap_grad_reduce=True, bucket_size=3000)
+    schedule = PipelineSchedule(model, opt, num_microbatches=8, micro_batch_size=1, seq_length=16,
+                                device=torch.device("cpu"))
+    opt.zero_grad()
+    batches = [{"tokens": t, "labels": lab, "loss_mask": torch.ones(t.shape)}
+               for t, lab in local_micro_batches(0, model.layout)]
+    schedule.forward_backward(batches)
+    return opt.grad_sync.launched, len(opt.grad_sync.order)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("virtual", [1, 2])
+def test_overlapped_reduction_launches_every_bucket_during_the_last_micro_batch_backward(virtual):
+    """With --overlap-grad-reduce the schedule's backwards of every micro-batch but the last only
+    accumulate (a bucket launched earlier would raise), and the last one's launch every bucket
+    before the schedule returns (several buckets per stage)."""
+    for launched, buckets in run_distributed(_overlap_body, 2, virtual, timeout=280):
+        assert buckets > 2 and launched == buckets
