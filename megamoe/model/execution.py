@@ -60,14 +60,15 @@ class ExecutionConfig:
             return self.cross_entropy_chunk_size
         return CUDA_CROSS_ENTROPY_CHUNK if device.type == "cuda" else 0
 
-    def layer_chunks(self, num_layers: int) -> list[tuple[int, int, bool]]:
+    def layer_chunks(self, num_layers: int, what: str = "--num-layers") -> list[tuple[int, int, bool]]:
         """``(first, end, recompute)`` spans of a model's ``num_layers`` layers in order, covering
         every layer: what ``--recompute-granularity full`` recomputes, and as which units (a
-        recomputed span keeps only its input for backward).  Raises ``ValueError`` when
+        recomputed span keeps only its input for backward).  At PP > 1 they are a model chunk's
+        layers (``what`` names them in the error).  Raises ``ValueError`` when
         ``--recompute-num-layers`` does not fit the model."""
         if self.recompute_num_layers is not None and not 1 <= self.recompute_num_layers <= num_layers:
             raise ValueError(
-                f"--recompute-num-layers {self.recompute_num_layers} must be in [1, --num-layers {num_layers}]"
+                f"--recompute-num-layers {self.recompute_num_layers} must be in [1, {what} {num_layers}]"
             )
         if self.recompute_granularity != "full":
             return [(i, i + 1, False) for i in range(num_layers)]

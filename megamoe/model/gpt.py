@@ -184,7 +184,8 @@ class GPTModel(nn.Module):
         chunks = layout.model_chunks or (range(config.num_layers),)
         # (first, end, recompute) spans of global layers, per model chunk: --recompute-* counts
         # the layers of each chunk (each stage's, as in Megatron).
-        self.chunk_spans = [[(chunk.start + a, chunk.start + b, r) for a, b, r in execution.layer_chunks(len(chunk))]
+        what = "--num-layers" if layout.pp_size == 1 else "the layers of a pipeline chunk,"
+        self.chunk_spans = [[(chunk.start + a, chunk.start + b, r) for a, b, r in execution.layer_chunks(len(chunk), what)]
                             for chunk in chunks]
         self.layer_chunks = [span for spans in self.chunk_spans for span in spans]
         first, last = layout.is_first_stage, layout.is_last_stage

@@ -157,8 +157,9 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     model.check_tensor_parallel(tensor_model_parallel_size=tp,
                                 expert_tensor_parallel_size=resolved_expert_tensor_parallel_size(parallel))
     execution = from_args(ExecutionConfig, args, params_dtype=train.params_dtype)
-    for chunk in {len(c) for chunks in pipeline_chunks(parallel) for c in chunks}:
-        execution.layer_chunks(chunk)  # --recompute-num-layers counts each pipeline chunk's layers
+    what = "--num-layers" if pp == 1 else "the layers of a pipeline chunk,"
+    for chunk in sorted({len(c) for chunks in pipeline_chunks(parallel) for c in chunks}):
+        execution.layer_chunks(chunk, what)  # --recompute-num-layers counts each pipeline chunk's layers
 
     optimizer = from_args(OptimizerConfig, args, params_dtype=train.params_dtype)
     schedule = from_args(LRSchedule, args, lr=optimizer.lr, min_lr=optimizer.min_lr, train_iters=train.train_iters,
