@@ -260,7 +260,7 @@ def assert_replicas_identical(model) -> None:
 
 def train_logged(model, opt, steps: int) -> dict:
     """``steps`` steps through the trainer's own ``train_step`` (at PP > 1 with its pipeline
-    schedule), each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
+    schedule), on ``local_micro_batches`` with a loss mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
     ``lm_loss``, ``aux_loss``, ``z_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
     expert biases of the rank's MoE layers (``{global layer: bias}``); and ``pipeline``, the
     ``PipelineSchedule`` it trained with (None at PP 1)."""
@@ -276,7 +276,8 @@ def train_logged(model, opt, steps: int) -> dict:
     keys = ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf")
     out = {key: [] for key in keys} | {"skipped": [], "bias": []}
     for step in range(steps):
-        batches = [{"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32)}
+        # a loss mask that drops some tokens (those divisible by 7), as --eod-mask-loss drops EOD's
+        batches = [{"tokens": tokens, "labels": labels, "loss_mask": (tokens % 7 != 0).float()}
                    for tokens, labels in local_micro_batches(step, layout, model.config.vocab_size)]
         result = train_step(model, opt, batches, metrics, cpu, None, pipeline)
         metrics.add_step(result, tokens=GLOBAL_BATCH * SEQ)

@@ -22,7 +22,7 @@ What megamoe adds around torch's schedules, so that a step is PP 1's:
   (and on the last chunk the loss) carries ``_BeforeBackward``, whose backward runs first in
   that chunk's backward and sets ``grad_sync.enabled`` for it.
 * Inputs: the first stage's are the tokens ``[M x b, s]``; the labels and loss mask travel to
-  the last stage as the schedule's target ``[M x b, 2, s]`` (int64; the mask is 0/1).  Between
+  the last stage as the schedule's target ``[M x b, 2, s]`` (fp64: exact for both).  Between
   stages the hidden states are ``[b, s, h]`` (``[b, s / TP, h]`` with sequence parallelism) in
   the parameters' dtype.
 """
@@ -145,7 +145,7 @@ class PipelineSchedule:
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch: ``target`` ``[b, 2, s]`` holds its labels and
         loss mask."""
-        lm = self.model.lm_loss(hidden, target[:, 0], target[:, 1])
+        lm = self.model.lm_loss(hidden, target[:, 0].long(), target[:, 1])
         self.lm_losses.append(lm.detach())
         if not self.training:
             return lm
@@ -156,7 +156,8 @@ class PipelineSchedule:
         self._reset()
         self.training = train
         tokens = torch.cat([b["tokens"] for b in batches]) if self.first else None
-        target = (torch.cat([torch.stack([b["labels"], b["loss_mask"].long()], dim=1) for b in batches])
+        # fp64 holds the token ids exactly (below 2^53) and the mask's fp32 values
+        target = (torch.cat([torch.stack([b["labels"].double(), b["loss_mask"].double()], dim=1) for b in batches])
                   if self.last else None)
         args = (tokens,) if self.first else ()
         kwargs = dict(target=target, losses=[]) if self.last else {}
