@@ -261,7 +261,7 @@ def assert_replicas_identical(model) -> None:
 def train_logged(model, opt, steps: int) -> dict:
     """``steps`` steps through the trainer's own ``train_step`` (at PP > 1 with its pipeline
     schedule), on ``local_micro_batches`` with a loss mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
-    ``lm_loss``, ``aux_loss``, ``z_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
+    ``lm_loss``, ``aux_loss``, ``z_loss``, ``mtp_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
     expert biases of the rank's MoE layers (``{global layer: bias}``); and ``pipeline``, the
     ``PipelineSchedule`` it trained with (None at PP 1)."""
     from megamoe.training.metrics import IntervalMetrics
@@ -273,7 +273,7 @@ def train_logged(model, opt, steps: int) -> dict:
     pipeline = (PipelineSchedule(model, opt, num_microbatches=n, micro_batch_size=1, seq_length=SEQ, device=cpu)
                 if layout.pp_size > 1 else None)
     metrics = IntervalMetrics(layout=layout, device=cpu, flops_per_token=0.0, peak_tflops=None)
-    keys = ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf")
+    keys = ("lm_loss", "aux_loss", "z_loss", "mtp_loss", "grad_norm", "grad_norm_inf")
     out = {key: [] for key in keys} | {"skipped": [], "bias": []}
     for step in range(steps):
         # a loss mask that drops some tokens (those divisible by 7), as --eod-mask-loss drops EOD's

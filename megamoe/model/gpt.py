@@ -22,10 +22,10 @@ norm and their scaled loss joins ``GPTOutput.loss`` the same way.
 With pipeline parallelism (``layout.pp_size > 1``) a rank's model is its stage: only the layers
 of ``layout.model_chunks``, under their global index (``layers.{i}``, so parameter names and
 checkpoints are those of PP 1), the embedding on the first stage, the final norm and output layer
-on the last (and, with tied embeddings, a copy of the input embedding there, its gradient reduced
-with the first stage's: ``ParamMeta.pipeline_tied``).  The schedule
-(``megamoe.training.pipeline``) runs ``run_chunk`` for each model chunk and ``lm_loss`` on the
-last stage; ``forward`` is the whole model's (PP 1).
+on the last, with the MTP depths (and, with tied embeddings or MTP, a copy of the input embedding
+there, its gradient reduced with the first stage's: ``ParamMeta.pipeline_tied``).  The schedule
+(``megamoe.training.pipeline``) runs ``run_chunk`` for each model chunk and ``head_losses`` on
+the last stage; ``forward`` is the whole model's (PP 1).
 """
 
 from __future__ import annotations
@@ -177,9 +177,8 @@ class GPTModel(nn.Module):
         self.config = config
         self.execution = execution
         self.layout = layout
-        if layout.pp_size > 1 and config.mtp_num_layers:
-            raise ValueError(f"--mtp-num-layers {config.mtp_num_layers} is not supported with "
-                             f"--pipeline-model-parallel-size {layout.pp_size} (use 1, or no MTP)")
+        # (refused by the arguments: the last stage's MTP depths would need the position embeddings too)
+        assert not (layout.pp_size > 1 and config.mtp_num_layers and config.position_embedding_type == "learned_absolute")
         held = layout.layers(config.num_layers)
         chunks = layout.model_chunks or (range(config.num_layers),)
         # (first, end, recompute) spans of global layers, per model chunk: --recompute-* counts
@@ -190,11 +189,13 @@ class GPTModel(nn.Module):
         self.layer_chunks = [span for spans in self.chunk_spans for span in spans]
         first, last = layout.is_first_stage, layout.is_last_stage
         tied = not config.untie_embeddings_and_output_weights
+        # The last stage uses the input embedding too: as the output layer, or in the MTP depths.
+        shared = tied or bool(config.mtp_num_layers)
         dtype = execution.params_dtype
         padded_vocab = padded_vocab_size(config.vocab_size, layout.tp_size, config.make_vocab_size_divisible_by)
         self.vocab_start = layout.tp_rank * padded_vocab // layout.tp_size  # this TP rank's first logit
         self.word_embeddings = None
-        if first or (last and tied):
+        if first or (last and shared):
             self.word_embeddings = VocabParallelEmbedding(
                 config.vocab_size,
                 config.hidden_size,
@@ -204,7 +205,7 @@ class GPTModel(nn.Module):
                 dtype=dtype,
                 device=device,
             )
-            if tied and layout.pp_size > 1:
+            if shared and layout.pp_size > 1:
                 retag(self.word_embeddings.weight, pipeline_tied=True)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute" and first:
@@ -227,7 +228,7 @@ class GPTModel(nn.Module):
             )
             retag(self.output_layer.weight, unpadded_size=config.vocab_size)
         self.mtp = None
-        if config.mtp_num_layers:
+        if config.mtp_num_layers and last:
             self.mtp = nn.ModuleList(
                 MTPDepth(config, layout, TransformerLayer(config, layer, layout, execution, device=device), dtype=dtype,
                          device=device)
@@ -257,20 +258,12 @@ class GPTModel(nn.Module):
         if labels is None:
             logits = F.linear(tp_input(x, self.layout), self._output_weight())
             return GPTOutput(lm_loss=None, aux_loss=aux_total, logits=logits, moe_stats=moe_stats)
-        weights = _token_weights(labels, loss_mask)
-        lm_loss = self._lm_loss(x, labels, weights)
-        if self.mtp is None:
-            return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats)
-        mtp_losses = []
-        for k, depth in enumerate(self.mtp, start=1):
-            x, aux = depth(x, self._embed(torch.roll(tokens, -k, dims=1)))
-            if aux is not None:
-                aux_total = aux_total + aux.loss
-                moe_stats.append(aux.stats)
-            mtp_losses.append(self._lm_loss(x, *shifted(labels, weights, k)))
-        return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats,
-                         mtp_loss=torch.stack(mtp_losses).mean(),
-                         mtp_loss_scaling_factor=self.config.mtp_loss_scaling_factor)
+        lm_loss, mtp_loss, mtp_auxes = self.head_losses(x, tokens, labels, loss_mask)
+        for aux in mtp_auxes:
+            aux_total = aux_total + aux.loss
+            moe_stats.append(aux.stats)
+        return GPTOutput(lm_loss=lm_loss, aux_loss=aux_total, logits=None, moe_stats=moe_stats, mtp_loss=mtp_loss,
+                         mtp_loss_scaling_factor=self.config.mtp_loss_scaling_factor if mtp_loss is not None else 0.0)
 
     def run_chunk(self, chunk: int, inputs: torch.Tensor):
         """Model chunk ``chunk`` (of ``layout.model_chunks``; 0 at PP 1) on ``inputs``: the tokens
@@ -296,9 +289,22 @@ class GPTModel(nn.Module):
             x = self.final_norm(x)
         return x, auxes
 
-    def lm_loss(self, x: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-        """The LM loss (mean over the tokens ``loss_mask`` keeps) of the last chunk's output ``x``."""
-        return self._lm_loss(x, labels, _token_weights(labels, loss_mask))
+    def head_losses(self, x: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                    loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        """The losses of the last chunk's output ``x``: the LM loss (mean over the tokens
+        ``loss_mask`` keeps), and with MTP the mean of the depths' LM losses (``tokens`` feed their
+        embeddings) and their MoE aux results; ``(lm_loss, None, [])`` without MTP."""
+        weights = _token_weights(labels, loss_mask)
+        lm_loss = self._lm_loss(x, labels, weights)
+        if self.mtp is None:
+            return lm_loss, None, []
+        mtp_losses, auxes = [], []
+        for k, depth in enumerate(self.mtp, start=1):
+            x, aux = depth(x, self._embed(torch.roll(tokens, -k, dims=1)))
+            if aux is not None:
+                auxes.append(aux)
+            mtp_losses.append(self._lm_loss(x, *shifted(labels, weights, k)))
+        return lm_loss, torch.stack(mtp_losses).mean(), auxes
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens ``[b, s]`` -> ``[b, s, h]`` (with sequence parallelism ``[b, s / TP, h]``)."""

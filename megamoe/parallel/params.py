@@ -13,7 +13,8 @@ which group reduces it:
   padded vocabulary) and are zero-initialised.
 * ``weight_decay``: whether AdamW decays it (matrices yes, norms and biases no).
 * ``init`` / ``init_std``: how the *full* tensor is drawn.
-* ``pipeline_tied``: the input embedding with tied output weights at PP > 1, held by the first
+* ``pipeline_tied``: the input embedding at PP > 1 when the last stage uses it too (tied output
+  weights, or the MTP depths), held by the first
   and the last stage (a replica there), its gradient reduced over both (``grad_buffer``).
 
 Initialisation draws the full (global, unsharded) tensor from a generator seeded by

@@ -151,9 +151,10 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     model = from_args(ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos)
     parallel.pipeline_num_microbatches = train.num_microbatches
     validate_parallel_layout(parallel, model.experts_by_layer())
-    if pp > 1 and model.mtp_num_layers:
-        raise ConfigError(f"--mtp-num-layers {model.mtp_num_layers} is not supported with --pipeline-model-parallel-size "
-                          f"{pp} (use --pipeline-model-parallel-size 1, or no MTP)")
+    if pp > 1 and model.mtp_num_layers and model.position_embedding_type == "learned_absolute":
+        raise ConfigError(f"--mtp-num-layers with --position-embedding-type learned_absolute is not supported with "
+                          f"--pipeline-model-parallel-size {pp} (the last stage's MTP depths would need the position "
+                          f"embeddings too); use --position-embedding-type rope")
     model.check_tensor_parallel(tensor_model_parallel_size=tp,
                                 expert_tensor_parallel_size=resolved_expert_tensor_parallel_size(parallel))
     execution = from_args(ExecutionConfig, args, params_dtype=train.params_dtype)

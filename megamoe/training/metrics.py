@@ -34,10 +34,10 @@ class IntervalMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        # lm, then sums over (micro-batch, MoE layer) of aux (raw), z (raw), MTP (unscaled), the dropped
-        # fraction, and how many (micro-batch, MoE layer) pairs they add up
-        self.losses = torch.zeros(6, device=self.device)
-        self.has_mtp = False
+        # lm, sums over (micro-batch, MoE layer) of aux (raw) and z (raw), MTP (unscaled), the sum of
+        # the dropped fraction, how many (micro-batch, MoE layer) pairs those add up, and how many
+        # micro-batches had an MTP loss (at PP > 1 only the last stage's do)
+        self.losses = torch.zeros(7, device=self.device)
         self.micro_batches = 0
         self.steps = 0
         self.tokens = 0
@@ -64,7 +64,7 @@ class IntervalMetrics:
         self.micro_batches += 1
         if out.mtp_loss is not None:
             self.losses[3] += out.mtp_loss.detach()
-            self.has_mtp = True
+            self.losses[6] += 1
         if not out.moe_stats:
             return
         self.losses[1] += torch.stack([s.aux_loss for s in out.moe_stats]).detach().sum()
@@ -90,11 +90,11 @@ class IntervalMetrics:
         flat = torch.cat([t.reshape(-1).float() for t in packed])
         if state.dp_size > 1:
             dist.all_reduce(flat, group=state.dp_group)
-        sums = flat[:6]
+        sums = flat[:7]
         # -min, max and the imbalance of the per-step expert loads of this stage's MoE layers
         loads = torch.full((3,), -math.inf, device=self.device)
         if has_experts:
-            per_step = flat[6:] / max(1, self.steps)
+            per_step = flat[7:] / max(1, self.steps)
             offset, mins, maxs, imbalance = 0, [], [], []
             for counts in self.expert_tokens:
                 layer = per_step[offset : offset + counts.numel()]
@@ -123,7 +123,7 @@ class IntervalMetrics:
             "lm_loss": lm,
             "aux_loss": aux if has_moe else None,
             "z_loss": z if has_moe else None,
-            "mtp_loss": mtp if self.has_mtp else None,
+            "mtp_loss": mtp if sums[6].item() > 0 else None,
             "grad_norm": result.grad_norm,
             "grad_norm_inf": result.grad_norm_inf,
             "params_norm": None,

@@ -21,8 +21,11 @@ What megamoe adds around torch's schedules, so that a step is PP 1's:
   each chunk's last micro-batch; every other backward only accumulates.  Each chunk's output
   (and on the last chunk the loss) carries ``_BeforeBackward``, whose backward runs first in
   that chunk's backward and sets ``grad_sync.enabled`` for it.
-* Inputs: the first stage's are the tokens ``[M x b, s]``; the labels and loss mask travel to
-  the last stage as the schedule's target ``[M x b, 2, s]`` (fp64: exact for both).  Between
+* Inputs: the first stage's are the tokens ``[M x b, s]``; the labels, the loss mask and the
+  tokens (for the MTP depths, on the last stage with a copy of the input embedding) travel to
+  the last stage as the schedule's target ``[M x b, 3, s]`` (fp64: exact for all three).  The
+  last stage's loss is PP 1's ``lm + aux + mtp_loss_scaling_factor x mtp`` with its MTP depths'
+  aux losses (the layers' come through ``_AddAuxGrad``).  Between
   stages the hidden states are ``[b, s, h]`` (``[b, s / TP, h]`` with sequence parallelism) in
   the parameters' dtype.
 """
@@ -129,6 +132,7 @@ class PipelineSchedule:
         self.stats: list[list] = [[] for _ in range(chunks)]
         self.aux_losses: list[list] = [[] for _ in range(chunks)]
         self.lm_losses: list[torch.Tensor] = []
+        self.head_outputs: list[tuple] = []  # per micro-batch: MTP loss, MTP aux losses and stats
 
     def sync_hook(self, micro_batch: int):
         """What a chunk's backward of ``micro_batch`` runs first: with --overlap-grad-reduce, let
@@ -143,13 +147,20 @@ class PipelineSchedule:
         return hook
 
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss of one micro-batch: ``target`` ``[b, 2, s]`` holds its labels and
-        loss mask."""
-        lm = self.model.lm_loss(hidden, target[:, 0].long(), target[:, 1])
+        """The last stage's loss of one micro-batch: ``target`` ``[b, 3, s]`` holds its labels, loss
+        mask and tokens."""
+        lm, mtp, auxes = self.model.head_losses(hidden, target[:, 2].long(), target[:, 0].long(), target[:, 1])
         self.lm_losses.append(lm.detach())
+        self.head_outputs.append((mtp.detach() if mtp is not None else None,
+                                  [aux.loss.detach() for aux in auxes], [aux.stats for aux in auxes]))
         if not self.training:
             return lm
-        loss = self.optimizer.scale_loss(lm / self.num_microbatches)
+        loss = lm
+        for aux in auxes:
+            loss = loss + aux.loss
+        if mtp is not None:
+            loss = loss + self.model.config.mtp_loss_scaling_factor * mtp
+        loss = self.optimizer.scale_loss(loss / self.num_microbatches)
         return _BeforeBackward.apply(loss, self.sync_hook(len(self.lm_losses) - 1))
 
     def _run(self, batches: list[dict], train: bool) -> None:
@@ -157,8 +168,8 @@ class PipelineSchedule:
         self.training = train
         tokens = torch.cat([b["tokens"] for b in batches]) if self.first else None
         # fp64 holds the token ids exactly (below 2^53) and the mask's fp32 values
-        target = (torch.cat([torch.stack([b["labels"].double(), b["loss_mask"].double()], dim=1) for b in batches])
-                  if self.last else None)
+        target = (torch.cat([torch.stack([b["labels"].double(), b["loss_mask"].double(), b["tokens"].double()], dim=1)
+                             for b in batches]) if self.last else None)
         args = (tokens,) if self.first else ()
         kwargs = dict(target=target, losses=[]) if self.last else {}
         if train:
@@ -181,9 +192,14 @@ class PipelineSchedule:
         out = []
         for i in range(self.num_microbatches):
             aux = [losses[i] for losses in self.aux_losses if losses]
+            stats = [s for chunk in self.stats for s in chunk[i]]
+            mtp = None
+            if self.last:  # the MTP depths come after the layers (their routers too)
+                mtp, mtp_aux, mtp_stats = self.head_outputs[i]
+                aux, stats = aux + mtp_aux, stats + mtp_stats
             out.append(GPTOutput(lm_loss=self.lm_losses[i] if self.last else None,
                                  aux_loss=torch.stack(aux).sum() if aux else None, logits=None,
-                                 moe_stats=[s for chunk in self.stats for s in chunk[i]]))
+                                 moe_stats=stats, mtp_loss=mtp))
         return out
 
     @torch.no_grad()

@@ -42,6 +42,10 @@ CASES = {
          dict(num_layers=6, moe_layer_freq=(1, 0, 1, 1, 0, 1)), {}, {}),
         ("PP 2, EP 2 on the first stage and 1 on the second, ZeRO-1", 1, (2, 1, 1), True,
          dict(pipeline_model_parallel_size=2), FOUR, {}, {}),
+        ("PP 2 x EP 2, two MTP depths (MoE) on the last stage, untied, expert bias", 1, (2,), False,
+         dict(pipeline_model_parallel_size=2),
+         dict(FOUR, **BIAS, mtp_num_layers=2, mtp_loss_scaling_factor=0.3, untie_embeddings_and_output_weights=True),
+         {}, {}),
     ],
     8: [
         ("PP 2 x TP 2 with SP x EP 2, ZeRO-1", 2, (2,), True, dict(pipeline_model_parallel_size=2),
@@ -78,7 +82,9 @@ def _body(rank, world):
         layout = model.layout
         assert layout.pp_size == pipeline["pipeline_model_parallel_size"]
         _close(got["eval"], ref["eval"], f"{name}: evaluation loss")
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf"):
+        assert (got["mtp_loss"][0] is None) == (ref["mtp_loss"][0] is None) == (not arch.get("mtp_num_layers"))
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf") + ("mtp_loss",) * bool(
+                arch.get("mtp_num_layers")):
             _close(got[key], ref[key], f"{name}: {key}")
             worst[key] = max(worst.get(key, 0.0), max(abs(g / w - 1) for g, w in zip(got[key], ref[key])))
         assert not any(got["skipped"])
