@@ -258,12 +258,13 @@ def assert_replicas_identical(model) -> None:
             assert torch.equal(c, copies[0]), f"{name}: replicas differ across {'EDP' if meta.is_expert else 'DP'}"
 
 
-def train_logged(model, opt, steps: int) -> dict:
-    """``steps`` steps through the trainer's own ``train_step`` (at PP > 1 with its pipeline
-    schedule), on ``local_micro_batches`` with a loss mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
-    ``lm_loss``, ``aux_loss``, ``z_loss``, ``mtp_loss``, ``grad_norm``, ``grad_norm_inf``, ``skipped``, and the
-    expert biases of the rank's MoE layers (``{global layer: bias}``); and ``pipeline``, the
-    ``PipelineSchedule`` it trained with (None at PP 1)."""
+def train_logged(model, opt, steps: int, first_step: int = 0) -> dict:
+    """``steps`` steps, from global batch ``first_step`` on, through the trainer's own
+    ``train_step`` (at PP > 1 with its pipeline schedule), on ``local_micro_batches`` with a loss
+    mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
+    ``lm_loss``, ``aux_loss``, ``z_loss``, ``mtp_loss``, ``grad_norm``, ``grad_norm_inf``,
+    ``skipped``, and the expert biases of the rank's MoE layers (``{global layer: bias}``); and
+    ``pipeline``, the ``PipelineSchedule`` it trained with (None at PP 1)."""
     from megamoe.training.metrics import IntervalMetrics
     from megamoe.training.pipeline import PipelineSchedule
     from megamoe.training.trainer import train_step
@@ -275,7 +276,7 @@ def train_logged(model, opt, steps: int) -> dict:
     metrics = IntervalMetrics(layout=layout, device=cpu, flops_per_token=0.0, peak_tflops=None)
     keys = ("lm_loss", "aux_loss", "z_loss", "mtp_loss", "grad_norm", "grad_norm_inf")
     out = {key: [] for key in keys} | {"skipped": [], "bias": []}
-    for step in range(steps):
+    for step in range(first_step, first_step + steps):
         # a loss mask that drops some tokens (those divisible by 7), as --eod-mask-loss drops EOD's
         batches = [{"tokens": tokens, "labels": labels, "loss_mask": (tokens % 7 != 0).float()}
                    for tokens, labels in local_micro_batches(step, layout, model.config.vocab_size)]

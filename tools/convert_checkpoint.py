@@ -1,7 +1,7 @@
 """Convert megamoe checkpoints: reshard to another layout, consolidate, export to / import from
 Hugging Face Mixtral or Qwen3-MoE.  Runs on CPU, one layer at a time.
 
-    # reshard (TP, EP per MoE layer, world size, ZeRO-1; optimizer state included)
+    # reshard (PP, TP, EP per MoE layer, world size, ZeRO-1; optimizer state included)
     python tools/convert_checkpoint.py --load-dir ckpt/run1 --save-dir ckpt/run1_tp2_ep4 \
         --target-tensor-parallel-size 2 --target-expert-parallel-size 4 --target-world-size 8 \
         --target-use-distributed-optimizer
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks that split each expert (default: the source's, or the target TP when that is given); "
         "other than the target TP, the target trains with --sequence-parallel",
     )
+    p.add_argument(
+        "--target-pipeline-model-parallel-size", type=int, default=None,
+        help="pipeline stages of the target layout (default: the source's, layout-free: 1); with TP, EP and ETP "
+        "it must divide --target-world-size",
+    )
     p.add_argument("--target-world-size", type=int, default=None, help="default: the source's (layout-free: 1)")
     zero = p.add_mutually_exclusive_group()
     zero.add_argument(
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--target-tensor-parallel-size", args.target_tensor_parallel_size),
         ("--target-world-size", args.target_world_size),
         ("--target-expert-tensor-parallel-size", args.target_expert_tensor_parallel_size),
+        ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
     ):
         if value is not None and value < 1:
             print(f"convert_checkpoint.py: error: {flag} must be >= 1, got {value}", file=sys.stderr)
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             target_use_distributed_optimizer=args.zero,
             target_expert_tensor_parallel_size=args.target_expert_tensor_parallel_size,
+            target_pipeline_model_parallel_size=args.target_pipeline_model_parallel_size,
             tokenizer_model=args.tokenizer_model,
             force=args.force,
             progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),

@@ -8,7 +8,9 @@ Keys (one per global tensor)::
 A ``BoxView`` pairs a key and a global box with a view of this rank's tensor holding exactly that
 box: the source when saving, the destination when loading.  Ranks holding the same box (DP
 replicas, TP-replicated parameters, optimizer state without ZeRO-1) produce equal views; the
-save writes one of them.
+save writes one of them.  So does a tied input embedding at PP > 1: the first and the last
+pipeline stage hold it under one name (one box, written once), and under ZeRO-1 its optimizer
+state is sharded over the two stages' DP ranks together (disjoint boxes, each written once).
 """
 
 from __future__ import annotations

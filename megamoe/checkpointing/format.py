@@ -19,7 +19,8 @@ Layout (version 2)::
 Every global tensor (``box_views``: model weights and persistent buffers, fp32 master and Adam
 moments) is stored once, as chunks: boxes ``(offsets, sizes)`` of the global tensor, each in one
 file.  A rank of any layout loads by reading the chunks that overlap the boxes it holds, so a
-checkpoint loads into any TP, EP, DP and ZeRO-1 layout.  Files are read with
+checkpoint loads into any PP, TP, EP, DP and ZeRO-1 layout: a pipeline stage's model names its
+layers by their global index, so a tensor's key does not depend on the stage that holds it.  Files are read with
 ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
 Version 1 (one ``rank_XXXXX.pt`` per rank holding its whole local state, replicas included) is
@@ -96,7 +97,10 @@ class SavedTopology:
     """The parallel layout a checkpoint was saved in (``metadata.json``'s ``layout``): which rank
     wrote which shard file and holds which RNG states.  Any layout loads the checkpoint.
 
-    Which rank sits where is ``megamoe.parallel.state``'s rule, asked through ``state(rank)``.
+    Which rank sits where is ``megamoe.parallel.state``'s rule, asked through ``state(rank)``:
+    PP outermost (``global rank = pp_rank x world / PP + rank in the stage``), then DP and TP
+    inside each stage.  Which layers a stage held does not matter to the checkpoint (every
+    tensor is stored under its PP 1 name), so the topology records only PP's size.
     """
 
     world_size: int
@@ -105,9 +109,10 @@ class SavedTopology:
     use_distributed_optimizer: bool
     # ETP splits every expert and, with EP, folds the expert groups over the world; sequence
     # parallelism changes no parameter but moves the ZeRO-1 shards of the TP-replicated ones
-    # (they are reduced over DP x TP).  Absent from older metadata: ETP = TP, no SP.
+    # (they are reduced over DP x TP).  Absent from older metadata: ETP = TP, no SP, PP 1.
     expert_tensor_parallel_size: int | None = None  # None: TP
     sequence_parallel: bool = False
+    pipeline_model_parallel_size: int = 1
 
     @property
     def etp(self) -> int:
@@ -118,8 +123,17 @@ class SavedTopology:
         return self.tensor_model_parallel_size
 
     @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def stage_size(self) -> int:
+        """The ranks of one pipeline stage: the world over PP."""
+        return self.world_size // self.pp
+
+    @property
     def dp(self) -> int:
-        return self.world_size // self.tensor_model_parallel_size
+        return self.stage_size // self.tensor_model_parallel_size
 
     @classmethod
     def from_metadata(cls, saved: dict) -> "SavedTopology":
@@ -130,11 +144,13 @@ class SavedTopology:
             use_distributed_optimizer=bool(saved["use_distributed_optimizer"]),
             expert_tensor_parallel_size=saved.get("expert_tensor_parallel_size"),
             sequence_parallel=bool(saved.get("sequence_parallel", False)),
+            pipeline_model_parallel_size=int(saved.get("pipeline_model_parallel_size", 1)),
         )
 
     def to_metadata(self) -> dict:
         return {
             "world_size": self.world_size,
+            "pipeline_model_parallel_size": self.pp,
             "tensor_model_parallel_size": self.tp,
             "data_parallel_size": self.dp,
             "expert_model_parallel_size": list(self.expert_model_parallel_size),
@@ -145,32 +161,35 @@ class SavedTopology:
 
     def describe(self) -> str:
         return (
-            f"world {self.world_size}, TP {self.tp}, DP {self.dp}, EP {list(self.expert_model_parallel_size)}, "
-            f"ETP {self.etp}, SP {'on' if self.sequence_parallel else 'off'}, "
+            f"world {self.world_size}, {f'PP {self.pp}, ' if self.pp > 1 else ''}TP {self.tp}, DP {self.dp}, "
+            f"EP {list(self.expert_model_parallel_size)}, ETP {self.etp}, "
+            f"SP {'on' if self.sequence_parallel else 'off'}, "
             f"ZeRO-1 {'on' if self.use_distributed_optimizer else 'off'}"
         )
 
     def state(self, rank: int) -> ParallelState:
-        """The ``ParallelState`` of ``rank`` in this layout, without process groups."""
+        """The ``ParallelState`` of ``rank`` in this layout, without process groups (and without
+        its layers: the topology does not record the stages' split)."""
         return _groupless_state(
-            self.world_size, self.tp, self.expert_model_parallel_size, rank, self.etp, self.sequence_parallel
+            self.world_size, self.tp, self.expert_model_parallel_size, rank, self.etp, self.sequence_parallel, self.pp
         )
 
-    def rank(self, *, dp_rank: int, tp_rank: int) -> int:
-        return self.state(tp_rank).dp_ranks[dp_rank]
+    def rank(self, *, pp_rank: int = 0, dp_rank: int, tp_rank: int) -> int:
+        return self.state(pp_rank * self.stage_size + tp_rank).dp_ranks[dp_rank]
 
-    def coordinates(self, rank: int) -> tuple[int, int]:
-        """``(dp_rank, tp_rank)`` of a global rank."""
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """``(pp_rank, dp_rank, tp_rank)`` of a global rank."""
         state = self.state(rank)
-        return state.dp_rank, state.tp_rank
+        return state.pp_rank, state.dp_rank, state.tp_rank
 
 
 @functools.lru_cache(maxsize=4096)
 def _groupless_state(
-    world_size: int, tp: int, eps: tuple[int, ...], rank: int, etp: int, sequence_parallel: bool
+    world_size: int, tp: int, eps: tuple[int, ...], rank: int, etp: int, sequence_parallel: bool, pp: int
 ) -> ParallelState:
     parallel = ParallelConfig(world_size=world_size, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
-                              expert_model_parallel_size=tuple(sorted(set(eps))), expert_tensor_parallel_size=etp)
+                              expert_model_parallel_size=tuple(sorted(set(eps))), expert_tensor_parallel_size=etp,
+                              pipeline_model_parallel_size=pp)
     return build_parallel_state(parallel, rank=rank, create_groups=False)
 
 

@@ -3,7 +3,9 @@
 Each rank reads, for every box it holds (``box_views``: its parameter shards and persistent
 buffers; its ZeRO-1 ranges of the fp32 master and Adam moments, or whole local tensors without
 ZeRO-1), the overlapping parts of the chunks on disk, wherever and by whichever layout they were
-written.  No collective: every rank reads what it needs from the shared files.
+written.  A pipeline stage holds its layers under their global names (the last stage's copy of a
+tied input embedding under the embedding's), so it reads them like any other boxes.  No
+collective: every rank reads what it needs from the shared files.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from megamoe.checkpointing.box_views import (
     placements,
 )
 from megamoe.checkpointing.format import CheckpointError, SavedTopology, ShardFiles
+from megamoe.checkpointing.param_specs import model_tensor_names
 from megamoe.checkpointing.rng_map import rng_source, with_fresh_stream
 from megamoe.optim.state_dict import empty_shards
 from megamoe.parallel.state import ParallelState
 
 
 def check_model_tensors(files: ShardFiles, model: torch.nn.Module, state: ParallelState) -> None:
-    """Refuse a checkpoint whose model tensors are not this model's: a name missing or unknown,
-    or a global shape that differs (naming both shapes)."""
+    """Refuse a checkpoint whose model tensors are not those of ``model``'s whole model (its
+    ``config``; a pipeline stage holds some of them): a name missing or unknown, or a global
+    shape of this rank's tensors that differs (naming both shapes)."""
     where = placements(model, state)
     saved = {key for key in files.tensors if key.startswith("model/")}
-    wanted = {model_key(name) for name in where}
+    wanted = {model_key(name) for name in model_tensor_names(model.config)}
     if saved != wanted:
         raise CheckpointError(
             f"{files.directory}: its model tensors are not this model's (missing {sorted(wanted - saved)[:5]}, "
@@ -70,8 +74,9 @@ def optimizer_state(files: ShardFiles, optimizer, model: torch.nn.Module, state:
 def rng_states(files: ShardFiles, state: ParallelState, seed: int) -> dict | None:
     """The RNG states this rank continues from (``rng_map``), None if the checkpoint has none."""
     saved = SavedTopology.from_metadata(files.metadata["layout"])
-    dp, tp, fresh = rng_source(saved_dp=saved.dp, saved_tp=saved.tp, dp_rank=state.dp_rank, tp_rank=state.tp_rank)
-    states = files.rng(saved.rank(dp_rank=dp, tp_rank=tp))
+    pp, dp, tp, fresh = rng_source(saved_pp=saved.pp, saved_dp=saved.dp, saved_tp=saved.tp, pp_rank=state.pp_rank,
+                                   dp_rank=state.dp_rank, tp_rank=state.tp_rank)
+    states = files.rng(saved.rank(pp_rank=pp, dp_rank=dp, tp_rank=tp))
     if states is None or not fresh:
         return states
     return with_fresh_stream(states, seed=seed, tp_rank=state.tp_rank)

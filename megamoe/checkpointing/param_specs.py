@@ -107,31 +107,39 @@ class ParamSpec:
         )
 
 
-def model_specs(config: ModelConfig, params_dtype: torch.dtype) -> dict[str, ParamSpec]:
-    """``ParamSpec`` of every parameter of ``GPTModel(config)`` in ``params_dtype``, in
-    ``named_parameters`` order.
-
-    The names and sharding tags come from the model code itself: the model is built on the meta
-    device for rank 0 of a one-rank layout without process groups.
-    """
+def _whole_model(config: ModelConfig, params_dtype: torch.dtype | None = None):
+    """``GPTModel(config)`` on the meta device for rank 0 of a one-rank layout without process
+    groups: every tensor of the model under the name and tags any layout gives it (a pipeline
+    stage holds some of them, under the same names)."""
     from megamoe.model.execution import ExecutionConfig
     from megamoe.model.gpt import GPTModel
     from megamoe.parallel.state import single_rank_layout
 
-    state = single_rank_layout(config.experts_by_layer())
-    model = GPTModel(config, state, ExecutionConfig(params_dtype=params_dtype), device=torch.device("meta"))
+    execution = ExecutionConfig() if params_dtype is None else ExecutionConfig(params_dtype=params_dtype)
+    return GPTModel(config, single_rank_layout(config.experts_by_layer()), execution, device=torch.device("meta"))
+
+
+def model_specs(config: ModelConfig, params_dtype: torch.dtype) -> dict[str, ParamSpec]:
+    """``ParamSpec`` of every parameter of ``GPTModel(config)`` in ``params_dtype``, in
+    ``named_parameters`` order at PP 1.  The names and sharding tags come from the model code
+    itself (``_whole_model``)."""
+    model = _whole_model(config, params_dtype)
+    state = model.layout
     return {
         name: ParamSpec.of(name, param, placement(param.shape, param_meta(param), state).global_shape)
         for name, param in model.named_parameters()
     }
 
 
+def model_tensor_names(config: ModelConfig) -> list[str]:
+    """Names of every tensor of ``GPTModel(config)``'s ``state_dict`` (parameters and persistent
+    buffers) at PP 1: what a checkpoint of that model holds, whichever layout saved it."""
+    return list(_whole_model(config).state_dict())
+
+
 def buffer_names(config: ModelConfig) -> list[str]:
     """Names of the persistent buffers of ``GPTModel(config)`` (the routers' expert biases), in
-    ``state_dict`` order; built like ``model_specs``."""
-    from megamoe.model.gpt import GPTModel
-    from megamoe.parallel.state import single_rank_layout
-
-    model = GPTModel(config, single_rank_layout(config.experts_by_layer()), device=torch.device("meta"))
+    ``state_dict`` order."""
+    model = _whole_model(config)
     params = dict(model.named_parameters())
     return [name for name in model.state_dict() if name not in params]

@@ -1,10 +1,11 @@
 """Which saved RNG states a rank of another layout continues from.
 
 RNG states are per rank: the default streams are seeded alike on every rank, the model-parallel
-stream per TP rank (``megamoe.parallel.random``).  A rank at (DP rank ``d``, TP rank ``t``) takes
-the states of the saved rank at the same coordinates, else (a DP rank the saved layout did not
-have) of DP rank 0 at TP rank ``t``, else (a TP rank it did not have) DP rank 0's states with a
-fresh model-parallel stream: the one a new run would have given TP rank ``t``.
+stream per TP rank (``megamoe.parallel.random``).  A rank at (pipeline rank ``p``, DP rank ``d``,
+TP rank ``t``) takes the states of the saved rank at the same coordinates; a pipeline or DP rank
+the saved layout did not have takes those of pipeline or DP rank 0; a TP rank it did not have
+takes pipeline rank 0's, DP rank 0's states with a fresh model-parallel stream: the one a new run
+would have given TP rank ``t``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from megamoe.parallel.random import model_parallel_stream_seed
 _CUDA_RNG_STATE_BYTES = 16  # torch.cuda.get_rng_state(): seed and offset, 8 bytes each
 
 
-def rng_source(*, saved_dp: int, saved_tp: int, dp_rank: int, tp_rank: int) -> tuple[int, int, bool]:
-    """``(dp, tp, fresh)``: the saved coordinates whose states rank (``dp_rank``, ``tp_rank``)
-    takes, and whether its model-parallel stream must be replaced by a fresh one."""
+def rng_source(*, saved_pp: int, saved_dp: int, saved_tp: int, pp_rank: int, dp_rank: int,
+               tp_rank: int) -> tuple[int, int, int, bool]:
+    """``(pp, dp, tp, fresh)``: the saved coordinates whose states rank (``pp_rank``, ``dp_rank``,
+    ``tp_rank``) takes, and whether its model-parallel stream must be replaced by a fresh one."""
     if tp_rank < saved_tp:
-        return (dp_rank if dp_rank < saved_dp else 0), tp_rank, False
-    return 0, 0, True
+        return (pp_rank if pp_rank < saved_pp else 0), (dp_rank if dp_rank < saved_dp else 0), tp_rank, False
+    return 0, 0, 0, True
 
 
 def _fresh_stream(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -39,7 +41,9 @@ def with_fresh_stream(states: dict, *, seed: int, tp_rank: int) -> dict:
     return out
 
 
-def target_rng(source: list[list[dict]], dp_rank: int, tp_rank: int, seed: int) -> dict:
-    """RNG states of the rank at (``dp_rank``, ``tp_rank``) from the saved ``source[dp][tp]``."""
-    dp, tp, fresh = rng_source(saved_dp=len(source), saved_tp=len(source[0]), dp_rank=dp_rank, tp_rank=tp_rank)
-    return with_fresh_stream(source[dp][tp], seed=seed, tp_rank=tp_rank) if fresh else source[dp][tp]
+def target_rng(source: list[list[list[dict]]], pp_rank: int, dp_rank: int, tp_rank: int, seed: int) -> dict:
+    """RNG states of the rank at (``pp_rank``, ``dp_rank``, ``tp_rank``) from the saved
+    ``source[pp][dp][tp]``."""
+    pp, dp, tp, fresh = rng_source(saved_pp=len(source), saved_dp=len(source[0]), saved_tp=len(source[0][0]),
+                                   pp_rank=pp_rank, dp_rank=dp_rank, tp_rank=tp_rank)
+    return with_fresh_stream(source[pp][dp][tp], seed=seed, tp_rank=tp_rank) if fresh else source[pp][dp][tp]

@@ -168,9 +168,6 @@ def _build(args: argparse.Namespace, world_size: int) -> RunConfig:
     checkpoint = from_args(CheckpointConfig, args)
     if checkpoint.save and os.path.exists(checkpoint.save) and not os.path.isdir(checkpoint.save):
         raise ConfigError(f"--save {checkpoint.save} exists and is not a directory")
-    if pp > 1 and (checkpoint.save or checkpoint.load):
-        raise ConfigError(f"--save and --load need --pipeline-model-parallel-size 1 for now (got {pp}): the "
-                          f"checkpoint format does not hold a pipeline layout yet")
     peak = args.peak_tflops_per_device
     if peak is None and train.device == "cuda":
         name = torch.cuda.get_device_name()

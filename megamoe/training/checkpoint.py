@@ -29,7 +29,7 @@ from megamoe.checkpointing.format import (
     read_metadata,
 )
 from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
-from megamoe.checkpointing.param_specs import ParamSpec
+from megamoe.checkpointing.param_specs import model_specs
 from megamoe.checkpointing.save import PendingSave, SaveRequest, save_sharded
 from megamoe.optim.state_dict import OPTIMIZER_SCALARS
 from megamoe.parallel.random import RNGStatesTracker
@@ -49,6 +49,7 @@ def run_topology(state: ParallelState, use_distributed_optimizer: bool) -> Saved
         use_distributed_optimizer=bool(use_distributed_optimizer),
         expert_tensor_parallel_size=state.etp_size,
         sequence_parallel=state.sequence_parallel,
+        pipeline_model_parallel_size=state.pp_size,
     )
 
 
@@ -99,7 +100,8 @@ def save_checkpoint(
     state = layout
     where = placements(model, state)
     optim = optimizer.state_dict()
-    specs = {name: ParamSpec.of(name, p, where[name].global_shape).to_entry() for name, p in model.named_parameters()}
+    # The whole model's specs, whichever pipeline stage this rank holds.
+    specs = {name: spec.to_entry() for name, spec in model_specs(model_config, model.execution.params_dtype).items()}
     request = SaveRequest(
         root=root,
         iteration=iteration,

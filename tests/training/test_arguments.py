@@ -166,7 +166,6 @@ def test_a_models_training_flags_rebuild_it():
     (["--mtp-num-layers", "1", "--position-embedding-type", "learned_absolute"],
      "--mtp-num-layers with --position-embedding-type learned_absolute is not supported with "
      "--pipeline-model-parallel-size 2"),
-    (["--save", "ckpt"], "--save and --load need --pipeline-model-parallel-size 1 for now (got 2)"),
     (["--num-layers", "3"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
     (["--recompute-granularity", "full", "--recompute-num-layers", "2"],
      "--recompute-num-layers 2 must be in [1, the layers of a pipeline chunk, 1]"),

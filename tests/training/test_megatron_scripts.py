@@ -292,11 +292,10 @@ def test_model_zoo_deepseek_v3(tmp_path, corpora):
 def test_mixtral_8x7b_example_with_pipeline_parallelism(tmp_path, corpora):
     """The same script at its own pipeline parallelism, shrunk to PP 2 x EP 2 on 4 ranks: 1F1B
     over two stages of one layer each, the logged losses and the evaluation (forward only through
-    the stages) reach rank 0's log."""
-    argv = _mixtral_argv(tmp_path, corpora, tmp_path / "ckpt", pp=2, ep=2)
-    for flag in ("--save", "--load", "--save-interval"):  # checkpoints at PP > 1: tests/checkpointing
-        at = argv.index(flag)
-        del argv[at : at + 2]
+    the stages) reach rank 0's log, and its checkpoint records the pipeline layout (loading across
+    PP: tests/checkpointing/test_pipeline.py)."""
+    checkpoints = tmp_path / "ckpt"
+    argv = _mixtral_argv(tmp_path, corpora, checkpoints, pp=2, ep=2)
     argv[argv.index("99990,8,2")] = "80,20,0"  # a validation split this small corpus fills
     out = _train(argv)
     assert "training: world 4 (PP 2 x TP 1 x DP 2), ETP 1, EP per MoE layer [2, 2]" in out
@@ -305,3 +304,5 @@ def test_mixtral_8x7b_example_with_pipeline_parallelism(tmp_path, corpora):
     assert [r["iteration"] for r in train] == [1, 2]
     assert all(r["lm_loss"] > 1.0 and r["aux_loss"] > 0 and r["grad_norm"] > 0 for r in train)
     assert [(r["iteration"], r["lm_loss"] > 1.0) for r in records if r.get("split") == "valid"] == [(1, True), (2, True)]
+    with open(checkpoints / "iter_0000002" / "metadata.json") as f:
+        assert json.load(f)["layout"]["pipeline_model_parallel_size"] == 2

@@ -12,7 +12,8 @@ Layout (version 1)::
                              # "exp_avg_sq/NAME" the fp32 optimizer state, all full tensors
                              # (experts in global order, vocabulary unpadded)
       buffers.safetensors    # persistent buffers (model tensors that are not parameters), if any
-      rng.pt                 # RNG states of the source's ranks, [dp_rank][tp_rank] (torch.save:
+      rng.pt                 # RNG states of the source's ranks, [pp_rank][dp_rank][tp_rank]
+                             # ([dp_rank][tp_rank] before pipeline parallelism; torch.save:
                              # tensors, ints and tuples, read with weights_only)
 
 Any layout can be produced from it again (``--to megamoe``).
@@ -103,6 +104,8 @@ class ConsolidatedReader:
         specs = {name: ParamSpec.from_entry(name, entry) for name, entry in metadata["params"].items()}
         rng_path = os.path.join(root, RNG_FILE)
         rng = torch.load(rng_path, weights_only=True) if os.path.isfile(rng_path) else None
+        if rng is not None and isinstance(rng[0][0], dict):
+            rng = [rng]  # written before pipeline parallelism: one stage's [dp_rank][tp_rank]
         layout = metadata.get("source_layout")
         self.info = FullStateInfo.from_metadata(
             metadata,

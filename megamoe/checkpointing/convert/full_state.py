@@ -55,9 +55,9 @@ class FullStateInfo:
     # The optimizer's scalars (OPTIMIZER_SCALARS, plus "bucket_size": the ZeRO-1 bucketing the
     # run used, or None) when the checkpoint has optimizer state, else None.
     optimizer: dict | None
-    # RNG states (``megamoe.training.checkpoint._rng_state`` form) of the source's ranks, ``rng[dp_rank][tp_rank]``;
-    # None when the source has none (Hugging Face).
-    rng: list[list[dict]] | None
+    # RNG states (``megamoe.training.checkpoint._rng_state`` form) of the source's ranks,
+    # ``rng[pp_rank][dp_rank][tp_rank]``; None when the source has none (Hugging Face).
+    rng: list[list[list[dict]]] | None
     source_topology: SavedTopology | None  # None for layout-free sources
     # Persistent buffers (model tensors that are not parameters), full and replicated, by name.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)

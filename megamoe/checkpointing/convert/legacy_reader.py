@@ -155,12 +155,12 @@ class LegacyReader:
         scalars["bucket_size"] = first["layout"].get("bucket_size")
         return scalars
 
-    def _rng(self) -> list[list[dict]] | None:
+    def _rng(self) -> list[list[list[dict]]] | None:
         """RNG states by (DP rank, TP rank); None when the checkpoint has none."""
         if not all("rng" in p for p in self.payloads):
             return None
         top = self.topology
-        return [[self.payloads[top.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(top.tp)] for d in range(top.dp)]
+        return [[[self.payloads[top.rank(dp_rank=d, tp_rank=t)]["rng"] for t in range(top.tp)] for d in range(top.dp)]]
 
     # ------------------------------------------------------------------ streaming
     def _blocks(self, name: str) -> list[list[int]]:

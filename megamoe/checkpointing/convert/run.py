@@ -7,7 +7,8 @@ Sources: a sharded megamoe checkpoint (the save root, or one ``iter_XXXXXXX`` di
 consolidated one (detected by its ``metadata.json``), or a Hugging Face Mixtral / Qwen3-MoE export
 (``from_format="hf"``).  Targets (``to``): ``megamoe`` (sharded, any layout), ``consolidated``,
 ``hf``.  The target layout defaults to the source's (consolidated: the layout it was
-consolidated from; Hugging Face: world 1, TP 1, EP 1, no ZeRO-1).  A Hugging Face import has no
+consolidated from; Hugging Face: world 1, PP 1, TP 1, EP 1, no ZeRO-1).  Any source layout,
+pipeline-parallel ones included, converts: the full state does not depend on it.  A Hugging Face import has no
 optimizer or RNG state: train from it with ``--load DIR --finetune``.
 
 Verification: every tensor of every source file must have been read (``Tally``); the full
@@ -143,6 +144,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
     world = layout_flags["world_size"] or (source.world_size if source else 1)
     tp = layout_flags["tensor_model_parallel_size"] or (source.tp if source else 1)
     eps = layout_flags["expert_model_parallel_size"] or (source.expert_model_parallel_size if source else (1,))
+    pp = layout_flags["pipeline_model_parallel_size"] or (source.pp if source else 1)
     etp = layout_flags["expert_tensor_parallel_size"]
     if etp is None and source is not None and layout_flags["tensor_model_parallel_size"] is None:
         etp = source.etp  # the source's layout unless TP changes; a new TP alone means ETP = TP
@@ -156,6 +158,7 @@ def _target(info: FullStateInfo, to: str, tmp: str, layout_flags: dict, tokenize
         expert_model_parallel_size=eps,
         use_distributed_optimizer=zero,
         expert_tensor_parallel_size=etp,
+        pipeline_model_parallel_size=pp,
     )
     return ShardedWriter(tmp, info, topology), f"megamoe ({topology.describe()})"
 
@@ -192,6 +195,7 @@ def convert(
     target_expert_parallel_size: tuple[int, ...] | None = None,
     target_use_distributed_optimizer: bool | None = None,
     target_expert_tensor_parallel_size: int | None = None,
+    target_pipeline_model_parallel_size: int | None = None,
     tokenizer_model: str | None = None,
     force: bool = False,
     progress=_stderr,
@@ -209,6 +213,7 @@ def convert(
             target_expert_parallel_size,
             target_use_distributed_optimizer,
             target_expert_tensor_parallel_size,
+            target_pipeline_model_parallel_size,
         )
     ):
         raise ValueError(f"--to {to} is layout-free: the --target-* layout flags only apply to --to megamoe")
@@ -227,6 +232,7 @@ def convert(
             "expert_model_parallel_size": target_expert_parallel_size,
             "use_distributed_optimizer": target_use_distributed_optimizer,
             "expert_tensor_parallel_size": target_expert_tensor_parallel_size,
+            "pipeline_model_parallel_size": target_pipeline_model_parallel_size,
         }
         writer, target_text = _target(reader.info, to, tmp, layout_flags, tokenizer_model)
         source_full, source_weights = _stream(reader, writer, progress)

@@ -48,7 +48,8 @@ class ShardedReader:
         rng = None
         if metadata["rng"]:
             top = self.topology
-            rng = [[self.files.rng(top.rank(dp_rank=d, tp_rank=t)) for t in range(top.tp)] for d in range(top.dp)]
+            rng = [[[self.files.rng(top.rank(pp_rank=p, dp_rank=d, tp_rank=t)) for t in range(top.tp)]
+                    for d in range(top.dp)] for p in range(top.pp)]
         self.info = FullStateInfo.from_metadata(
             metadata,
             specs,

@@ -34,7 +34,8 @@ from megamoe.checkpointing.rng_map import target_rng
 from megamoe.optim.state_dict import OPTIMIZER_SCALARS
 
 # The layout flags of a run, as ``pretrain_moe.py`` saves them in ``args``.
-_LAYOUT_ARGS = ("tensor_model_parallel_size", "expert_model_parallel_size", "use_distributed_optimizer")
+_LAYOUT_ARGS = ("pipeline_model_parallel_size", "tensor_model_parallel_size", "expert_model_parallel_size",
+                "use_distributed_optimizer")
 
 
 class ShardedWriter:
@@ -83,6 +84,7 @@ class ShardedWriter:
     def _metadata(self, rng: dict) -> dict:
         args = dict(self.info.args)
         values = {
+            "pipeline_model_parallel_size": self.topology.pp,
             "tensor_model_parallel_size": self.topology.tp,
             "expert_model_parallel_size": list(self.topology.expert_model_parallel_size),
             "use_distributed_optimizer": self.topology.use_distributed_optimizer,
@@ -113,8 +115,7 @@ class ShardedWriter:
         if self.info.rng is not None:
             seed = int(self.info.args.get("seed", 0))
             for rank in range(self.topology.world_size):
-                dp_rank, tp_rank = self.topology.coordinates(rank)
-                states = target_rng(self.info.rng, dp_rank, tp_rank, seed)
+                states = target_rng(self.info.rng, *self.topology.coordinates(rank), seed)
                 self._write_file({}, rank=rank, rng=states, name=shard_file(rank))
                 rng[str(rank)] = shard_file(rank)
             if progress is not None:

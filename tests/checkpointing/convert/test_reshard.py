@@ -75,7 +75,8 @@ def test_there_and_back_is_bitwise(trained, tmp_path, via):
     # The model-parallel RNG stream of a TP rank survives a stop in a layout with fewer TP ranks
     # only in the consolidated form; a resharded one gets a fresh stream for the new TP rank.
     keep_rng = via == "consolidated" or via.tp >= trained.run.tp
-    for dp, (g_row, w_row) in enumerate(zip(got_info.rng, want_info.rng, strict=True)):
+    (got_rng,), (want_rng,) = got_info.rng, want_info.rng  # [pp][dp][tp]: one stage
+    for dp, (g_row, w_row) in enumerate(zip(got_rng, want_rng, strict=True)):
         for tp, (g, w) in enumerate(zip(g_row, w_row, strict=True)):
             if not keep_rng:
                 g, w = {"torch_cpu": g["torch_cpu"]}, {"torch_cpu": w["torch_cpu"]}
