@@ -130,12 +130,18 @@ def test_hugging_face_export_and_import_at_pp2(resharded, tmp_path):
     assert_same_state(full_tensors(back), weights, "imported")
 
 
-def test_saved_at_pp2_ep2_training_continues_at_pp1_ep4_and_pp4(tmp_path):
+# With MTP the last stage also holds a copy of the input embedding, untied embeddings too.
+MTP = tiny_config(num_layers=4, vocab_size=VOCAB, mtp_num_layers=1, untie_embeddings_and_output_weights=True)
+
+
+@pytest.mark.parametrize("config,loads", [(CONFIG, [PP1_EP4, PP4]), (MTP, [PP1_EP4])], ids=["tied", "mtp"])
+def test_saved_at_pp2_ep2_training_continues_at_pp1_ep4_and_pp4(tmp_path, config, loads):
     root = str(tmp_path / "pp2_ep2")
-    reference, *loaded = run_distributed(continue_elsewhere, 4, CONFIG, PP2_EP2, STEPS, 2, root, [PP1_EP4, PP4],
+    reference, *loaded = run_distributed(continue_elsewhere, 4, config, PP2_EP2, STEPS, 2, root, loads,
                                          timeout=600)[0]
-    for run, got in zip((PP1_EP4, PP4), loaded):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
+    keys = ("lm_loss", "aux_loss", "z_loss", "grad_norm") + (("mtp_loss",) if config.mtp_num_layers else ())
+    for run, got in zip(loads, loaded):
+        for key in keys:
             assert got[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), (run, key)
 
 
