@@ -161,3 +161,22 @@ def test_pretrain_resumes_a_pp2_checkpoint_at_pp1(tmp_path):
     for w, g in zip(want, got):
         for key in ("lm_loss", "aux_loss", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=1e-6), (g["iteration"], key)
+
+
+def test_saved_ranks_and_rng_sources_follow_the_pipeline_rank_formula():
+    """global rank = pp_rank x world / PP + dp_rank x TP + tp_rank, and a rank of another layout
+    continues from the saved RNG states at its (PP, DP, TP) coordinates, rank 0's of a PP or DP
+    dimension the saved layout did not have."""
+    from megamoe.checkpointing.rng_map import rng_source
+
+    top = SavedTopology(world_size=8, tensor_model_parallel_size=2, expert_model_parallel_size=(2,),
+                        use_distributed_optimizer=True, expert_tensor_parallel_size=2, pipeline_model_parallel_size=2)
+    assert (top.stage_size, top.dp) == (4, 2)
+    assert [top.coordinates(r) for r in range(8)] == [(p, d, t) for p in range(2) for d in range(2) for t in range(2)]
+    assert all(top.rank(pp_rank=p, dp_rank=d, tp_rank=t) == p * 4 + d * 2 + t
+               for p in range(2) for d in range(2) for t in range(2))
+    assert SavedTopology.from_metadata(top.to_metadata()) == top
+    saved = dict(saved_pp=2, saved_dp=2, saved_tp=2)
+    assert rng_source(**saved, pp_rank=1, dp_rank=1, tp_rank=1) == (1, 1, 1, False)
+    assert rng_source(**saved, pp_rank=3, dp_rank=2, tp_rank=0) == (0, 0, 0, False)
+    assert rng_source(**saved, pp_rank=1, dp_rank=0, tp_rank=2) == (0, 0, 0, True)
