@@ -1,8 +1,9 @@
 """Pipeline parallelism trains exactly like PP 1: for each layout below, 8 steps through the
 trainer's ``train_step`` (its 1F1B or interleaved schedule) give, at every step, the logged LM,
 aux and z losses and the grad norm (L2 and inf) of the same layout at PP 1 to 1e-6, the same
-expert biases, and afterwards the same parameters (to ``assert_params_close``'s floor) and the
-same evaluation loss (``evaluate``, forward only through the schedule).  Clipping
+expert biases, and afterwards the same parameters (to ``assert_params_close``'s floor), the same
+``--log-params-norm`` and ``--log-num-zeros-in-grad`` figures, and the same evaluation loss
+(``evaluate``, forward only through the schedule).  Clipping
 is active at every step.
 
 Each case is (name, world, TP, EP per MoE layer, ZeRO-1, pipeline flags, model fields, execution
@@ -65,6 +66,7 @@ def _run(tp, eps, zero, pipeline, arch, execution, optimizer):
     model, opt = build(tp, eps, zero=zero, arch=arch, execution=execution, sequence_parallel=tp > 1,
                        pipeline=pipeline, **optimizer)
     out = train_logged(model, opt, STEPS)
+    out["params_norm"], out["zeros"] = opt.params_norm(), opt.num_zeros_in_grad()  # --log-params-norm, ...zeros-in-grad
     batches = ([{"tokens": t, "labels": lab, "loss_mask": torch.ones(t.shape)}
                 for t, lab in local_micro_batches(step, model.layout)] for step in (100, 101))
     # the schedule that trained, as the trainer evaluates
@@ -82,6 +84,8 @@ def _body(rank, world):
         layout = model.layout
         assert layout.pp_size == pipeline["pipeline_model_parallel_size"]
         _close(got["eval"], ref["eval"], f"{name}: evaluation loss")
+        _close(got["params_norm"], ref["params_norm"], f"{name}: params norm", rtol=PARAM_RTOL)
+        assert got["zeros"] == ref["zeros"], f"{name}: zeros in the gradient {got['zeros']} != {ref['zeros']}"
         assert (got["mtp_loss"][0] is None) == (ref["mtp_loss"][0] is None) == (not arch.get("mtp_num_layers"))
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "grad_norm_inf") + ("mtp_loss",) * bool(
                 arch.get("mtp_num_layers")):
