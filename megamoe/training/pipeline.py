@@ -9,7 +9,8 @@ and ``evaluate`` (``megamoe.training.trainer``) call ``forward_backward`` / ``fo
 What megamoe adds around torch's schedules, so that a step is PP 1's:
 
 * Scaling: the schedule's own ``scale_grads`` is off.  The last stage's loss function returns
-  ``loss_scale x lm_loss / M`` (M micro-batches), as PP 1's ``scale_loss(loss / M)``.
+  ``loss_scale x (lm + mtp_loss_scaling_factor x mtp + its MTP depths' aux) / M`` (M
+  micro-batches), as PP 1's ``scale_loss(loss / M)``.
 * MoE aux and z losses live on every stage, but only the last stage has a loss to call backward
   on.  Each chunk's aux losses (already times their coefficients) are attached to its output by
   ``_AddAuxGrad``: the identity forward, and a backward that gives the aux losses the gradient
@@ -23,11 +24,14 @@ What megamoe adds around torch's schedules, so that a step is PP 1's:
   that chunk's backward and sets ``grad_sync.enabled`` for it.
 * Inputs: the first stage's are the tokens ``[M x b, s]``; the labels, the loss mask and the
   tokens (for the MTP depths, on the last stage with a copy of the input embedding) travel to
-  the last stage as the schedule's target ``[M x b, 3, s]`` (fp64: exact for all three).  The
-  last stage's loss is PP 1's ``lm + aux + mtp_loss_scaling_factor x mtp`` with its MTP depths'
-  aux losses (the layers' come through ``_AddAuxGrad``).  Between
-  stages the hidden states are ``[b, s, h]`` (``[b, s / TP, h]`` with sequence parallelism) in
-  the parameters' dtype.
+  the last stage as the schedule's target ``[M x b, 3, s]`` (fp64: exact for all three).
+  Between stages the hidden states are ``[b, s, h]`` (``[b, s / TP, h]`` with sequence
+  parallelism) in the parameters' dtype.
+
+Why torch's schedules rather than megamoe's own: they run 1F1B and interleaved 1F1B over a
+process subgroup with gloo and NCCL, and the three things megamoe needs around them (scaling,
+aux losses of stages without a loss, the overlap of the last backward) fit as autograd functions
+on the chunks' outputs and a loss function, without touching the schedule's order.
 """
 
 from __future__ import annotations
