@@ -86,12 +86,15 @@ def micro_batches(step: int, vocab: int = VOCAB) -> list[tuple[torch.Tensor, tor
     return [(data[i : i + 1, :-1], data[i : i + 1, 1:]) for i in range(GLOBAL_BATCH)]
 
 
-def local_micro_batches(step: int, layout, vocab: int = VOCAB) -> list:
-    """``layout``'s DP rank's share of ``micro_batches(step)``."""
+def local_micro_batches(step: int, layout, vocab: int = VOCAB, micro_batch_size: int = 1) -> list:
+    """``layout``'s DP rank's share of ``micro_batches(step)``, consecutive sequences joined into
+    micro-batches of ``micro_batch_size``."""
     state = layout
     batches = micro_batches(step, vocab)
     n = len(batches) // state.dp_size
-    return batches[state.dp_rank * n : (state.dp_rank + 1) * n]
+    mine = batches[state.dp_rank * n : (state.dp_rank + 1) * n]
+    return [tuple(torch.cat(parts) for parts in zip(*mine[i : i + micro_batch_size]))
+            for i in range(0, n, micro_batch_size)]
 
 
 def expert_biases(model) -> torch.Tensor:
@@ -258,10 +261,10 @@ def assert_replicas_identical(model) -> None:
             assert torch.equal(c, copies[0]), f"{name}: replicas differ across {'EDP' if meta.is_expert else 'DP'}"
 
 
-def train_logged(model, opt, steps: int, first_step: int = 0) -> dict:
+def train_logged(model, opt, steps: int, first_step: int = 0, micro_batch_size: int = 1) -> dict:
     """``steps`` steps, from global batch ``first_step`` on, through the trainer's own
-    ``train_step`` (at PP > 1 with its pipeline schedule), on ``local_micro_batches`` with a loss
-    mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
+    ``train_step`` (at PP > 1 with its pipeline schedule), on ``local_micro_batches`` of
+    ``micro_batch_size`` with a loss mask, each step's log record from ``IntervalMetrics`` (what rank 0 logs): per step
     ``lm_loss``, ``aux_loss``, ``z_loss``, ``mtp_loss``, ``grad_norm``, ``grad_norm_inf``,
     ``skipped``, and the expert biases of the rank's MoE layers (``{global layer: bias}``); and
     ``pipeline``, the ``PipelineSchedule`` it trained with (None at PP 1)."""
@@ -270,8 +273,9 @@ def train_logged(model, opt, steps: int, first_step: int = 0) -> dict:
     from megamoe.training.trainer import train_step
 
     layout, cpu = model.layout, torch.device("cpu")
-    n = GLOBAL_BATCH // layout.dp_size
-    pipeline = (PipelineSchedule(model, opt, num_microbatches=n, micro_batch_size=1, seq_length=SEQ, device=cpu)
+    n = GLOBAL_BATCH // layout.dp_size // micro_batch_size
+    pipeline = (PipelineSchedule(model, opt, num_microbatches=n, micro_batch_size=micro_batch_size, seq_length=SEQ,
+                                 device=cpu)
                 if layout.pp_size > 1 else None)
     metrics = IntervalMetrics(layout=layout, device=cpu, flops_per_token=0.0, peak_tflops=None)
     keys = ("lm_loss", "aux_loss", "z_loss", "mtp_loss", "grad_norm", "grad_norm_inf")
@@ -279,7 +283,7 @@ def train_logged(model, opt, steps: int, first_step: int = 0) -> dict:
     for step in range(first_step, first_step + steps):
         # a loss mask that drops some tokens (those divisible by 7), as --eod-mask-loss drops EOD's
         batches = [{"tokens": tokens, "labels": labels, "loss_mask": (tokens % 7 != 0).float()}
-                   for tokens, labels in local_micro_batches(step, layout, model.config.vocab_size)]
+                   for tokens, labels in local_micro_batches(step, layout, model.config.vocab_size, micro_batch_size)]
         result = train_step(model, opt, batches, metrics, cpu, None, pipeline)
         metrics.add_step(result, tokens=GLOBAL_BATCH * SEQ)
         record = metrics.finish_interval(step + 1, 0, HYPER["lr"], result)

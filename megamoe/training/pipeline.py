@@ -86,6 +86,9 @@ class _Chunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runner = self.runner
         out, auxes = self.stage_model[0].run_chunk(self.index, x)
+        # Sent to the next stage as it is, and torch's p2p sends need a contiguous tensor: with
+        # sequence parallelism and micro-batches above 1 the stage's [b, s / TP, h] is a strided slice.
+        out = out.contiguous()
         micro_batch = len(runner.stats[self.index])
         runner.stats[self.index].append([aux.stats for aux in auxes])
         if not runner.training:

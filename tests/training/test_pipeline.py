@@ -49,8 +49,9 @@ CASES = {
          {}, {}),
     ],
     8: [
-        ("PP 2 x TP 2 with SP x EP 2, ZeRO-1", 2, (2,), True, dict(pipeline_model_parallel_size=2),
-         dict(FOUR, position_embedding_type="learned_absolute"), {}, {}),
+        # micro-batches of 2: a stage's [b, s / TP, h] under SP is then a strided slice, sent contiguous
+        ("PP 2 x TP 2 with SP x EP 2, ZeRO-1, micro-batches of 2", 2, (2,), True, dict(pipeline_model_parallel_size=2),
+         dict(FOUR, position_embedding_type="learned_absolute"), {}, dict(micro_batch_size=2)),
     ],
 }
 
@@ -62,13 +63,17 @@ def _close(got, want, what, rtol=RTOL):
 
 def _run(tp, eps, zero, pipeline, arch, execution, optimizer):
     """Train ``STEPS`` steps, then evaluate (the trainer's ``evaluate``, forward only through the
-    schedule at PP > 1) on two more global batches."""
+    schedule at PP > 1) on two more global batches.  ``optimizer`` may also give the
+    ``micro_batch_size`` (1 by default)."""
+    optimizer = dict(optimizer)
+    micro_batch_size = optimizer.pop("micro_batch_size", 1)
     model, opt = build(tp, eps, zero=zero, arch=arch, execution=execution, sequence_parallel=tp > 1,
                        pipeline=pipeline, **optimizer)
-    out = train_logged(model, opt, STEPS)
+    out = train_logged(model, opt, STEPS, micro_batch_size=micro_batch_size)
     out["params_norm"], out["zeros"] = opt.params_norm(), opt.num_zeros_in_grad()  # --log-params-norm, ...zeros-in-grad
     batches = ([{"tokens": t, "labels": lab, "loss_mask": torch.ones(t.shape)}
-                for t, lab in local_micro_batches(step, model.layout)] for step in (100, 101))
+                for t, lab in local_micro_batches(step, model.layout, micro_batch_size=micro_batch_size)]
+               for step in (100, 101))
     # the schedule that trained, as the trainer evaluates
     out["eval"] = evaluate(model, batches, 2, torch.device("cpu"), pipeline=out.pop("pipeline"))
     return model, out
