@@ -44,7 +44,8 @@ class ParallelConfig:
         default_text="an even split")
     elastic: bool = flag(False, help="an elastic run (torchrun --nnodes MIN:MAX): in a world where an "
                          "--expert-model-parallel-size no longer fits, use the largest EP size not above it that "
-                         "divides the world and the experts (logged) instead of refusing the layout")
+                         "divides a pipeline stage's ranks (world / PP) and the experts (logged) instead of refusing the "
+                         "layout; PP and TP are kept, DP follows the world")
 
     pipeline_num_layers: int | None = derived(
         None, help="--num-layers: what the pipeline stages split (None: not checked)")

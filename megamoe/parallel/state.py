@@ -134,8 +134,9 @@ def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[i
 
     With ``config.elastic`` (``--elastic``: the world may change size under torchrun ``--nnodes
     MIN:MAX``) an EP size that does not fit is not refused: the layer gets ``elastic_ep_size``, the
-    largest EP size not above the configured one that fits this world and its experts.  TP and
-    ETP are never changed (a TP that no longer divides the world is refused as always).
+    largest EP size not above the configured one that fits a stage of this world (world / PP) and
+    its experts.  PP, TP and ETP are never changed: a PP that no longer divides the world, or a TP
+    or ETP that no longer divides a stage's ranks, is refused as always; DP follows the world.
 
     With ``--pipeline-model-parallel-size`` P every size is checked against one stage's world /
     P ranks, and, when ``config.pipeline_num_layers`` / ``pipeline_num_microbatches`` are set, the layers' split over
@@ -199,8 +200,8 @@ def _ep_misfit(config: ParallelConfig, ep: int, experts: int | None = None, laye
 
 def elastic_ep_size(config: ParallelConfig, ep: int, experts: int) -> int:
     """The EP size an ``--elastic`` run gives a MoE layer of ``experts`` configured with EP ``ep``:
-    the largest size not above ``ep`` that fits ``config``'s world (see ``_ep_misfit``); 1 always
-    fits."""
+    the largest size not above ``ep`` that fits one pipeline stage of ``config``'s world (world /
+    PP ranks; see ``_ep_misfit``); 1 always fits."""
     return max(e for e in range(1, ep + 1) if _ep_misfit(config, e, experts) is None)
 
 
@@ -211,10 +212,12 @@ def elastic_layout_line(config: ParallelConfig, state: ParallelState) -> str | N
         return None
     configured = list(config.expert_model_parallel_size)
     fell_back = _ep_by_layer(config.expert_model_parallel_size, state.ep_by_layer) != state.ep_by_layer
-    return (f"elastic layout for world {state.world_size}: TP {state.tp_size}, DP {state.dp_size}, ETP {state.etp_size}, "
-            f"EP per MoE layer {list(state.moe_ep_sizes)}"
+    pp = f"PP {state.pp_size}, " if state.pp_size > 1 else ""
+    world = "a stage's ranks" if state.pp_size > 1 else "the world"
+    return (f"elastic layout for world {state.world_size}: {pp}TP {state.tp_size}, DP {state.dp_size}, "
+            f"ETP {state.etp_size}, EP per MoE layer {list(state.moe_ep_sizes)}"
             + (f" (--expert-model-parallel-size {configured} does not fit: the largest EP size not above it that "
-               f"divides the world and the experts)" if fell_back else " (as configured)"))
+               f"divides {world} and the experts)" if fell_back else " (as configured)"))
 
 
 def _ep_by_layer(ep_sizes: tuple[int, ...], experts_by_layer: Mapping[int, int]) -> dict[int, int]:
