@@ -1,6 +1,7 @@
 """Self-healing restarts: under ``torchrun --max-restarts``, a worker killed with SIGKILL is
 restarted with the others, the new round rendezvouses afresh and resumes from the latest
-checkpoint, and the run ends with exactly the losses of an uninterrupted one (CPU, fp32).
+checkpoint, and the run ends with exactly the losses of an uninterrupted one (CPU, fp32): at EP 2
+on 2 ranks, and at PP 2 x EP 2 with ZeRO-1 on 4 (a pipeline stage's worker killed).
 
 The kill must not race the training: the workers are frozen (SIGSTOP) first, so the iterations
 logged and the checkpoint published are read from a run that cannot move, and the kill lands at
@@ -14,16 +15,23 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
 ITERS = 12  # more than the 3 the kill waits for: the run is still training when the workers are frozen
 ARGS = TINY_MOE + ["--train-iters", str(ITERS), "--save-interval", "2", "--expert-model-parallel-size", "2"]
+# (ranks, flags added to ARGS)
+LAYOUTS = {
+    "ep2": (2, []),
+    "pp2_ep2_zero1": (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
+}
 
 
-def _torchrun(*args: str, max_restarts: int) -> subprocess.Popen:
+def _torchrun(*args: str, nproc: int, max_restarts: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          "--max-restarts", str(max_restarts), "pretrain_moe.py", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -43,23 +51,28 @@ def _logged(log) -> list[int]:
     return [r["iteration"] for r in map(json.loads, lines) if "split" not in r]
 
 
-def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, layout):
+    nproc, extra = LAYOUTS[layout]
+    args = [*ARGS, *extra]
     straight_log = tmp_path / "straight.jsonl"
-    straight = _torchrun(*ARGS, "--save", str(tmp_path / "straight"), "--log-json", str(straight_log), max_restarts=0)
+    straight = _torchrun(*args, "--save", str(tmp_path / "straight"), "--log-json", str(straight_log), nproc=nproc,
+                         max_restarts=0)
 
     log = tmp_path / "killed.jsonl"
     save = tmp_path / "killed"
-    run = _torchrun(*ARGS, "--save", str(save), "--load", str(save), "--log-json", str(log), max_restarts=1)
+    run = _torchrun(*args, "--save", str(save), "--load", str(save), "--log-json", str(log), nproc=nproc,
+                    max_restarts=1)
     deadline = time.time() + 300
     while time.time() < deadline and run.poll() is None:
         if len(_logged(log)) >= 3:
             break
         time.sleep(0.02)
     workers = _workers(run.pid)
-    assert run.poll() is None and len(workers) == 2, "the run ended before it could be frozen"
-    victim = workers[1]
+    assert run.poll() is None and len(workers) == nproc, "the run ended before it could be frozen"
+    victim = workers[-1]  # at PP 2: a worker of the last stage
     os.kill(victim, signal.SIGSTOP)
-    # Every step needs both workers: the other one finishes what it had begun (a log line, a
+    # Every step needs every worker: the others finish what it had begun (a log line, a
     # publish) and then waits in a collective.  Nothing moves after this pause.
     time.sleep(1.0)
     logged = _logged(log)

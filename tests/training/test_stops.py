@@ -5,7 +5,8 @@ once, an exit status, and no traceback from megamoe.
   --check-for-nan-in-loss-and-grad, on by default); --no-check-for-nan-in-loss-and-grad skips
   the steps instead; fp16 skips an overflowing step (the loss scaler) and trains on;
 * Ctrl-C stops with one line (status 130), alone or under torchrun; with --exit-signal-handler
-  it saves first, as on SIGTERM;
+  it saves first, as on SIGTERM (tested at PP 2 x EP 2 under torchrun: the SIGTERM reaches one
+  worker of the last stage, and every rank saves and exits 0);
 * a bad flag under torchrun is printed once (rank 0), with a non-zero status.
 """
 
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
@@ -26,9 +29,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _torchrun(*args: str, **popen) -> subprocess.Popen:
+def _torchrun(*args: str, nproc: int = 2, **popen) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "pretrain_moe.py",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "pretrain_moe.py",
          *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -87,18 +90,37 @@ def test_ctrl_c_stops_with_one_line(tmp_path):
                         r"\(--exit-signal-handler saves a checkpoint first\)\n", err), err
 
 
-def test_ctrl_c_with_exit_signal_handler_saves_then_stops(tmp_path):
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ") as f:
+        return int(dict(v.split("=", 1) for v in f.read().split("\0") if "=" in v)["RANK"])
+
+
+@pytest.mark.parametrize("sig,layout", [
+    (signal.SIGINT, []),  # Ctrl-C in a terminal, one process
+    (signal.SIGTERM, ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),  # 4 ranks
+], ids=["sigint-one-process", "sigterm-pp2-ep2-torchrun"])
+def test_a_signal_with_exit_signal_handler_saves_then_stops(tmp_path, sig, layout):
     log, save = tmp_path / "log.jsonl", tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "pretrain_moe.py", *TINY_MOE, "--train-iters", "100000",
-                             "--log-json", str(log), "--save", str(save), "--exit-signal-handler"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = [*TINY_MOE, *layout, "--train-iters", "100000", "--log-json", str(log), "--save", str(save),
+            "--exit-signal-handler"]
+    if layout:
+        proc = _torchrun(*argv, nproc=4)
+    else:
+        proc = subprocess.Popen([sys.executable, "pretrain_moe.py", *argv], cwd=REPO, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_iterations(log, 2, proc)
-    proc.send_signal(signal.SIGINT)
+    if layout:  # one worker of the last stage only: the ranks agree on the stop
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = {_rank_of(int(pid)): int(pid) for pid in f.read().split()}
+        os.kill(workers[3], sig)
+    else:
+        proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and err == "", err
-    stopped = re.search(r"SIGINT received: saving at iteration (\d+) and exiting", out)
-    assert stopped, out
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == stopped.group(1)
+    assert proc.returncode == 0 and not err, err or out
+    stopped = re.findall(rf"{sig.name} received: saving at iteration (\d+) and exiting", out)
+    assert len(stopped) == 1, out
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == stopped[0]
+    assert [r["iteration"] for r in read_json_log(log)][-1] == int(stopped[0])
 
 
 def test_ctrl_c_under_torchrun_is_one_line_from_rank_0(tmp_path):
