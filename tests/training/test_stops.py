@@ -31,8 +31,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def _torchrun(*args: str, nproc: int = 2, **popen) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "pretrain_moe.py",
-         *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         "pretrain_moe.py", *args],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _no_stack_of_ours(output: str) -> None:
