@@ -97,7 +97,7 @@ class SavedTopology:
     """The parallel layout a checkpoint was saved in (``metadata.json``'s ``layout``): which rank
     wrote which shard file and holds which RNG states.  Any layout loads the checkpoint.
 
-    Which rank sits where is ``megamoe.parallel.state``'s rule, asked through ``state(rank)``:
+    Which rank sits where is ``megamoe.parallel.rank_lists``'s rule, asked through ``state(rank)``:
     PP outermost (``global rank = pp_rank x world / PP + rank in the stage``), then DP and TP
     inside each stage.  Which layers a stage held does not matter to the checkpoint (every
     tensor is stored under its PP 1 name), so the topology records only PP's size.

@@ -7,8 +7,8 @@ wrote it.  The global form is the one ``megamoe.parallel.sharding`` defines (and
 along ``tensor_parallel_dim``, vocabulary padding removed; for expert parameters the local
 experts of the EP ranks joined along dim 0 in global order, so the tensor is ``[num_experts, ...]``.
 
-Which ranks hold a block (``megamoe.parallel.state``): dense and expert parameters are laid out
-independently ("MoE parallel folding").  TP part ``t`` of a dense parameter is on every rank
+Which ranks hold a block (``megamoe.parallel.rank_lists``): dense and expert parameters are laid
+out independently ("MoE parallel folding").  TP part ``t`` of a dense parameter is on every rank
 with TP rank ``t`` (``global = dp_rank * TP + tp_rank``: the DP group holds copies).  The block
 at EP rank ``e`` and ETP rank ``f`` of an expert parameter whose layer has EP size ``EP`` is on
 the ranks ``global = (edp_rank * EP + e) * ETP + f``, one per EDP rank (the EDP group holds

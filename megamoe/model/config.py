@@ -348,7 +348,7 @@ class ModelConfig:
 
     def check_tensor_parallel(self, *, tensor_model_parallel_size: int, expert_tensor_parallel_size: int) -> None:
         """Raise ``ValueError`` if this model's heads and widths cannot be split over TP (and its
-        experts over ETP).  What the layout itself must satisfy is ``megamoe.parallel.state``'s."""
+        experts over ETP).  What the layout itself must satisfy is ``megamoe.parallel.layout_rules``'s."""
         tp, etp = tensor_model_parallel_size, expert_tensor_parallel_size
         checks = {"--num-query-groups": self.num_kv_heads} if self.group_query_attention else {}
         checks |= {

@@ -3,7 +3,7 @@
 Each field declares its flag (``megamoe.flags``).  This is only the request: every size,
 and which sizes combine with each other, with the world and with the model's experts, is checked,
 and the derived sizes (the ETP default, the EP size of each MoE layer) are worked out, once, by
-``megamoe.parallel.state.validate_parallel_layout`` (``build_parallel_state`` calls it).
+``megamoe.parallel.layout_rules.validate_parallel_layout`` (``build_parallel_state`` calls it).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ from megamoe.model.config import ModelConfig
 from megamoe.model.execution import ExecutionConfig
 from megamoe.optim import OptimizerConfig
 from megamoe.parallel.config import ParallelConfig
-from megamoe.parallel.state import (pipeline_chunks, resolve_device, resolved_expert_tensor_parallel_size,
-                                    validate_parallel_layout)
+from megamoe.parallel.layout_rules import (pipeline_chunks, resolved_expert_tensor_parallel_size,
+                                           validate_parallel_layout)
+from megamoe.parallel.state import resolve_device
 from megamoe.training.config import FLAG_GROUPS, CheckpointConfig, LoggingConfig, RunConfig, TrainConfig
 from megamoe.training.flops import peak_tflops_of
 from megamoe.training.lr_schedule import LRSchedule

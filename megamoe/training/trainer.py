@@ -27,8 +27,9 @@ from megamoe.model.gpt import GPTModel
 from megamoe.model.moe.balancing import start_step, update_expert_biases
 from megamoe.optim import MixedPrecisionOptimizer
 from megamoe.parallel.launch import init_distributed
+from megamoe.parallel.layout_rules import elastic_layout_line
 from megamoe.parallel.random import model_parallel_seed
-from megamoe.parallel.state import ParallelState, device_from_environment, elastic_layout_line, initialize_model_parallel
+from megamoe.parallel.state import ParallelState, device_from_environment, initialize_model_parallel
 from megamoe.training import checkpoint as ckpt
 from megamoe.training.arguments import ConfigError
 from megamoe.training.config import RunConfig

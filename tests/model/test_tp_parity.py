@@ -6,7 +6,7 @@ import torch
 from megamoe.model.config import ModelConfig
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.config import ParallelConfig
-from megamoe.parallel.state import validate_parallel_layout
+from megamoe.parallel.layout_rules import validate_parallel_layout
 from megamoe.parallel.gather import gather_full, gather_full_state
 from megamoe.parallel.mappings import gather_from_tp_region
 from tests.harness import init_layout, run_distributed

@@ -1,12 +1,13 @@
-"""The layout of an ``--elastic`` run in a world of another size (megamoe.parallel.state): PP, TP
-and ETP are kept, DP follows the world, and an EP size that no longer fits falls back to the
-largest size not above it that divides what it must within one pipeline stage (world / PP ranks)
-and the layer's experts; without --elastic the same layout is refused.  A PP or TP that no longer
+"""The layout of an ``--elastic`` run in a world of another size (megamoe.parallel.layout_rules):
+PP, TP and ETP are kept, DP follows the world, and an EP size that no longer fits falls back to
+the largest size not above it that divides what it must within one pipeline stage (world / PP
+ranks) and the layer's experts; without --elastic the same layout is refused.  A PP or TP that no longer
 fits, a global batch the new world cannot split, or too few micro-batches for the pipeline
 schedule, is refused in one line."""
 
 import pytest
 
+from megamoe.parallel import layout_rules
 from megamoe.parallel import state as ps
 from megamoe.parallel.config import ParallelConfig
 from tests.fixtures import TINY_MOE, assert_config_error
@@ -34,13 +35,13 @@ def _config(world, ep, tp=1, etp=None, elastic=True, pp=1):
 ])
 def test_an_ep_size_that_no_longer_fits_falls_back_to_the_largest_that_does(world, tp, etp, ep, experts, want, pp):
     config = _config(world, ep, tp, etp, pp=pp)
-    assert ps.validate_parallel_layout(config, {1: experts, 3: experts}) == {1: want, 3: want}
+    assert layout_rules.validate_parallel_layout(config, {1: experts, 3: experts}) == {1: want, 3: want}
     refused = _config(world, ep, tp, etp, elastic=False, pp=pp)
     if want == ep[0]:
-        ps.validate_parallel_layout(refused, {1: experts})
+        layout_rules.validate_parallel_layout(refused, {1: experts})
     else:
         with pytest.raises(ValueError, match=f"--expert-model-parallel-size {ep[0]}"):
-            ps.validate_parallel_layout(refused, {1: experts})
+            layout_rules.validate_parallel_layout(refused, {1: experts})
 
 
 def test_each_layer_falls_back_on_its_own_and_the_groups_are_those_of_the_chosen_sizes():
@@ -49,13 +50,13 @@ def test_each_layer_falls_back_on_its_own_and_the_groups_are_those_of_the_chosen
     assert state.ep_by_layer == {0: 2, 1: 1, 2: 2}
     assert sorted(state.expert) == [1, 2]
     assert state.experts(2).ep_ranks == [0, 1]
-    line = ps.elastic_layout_line(config, state)
+    line = layout_rules.elastic_layout_line(config, state)
     assert line == ("elastic layout for world 2: TP 1, DP 2, ETP 1, EP per MoE layer [2, 1, 2] "
                     "(--expert-model-parallel-size [4, 1, 2] does not fit: the largest EP size not above it that "
                     "divides the world and the experts)")
     kept = ps.build_parallel_state(_config(4, (2,)), rank=0, create_groups=False, experts_by_layer={0: 4})
-    assert ps.elastic_layout_line(_config(4, (2,)), kept).endswith("EP per MoE layer [2] (as configured)")
-    assert ps.elastic_layout_line(_config(4, (2,), elastic=False), kept) is None
+    assert layout_rules.elastic_layout_line(_config(4, (2,)), kept).endswith("EP per MoE layer [2] (as configured)")
+    assert layout_rules.elastic_layout_line(_config(4, (2,), elastic=False), kept) is None
 
 
 def test_a_pipeline_layout_in_a_shrunk_world_keeps_pp_and_falls_back_within_a_stage():
@@ -67,22 +68,22 @@ def test_a_pipeline_layout_in_a_shrunk_world_keeps_pp_and_falls_back_within_a_st
         (0, 0, {1: 2, 3: 2}), (0, 1, {1: 2, 3: 2}), (1, 0, {1: 2, 3: 2}), (1, 1, {1: 2, 3: 2})]
     assert [s.model_chunks for s in states] == [(range(0, 2),)] * 2 + [(range(2, 4),)] * 2
     assert states[3].experts(2).ep_ranks == [2, 3] and states[3].pp_ranks == [1, 3]
-    assert ps.elastic_layout_line(config, states[3]) == (
+    assert layout_rules.elastic_layout_line(config, states[3]) == (
         "elastic layout for world 4: PP 2, TP 1, DP 2, ETP 1, EP per MoE layer [2, 2] (--expert-model-parallel-size "
         "[4] does not fit: the largest EP size not above it that divides a stage's ranks and the experts)")
     grown = _config(8, (4,), pp=2)
     state = ps.build_parallel_state(grown, rank=5, create_groups=False, experts_by_layer={1: 4, 3: 4})
-    assert ps.elastic_layout_line(grown, state) == (
+    assert layout_rules.elastic_layout_line(grown, state) == (
         "elastic layout for world 8: PP 2, TP 1, DP 4, ETP 1, EP per MoE layer [4, 4] (as configured)")
 
 
 def test_pp_and_tp_are_never_changed_and_the_pipeline_needs_its_micro_batches():
     with pytest.raises(ValueError, match=r"^--pipeline-model-parallel-size 2 does not divide the world size 3; "
                                          r"valid values: \[1, 3\]$"):
-        ps.validate_parallel_layout(_config(3, (1,), pp=2), {1: 4})
+        layout_rules.validate_parallel_layout(_config(3, (1,), pp=2), {1: 4})
     with pytest.raises(ValueError, match=r"^--tensor-model-parallel-size 4 does not divide a pipeline stage's 2 ranks "
                                          r"\(world 4 / --pipeline-model-parallel-size 2\); valid values: \[1, 2\]$"):
-        ps.validate_parallel_layout(_config(4, (1,), tp=4, pp=2), {1: 4})
+        layout_rules.validate_parallel_layout(_config(4, (1,), tp=4, pp=2), {1: 4})
     pp2 = [*TINY_MOE, "--train-iters", "2", "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size",
            "2", "--elastic"]
     from megamoe.training.arguments import parse_config
@@ -98,10 +99,10 @@ def test_pp_and_tp_are_never_changed_and_the_pipeline_needs_its_micro_batches():
 
 def test_tp_is_never_changed_and_without_experts_an_unfitting_ep_is_left_for_the_model():
     with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 4 does not divide the world size 2"):
-        ps.validate_parallel_layout(_config(2, (1,), tp=4), {0: 4})
-    assert ps.validate_parallel_layout(_config(2, (4,)), None) == {}
+        layout_rules.validate_parallel_layout(_config(2, (1,), tp=4), {0: 4})
+    assert layout_rules.validate_parallel_layout(_config(2, (4,)), None) == {}
     with pytest.raises(ValueError, match=r"--expert-model-parallel-size 4 does not divide the data-parallel size 2"):
-        ps.validate_parallel_layout(_config(2, (4,), elastic=False), None)
+        layout_rules.validate_parallel_layout(_config(2, (4,), elastic=False), None)
 
 
 def test_the_flag_and_a_global_batch_the_new_world_cannot_split():

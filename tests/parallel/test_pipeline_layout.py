@@ -10,7 +10,8 @@ import torch
 from megamoe.model.gpt import GPTModel
 from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.pipeline.stages import stage_layer_ranges
-from megamoe.parallel.state import build_parallel_state, validate_parallel_layout
+from megamoe.parallel.layout_rules import validate_parallel_layout
+from megamoe.parallel.state import build_parallel_state
 from tests.tiny_moe import SEED, model_config
 
 

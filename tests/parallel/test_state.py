@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megamoe.parallel import layout_rules
 from megamoe.parallel import state as ps
 from megamoe.parallel.config import ParallelConfig
 from tests.harness import init_layout, run_distributed
@@ -31,7 +32,7 @@ def _parallel(*, world_size, tensor_model_parallel_size, expert_model_parallel_s
 
 
 def _validate(**sizes) -> None:
-    ps.validate_parallel_layout(_parallel(**sizes))
+    layout_rules.validate_parallel_layout(_parallel(**sizes))
 
 
 def _build(*, rank, create_groups, **sizes):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from megamoe.checkpointing.format import SavedTopology
 from megamoe.model.config import ModelConfig
 from megamoe.parallel.config import ParallelConfig
-from megamoe.parallel.state import resolved_expert_tensor_parallel_size, validate_parallel_layout
+from megamoe.parallel.layout_rules import resolved_expert_tensor_parallel_size, validate_parallel_layout
 
 
 def target_topology(
