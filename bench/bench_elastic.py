@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from megamoe.parallel.local_nodes import kill_node
 from megamoe.parallel.rendezvous import rendezvous_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,23 +72,8 @@ class Node:
             self.lines.append((time.monotonic(), line))
 
     def kill(self) -> None:
-        """SIGKILL the agent, then each worker's session (torchrun starts them in their own)."""
-        workers, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    children = [int(c) for c in f.read().split()]
-            except FileNotFoundError:
-                children = []
-            workers += children
-            todo += children
-        for pid in [self.proc.pid, *workers]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
+        """SIGKILL the node as a lost machine goes (``local_nodes.kill_node``)."""
+        kill_node(self.proc)
 
 
 def _logged(path: str) -> list[dict]:

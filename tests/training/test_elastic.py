@@ -20,6 +20,7 @@ import pytest
 
 from megamoe.checkpointing.format import read_marker
 from megamoe.training.arguments import ConfigError, parse_config
+from megamoe.parallel.local_nodes import descendant_pids, kill_node
 from megamoe.parallel.rendezvous import rendezvous_store
 from tests.fixtures import REPO, TINY_MOE, assert_config_error, read_json_log, run_main
 from tests.harness import run_distributed
@@ -37,32 +38,6 @@ RUN = [*TINY_MOE, "--train-iters", str(ITERS), "--use-distributed-optimizer", "-
 # Rendezvous settings that keep the test short: a dead node is noticed after 5 missed 1 s heartbeats,
 # and a round closes 1 s after its minimum of nodes have joined.
 RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            children = []
-        found += children
-        todo += children
-    return found
-
-
-def _kill_node(agent: subprocess.Popen) -> None:
-    """SIGKILL a node: its agent, then every worker's session (a lost machine)."""
-    workers = _descendants(agent.pid)
-    os.killpg(agent.pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    agent.wait()
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -144,12 +119,12 @@ def test_a_node_that_leaves_shrinks_the_run_and_its_return_grows_it_on_the_same_
                 nodes[1].wait(timeout=120)
             else:
                 _wait_until(lambda: (read_marker(str(save)) or 0) >= KILL_AFTER, nodes)
-                _kill_node(nodes[1])
+                kill_node(nodes[1])
             _wait_until(lambda: _worlds(out["a"].read_text())[-1:] == [2] and _logged(log) >= GROW_AFTER, nodes[:1])
             # Node a's workers are paused while node b starts again (its agent takes seconds to start,
             # as many as node a needs to finish the run); they go on once node a's agent has told them
             # to stop for the newcomer (a SIGTERM pending).
-            paused = _descendants(nodes[0].pid)
+            paused = descendant_pids(nodes[0].pid)
             _signal_all(paused, signal.SIGSTOP)
             nodes.append(_start_node(port, "b_again", node_run, save, log, tmp_path))
             _wait_until(lambda: _sigterm_pending(paused), [nodes[0], nodes[2]])
@@ -161,7 +136,7 @@ def test_a_node_that_leaves_shrinks_the_run_and_its_return_grows_it_on_the_same_
             _signal_all(paused, signal.SIGCONT)
             for node in nodes:
                 if node.poll() is None:
-                    _kill_node(node)
+                    kill_node(node)
     outputs = {name: path.read_text() for name, path in out.items()}
     assert nodes[0].returncode == 0, outputs["a"]
     assert nodes[2].returncode == 0, outputs["b_again"]

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from megamoe.parallel.local_nodes import child_pids
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
 ITERS = 12  # more than the 3 the kill waits for: the run is still training when the workers are frozen
@@ -35,12 +36,6 @@ def _torchrun(*args: str, nproc: int, max_restarts: int) -> subprocess.Popen:
          "--max-restarts", str(max_restarts), "pretrain_moe.py", *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def _workers(agent_pid: int) -> list[int]:
-    """The worker processes torchrun's agent started (its children)."""
-    with open(f"/proc/{agent_pid}/task/{agent_pid}/children") as f:
-        return [int(pid) for pid in f.read().split()]
 
 
 def _logged(log) -> list[int]:
@@ -68,7 +63,7 @@ def test_killed_worker_is_restarted_and_resumes_exactly(tmp_path, layout):
         if len(_logged(log)) >= 3:
             break
         time.sleep(0.02)
-    workers = _workers(run.pid)
+    workers = child_pids(run.pid)
     assert run.poll() is None and len(workers) == nproc, "the run ended before it could be frozen"
     victim = workers[-1]  # at PP 2: a worker of the last stage
     os.kill(victim, signal.SIGSTOP)

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from megamoe.parallel.local_nodes import child_pids
 from tests.fixtures import REPO, TINY_MOE, read_json_log
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
@@ -111,8 +112,7 @@ def test_a_signal_with_exit_signal_handler_saves_then_stops(tmp_path, sig, layou
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_iterations(log, 2, proc)
     if layout:  # one worker of the last stage only: the ranks agree on the stop
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            workers = {_rank_of(int(pid)): int(pid) for pid in f.read().split()}
+        workers = {_rank_of(pid): pid for pid in child_pids(proc.pid)}
         os.kill(workers[3], sig)
     else:
         proc.send_signal(sig)
