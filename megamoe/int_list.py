@@ -1,4 +1,5 @@
-"""THE parser of integer-list flags, for ``pretrain_moe.py`` and the tools alike.
+"""THE parser of integer-list flags, for ``pretrain_moe.py`` and the tools alike, and the
+divisors that the one-line errors list as valid sizes.
 
 ``--num-experts 4 8`` (space-separated, as Megatron-DeepSpeed users write it), ``--num-experts
 4,8`` (comma-separated), a mix of both, and ``[4,8]`` all give ``[4, 8]``; ``--num-experts 4``
@@ -10,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n`` in increasing order (the valid sizes an error names)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def parse_int_list(tokens: str | Sequence[str], *, minimum: int | None = None) -> list[int]:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from megamoe.flags import at_least_one, check_fields, derived, flag, non_negative, positive, probability, to_argv
-from megamoe.int_list import IntListAction, parse_int_list
+from megamoe.int_list import IntListAction, divisors, parse_int_list
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
@@ -66,10 +66,6 @@ def layer_pattern(text: str) -> int | tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give an integer N or a 0/1 pattern like 1,0,1,0") from None
     return values[0] if len(values) == 1 else tuple(values)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _as_tuple(value) -> tuple[int, ...]:
@@ -364,13 +360,13 @@ class ModelConfig:
             if value % tp != 0:
                 raise ValueError(
                     f"{name} {value} is not divisible by --tensor-model-parallel-size {tp}; "
-                    f"valid tensor-parallel sizes for it: {_divisors(value)}"
+                    f"valid tensor-parallel sizes for it: {divisors(value)}"
                 )
         if self.num_experts and self.moe_ffn_hidden_size % etp != 0:
             value = self.moe_ffn_hidden_size
             raise ValueError(
                 f"--moe-ffn-hidden-size {value} is not divisible by --expert-tensor-parallel-size {etp}; "
-                f"valid expert-tensor-parallel sizes for it: {_divisors(value)}"
+                f"valid expert-tensor-parallel sizes for it: {divisors(value)}"
             )
 
     # ------------------------------------------------------------------ derived

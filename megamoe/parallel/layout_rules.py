@@ -13,15 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from megamoe.int_list import divisors
 from megamoe.parallel.config import ParallelConfig
 from megamoe.parallel.pipeline.stages import stage_layer_counts, stage_layer_ranges, virtual_stage_count
 
 if TYPE_CHECKING:
     from megamoe.parallel.state import ParallelState
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def resolved_expert_tensor_parallel_size(config: ParallelConfig) -> int:
@@ -64,7 +61,7 @@ def _check_pipeline(config: ParallelConfig) -> None:
     if pp < 1 or world % pp != 0:
         raise ValueError(
             f"--pipeline-model-parallel-size {pp} does not divide the world size {world}; "
-            f"valid values: {_divisors(world)}"
+            f"valid values: {divisors(world)}"
         )
     chunks = pipeline_chunks(config)
     m = config.pipeline_num_microbatches
@@ -104,17 +101,17 @@ def validate_parallel_layout(config: ParallelConfig, experts_by_layer: Mapping[i
     where = _stage_words(config)
     if tp < 1 or world % tp != 0:
         raise ValueError(
-            f"--tensor-model-parallel-size {tp} does not divide {where}; valid values: {_divisors(world)}"
+            f"--tensor-model-parallel-size {tp} does not divide {where}; valid values: {divisors(world)}"
         )
     if config.sequence_parallel and tp == 1:
         raise ValueError(
             "--sequence-parallel needs --tensor-model-parallel-size > 1 (got 1); "
-            f"valid --tensor-model-parallel-size values with it: {_divisors(world)[1:]}"
+            f"valid --tensor-model-parallel-size values with it: {divisors(world)[1:]}"
         )
     etp = resolved_expert_tensor_parallel_size(config)
     if etp < 1 or world % etp != 0:
         raise ValueError(
-            f"--expert-tensor-parallel-size {etp} does not divide {where}; valid values: {_divisors(world)}"
+            f"--expert-tensor-parallel-size {etp} does not divide {where}; valid values: {divisors(world)}"
         )
     if etp != tp and not config.sequence_parallel:
         raise ValueError(
@@ -146,13 +143,13 @@ def ep_misfit(config: ParallelConfig, ep: int, experts: int | None = None, layer
     etp = resolved_expert_tensor_parallel_size(config)
     if ep < 1 or (experts is not None and experts % ep != 0):
         return (f"--num-experts {experts} (layer {layer}) is not divisible by --expert-model-parallel-size {ep}; "
-                f"valid expert-parallel sizes: {_divisors(experts or 1)}")
+                f"valid expert-parallel sizes: {divisors(experts or 1)}")
     if etp == tp and dp % ep != 0:
         return (f"--expert-model-parallel-size {ep} does not divide the data-parallel size {dp} "
-                f"({_stage_words(config)} / tensor-parallel {tp}); valid values: {_divisors(dp)}")
+                f"({_stage_words(config)} / tensor-parallel {tp}); valid values: {divisors(dp)}")
     if (world // etp) % ep != 0:
         return (f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} does not divide "
-                f"{_stage_words(config)}; valid --expert-model-parallel-size values: {_divisors(world // etp)}")
+                f"{_stage_words(config)}; valid --expert-model-parallel-size values: {divisors(world // etp)}")
     return None
 
 

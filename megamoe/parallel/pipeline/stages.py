@@ -19,9 +19,7 @@ tools call it for any rank of any layout.  Errors are one-line ``ValueError`` na
 
 from __future__ import annotations
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+from megamoe.int_list import divisors
 
 
 def stage_layer_counts(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
@@ -39,7 +37,7 @@ def stage_layer_counts(num_layers: int, pp: int, first: int | None = None, last:
         if num_layers % pp != 0:
             raise ValueError(
                 f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp}; valid sizes: "
-                f"{_divisors(num_layers)}, or give --decoder-first-pipeline-num-layers / "
+                f"{divisors(num_layers)}, or give --decoder-first-pipeline-num-layers / "
                 f"--decoder-last-pipeline-num-layers for uneven stages"
             )
         return [num_layers // pp] * pp
@@ -79,7 +77,7 @@ def virtual_stage_count(counts: list[int], virtual_size: int | None, layers_per_
         if n < 1 or not equal_chunks(n):
             raise ValueError(
                 f"--num-layers-per-virtual-pipeline-stage {n} must divide every pipeline stage's layers {counts} "
-                f"into the same number of chunks; valid values: {[d for d in _divisors(min(counts)) if equal_chunks(d)]}"
+                f"into the same number of chunks; valid values: {[d for d in divisors(min(counts)) if equal_chunks(d)]}"
             )
         virtual = counts[0] // n
     else:
@@ -89,7 +87,7 @@ def virtual_stage_count(counts: list[int], virtual_size: int | None, layers_per_
     if virtual > 1 and pp == 1:
         raise ValueError("the interleaved schedule (virtual pipeline stages) needs --pipeline-model-parallel-size > 1")
     if any(c % virtual for c in counts):
-        valid = [v for v in _divisors(min(counts)) if not any(c % v for c in counts)]
+        valid = [v for v in divisors(min(counts)) if not any(c % v for c in counts)]
         raise ValueError(
             f"--virtual-pipeline-model-parallel-size {virtual} does not divide every pipeline stage's layers "
             f"{counts}; valid values: {valid}"
