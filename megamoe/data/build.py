@@ -148,8 +148,7 @@ def build_train_valid_test_datasets(
         weights = normalize_weights([ds.num_tokens for ds in indexed]).tolist()
     result = []
     for s, (name, num_samples) in enumerate(zip(SPLIT_NAMES, counts)):
-        empty = [_empty(ds, data_config, s) for ds in indexed]
-        if num_samples == 0 or (name != "train" and all(empty)):
+        if num_samples == 0 or (name != "train" and all(_empty(ds, data_config, s) for ds in indexed)):
             result.append(None)
             continue
         if len(indexed) == 1:
@@ -172,7 +171,7 @@ def _empty(indexed: IndexedDataset, config: DataConfig, s: int) -> bool:
 
 def _split_dataset(indexed: IndexedDataset, config: DataConfig, s: int, name: str, num_samples: int, seq_length: int, seed: int):
     first, last = split_ranges(len(indexed), config.split_fractions)[s]
-    if _empty(indexed, config, s):
+    if last <= first:
         raise ValueError(
             f"--split {config.split}: the {name} split of {indexed.prefix} ({len(indexed)} documents) is empty, "
             f"but {name} needs samples; give it a larger share"
