@@ -308,11 +308,11 @@ def _train(cfg: RunConfig, state: ParallelState, device: torch.device, log: Trai
         log.info(f"--split {cfg.data.split}: the validation split is empty; evaluation is skipped "
                  f"(as Megatron does)")
         evaluate_every = 0
-    model, optimizer, train_state, schedule = _setup(cfg, state, device, log)
     t = cfg.train
+    if t.skip_train and valid_ds is None:
+        raise ConfigError(f"--skip-train evaluates, and --split {cfg.data.split} leaves no validation documents")
+    model, optimizer, train_state, schedule = _setup(cfg, state, device, log)
     if t.skip_train:
-        if valid_ds is None:
-            raise ConfigError(f"--skip-train evaluates, and --split {cfg.data.split} leaves no validation documents")
         log.info(f"--skip-train: evaluating the model of iteration {train_state.iteration} on {t.eval_iters} "
                  f"global batches of the validation split, then exiting")
         return _run_eval(cfg, model, valid_ds, train_state.iteration, 0, device, log, _pipeline(cfg, model, optimizer,
