@@ -23,7 +23,7 @@ import numpy as np
 
 from megamoe.data.documents import expand_inputs, iter_raw_records, parse_record, resolve_format
 from megamoe.data.indexed_dataset import IndexedDatasetWriter, best_dtype
-from megamoe.data.tokenizer import load_tokenizer
+from megamoe.data.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_RECORDS = 1024
 BATCH_BYTES = 1 << 18
@@ -47,9 +47,9 @@ class _Encoder:
     """Turns one batch ``(path, fmt, [(line, raw bytes), ...])`` into, per key, the bytes of its
     documents' token ids and their lengths (plus the number of empty documents skipped)."""
 
-    def __init__(self, tokenizer_model: str, tokenizer_type: str | None, json_keys: tuple[str, ...],
-                 append_eod: bool, dtype):
-        self.tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    def __init__(self, tokenizer: Tokenizer, json_keys: tuple[str, ...], append_eod: bool, dtype):
+        # A spawned worker gets ``tokenizer`` pickled: the tokenizers reload themselves from their path.
+        self.tokenizer = tokenizer
         self.json_keys = json_keys
         self.append_eod = append_eod
         self.dtype = np.dtype(dtype)
@@ -160,7 +160,7 @@ def preprocess(
     stats = PreprocessStats(dtype=np.dtype(dtype).name)
     plain = not any(p.endswith(".gz") for p in paths)
     bar = _Progress(progress, sum(os.path.getsize(p) for p in paths) if plain else None)
-    encoder_args = (tokenizer_model, tokenizer_type, json_keys, append_eod, dtype)
+    encoder_args = (tokenizer, json_keys, append_eod, dtype)
     writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
     try:
         if workers == 1:
