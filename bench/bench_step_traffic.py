@@ -178,7 +178,7 @@ def _count_step(config: ModelConfig, execution: ExecutionConfig, seq: int, micro
     fused_devices = [*_get_fused_kernels_supported_devices(), "meta"]
     with mock.patch.object(adam_module, "fused_adamw_support", lambda device, cls=None: cuda_answer), \
             mock.patch.object(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: fused_devices), \
-            mock.patch.object(kernels, "use_fused", lambda kernel, enabled, x: enabled and kernels.available()):
+            kernels.forced():
         device = torch.device("meta")
         model = GPTModel(config, layout, execution, device=device)
         optimizer = MixedPrecisionOptimizer(
@@ -374,8 +374,8 @@ def main(argv=None) -> int:
                         help="count the plain PyTorch ops, not megamoe's Triton kernels (counted when Triton imports)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
-    chunk = ExecutionConfig().cross_entropy_chunk_for(torch.device("cuda")) \
-        if args.cross_entropy_chunk_size is None else args.cross_entropy_chunk_size
+    chunk = ExecutionConfig(cross_entropy_chunk_size=args.cross_entropy_chunk_size).cross_entropy_chunk_for(
+        torch.device("cuda"))
     counter, shape, notes = count_step(args.shape, chunk, fused=not args.no_fused_kernels)
     r = report(args.shape, chunk, counter, shape, notes)
     if args.json:
