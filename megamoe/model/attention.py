@@ -82,13 +82,11 @@ class _SplitHeads(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v):
         b, s, r_plus_2, groups, head_dim = ctx.shape
         r = r_plus_2 - 2
-        some = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
-        grad = torch.empty(ctx.shape, dtype=some.dtype, device=some.device)
-        parts = ((grad[:, :, :r], grad_q, lambda g: g.reshape(b, groups, r, s, head_dim).permute(0, 3, 2, 1, 4)),
-                 (grad[:, :, r], grad_k, lambda g: g.transpose(1, 2)),
-                 (grad[:, :, r + 1], grad_v, lambda g: g.transpose(1, 2)))
-        for part, g, to_layout in parts:
-            part.zero_() if g is None else part.copy_(to_layout(g))
+        # autograd materialises an unused output's gradient as zeros: all three are tensors here
+        grad = torch.empty(ctx.shape, dtype=grad_q.dtype, device=grad_q.device)
+        grad[:, :, :r].copy_(grad_q.reshape(b, groups, r, s, head_dim).permute(0, 3, 2, 1, 4))
+        grad[:, :, r].copy_(grad_k.transpose(1, 2))
+        grad[:, :, r + 1].copy_(grad_v.transpose(1, 2))
         return grad.view(b, s, -1), None, None, None
 
 
