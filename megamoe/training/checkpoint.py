@@ -26,7 +26,6 @@ from megamoe.checkpointing.format import (
     load_metadata,
     model_config_dict,
     published_iterations,
-    read_metadata,
 )
 from megamoe.checkpointing.load import load_model, optimizer_state, rng_states
 from megamoe.checkpointing.param_specs import model_specs
@@ -37,7 +36,7 @@ from megamoe.parallel.state import ParallelState
 from megamoe.training.save_lock import LOCK_FILE, SaveLock
 
 __all__ = ["CheckpointError", "Loaded", "check_same_model", "claim_save_dir", "open_checkpoint", "run_topology",
-           "read_metadata", "save_checkpoint"]
+           "save_checkpoint"]
 
 
 def run_topology(state: ParallelState, use_distributed_optimizer: bool) -> SavedTopology:

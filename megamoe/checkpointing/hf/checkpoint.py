@@ -164,11 +164,12 @@ class HFReader:
             rng=None,
             source_topology=None,
         )
-        for name in [*self.info.specs, *buffer_names(config)]:
+        buffers = buffer_names(config)  # each call builds the model on the meta device
+        for name in [*self.info.specs, *buffers]:
             absent = [n for n in hf_names(name, config) if n not in self.file_of]
             if absent:
                 raise CheckpointError(f"{root}: no tensor {absent[0]} for megamoe parameter {name}")
-        self.info.buffers = {name: self._join(name) for name in buffer_names(config)}
+        self.info.buffers = {name: self._join(name) for name in buffers}
 
     def _join(self, name: str) -> torch.Tensor:
         parts = []
