@@ -186,7 +186,6 @@ class GPTModel(nn.Module):
         what = "--num-layers" if layout.pp_size == 1 else "the layers of a pipeline chunk,"
         self.chunk_spans = [[(chunk.start + a, chunk.start + b, r) for a, b, r in execution.layer_chunks(len(chunk), what)]
                             for chunk in chunks]
-        self.layer_chunks = [span for spans in self.chunk_spans for span in spans]
         first, last = layout.is_first_stage, layout.is_last_stage
         tied = not config.untie_embeddings_and_output_weights
         # The last stage uses the input embedding too: as the output layer, or in the MTP depths.

@@ -13,7 +13,8 @@ the formulas below applied to the rank within the stage::
     stage group   : the S ranks of one stage (what "the world" is for the groups below)
     embedding group: the first and the last stage's rank with one stage_rank (the tied input
                     embedding and output layer); its DP version, the first and last stage's DP
-                    groups of one tp_rank, reduces the tied weight's gradient
+                    groups of one tp_rank, reduces the tied weight's gradient (only the DP
+                    version is created as a process group: no collective runs over the other)
 
     (within one stage, ranks counted from the stage's first)
     TP group      : the TP consecutive ranks   {dp_rank * TP + t  for t in range(TP)}

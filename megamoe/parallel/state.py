@@ -79,8 +79,7 @@ class ParallelState:
     pp_ranks: list[int] = field(default_factory=list)
     stage_group: dist.ProcessGroup | None = None  # the ranks of this stage (the world at PP 1)
     stage_ranks: list[int] = field(default_factory=list)
-    embedding_group: dist.ProcessGroup | None = None  # first and last stage's rank of this stage_rank (PP > 1)
-    embedding_ranks: list[int] = field(default_factory=list)
+    embedding_ranks: list[int] = field(default_factory=list)  # first and last stage's rank of this stage_rank
     embedding_dp_group: dist.ProcessGroup | None = None  # first and last stage's DP groups of this tp_rank (PP > 1)
     embedding_dp_ranks: list[int] = field(default_factory=list)
     # This rank's model chunks: global layer ranges, one per virtual stage (None: all layers, PP 1
@@ -231,9 +230,9 @@ def build_parallel_state(
         pp_group, pp_ranks = _new_groups(pp_rank_lists(world_size, pp), rank, create_groups)
         stage_group, stage_ranks = _new_groups(consecutive_rank_lists(world_size, stage), rank, create_groups)
         pipeline = dict(pp_group=pp_group, pp_ranks=pp_ranks, stage_group=stage_group, stage_ranks=stage_ranks)
-        # Only the first and last stage's ranks are in an embedding group (the others get none).
-        pipeline["embedding_group"], pipeline["embedding_ranks"] = _new_groups(
-            embedding_rank_lists(world_size, pp), rank, create_groups, member=False)
+        # Only the first and last stage's ranks are in an embedding group (the others get none).  Its
+        # ranks only: no collective runs over it (the tied weight is reduced over embedding_dp_group).
+        _, pipeline["embedding_ranks"] = _new_groups(embedding_rank_lists(world_size, pp), rank, False, member=False)
         pipeline["embedding_dp_group"], pipeline["embedding_dp_ranks"] = _new_groups(
             embedding_dp_rank_lists(world_size, pp, tp), rank, create_groups, member=False)
     chunks = pipeline_chunks(config)

@@ -45,7 +45,7 @@ def test_rank_formula_puts_pipeline_outermost_and_every_other_group_inside_one_s
         assert s.model_chunks == ((range(0, 4),) if s.is_first_stage else (range(4, 8),))
         assert s.is_first_stage == (rank < 8) and s.is_last_stage == (rank >= 8)
     middle = _state(5, pipeline_model_parallel_size=4)
-    assert middle.pp_ranks == [1, 5, 9, 13] and middle.embedding_ranks == [] and middle.embedding_group is None
+    assert middle.pp_ranks == [1, 5, 9, 13] and middle.embedding_ranks == [] and middle.embedding_dp_group is None
 
 
 def test_a_stage_model_holds_its_layers_under_pp_1_names_and_values():

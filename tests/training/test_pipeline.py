@@ -100,11 +100,11 @@ def _body(rank, world):
         held = gather_full_state(model, layout)
         assert_params_close(held, {k: want[k] for k in held}, name, rtol=PARAM_RTOL)
         assert_replicas_identical(model)
-        if layout.embedding_group is not None and not arch.get("untie_embeddings_and_output_weights"):
-            # the last stage's copy of a tied embedding stays the first stage's, bit for bit
-            copies = [torch.empty_like(held["word_embeddings.weight"]) for _ in range(2)]
-            dist.all_gather(copies, held["word_embeddings.weight"], group=layout.embedding_group)
-            assert torch.equal(copies[0], copies[1]), name
+        if layout.embedding_dp_group is not None and not arch.get("untie_embeddings_and_output_weights"):
+            # the last stage's copies of a tied embedding stay the first stage's, bit for bit
+            copies = [torch.empty_like(held["word_embeddings.weight"]) for _ in layout.embedding_dp_ranks]
+            dist.all_gather(copies, held["word_embeddings.weight"], group=layout.embedding_dp_group)
+            assert all(torch.equal(copies[0], copy) for copy in copies), name
         for step, (g, w) in enumerate(zip(got["bias"], ref["bias"], strict=True)):
             assert g.keys() <= w.keys() and (g or not arch.get("moe_router_enable_expert_bias"))
             for layer, bias in g.items():
