@@ -162,12 +162,14 @@ class PipelineSchedule:
                                   [aux.loss.detach() for aux in auxes], [aux.stats for aux in auxes]))
         if not self.training:
             return lm
-        loss = lm
+        aux_total = torch.zeros((), dtype=torch.float32, device=lm.device)
         for aux in auxes:
-            loss = loss + aux.loss
-        if mtp is not None:
-            loss = loss + self.model.config.mtp_loss_scaling_factor * mtp
-        loss = self.optimizer.scale_loss(loss / self.num_microbatches)
+            aux_total = aux_total + aux.loss
+        # PP 1's formula (GPTOutput.loss) for what this stage back-propagates: its LM loss, the MTP
+        # depths' aux losses and the scaled MTP loss; the layers' aux losses enter by _AddAuxGrad.
+        head = GPTOutput(lm_loss=lm, aux_loss=aux_total, logits=None, mtp_loss=mtp,
+                         mtp_loss_scaling_factor=self.model.config.mtp_loss_scaling_factor)
+        loss = self.optimizer.scale_loss(head.loss / self.num_microbatches)
         return _BeforeBackward.apply(loss, self.sync_hook(len(self.lm_losses) - 1))
 
     def _run(self, batches: list[dict], train: bool) -> None:
